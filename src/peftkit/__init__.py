@@ -1,0 +1,39 @@
+"""peftkit: parameter-efficient fine-tuning of language models, in the HF PEFT on-disk format."""
+
+__version__ = "0.1.0"
+
+from .adapted import AdaptedModel  # noqa: E402
+from .errors import (  # noqa: E402
+    AdapterFileError,
+    AdapterStateError,
+    BaseModelError,
+    BaseModelMismatchError,
+    ConfigError,
+    PeftkitError,
+    ShapeMismatchError,
+    TargetError,
+)
+from .methods import METHODS, LoraConfig  # noqa: E402
+
+
+def load_base(*args, **kwargs):  # noqa: ANN002, ANN003
+    """Load a base model and its tokenizer; see `peftkit.base.load_base`."""
+    from .base import load_base as _load_base
+
+    return _load_base(*args, **kwargs)
+
+
+__all__ = [
+    "METHODS",
+    "AdaptedModel",
+    "AdapterFileError",
+    "AdapterStateError",
+    "BaseModelError",
+    "BaseModelMismatchError",
+    "ConfigError",
+    "LoraConfig",
+    "PeftkitError",
+    "ShapeMismatchError",
+    "TargetError",
+    "load_base",
+]

@@ -1,0 +1,322 @@
+"""LoRA, rsLoRA and DoRA: a layer that holds a base layer and any number of named low-rank adapters.
+
+    y = base(x) + Σ_active s·B·A·dropout(x)                       (LoRA; s = α/r, or α/√r for rsLoRA)
+    y = base(x) + (m/‖W+sBA‖ − 1)·W·x + (m/‖W+sBA‖)·s·B·A·x        (DoRA; the norm is detached, per row)
+
+Layer-type specifics live in `lora_kinds`; which adapters run is read from the shared `AdapterState`.
+Nothing here merges or unmerges as a side effect of `forward`, `train` or `eval`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..routing import AdapterState, RowRouting
+from .lora_config import LoraConfig
+from .lora_kinds import LayerKind
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter's hyper-parameters on one layer (after per-module overrides)."""
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float
+    use_dora: bool
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus named LoRA adapters. Parameters: `lora_A[name]`, `lora_B[name]`, and
+    for DoRA adapters `lora_magnitude[name]`, in the same shapes HF PEFT stores them."""
+
+    is_adapter_wrapper = True
+
+    def __init__(self, base_layer: nn.Module, kind: LayerKind, state: AdapterState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.merged: list[str] = []
+        # The weight before any merge, so unmerge restores it bit for bit (not W + Δ − Δ).
+        self.register_buffer("unmerged_weight", None, persistent=False)
+        self.state = state
+        self._cache: dict[str, tuple[tuple, Any]] = {}
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(
+        self, name: str, config: LoraConfig, module_name: str, *, dtype: torch.dtype | None = None
+    ) -> None:
+        """Create adapter `name` on this layer, initialised as `config.init_lora_weights` says."""
+        r, alpha = config.rank_and_alpha(module_name)
+        dropout = config.lora_dropout if self.kind.supports_dropout else 0.0
+        spec = AdapterSpec(r, alpha, config.scaling(r, alpha), dropout, config.use_dora)
+        weight = self.base_layer.weight
+        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        a_shape, b_shape = self.kind.factor_shapes(self.base_layer, r)
+        a = torch.empty(a_shape, device=weight.device, dtype=dtype)
+        b = torch.empty(b_shape, device=weight.device, dtype=dtype)
+        _init_factors(a, b, config.init_lora_weights, r, is_embedding=self.kind.name == "embedding")
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.specs[name] = spec
+        if spec.use_dora:
+            norm = self._weight_norm(name).to(dtype)
+            self.lora_magnitude[name] = nn.Parameter(norm.reshape(self.kind.magnitude_shape(self.base_layer)))
+        self._cache.clear()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` from this layer (it must not be merged)."""
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into this layer; unmerge first")
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude):
+            if name in table:
+                del table[name]
+        self.specs.pop(name, None)
+        self._cache.clear()
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """This layer's parameters of adapter `name`, by role: lora_A, lora_B and (DoRA) lora_magnitude."""
+        out = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        if name in self.lora_magnitude:
+            out["lora_magnitude"] = self.lora_magnitude[name]
+        return out
+
+    def expected_shapes(self, config: LoraConfig, module_name: str) -> dict[str, tuple[int, ...]]:
+        """The shapes `adapter_tensors` would have for an adapter with this config (nothing is created)."""
+        return expected_shapes(self.base_layer, self.kind, config, module_name)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        state = self.state
+        if state.disabled or not self.specs:
+            return result
+        if state.rows is not None:
+            return self._forward_mixed(x, result, state.rows)
+        for name in state.active:
+            if name in self.specs and name not in self.merged:
+                result = self._add_adapter(x, result, name)
+        return result
+
+    def _add_adapter(self, x: Tensor, result: Tensor, name: str) -> Tensor:
+        spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
+        xd = self._dropout(x, spec.dropout).to(a.dtype) if x.is_floating_point() else x
+        h = self.kind.features(self.base_layer, xd, a)  # (..., r)
+        if not spec.use_dora:
+            return _add_low_rank(self.kind, self.base_layer, result, h, b, spec.scaling)
+        f = self._dora_factor(name)  # (out,) or (1, out, 1, ...) for convs
+        delta = self.kind.project(self.base_layer, h, b) * spec.scaling
+        y0 = self._base_no_bias(x, xd, result, dropped=self.training and spec.dropout > 0)
+        return result + ((f - 1) * y0 + f * delta).to(result.dtype)
+
+    def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
+        rows, uniform = self._local_rows(routing, x)  # (N,) slot per row; len(specs) means "no adapter"
+        if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
+            return (
+                result
+                if uniform == len(self.specs)
+                else self._add_adapter(x, result, list(self.specs)[uniform])
+            )
+        sa, sb, dropouts, factors = self._stacks()
+        xd, dropped = x, False
+        if self.training and x.is_floating_point() and bool((dropouts > 0).any()):
+            p = dropouts.index_select(0, rows).view(-1, *([1] * (x.dim() - 1)))
+            xd, dropped = x * (torch.rand_like(x) >= p).to(x.dtype) / (1 - p), True
+        if x.is_floating_point():
+            xd = xd.to(sa.dtype)
+        delta = self.kind.mixed(self.base_layer, xd, sa, sb, rows)  # scaling is folded into sb
+        if factors is None:
+            if not torch.is_grad_enabled() and delta.dtype == result.dtype:
+                return result.add_(delta)
+            return result + delta.to(result.dtype)
+        f = factors.index_select(0, rows)  # (N, out)
+        lead = [1] * (x.dim() - 2)
+        f = f.view(f.shape[0], *lead, -1) if self.kind.channel_dim == -1 else f.view(*f.shape, *lead)
+        y0 = self._base_no_bias(x, xd, result, dropped=dropped)
+        return result + ((f - 1) * y0 + f * delta).to(result.dtype)
+
+    def _base_no_bias(self, x: Tensor, xd: Tensor, result: Tensor, dropped: bool) -> Tensor:
+        """W·x without the bias; recomputed on the dropped-out input when dropout is active (as PEFT)."""
+        if dropped:
+            return self.kind.base_no_bias(self.base_layer, xd.to(result.dtype))
+        bias = self.kind.bias_view(self.base_layer, result.dim())
+        return result if bias is None else result - bias
+
+    def _dropout(self, x: Tensor, p: float) -> Tensor:
+        return F.dropout(x, p, training=True) if self.training and p > 0 else x
+
+    # -- per-row routing and stacked factors --------------------------------------------------------
+    def _local_rows(self, routing: RowRouting, x: Tensor) -> tuple[Tensor, int | None]:
+        """Each row's slot in this layer's stack, and the slot if every row shares one (else None)."""
+        key = (routing.uid, x.device, x.shape[0])
+        hit = self._cache.get("rows")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        slots = {n: i for i, n in enumerate(self.specs)}
+        lut = [slots.get(u, len(slots)) for u in routing.unique] + [len(slots)]
+        rows = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
+        if x.shape[0] != rows.shape[0]:  # generate() with num_beams > 1 repeats each row
+            if x.shape[0] % rows.shape[0]:
+                raise ValueError(f"batch of {x.shape[0]} rows does not fit {rows.shape[0]} adapter_names")
+            rows = rows.repeat_interleave(x.shape[0] // rows.shape[0])
+        uniform = int(rows[0]) if bool((rows == rows[0]).all()) else None
+        value = (rows.to(x.device), uniform)
+        self._cache["rows"] = (key, value)
+        return value
+
+    def _stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """All adapters' factors stacked (plus a zero slot for base rows), scaling folded into B.
+
+        Cached while the parameters are unchanged (keyed by their version counters); rebuilt on
+        every call while they train, so gradients flow through the stack.
+        """
+        params = [p for n in self.specs for p in self.adapter_tensors(n).values()]
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = (_versions(params), self.base_layer.weight._version)
+        hit = self._cache.get("stacks")
+        if not training and hit is not None and hit[0] == key:
+            return hit[1]
+        names = list(self.specs)
+        r_max = max(s.r for s in self.specs.values())
+        a = [self.lora_A[n] for n in names] + [torch.zeros_like(self.lora_A[names[0]])]
+        b = [self.lora_B[n] * self.specs[n].scaling for n in names] + [
+            torch.zeros_like(self.lora_B[names[0]])
+        ]
+        sa, sb = self.kind.stack(a, b, r_max)
+        dropouts = torch.tensor([self.specs[n].dropout for n in names] + [0.0], device=sa.device)
+        factors = None
+        if any(s.use_dora for s in self.specs.values()):
+            ones = torch.ones(self.kind.dims(self.base_layer)[1], device=sa.device, dtype=sa.dtype)
+            factors = torch.stack(
+                [self._dora_factor(n).reshape(-1) if self.specs[n].use_dora else ones for n in names] + [ones]
+            )
+        value = (sa, sb, dropouts, factors)
+        if not training:
+            self._cache["stacks"] = (key, value)
+        return value
+
+    # -- DoRA ---------------------------------------------------------------------------------------
+    def _weight_norm(self, name: str) -> Tensor:
+        """‖W + s·B·A‖ per output feature, from the unmerged weight; detached, cached by version."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        w = self.unmerged_weight if self.unmerged_weight is not None else self.base_layer.weight
+        key = (_versions([a, b]), w._version, w.data_ptr())
+        hit = self._cache.get(f"norm:{name}")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            matrix = self.kind.weight_matrix(self.base_layer, w).float() + self.delta_matrix(name)
+            norm = torch.linalg.vector_norm(matrix, dim=1)  # (out,)
+        self._cache[f"norm:{name}"] = (key, norm)
+        return norm
+
+    def _dora_factor(self, name: str) -> Tensor:
+        """m / ‖W + s·B·A‖, shaped like the magnitude so it broadcasts over the output channels."""
+        m = self.lora_magnitude[name]
+        return m / self._weight_norm(name).to(m.dtype).view(m.shape)
+
+    # -- merging ------------------------------------------------------------------------------------
+    def delta_matrix(self, name: str) -> Tensor:
+        """s·B·A as an (out, in_flat) float32 matrix."""
+        a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
+        return (b.detach().float().reshape(b.shape[0], spec.r) @ a.detach().float().reshape(spec.r, -1)) * (
+            spec.scaling
+        )
+
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight. Idempotent; the pre-merge weight is kept for unmerge."""
+        todo = [n for n in names if n in self.specs and n not in self.merged]
+        if not todo:
+            return
+        weight = self.base_layer.weight
+        if self.unmerged_weight is None:
+            self.unmerged_weight = weight.detach().clone()
+        merged = self.merged + todo
+        w0 = self.kind.weight_matrix(self.base_layer, self.unmerged_weight).float()
+        new = w0.clone()
+        for n in merged:  # recomputed from the original weight, so the merge order does not matter
+            delta = self.delta_matrix(n)
+            if self.specs[n].use_dora:
+                f = self.lora_magnitude[n].detach().float().reshape(-1) / self._weight_norm(n).float()
+                new += (f - 1)[:, None] * w0 + f[:, None] * delta
+            else:
+                new += delta
+        with torch.no_grad():
+            weight.copy_(self.kind.to_native(self.base_layer, new).to(weight.dtype))
+        self.merged = merged
+        self._cache.clear()
+
+    def unmerge(self) -> None:
+        """Restore the exact pre-merge weight."""
+        if self.unmerged_weight is None:
+            return
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight = None
+        self.merged = []
+        self._cache.clear()
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={s.r}{', dora' if s.use_dora else ''})" for n, s in self.specs.items())
+        return f"kind={self.kind.name}, adapters=[{adapters}], merged={self.merged}"
+
+
+def expected_shapes(
+    base: nn.Module, kind: LayerKind, config: LoraConfig, module_name: str
+) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes an adapter with `config` has on `base`, by role."""
+    r, _ = config.rank_and_alpha(module_name)
+    a_shape, b_shape = kind.factor_shapes(base, r)
+    out = {"lora_A": a_shape, "lora_B": b_shape}
+    if config.use_dora:
+        out["lora_magnitude"] = kind.magnitude_shape(base)
+    return out
+
+
+def _add_low_rank(
+    kind: LayerKind, base: nn.Module, result: Tensor, h: Tensor, b: Tensor, scaling: float
+) -> Tensor:
+    """result + s·B(h), as one fused addmm where the layout allows it (in place when no grad is recorded)."""
+    if kind.channel_dim == -1 and h.dtype == result.dtype and result.is_contiguous():
+        out2d = result.view(-1, result.shape[-1])
+        h2d = h.reshape(-1, h.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(out2d, h2d, b.t(), alpha=scaling).view(result.shape)
+        out2d.addmm_(h2d, b.t(), alpha=scaling)
+        return result
+    return result + (kind.project(base, h, b) * scaling).to(result.dtype)
+
+
+def _init_factors(a: Tensor, b: Tensor, init: bool | str, r: int, *, is_embedding: bool) -> None:
+    with torch.no_grad():
+        if init is False:  # both random: the adapter changes the output from the start
+            if is_embedding:
+                nn.init.normal_(a)
+                nn.init.normal_(b)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        elif is_embedding:  # as loralib and PEFT: zero A, normal B
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        else:
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+
+def _versions(tensors: list[Tensor]) -> tuple:
+    return tuple((t._version, t.data_ptr()) for t in tensors)

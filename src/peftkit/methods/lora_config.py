@@ -1,0 +1,211 @@
+"""LoRA's configuration: what to adapt and how. Field names follow HF PEFT's `adapter_config.json`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+
+ALL_LINEAR = "all-linear"
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA adapter: ΔW = (lora_alpha / r) · B·A on the target layers, B = 0 at init.
+
+    Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    """
+
+    r: int = _field(8, "rank of the update (the inner dimension of B·A)")
+    lora_alpha: float = _field(8, "scale numerator: the update is multiplied by lora_alpha / r")
+    lora_dropout: float = _field(0.0, "dropout probability on the adapter's input while training")
+    target_modules: tuple[str, ...] | str = _field(
+        ALL_LINEAR,
+        "layers to adapt: names matched exactly or as a dotted suffix ('q_proj' matches "
+        "'model.layers.0.self_attn.q_proj'), one regex string matched against the full name, or "
+        "'all-linear' (every linear layer except the output head)",
+    )
+    exclude_modules: tuple[str, ...] | str | None = _field(
+        None, "layers never to adapt, matched like target_modules"
+    )
+    layers_to_transform: tuple[int, ...] | None = _field(
+        None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
+    )
+    layers_pattern: tuple[str, ...] | None = _field(
+        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
+    )
+    rank_pattern: dict[str, int] = _field(
+        dict, "per-module rank overrides {regex matched as a name suffix: r}"
+    )
+    alpha_pattern: dict[str, float] = _field(dict, "per-module alpha overrides {regex: lora_alpha}")
+    use_rslora: bool = _field(False, "rank-stabilised scaling lora_alpha / sqrt(r) instead of lora_alpha / r")
+    use_dora: bool = _field(
+        False, "DoRA: learn a magnitude per output feature, direction from W + dW (its norm detached)"
+    )
+    init_lora_weights: bool | str = _field(
+        True,
+        "true: Kaiming-uniform A, zero B (embeddings: zero A, normal B); 'gaussian': normal A with "
+        "std 1/r, zero B; false: random A and B, so the adapter is not a no-op (for tests)",
+    )
+    bias: str = _field("none", "which biases train with the adapter: 'none', 'all' or 'lora_only'")
+    modules_to_save: tuple[str, ...] | None = _field(
+        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
+    )
+
+    def __post_init__(self) -> None:
+        as_tuple = ("exclude_modules", "target_modules", "modules_to_save", "layers_pattern")
+        for name in as_tuple:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.layers_pattern, str):
+            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+        elif isinstance(self.layers_to_transform, list):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(_is_int(self.r) and self.r > 0, "r", self.r, "a positive integer, e.g. 8 or 16")
+        _check(
+            _is_num(self.lora_alpha) and self.lora_alpha > 0,
+            "lora_alpha",
+            self.lora_alpha,
+            "a positive number",
+        )
+        _check(
+            _is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+            "lora_dropout",
+            self.lora_dropout,
+            "a number in [0, 1)",
+        )
+        _check(self.bias in BIAS_CHOICES, "bias", self.bias, f"one of {BIAS_CHOICES}")
+        init = self.init_lora_weights
+        _check(
+            init is True or init is False or init == "gaussian",
+            "init_lora_weights",
+            init,
+            "true (Kaiming A, zero B), 'gaussian', or false (random, for tests)",
+        )
+        _check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
+        _check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
+        _check_names("target_modules", self.target_modules, allow_none=False)
+        _check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        _check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
+        if self.layers_to_transform is not None:
+            ok = all(_is_int(i) and i >= 0 for i in self.layers_to_transform)
+            _check(ok, "layers_to_transform", self.layers_to_transform, "a layer index or a list of them")
+        if self.layers_pattern is not None:
+            ok = all(isinstance(p, str) and p for p in self.layers_pattern)
+            _check(
+                ok,
+                "layers_pattern",
+                self.layers_pattern,
+                "a module-list name like 'layers' or a list of them",
+            )
+        for key, value in self.rank_pattern.items():
+            _check(_is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
+            _check_regex(f"rank_pattern key {key!r}", key)
+        for key, value in self.alpha_pattern.items():
+            _check(_is_num(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
+            _check_regex(f"alpha_pattern key {key!r}", key)
+
+    # -- derived values -------------------------------------------------------------------------
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The (r, lora_alpha) for one module, after rank_pattern / alpha_pattern overrides."""
+        return (
+            _first_pattern(self.rank_pattern, module_name, self.r),
+            _first_pattern(self.alpha_pattern, module_name, self.lora_alpha),
+        )
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """The factor the update B·A is multiplied by."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- conversion -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(
+                f"unknown LoRA config key {key!r}{did_you_mean(key, known)}; valid keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A copy with some fields changed (validated again)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's one-line documentation (used by the CLI and the docs)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        out = {}
+        for f in fields(cls):
+            out[f.name] = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for {key}: {value!r}; expected {valid}")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what} is not a valid regular expression: {e}") from None
+
+
+def _check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
+    if value is None:
+        _check(allow_none, key, value, "a module name, a list of names, or a regex")
+        return
+    if isinstance(value, str):
+        _check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
+        if value != ALL_LINEAR:
+            _check_regex(key, value)
+        return
+    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    _check(ok, key, value, "a non-empty list of module names")
+
+
+def _first_pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    # HF PEFT semantics: the key is a regex that must match a dotted suffix of the module name.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

@@ -1,0 +1,54 @@
+"""Which adapters a forward pass uses: the state every adapter layer of one model shares.
+
+An `AdaptedModel` owns one `AdapterState`; each adapter layer holds a reference to it, so switching
+the active adapter or routing a mixed batch is one assignment, not a walk over the layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+BASE_ROW = "__base__"  # HF PEFT's name for "no adapter" in a mixed batch; None means the same here.
+
+_ids = itertools.count()
+
+
+@dataclass
+class RowRouting:
+    """Per-row adapter choice for one mixed batch.
+
+    `unique` lists the distinct adapter names in the batch; `row_to_unique[i]` indexes it, and
+    rows that use the base model point one past the end (`len(unique)`).
+    """
+
+    names: tuple[str | None, ...]
+    unique: tuple[str, ...]
+    row_to_unique: Tensor  # (N,) long, on CPU; layers move it to their device once
+    uid: int = field(default_factory=lambda: next(_ids))
+
+    @classmethod
+    def from_names(cls, names: list[str | None] | tuple[str | None, ...]) -> RowRouting:
+        clean = tuple(None if n in (None, BASE_ROW) else n for n in names)
+        unique = tuple(dict.fromkeys(n for n in clean if n is not None))
+        pos = {n: i for i, n in enumerate(unique)}
+        idx = torch.tensor([pos[n] if n is not None else len(unique) for n in clean], dtype=torch.long)
+        return cls(names=clean, unique=unique, row_to_unique=idx)
+
+    @property
+    def single(self) -> str | None | bool:
+        """The one adapter (or None for base) every row uses, or False when rows differ."""
+        first = self.names[0] if self.names else None
+        return first if all(n == first for n in self.names) else False
+
+
+@dataclass
+class AdapterState:
+    """Shared by all adapter layers of one model: what is active, disabled or routed right now."""
+
+    active: tuple[str, ...] = ()
+    disabled: bool = False
+    rows: RowRouting | None = None
