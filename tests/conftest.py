@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random models built from configs (seconds for the whole suite), CPU, fp32."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
+warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
+
+VOCAB = 64
+
+
+def tiny_llama(tie: bool = False) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+class TinyCNN(nn.Module):
+    """A small image classifier: LoRA is architecture-agnostic, not only for transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.seq = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 5)
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))  # (N, 8, H/2, W/2)
+        x = torch.relu(self.seq(x.flatten(2)))  # (N, 8, H*W/4)
+        return self.fc2(torch.relu(self.fc1(x.mean(-1))))
+
+
+def tiny_cnn() -> nn.Module:
+    return TinyCNN().eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "cnn": tiny_cnn}
+
+
+def model_input(kind: str, batch: int = 3, seq: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "cnn":
+        return torch.randn(batch, 3, 8, 8, generator=g)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def output(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The model's main output tensor (logits for transformers)."""
+    out = model(x, **kwargs) if not isinstance(x, dict) else model(**x, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
