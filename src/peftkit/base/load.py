@@ -1,0 +1,216 @@
+"""`load_base`: a causal LM and its tokenizer from a built-in name, a GGUF file, a directory or the hub.
+
+GGUF files are converted once (dequantizing takes ~20 s) into a float32 safetensors directory in
+the cache; every later load reads that directory (about a second). Each checkpoint's fingerprint
+is computed once and kept in a JSON sidecar, so adapters can check their base without rehashing.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from peftkit.base.cache import (
+    building_dir,
+    dir_identity,
+    read_json,
+    resolve_cache_dir,
+    short_hash,
+    write_json_atomic,
+)
+from peftkit.base.catalog import DEFAULT_BASE
+from peftkit.base.fingerprint import is_fingerprint, model_fingerprint
+from peftkit.base.save import gguf_flag_cleared
+from peftkit.base.sources import hub_failure_message, hub_unreachable_reason, resolve_source
+from peftkit.errors import BaseModelError
+
+SIDECAR_NAME = "peftkit_fingerprint.json"
+"""The fingerprint sidecar inside a converted checkpoint directory."""
+
+_DTYPES: dict[str, torch.dtype | Literal["auto"]] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "auto": "auto",
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | Literal["auto"]:
+    """A floating torch dtype, or "auto" (the checkpoint's own dtype) for None and "auto"."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise BaseModelError(f"dtype {dtype} is not a floating-point dtype; valid: {', '.join(_DTYPES)}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise BaseModelError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}, or a torch.dtype")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device; None means CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise BaseModelError(f"unknown device {device!r}: {err}; use e.g. 'cpu', 'cuda' or 'cuda:0'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError(f"device {device!r} was asked for, but this torch sees no CUDA GPU; use 'cpu'")
+    return resolved
+
+
+def load_base(
+    name_or_path: str = DEFAULT_BASE,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode, with its fingerprint attached.
+
+    `name_or_path` is a built-in name (see BUILTIN_MODELS), a .gguf file, a local HF model
+    directory (one with config.json), or a Hugging Face hub id. `dtype` None or "auto" keeps the
+    checkpoint's dtype (float32 for a converted GGUF); `device` None means CUDA when available.
+    `cache_dir` defaults to `default_cache_dir()`.
+
+    The model carries `_peftkit_fingerprint` (see `model_fingerprint`) and `_peftkit_base_name`
+    (`name_or_path` as given). The tokenizer gets the eos token as pad token if it has none;
+    nothing else is changed.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    root = resolve_cache_dir(cache_dir)
+    source = resolve_source(name_or_path)
+    if source.kind == "hub":
+        model, tokenizer = _load_from_hub(source.location, torch_dtype, root)
+    else:
+        if source.kind == "dir":
+            model_dir = Path(source.location)
+            sidecar = root / "fingerprints" / f"{short_hash(dir_identity(model_dir))}.json"
+        else:
+            assert source.cache_name is not None  # set for every GGUF source
+            model_dir = _converted_gguf_dir(Path(source.location), root / "models" / source.cache_name)
+            sidecar = model_dir / SIDECAR_NAME
+        tokenizer, model = _load_tokenizer(model_dir), _load_model(model_dir, torch_dtype)
+        _attach_fingerprint(model, sidecar, lambda: _load_model(model_dir, "auto"), torch_dtype)
+    _ensure_pad_token(tokenizer)
+    model.to(target)
+    model.eval()
+    model._peftkit_base_name = name_or_path
+    return model, tokenizer
+
+
+def _load_model(model_dir: Path, dtype: torch.dtype | Literal["auto"]) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise BaseModelError(f"cannot load the model in {model_dir}: {type(err).__name__}: {err}") from err
+
+
+def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise BaseModelError(
+            f"cannot load the tokenizer in {model_dir}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _converted_gguf_dir(gguf: Path, entry: Path) -> Path:
+    """The cache directory holding `gguf` converted to float32 safetensors; converts on first use."""
+    if (entry / "config.json").is_file() and (entry / SIDECAR_NAME).is_file():
+        return entry
+    print(
+        f"peftkit: converting {gguf.name} to a float32 checkpoint in {entry} (once, ~20 s)", file=sys.stderr
+    )
+    # A half-deleted entry (no sidecar, which is written last) is rebuilt; a missing one is built,
+    # and if another process finishes first, its copy is kept.
+    with building_dir(entry, if_exists="replace" if entry.exists() else "keep") as tmp:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise BaseModelError(f"cannot read the GGUF file {gguf}: {type(err).__name__}: {err}") from err
+        with gguf_flag_cleared(model):
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_sidecar(tmp / SIDECAR_NAME, model_fingerprint(model), str(gguf))
+    return entry
+
+
+def _attach_fingerprint(
+    model: PreTrainedModel,
+    sidecar: Path | None,
+    load_reference: Callable[[], PreTrainedModel],
+    dtype: torch.dtype | Literal["auto"],
+) -> None:
+    """Set `model._peftkit_fingerprint` from the sidecar, computing and storing it when missing."""
+    stored = read_json(sidecar) if sidecar is not None else None
+    if stored is not None and is_fingerprint(stored.get("fingerprint")):
+        model._peftkit_fingerprint = stored["fingerprint"]
+        return
+    if dtype in ("auto", torch.float32, torch.bfloat16):
+        # Rounding to bfloat16 gives the same bytes from a float32, bfloat16 or native load.
+        fingerprint = model_fingerprint(model, refresh=True)
+    else:
+        # A float16 load has lost bits (and range) that a bfloat16 rounding of the checkpoint
+        # keeps, so the identity is taken from a CPU load in the checkpoint's own dtype.
+        fingerprint = model_fingerprint(load_reference())
+        model._peftkit_fingerprint = fingerprint
+    if sidecar is not None:
+        _try_write_sidecar(sidecar, fingerprint, str(getattr(model.config, "_name_or_path", "")))
+
+
+def _write_sidecar(path: Path, fingerprint: str, source: str) -> None:
+    write_json_atomic(path, {"fingerprint": fingerprint, "source": source, "format": 1})
+
+
+def _try_write_sidecar(path: Path, fingerprint: str, source: str) -> None:
+    # The model is loaded and fingerprinted already; a read-only cache only costs a recompute next time.
+    try:
+        _write_sidecar(path, fingerprint, source)
+    except OSError as err:
+        warnings.warn(f"peftkit: could not store the fingerprint in {path}: {err}", stacklevel=3)
+
+
+def _load_from_hub(
+    repo_id: str, dtype: torch.dtype | Literal["auto"], root: Path
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    offline_reason = hub_unreachable_reason()
+    kwargs: dict[str, Any] = {"local_files_only": offline_reason is not None}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, **kwargs)
+    except Exception as err:  # hub errors span OSError, ValueError and huggingface_hub's own types
+        raise BaseModelError(hub_failure_message(repo_id, err, offline_reason)) from err
+    # A hub snapshot is immutable, so its commit hash keys the sidecar; without one, no sidecar.
+    commit = getattr(model.config, "_commit_hash", None)
+    sidecar = root / "fingerprints" / f"hub-{short_hash(repo_id, commit)}.json" if commit else None
+    reference = lambda: AutoModelForCausalLM.from_pretrained(repo_id, dtype="auto", **kwargs)
+    _attach_fingerprint(model, sidecar, reference, dtype)
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    # Batching needs a pad token; reusing eos adds no token, so the embeddings keep their size.
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise BaseModelError(
+            "the tokenizer has neither a pad token nor an eos token to use as one; "
+            "set tokenizer.pad_token in the model directory's tokenizer_config.json"
+        )
+    tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,79 @@
+"""Writing a model and tokenizer as a plain HF model directory that transformers loads on its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from peftkit.base.cache import building_dir, is_nonempty_dir
+from peftkit.errors import BaseModelError
+
+
+def is_gguf_dequantized(model: PreTrainedModel) -> bool:
+    """True for a model transformers loaded from a GGUF file.
+
+    Its weights are already dequantized to ordinary float tensors, but transformers still flags
+    it as quantized (config.quantization_config plus model.hf_quantizer), and so refuses
+    `save_pretrained`.
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    # QuantizationMethod is a str enum, so this matches both the enum and a plain "gguf".
+    return method == "gguf"
+
+
+@contextmanager
+def gguf_flag_cleared(model: PreTrainedModel) -> Iterator[None]:
+    """Within the block, a GGUF-loaded model is not flagged as quantized; the flag is restored after.
+
+    Only the GGUF flag is touched: other quantizers (bitsandbytes, ...) hold packed weights whose
+    config must stay with them.
+    """
+    if not is_gguf_dequantized(model):
+        yield
+        return
+    saved = (model.config.quantization_config, getattr(model, "hf_quantizer", None))
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.config.quantization_config, model.hf_quantizer = saved
+
+
+def save_model_dir(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` and `tokenizer` to `out_dir` as a plain HF model directory; return its path.
+
+    The directory holds safetensors weights, config.json, generation_config.json and the tokenizer
+    files (chat template included), so `AutoModelForCausalLM.from_pretrained(out_dir)` loads it
+    without peftkit. It is built in a temporary sibling directory and renamed into place, so a
+    crash never leaves half a model. An existing non-empty `out_dir` is an error unless
+    `overwrite` is set.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BaseModelError(f"cannot save the model to {out}: it exists and is not a directory")
+    if is_nonempty_dir(out) and not overwrite:
+        raise BaseModelError(
+            f"cannot save the model to {out}: the directory exists and is not empty; "
+            "pass overwrite=True to replace it, or choose another directory"
+        )
+    try:
+        with (
+            building_dir(out, if_exists="replace" if overwrite else "error") as tmp,
+            gguf_flag_cleared(model),
+        ):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError as err:
+        raise BaseModelError(f"cannot save the model to {out}: {err}") from err
+    return out
