@@ -94,5 +94,12 @@ def output(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_threads(request: pytest.FixtureRequest):
+    """Seed every test; run the tiny-model tests on one thread: with several, OpenMP start-up and
+    spinning cost far more than the arithmetic (100x on a busy 2-core machine)."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    if "integration" not in request.keywords:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

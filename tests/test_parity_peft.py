@@ -70,18 +70,6 @@ LAYERS = Case(
     ("q_proj", "o_proj", "up_proj"),
     {"layers_to_transform": (1,), "layers_pattern": "layers"},
 )
-# Known peftkit bugs (see the tests that carry these marks).
-SEQ_CLS_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=peftkit.TargetError,
-    reason="PEFT writes modules_to_save=['classifier', 'score'] for every SEQ_CLS adapter; peftkit's "
-    "loader raises TargetError for the entry that matches no module ('score' on BERT)",
-)
-GPT2_TASK_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="peftkit saves task_type=None for GPT2LMHeadModel: it only recognises *ForCausalLM heads",
-)
 
 
 def matrix(marks: dict[str, pytest.MarkDecorator] | None = None) -> list[Any]:
@@ -197,7 +185,7 @@ def saved_keys(directory: Path) -> set[str]:
 
 
 # -- through files, both ways ------------------------------------------------------------------------
-@pytest.mark.parametrize(("case", "variant"), matrix(marks={"bert": SEQ_CLS_BUG}))
+@pytest.mark.parametrize(("case", "variant"), matrix())
 @torch.no_grad()
 def test_peft_adapter_loads_in_peftkit(case: Case, variant: str, tmp_path: Path) -> None:
     kit_base, peft_base = twin_bases(case)
@@ -329,9 +317,7 @@ def test_saved_files_are_peft_format(case: Case, variant: str, tmp_path: Path) -
     assert all(names in (set(), {"default", "kit"}) for names in adapters)
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, id=c.id, marks=GPT2_TASK_BUG if c.arch == "gpt2" else ()) for c in CASES]
-)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_task_type_matches_peft(case: Case, tmp_path: Path) -> None:
     """PEFT picks its model class (PeftModelForCausalLM, ...) from task_type when loading."""
     kit_base, _ = twin_bases(case)

@@ -77,6 +77,7 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         method_for(config)
         targets = find_targets(self.model, config)
+        find_modules_to_save(self.model, config.modules_to_save)  # every entry must match something
         self._apply(name, config, targets, trainable=trainable, dtype=dtype)
 
     def load_adapter(
@@ -112,20 +113,12 @@ class AdaptedModel(nn.Module):
         name = self._one_adapter(name)
         config = self.configs[name]
         layers = [(n, m) for n, m in self._wrappers(LoraLayer) if name in m.specs]
-        head = type(self.model).__name__
-        task = (
-            "CAUSAL_LM"
-            if head.endswith("ForCausalLM")
-            else "SEQ_CLS"
-            if "SequenceClassification" in head
-            else None
-        )
         config_json = fmt.config_to_peft(
             config,
             [n for n, _ in layers],
             fan_in_fan_out=any(m.kind is GPT2_CONV1D for _, m in layers),
             base_model=self.base_model_name(),
-            task_type=task,
+            task_type=fmt.task_type_of(self.model),
         )
         metadata = {
             "peftkit_version": __version__,
@@ -152,7 +145,7 @@ class AdaptedModel(nn.Module):
                 layer = LoraLayer(layer, t.kind, self.state)
                 set_module(self.model, t.name, layer)
             layer.add_adapter(name, config, t.name, dtype=dtype)
-        for module_name, _ in find_modules_to_save(self.model, config.modules_to_save):
+        for module_name, _ in find_modules_to_save(self.model, config.modules_to_save, strict=False):
             wrapper = get_module(self.model, module_name)
             if not isinstance(wrapper, ModulesToSave):
                 wrapper = ModulesToSave(wrapper, self.state)
@@ -382,7 +375,7 @@ class AdaptedModel(nn.Module):
         for t in targets:
             for role, shape in expected_shapes(t.module, t.kind, config, t.name).items():
                 expected[fmt.factor_key(t.name, t.kind.name, role)] = (shape, f"{t.name} ({role})")
-        for module_name, module in find_modules_to_save(self.model, config.modules_to_save):
+        for module_name, module in find_modules_to_save(self.model, config.modules_to_save, strict=False):
             for pname, value in module.state_dict().items():
                 expected[fmt.saved_module_key(module_name, pname)] = (
                     tuple(value.shape),

@@ -86,7 +86,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The layers `config` targets, in model order. Raises TargetError if none match or a matched
     layer has a type LoRA cannot adapt."""
     head = output_head(model)
-    saved_names = [n for n, _ in find_modules_to_save(model, config.modules_to_save)]
+    saved_names = [n for n, _ in find_modules_to_save(model, config.modules_to_save, strict=False)]
     targets: list[Target] = []
     adaptable: set[str] = set()
     for name, module in base_modules(model):
@@ -125,13 +125,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     return targets
 
 
-def find_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> list[tuple[str, nn.Module]]:
-    """The modules `modules_to_save` names (dotted-suffix match); each name must match something."""
+def find_modules_to_save(
+    model: nn.Module, names: tuple[str, ...] | None, *, strict: bool = True
+) -> list[tuple[str, nn.Module]]:
+    """The modules `modules_to_save` names (dotted-suffix match). With `strict`, each name must match
+    something; files from HF PEFT list both "classifier" and "score" for any classification model, so
+    loading is lenient."""
     if not names:
         return []
     found = [(n, m) for n, m in base_modules(model) if name_matches(n, names)]
     missing = [t for t in names if not any(name_matches(n, (t,)) for n, _ in found)]
-    if missing:
+    if missing and strict:
         raise TargetError(f"modules_to_save entry {missing[0]!r} matches no module of {type(model).__name__}")
     # A match inside another match (e.g. "classifier" and "classifier.dense") keeps only the outer one.
     outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]

@@ -74,6 +74,26 @@ def bias_key(wrapped_param_name: str) -> str:
     return f"{PREFIX}{wrapped_param_name}"
 
 
+def task_type_of(model: object) -> str | None:
+    """PEFT's task_type for a transformers model class (it picks PEFT's model wrapper on load)."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return None
+    name = type(model).__name__
+    tasks = {
+        "CAUSAL_LM": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "SEQ_CLS": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "TOKEN_CLS": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+        "SEQ_2_SEQ_LM": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        "QUESTION_ANS": auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+    }
+    for task, mapping in tasks.items():
+        if any(name == v or (isinstance(v, tuple) and name in v) for v in mapping.values()):
+            return task
+    return None
+
+
 def config_to_peft(
     config: LoraConfig,
     targets: list[str],

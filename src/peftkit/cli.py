@@ -1,0 +1,339 @@
+"""`peftkit <command>`: every subcommand is a plain typed function, and argparse is generated from it.
+
+A command's docstring is its `--help`: the first paragraph is the one-line summary, the rest (minus
+the `Args:` section) the description, and each `Args:` entry documents one parameter. Parameters
+without a default become positionals, those with one become `--kebab-case` options whose default
+(shown in `--help`) is read from the signature, so it lives in one place. Supported types: bool
+(`--flag/--no-flag`), int, float, str, Path, Literal[...] (choices), list[str], and `X | None`.
+
+Adding a command = writing a typed function and decorating it with `@command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json as _json
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import PeftkitError
+
+COMMANDS: dict[str, Callable[..., int | None]] = {}
+"""Subcommand name -> the function that implements it."""
+
+# Errors caused by the user's input: reported as one `error:` line with exit code 2, no traceback.
+USER_ERRORS = (PeftkitError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def command(fn: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Register `fn` as the subcommand `fn.__name__` (underscores become dashes)."""
+    COMMANDS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+# -- the generator -------------------------------------------------------------------------------
+def parse_docstring(fn: Callable) -> tuple[str, str, dict[str, str]]:
+    """(summary, description, {param: help}) from a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    body, _, args_text = doc.partition("\nArgs:\n")
+    params: dict[str, str] = {}
+    current = None
+    for line in args_text.splitlines():
+        stripped = line.strip()
+        if not stripped or not line.startswith((" ", "\t")):
+            break  # the Args section ends at a blank or unindented line
+        name, sep, text = stripped.partition(":")
+        if sep and name.isidentifier() and line.startswith("    ") and not line.startswith("     "):
+            current, params[name] = name, text.strip()
+        elif current:
+            params[current] += " " + stripped
+    summary = body.split("\n\n", 1)[0].replace("\n", " ").strip()
+    return summary, body.strip(), params
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _argument(name: str, hint: Any, default: Any, help_text: str) -> tuple[list[str], dict[str, Any]]:
+    """The `add_argument` call (flags, keyword arguments) for one parameter."""
+    hint = _unwrap_optional(hint)
+    origin = typing.get_origin(hint)
+    positional = default is inspect.Parameter.empty
+    kw: dict[str, Any] = {"help": help_text.replace("%", "%%")}
+    if hint is bool:
+        if positional:
+            raise TypeError(f"bool parameter {name!r} needs a default (it becomes --flag/--no-flag)")
+        kw["action"] = argparse.BooleanOptionalAction
+    elif origin is Literal:
+        choices = typing.get_args(hint)
+        kw.update(choices=choices, type=type(choices[0]))
+    elif origin in (list, tuple):
+        item = typing.get_args(hint)[0]
+        kw.update(nargs="+" if positional else "*", type=item)
+    elif hint in (int, float, str, Path):
+        kw["type"] = hint
+    else:
+        raise TypeError(f"parameter {name!r}: the CLI generator does not support type {hint!r}")
+    if positional:
+        kw["metavar"] = name.upper()
+        return [name], kw
+    kw["default"] = default
+    kw["help"] += " (default: %(default)s)"
+    return ["--" + name.replace("_", "-")], {"dest": name, **kw}
+
+
+def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentParser:
+    """Add subcommand `name` to `subparsers`, built from `fn`'s signature, type hints and docstring."""
+    summary, description, param_help = parse_docstring(fn)
+    parser = subparsers.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    hints = typing.get_type_hints(fn)
+    for pname, param in inspect.signature(fn).parameters.items():
+        if pname not in param_help:
+            raise TypeError(f"{fn.__name__}: parameter {pname!r} is not documented in its Args: section")
+        flags, kw = _argument(pname, hints[pname], param.default, param_help[pname])
+        parser.add_argument(*flags, **kw)
+    parser.set_defaults(_fn=fn)
+    return parser
+
+
+def build_parser(commands: dict[str, Callable] | None = None) -> argparse.ArgumentParser:
+    """The `peftkit` parser with one subcommand per registered function."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning (LoRA, rsLoRA, DoRA) in the HF PEFT format.",
+        epilog="Set PEFTKIT_DEBUG=1 to see tracebacks. `peftkit COMMAND --help` documents each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for name, fn in (COMMANDS if commands is None else commands).items():
+        add_function(subparsers, name, fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `peftkit` with `argv` (default: sys.argv[1:]); return the exit code."""
+    try:
+        args = vars(build_parser().parse_args(argv))
+    except SystemExit as e:  # --help, --version, usage errors (argparse exits 2 for those)
+        return int(e.code or 0)
+    fn = args.pop("_fn")
+    try:
+        return int(fn(**args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("PEFTKIT_DEBUG"):
+            raise
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _progress(message: str) -> None:
+    print(f"peftkit: {message}", file=sys.stderr, flush=True)
+
+
+# -- commands ------------------------------------------------------------------------------------
+@command
+def info(adapter_dir: Path, json: bool = False) -> None:
+    """Describe a saved adapter: method, rank, alpha, targets, size, dtype and the base it was trained on.
+
+    Reads the files only (no base model is loaded); works on adapters saved by peftkit and by HF PEFT.
+
+    Args:
+        adapter_dir: the adapter directory (adapter_config.json + adapter_model.safetensors)
+        json: print the facts as one JSON object instead of text
+    """
+    facts = adapter_info(adapter_dir)
+    print(_json.dumps(facts, indent=2) if json else format_info(facts))
+
+
+@command
+def merge(
+    base: str,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    overwrite: bool = False,
+) -> None:
+    """Fold an adapter into its base model and write a plain HF model directory (with tokenizer).
+
+    The result loads with `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`, no peftkit
+    needed. The adapter is checked against the base (fingerprint, names, shapes) before merging.
+
+    Args:
+        base: the base model: a built-in name (smollm2-135m), an HF model directory, or a .gguf file
+        adapter_dir: the adapter directory to merge
+        out_dir: where to write the merged model
+        dtype: the dtype to load the base in and to save (auto: the checkpoint's own)
+        overwrite: replace OUT_DIR if it exists and is not empty
+    """
+    merge_to_dir(base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
+
+
+def merge_to_dir(
+    base: str, adapter_dir: Path, out_dir: Path, *, dtype: str = "auto", overwrite: bool = False
+) -> Path:
+    """The `merge` command's work, with progress messages on stderr; returns OUT_DIR."""
+    from .adapted import AdaptedModel
+    from .base import load_base, save_model_dir
+    from .formats.peft import read_adapter
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(17, "output directory exists and is not empty (pass --overwrite)", str(out_dir))
+    read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
+    t0 = time.perf_counter()
+    _progress(f"loading base model {base} ...")
+    model, tokenizer = load_base(base, dtype=dtype)
+    _progress(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
+    am = AdaptedModel.from_pretrained(model, adapter_dir)
+    merged = am.merge_and_unload()
+    _progress(f"merged; writing {out_dir} ...")
+    save_model_dir(merged, tokenizer, out_dir, overwrite=overwrite)
+    _progress(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
+    return out_dir
+
+
+@command
+def demo(
+    model: str = "smollm2-135m",
+    out: Path = Path("out/demo"),
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    max_new_tokens: int = 20,
+) -> int:
+    """Show the library at work on a real model in about a minute on a CPU, and print a report.
+
+    Loads the base, attaches LoRA adapters, checks a zero-initialised adapter changes nothing,
+    generates with two (untrained, random) adapters and with both in one mixed batch, merges,
+    saves, inspects and exports a merged model that plain transformers reloads.
+
+    Args:
+        model: the base model (a built-in name, an HF model directory or a .gguf file)
+        out: directory for the demo's files (the saved adapter and the merged model)
+        dtype: compute dtype. bfloat16 runs matrix products faster on CPUs with AVX-512/AMX, but its
+            rounding makes mixed-batch and merged generations drift from the per-adapter ones, so the
+            demo's exact-equality checks can fail in bfloat16
+        max_new_tokens: tokens to generate per prompt (greedy)
+    """
+    from .demo import run_demo
+
+    return 0 if run_demo(model=model, out=out, dtype=dtype, max_new_tokens=max_new_tokens) else 1
+
+
+# -- `info`: facts about an adapter, from its files alone ---------------------------------------------
+def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """What `peftkit info` reports, as a JSON-ready dict."""
+    from .base.fingerprint import is_fingerprint, short_fingerprint
+    from .formats import peft as fmt
+    from .formats.files import dtype_name
+
+    files = fmt.read_adapter(adapter_dir)
+    config = fmt.config_from_peft(files.config, files.directory)
+    # Module paths from the lora_A keys; the key layout itself is known only to formats.peft.
+    a_suffixes = {
+        fmt.factor_key("", kind, "lora_A").removeprefix(fmt.PREFIX) for kind in ("linear", "embedding")
+    }
+    targets = sorted(
+        key.removeprefix(fmt.PREFIX).removesuffix(suffix)
+        for key in files.tensors
+        for suffix in a_suffixes
+        if key.endswith(suffix)
+    )
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets}, key=_layer_order)
+    fingerprint = files.metadata.get("peftkit_base_fingerprint", "")
+    saved_by_peftkit = "peftkit_version" in files.metadata
+    peft_version = files.config.get("peft_version")
+    return {
+        "path": str(files.directory),
+        "method": "DoRA" if config.use_dora else "rsLoRA" if config.use_rslora else "LoRA",
+        "r": config.r,
+        "rank_pattern": config.rank_pattern,
+        "lora_alpha": config.lora_alpha,
+        "alpha_pattern": config.alpha_pattern,
+        "scaling": config.scaling(config.r, config.lora_alpha),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "target_layers": len(targets),
+        "target_suffixes": suffixes,
+        "modules_to_save": list(config.modules_to_save or []),
+        "parameters": sum(t.numel() for t in files.tensors.values()),
+        "dtypes": sorted({dtype_name(t.dtype) for t in files.tensors.values()}),
+        "size_bytes": sum(p.stat().st_size for p in files.directory.iterdir() if p.is_file()),
+        "base_model": files.config.get("base_model_name_or_path") or files.metadata.get("peftkit_base_model"),
+        "base_fingerprint": fingerprint if is_fingerprint(fingerprint) else None,
+        "base_fingerprint_short": short_fingerprint(fingerprint) if is_fingerprint(fingerprint) else None,
+        "adapter_name": files.metadata.get("peftkit_adapter_name"),
+        "saved_by": f"peftkit {files.metadata['peftkit_version']}"
+        if saved_by_peftkit
+        else f"HF PEFT {peft_version}"
+        if peft_version
+        else "unknown (no peftkit metadata)",
+    }
+
+
+# Projections of a transformer block in the order they run, so targets read naturally.
+_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _layer_order(suffix: str) -> tuple[int, str]:
+    return (_ORDER.index(suffix) if suffix in _ORDER else len(_ORDER), suffix)
+
+
+def format_info(facts: dict[str, Any]) -> str:
+    """`peftkit info`'s text report."""
+    f = facts
+    scaling_rule = "lora_alpha / sqrt(r)" if f["use_rslora"] else "lora_alpha / r"
+    rank = f"r = {f['r']}" + (f", overrides {f['rank_pattern']}" if f["rank_pattern"] else "")
+    alpha = f"{f['lora_alpha']:g} (scaling {f['scaling']:g} = {scaling_rule})"
+    if f["alpha_pattern"]:
+        alpha += f", overrides {f['alpha_pattern']}"
+    if f["base_fingerprint_short"]:
+        fingerprint = f"fingerprint {f['base_fingerprint_short']}"
+    elif f["saved_by"].startswith("HF PEFT"):
+        fingerprint = "fingerprint unknown (saved by HF PEFT)"
+    else:
+        fingerprint = "fingerprint unknown"
+    rows = [
+        ("adapter", f["path"] + (f"  (name {f['adapter_name']!r})" if f["adapter_name"] else "")),
+        ("method", f["method"] + (" with rsLoRA scaling" if f["use_dora"] and f["use_rslora"] else "")),
+        ("rank", rank),
+        ("lora_alpha", alpha),
+        ("targets", f"{', '.join(f['target_suffixes'])} ({f['target_layers']} layers)"),
+        ("modules_to_save", ", ".join(f["modules_to_save"]) or "none"),
+        ("parameters", f"{f['parameters']:,}"),
+        ("dtype", ", ".join(f["dtypes"])),
+        ("size on disk", _human_bytes(f["size_bytes"])),
+        ("base model", f"{f['base_model'] or 'unknown'} ({fingerprint})"),
+        ("saved by", f["saved_by"]),
+    ]
+    return "\n".join(f"{key:<16}{value}" for key, value in rows)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+if __name__ == "__main__":
+    sys.exit(main())
