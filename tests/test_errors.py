@@ -1,0 +1,436 @@
+"""Bad input gets a clear error, and nothing is half-applied.
+
+Every test checks three things: the exception type (from `peftkit.errors`), that the message names
+the problem (module, key, shapes, path...), and that the model is exactly as it was before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import model_input, output, tiny_llama
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from peftkit import (
+    METHODS,
+    AdaptedModel,
+    AdapterFileError,
+    AdapterStateError,
+    BaseModelMismatchError,
+    ConfigError,
+    LoraConfig,
+    PeftkitError,
+    ShapeMismatchError,
+    TargetError,
+)
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+SOURCE_CONFIG = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: handing work to a second thread costs more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def am() -> AdaptedModel:
+    """A tiny Llama that already carries one adapter ("keep"), so a failed load has something to spoil."""
+    return AdaptedModel.attach(
+        tiny_llama(), LoraConfig(target_modules=["k_proj"], init_lora_weights=False), "keep"
+    )
+
+
+@pytest.fixture
+def saved(am: AdaptedModel, tmp_path: Path) -> Path:
+    """A valid adapter saved from a copy of `am`'s base model (so the fingerprints agree)."""
+    base = copy.deepcopy(am).unload()
+    return AdaptedModel.attach(base, SOURCE_CONFIG, "src").save_adapter(tmp_path / "adapter")
+
+
+def capture(model: nn.Module) -> dict:
+    """Everything a failed call must leave alone."""
+    am = model if isinstance(model, AdaptedModel) else None
+    inner = am.model if am else model
+    return {
+        "types": [(n, type(m)) for n, m in inner.named_modules()],
+        "tensors": {k: v.clone() for k, v in inner.state_dict().items()},
+        "requires_grad": {n: p.requires_grad for n, p in inner.named_parameters()},
+        "adapters": (am.adapters, am.active_adapters, am.merged_adapters) if am else None,
+        "output": output(model, model_input("llama")),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = capture(model)
+    for key in ("types", "requires_grad", "adapters"):
+        assert after[key] == before[key], key
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())
+    assert torch.equal(after["output"], before["output"])
+
+
+def raises(exc: type[Exception], *fragments: str):
+    """pytest.raises that also requires every fragment (literally) in the message."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+def tiny_llama_with_hidden(hidden: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = tiny_llama().config.to_dict() | {"hidden_size": hidden, "head_dim": hidden // 2}
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+# -- loading: the adapter does not fit this base --------------------------------------------------------
+def test_the_untouched_adapter_loads(am: AdaptedModel, saved: Path) -> None:
+    """The control for every corruption below: without it, the adapter loads."""
+    am.load_adapter(saved, "new")
+    assert am.adapters == ["keep", "new"]
+
+
+def test_shapes_that_do_not_fit_name_the_module_and_both_shapes(saved: Path) -> None:
+    am = AdaptedModel(tiny_llama_with_hidden(24))
+    before = capture(am)
+    with raises(ShapeMismatchError, "model.layers.0.self_attn.q_proj", "(4, 24)", "(4, 16)", str(saved)):
+        am.load_adapter(saved, "new", check_base=False)
+    with pytest.raises((ShapeMismatchError, BaseModelMismatchError)):
+        am.load_adapter(saved, "new")
+    assert_unchanged(am, before)
+
+
+def test_another_base_with_the_same_shapes_is_refused_unless_asked(saved: Path) -> None:
+    torch.manual_seed(1)
+    am = AdaptedModel(tiny_llama())
+    before = capture(am)
+    with raises(BaseModelMismatchError, str(saved), "fingerprint", "check_base=False"):
+        am.load_adapter(saved, "new")
+    assert_unchanged(am, before)
+    am.load_adapter(saved, "new", check_base=False)
+    assert am.adapters == ["new"]
+    loaded = am.adapter_state_dict("new")
+    with safe_open(str(saved / WEIGHTS_FILE), "pt") as f:
+        assert loaded.keys() == set(f.keys())
+        assert all(torch.equal(loaded[k], f.get_tensor(k)) for k in loaded)
+
+
+# -- loading: broken or foreign files -----------------------------------------------------------------
+def edit_config(**changes) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        data = json.loads((path / CONFIG_FILE).read_text())
+        (path / CONFIG_FILE).write_text(json.dumps(data | changes))
+
+    return apply
+
+
+def edit_tensors(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        change(tensors)
+        save_file(tensors, str(path / WEIGHTS_FILE), metadata=metadata)
+
+    return apply
+
+
+def truncate(keep: float) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        data = (path / WEIGHTS_FILE).read_bytes()
+        (path / WEIGHTS_FILE).write_bytes(data[: int(len(data) * keep)])
+
+    return apply
+
+
+Q_A = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+FOREIGN = next(
+    t for t in ("LOHA", "LOKR", "VERA", "BOFT") if t not in {m.peft_type for m in METHODS.values()}
+)
+BROKEN = {  # name: (how to break the saved adapter, error type, what its message must name)
+    "unknown PEFT feature": (
+        edit_config(layer_replication=[[0, 1]]),
+        AdapterFileError,
+        ["layer_replication", "[[0, 1]]"],
+    ),
+    "peft_type of no method": (
+        edit_config(peft_type=FOREIGN),
+        AdapterFileError,
+        ["peft_type", repr(FOREIGN)],
+    ),
+    "invalid config value": (edit_config(r=0), AdapterFileError, ["invalid value for r: 0"]),
+    "corrupt JSON": (
+        lambda p: (p / CONFIG_FILE).write_text('{"r": 4,'),
+        AdapterFileError,
+        [CONFIG_FILE, "not valid JSON"],
+    ),
+    "JSON not an object": (
+        lambda p: (p / CONFIG_FILE).write_text("[1, 2]"),
+        AdapterFileError,
+        [CONFIG_FILE, "list"],
+    ),
+    "missing config": (lambda p: (p / CONFIG_FILE).unlink(), AdapterFileError, [CONFIG_FILE]),
+    "missing weights": (lambda p: (p / WEIGHTS_FILE).unlink(), AdapterFileError, [WEIGHTS_FILE, CONFIG_FILE]),
+    "truncated weights": (truncate(0.6), AdapterFileError, [WEIGHTS_FILE, "truncated"]),
+    "truncated header": (truncate(0.02), AdapterFileError, [WEIGHTS_FILE, "truncated"]),
+    "random bytes": (
+        lambda p: (p / WEIGHTS_FILE).write_bytes(random.Random(0).randbytes(300)),
+        AdapterFileError,
+        [WEIGHTS_FILE, "corrupt"],
+    ),
+    "extra tensor": (
+        edit_tensors(lambda t: t.update({"base_model.model.model.extra.lora_A.weight": torch.ones(2)})),
+        AdapterFileError,
+        ["base_model.model.model.extra.lora_A.weight"],
+    ),
+    "base weight copy differs": (  # HF PEFT's save_embedding_layers: checked, never applied
+        edit_tensors(lambda t: t.update({"base_model.model.model.norm.weight": torch.full((16,), 2.0)})),
+        BaseModelMismatchError,
+        ["model.norm.weight"],
+    ),
+    "missing tensor": (
+        edit_tensors(lambda t: t.pop(Q_A)),
+        AdapterFileError,
+        [Q_A, "layers.1.self_attn.q_proj"],
+    ),
+    "wrong shape": (
+        edit_tensors(lambda t: t.update({Q_A: torch.zeros(4, 17)})),
+        ShapeMismatchError,
+        ["layers.1.self_attn.q_proj", "(4, 16)", "(4, 17)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_adapter_files_are_refused(case: str, am: AdaptedModel, saved: Path) -> None:
+    breaks, exc, fragments = BROKEN[case]
+    breaks(saved)
+    before = capture(am)
+    with raises(exc, str(saved), *fragments):
+        am.load_adapter(saved, "new")
+    assert_unchanged(am, before)
+
+
+def test_missing_directory(am: AdaptedModel, tmp_path: Path) -> None:
+    before = capture(am)
+    with raises(AdapterFileError, str(tmp_path / "nowhere")):
+        am.load_adapter(tmp_path / "nowhere", "new")
+    assert_unchanged(am, before)
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(am: AdaptedModel, saved: Path) -> None:
+    marker = saved.parent / "unpickled.marker"
+    blob = pickle.dumps({"weights": _Payload(marker)})
+    (saved / WEIGHTS_FILE).unlink()
+    (saved / "adapter_model.bin").write_bytes(blob)
+    before = capture(am)
+    for path in (saved, saved / "adapter_model.bin"):
+        with raises(AdapterFileError, str(saved / "adapter_model.bin"), "pickle"):
+            am.load_adapter(path, "new")
+    assert not marker.exists()
+    assert_unchanged(am, before)
+    pickle.loads(blob)  # the payload is live: loading it would have left the marker
+    assert marker.exists()
+
+
+# -- attaching: config and targets ------------------------------------------------------------------------
+def test_unknown_config_key_is_named_with_the_close_one() -> None:
+    with raises(ConfigError, "'lora_alpah'", "did you mean 'lora_alpha'"):
+        LoraConfig.from_dict({"r": 4, "lora_alpah": 16})
+
+
+INVALID = [  # (config fields, what the message must name)
+    ({"r": 0}, ["invalid value for r: 0", "positive integer"]),
+    ({"lora_dropout": 1.5}, ["lora_dropout: 1.5", "[0, 1)"]),
+    ({"bias": "x"}, ["bias: 'x'", "lora_only"]),
+    ({"target_modules": "q_proj("}, ["target_modules", "regular expression"]),
+    ({"rank_pattern": {"q_proj": 0}}, ["rank_pattern['q_proj']: 0"]),
+    ({"alpha_pattern": {"[": 2}}, ["alpha_pattern key '['", "regular expression"]),
+    ({"layers_to_transform": [-1]}, ["layers_to_transform: (-1,)"]),
+    ({"init_lora_weights": "pissa"}, ["init_lora_weights: 'pissa'"]),
+]
+
+
+@pytest.mark.parametrize("changes,fragments", INVALID, ids=[next(iter(c)) for c, _ in INVALID])
+def test_invalid_values_name_the_key_and_the_value(changes: dict, fragments: list[str]) -> None:
+    with raises(ConfigError, *fragments):
+        LoraConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    "config,fragments",
+    [
+        (LoraConfig(target_modules=["nope"]), ["['nope']", "LlamaForCausalLM", "q_proj", "down_proj"]),
+        (LoraConfig(target_modules=["proj"]), ["['proj']", "q_proj"]),
+        (LoraConfig(target_modules=["mlp"]), ["'model.layers.0.mlp'", "LlamaMLP", "nn.Linear"]),
+        (LoraConfig(target_modules=r".*\.(q_proj|mlp)"), ["'model.layers.0.mlp'", "LlamaMLP"]),
+        (LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]), ["layers_to_transform=[7]"]),
+        (LoraConfig(target_modules=["q_proj"], modules_to_save=["nope"]), ["modules_to_save", "'nope'"]),
+        (LoraConfig(target_modules=["q_proj"], modules_to_save=["self_attn"]), ["q_proj", "modules_to_save"]),
+    ],
+    ids=["nothing", "substring", "unsupported-type", "unsupported-by-regex", "layers", "save", "both"],
+)
+def test_bad_targets_change_nothing(am: AdaptedModel, config: LoraConfig, fragments: list[str]) -> None:
+    before = capture(am)
+    with raises(TargetError, *fragments):
+        am.add_adapter("new", config)
+    assert_unchanged(am, before)
+
+
+def test_unsupported_layer_configuration_is_named() -> None:
+    conv = nn.Conv2d(4, 4, 3, groups=2)
+    model = nn.Sequential(conv)
+    with raises(TargetError, "'0'", "groups=2"):
+        AdaptedModel.attach(model, LoraConfig(target_modules=["0"]))
+    assert model[0] is conv
+
+
+def test_failed_attach_leaves_the_plain_model_alone() -> None:
+    model = tiny_llama().requires_grad_(False)
+    before = capture(model)
+    with raises(TargetError, "['nope']"):
+        AdaptedModel.attach(model, LoraConfig(target_modules=["nope"]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.xfail(strict=True, reason="AdaptedModel(model) freezes every parameter before attach validates")
+def test_failed_attach_keeps_requires_grad() -> None:
+    model = tiny_llama()
+    with pytest.raises(TargetError):
+        AdaptedModel.attach(model, LoraConfig(target_modules=["nope"]))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# -- adapter names and state ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["keep", "", "a.b", "a/b", "../x", "a b", "__base__", None, 3])
+def test_clashing_or_invalid_names(am: AdaptedModel, saved: Path, name: object) -> None:
+    before = capture(am)
+    fragment = "already exists" if name == "keep" else "invalid"
+    with raises(ConfigError, repr(name), fragment):
+        am.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
+    with raises(ConfigError, repr(name), fragment):
+        am.load_adapter(saved, name)
+    assert_unchanged(am, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="names of nn.ParameterDict/ModuleDict attributes ('keys', 'forward', ...) pass validation, "
+    "then add_adapter fails with KeyError after wrapping the first layer",
+)
+@pytest.mark.parametrize("name", ["keys", "forward"])
+def test_names_that_clash_with_module_attributes(am: AdaptedModel, name: str) -> None:
+    before = capture(am)
+    with raises(ConfigError, repr(name)):
+        am.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
+    assert_unchanged(am, before)
+
+
+def test_unknown_adapter_names(am: AdaptedModel) -> None:
+    before = capture(am)
+    x = model_input("llama", batch=2)
+    calls = [
+        lambda: am(x, adapter_names=["keep", "nope"]),
+        lambda: am.set_adapter(["keep", "nope"]),
+        lambda: am.delete_adapter("nope"),
+        lambda: am.merge(["nope"]),
+    ]
+    for call in calls:
+        with raises(LookupError, "'nope'", "keep"):
+            call()
+    with raises(ValueError, "2 entries", "3 rows"):
+        am(model_input("llama", batch=3), adapter_names=["keep", None])
+    assert_unchanged(am, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="unknown adapter names raise KeyError and a wrong adapter_names length "
+    "ValueError, not PeftkitError subclasses (errors.py: 'every error peftkit raises on purpose')",
+)
+def test_name_errors_are_peftkit_errors(am: AdaptedModel) -> None:
+    with pytest.raises(PeftkitError):
+        am.set_adapter("nope")
+    with pytest.raises(PeftkitError):
+        am(model_input("llama", batch=3), adapter_names=["keep"])
+
+
+def test_an_error_inside_a_mixed_batch_or_disabled_block_leaves_no_state_behind(am: AdaptedModel) -> None:
+    before = capture(am)
+    bad = model_input("llama").clone()
+    bad[0, 0] = 10_000  # no such token: the embedding raises inside the forward
+    with pytest.raises(IndexError):
+        am(bad, adapter_names=["keep", None, None])
+    with pytest.raises(RuntimeError, match="inside"), am.disable_adapters():
+        raise RuntimeError("inside")
+    assert_unchanged(am, before)
+
+
+def test_mixed_batch_disable_or_delete_while_merged(am: AdaptedModel) -> None:
+    am.merge()
+    before = capture(am)
+    x = model_input("llama", batch=2)
+    with raises(AdapterStateError, "'keep'", "unmerge"):
+        am(x, adapter_names=["keep", None])
+    with raises(AdapterStateError, "'keep'", "unmerge"), am.disable_adapters():
+        pass
+    with raises(AdapterStateError, "'keep'", "unmerge"):
+        am.delete_adapter("keep")
+    assert_unchanged(am, before)
+
+
+@pytest.mark.parametrize(
+    "targets,fragments",
+    [(["embed_tokens", "q_proj"], ["model.embed_tokens", "lm_head.weight"]), (["lm_head"], ["embed_tokens"])],
+)
+def test_merging_into_tied_weights_is_refused(targets: list[str], fragments: list[str]) -> None:
+    model = tiny_llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    am = AdaptedModel.attach(model, LoraConfig(target_modules=targets, init_lora_weights=False))
+    before = capture(am)
+    with raises(AdapterStateError, "tied", *fragments):
+        am.merge()
+    assert_unchanged(am, before)
+
+
+# -- saving -----------------------------------------------------------------------------------------------
+def test_saving_over_an_adapter_replaces_both_files(am: AdaptedModel, saved: Path) -> None:
+    am.save_adapter(saved, "keep")  # over the "src" adapter: other rank, other targets
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # no temporary leftovers
+    assert sorted(p.name for p in saved.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    assert config["r"] == 8 and config["target_modules"] == [
+        f"model.layers.{i}.self_attn.k_proj" for i in (0, 1)
+    ]
+    copy.deepcopy(am).load_adapter(saved, "again")  # config and tensors agree: it loads
+
+
+def test_failed_save_raises_and_leaves_nothing_behind(am: AdaptedModel, tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    with raises(AdapterFileError, str(target), "not a directory"):
+        am.save_adapter(target)
+    assert target.read_text() == "not a directory"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
