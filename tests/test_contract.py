@@ -33,33 +33,6 @@ CASES = [
     for kind in KINDS
 ]
 LLAMA_CASES = [c for c in CASES if c.values[2] == "llama"]
-# Matrix cases that fail on known bugs, as (case ids, reason): strict xfails, so a fix turns them
-# into failures until the entry is emptied.
-DORA_EMBEDDING_MIXED_BUG = (
-    {"lora-rslora-llama_emb", "lora-dora-llama_emb"},
-    "mixed batch: a DoRA embedding's factor is viewed (N, out), not (N, 1, out), so it fails to "
-    "broadcast (or, when batch == seq_len, silently scales position i by row i's factor)",
-)
-DORA_STACKED_BUG = (
-    {"lora-dora-llama"},
-    "a DoRA adapter after the first active one computes W·x as (running result - bias), which "
-    "already holds the earlier adapters' updates; merge() uses the base weight",
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: handing work to a second thread costs more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def xfail_known_bug(request: pytest.FixtureRequest, bug: tuple[set[str], str]) -> None:
-    cases, reason = bug
-    if request.node.callspec.id in cases:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 def make_config(method: str, variant: str, kind: str, *, random: bool = True, r: int | None = None):
@@ -180,12 +153,9 @@ def test_merge_is_exact_idempotent_and_reversible(method: str, variant: str, kin
 
 
 @pytest.mark.parametrize("method,variant,kind", LLAMA_CASES)
-def test_two_active_adapters_merged_equal_unmerged(
-    method: str, variant: str, kind: str, request: pytest.FixtureRequest
-) -> None:
+def test_two_active_adapters_merged_equal_unmerged(method: str, variant: str, kind: str) -> None:
     if not METHODS[method].supports_merge:
         pytest.skip(f"{method} does not declare supports_merge")
-    xfail_known_bug(request, DORA_STACKED_BUG)
     _, am = three_adapters(method, variant, kind)
     x = model_input(kind)
     am.set_adapter(["a", "b"])
@@ -234,10 +204,7 @@ def test_save_then_load_into_a_fresh_copy(method: str, variant: str, kind: str, 
 
 
 @pytest.mark.parametrize("method,variant,kind", CASES)
-def test_mixed_batch_rows_equal_single_adapter_runs(
-    method: str, variant: str, kind: str, request: pytest.FixtureRequest
-) -> None:
-    xfail_known_bug(request, DORA_EMBEDDING_MIXED_BUG)
+def test_mixed_batch_rows_equal_single_adapter_runs(method: str, variant: str, kind: str) -> None:
     if not METHODS[method].supports_mixed_batch:
         pytest.skip(f"{method} does not declare supports_mixed_batch")
     plain, am = three_adapters(method, variant, kind)
@@ -254,10 +221,7 @@ def test_mixed_batch_rows_equal_single_adapter_runs(
 
 
 @pytest.mark.parametrize("method,variant,kind", CASES)
-def test_mixed_batch_gradients_are_the_sum_of_single_runs(
-    method: str, variant: str, kind: str, request: pytest.FixtureRequest
-) -> None:
-    xfail_known_bug(request, DORA_EMBEDDING_MIXED_BUG)
+def test_mixed_batch_gradients_are_the_sum_of_single_runs(method: str, variant: str, kind: str) -> None:
     if not METHODS[method].supports_mixed_batch:
         pytest.skip(f"{method} does not declare supports_mixed_batch")
     # float64: in float32 the rounding differences of the batched products grow to ~1e-3 through
@@ -385,11 +349,6 @@ def test_mixed_batch_dropout_applies_to_its_adapter_rows_only() -> None:
     torch.testing.assert_close(evaluated[0], run_alone(am, x[:1], "drop")[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapter layers are created in train mode inside an eval-mode model, so lora_dropout "
-    "acts at inference until the caller runs .eval() again",
-)
 def test_attaching_keeps_the_models_eval_mode() -> None:
     model, x = tiny_llama(), model_input("llama")
     am = AdaptedModel.attach(model, LoraConfig(lora_dropout=0.5, init_lora_weights=False))
@@ -411,11 +370,6 @@ def test_trainable_parameter_count_follows_the_rank(use_dora: bool) -> None:
 
 
 # -- AdaptedModel is an nn.Module ---------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="AdaptedModel._apply(name, config, targets, ...) shadows nn.Module._apply, so "
-    ".to()/.double()/.half()/.cuda() raise TypeError",
-)
 def test_dtype_conversion_reaches_base_and_adapters() -> None:
     model, x = tiny_llama(), model_input("llama")
     am = AdaptedModel.attach(model, LoraConfig(init_lora_weights=False))

@@ -19,15 +19,6 @@ PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 PROJ += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: handing work to a second thread costs more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def llama_layers(*suffixes: str, layers: tuple[int, ...] = (0, 1)) -> set[str]:
     """Full names of the given sub-modules of tiny Llama's decoder layers."""
     return {f"model.layers.{i}.{s}" for i in layers for s in suffixes}
@@ -232,15 +223,10 @@ def test_bias_training_marks_and_saves_the_right_biases(bias: str, tmp_path: Pat
     with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
         keys = {k for k in f.keys() if k.endswith(".bias")}  # noqa: SIM118
     assert keys == {f"base_model.model.{n}" for n in biases}
-    loaded = AdaptedModel.from_pretrained(fresh, tmp_path / "a", check_base=False)  # see the xfail below
+    loaded = AdaptedModel.from_pretrained(fresh, tmp_path / "a", check_base=False)
     torch.testing.assert_close(output(loaded, x), trained, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the base fingerprint is taken (and cached) at save time over the trained biases, so a "
-    "bias='all'/'lora_only' adapter is refused by a fresh copy of the base it was trained on",
-)
 def test_an_adapter_with_trained_biases_loads_into_its_own_base(tmp_path: Path) -> None:
     model, x = tiny_bert(), model_input("bert")
     fresh = copy.deepcopy(model)

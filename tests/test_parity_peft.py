@@ -9,7 +9,6 @@ magnitudes and modules_to_save copies are perturbed as well, and everything runs
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,16 +76,6 @@ def matrix(marks: dict[str, pytest.MarkDecorator] | None = None) -> list[Any]:
     pairs = [(c, v) for c in CASES for v in VARIANTS] + [(PATTERNS, "rslora"), (LAYERS, "dora")]
     marks = marks or {}
     return [pytest.param(c, v, id=f"{c.id}-{v}", marks=marks.get(c.id, ())) for c, v in pairs]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These models are tiny: with several threads, OpenMP start-up and spinning (worse on a shared
-    # machine) costs 100x the arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- setup ------------------------------------------------------------------------------------------

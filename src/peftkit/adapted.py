@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .errors import AdapterStateError, BaseModelMismatchError, ConfigError
+from .errors import (
+    AdapterNotFoundError,
+    AdapterStateError,
+    BaseModelMismatchError,
+    ConfigError,
+    RequestError,
+)
 from .formats import peft as fmt
 from .inject import Target, find_modules_to_save, find_targets, get_module, set_module
 from .methods import LoraConfig, LoraLayer, method_for
@@ -28,6 +34,8 @@ from .routing import BASE_ROW, AdapterState, RowRouting
 from .saved_modules import ModulesToSave
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
+# Adapter names become keys of ParameterDict/ModuleDict, which refuse (or, worse, shadow) their attributes.
+_RESERVED = frozenset(dir(nn.ParameterDict()) + dir(nn.ModuleDict()))
 
 
 class AdaptedModel(nn.Module):
@@ -39,8 +47,6 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.state = AdapterState()
         self.configs: dict[str, LoraConfig] = {}
-        for p in model.parameters():
-            p.requires_grad_(False)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -78,7 +84,7 @@ class AdaptedModel(nn.Module):
         method_for(config)
         targets = find_targets(self.model, config)
         find_modules_to_save(self.model, config.modules_to_save)  # every entry must match something
-        self._apply(name, config, targets, trainable=trainable, dtype=dtype)
+        self._inject(name, config, targets, trainable=trainable, dtype=dtype)
 
     def load_adapter(
         self,
@@ -100,7 +106,7 @@ class AdaptedModel(nn.Module):
         expected, base_copies = self._expected(config, targets, files.tensors)
         fmt.check_tensors(expected, files.tensors, files.directory)
         self._check_base_copies({k: files.tensors[k] for k in base_copies}, files.directory)
-        self._apply(name, config, targets, trainable=trainable, dtype=dtype)
+        self._inject(name, config, targets, trainable=trainable, dtype=dtype)
         params = self.adapter_state_dict(name)
         with torch.no_grad():
             for key, value in files.tensors.items():
@@ -130,7 +136,7 @@ class AdaptedModel(nn.Module):
 
     save_pretrained = save_adapter
 
-    def _apply(
+    def _inject(
         self,
         name: str,
         config: LoraConfig,
@@ -139,16 +145,21 @@ class AdaptedModel(nn.Module):
         trainable: bool,
         dtype: torch.dtype | None,
     ) -> None:
+        if not self.configs:  # the first adapter freezes the base (after its targets were validated)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        if config.bias != "none":
+            self.base_fingerprint()  # before training changes the biases it covers
         for t in targets:
             layer = get_module(self.model, t.name)
             if not isinstance(layer, LoraLayer):
-                layer = LoraLayer(layer, t.kind, self.state)
+                layer = LoraLayer(layer, t.kind, self.state).train(layer.training)
                 set_module(self.model, t.name, layer)
             layer.add_adapter(name, config, t.name, dtype=dtype)
         for module_name, _ in find_modules_to_save(self.model, config.modules_to_save, strict=False):
             wrapper = get_module(self.model, module_name)
             if not isinstance(wrapper, ModulesToSave):
-                wrapper = ModulesToSave(wrapper, self.state)
+                wrapper = ModulesToSave(wrapper, self.state).train(wrapper.training)
                 set_module(self.model, module_name, wrapper)
             wrapper.add_adapter(name)
         self.configs[name] = config
@@ -296,7 +307,7 @@ class AdaptedModel(nn.Module):
     def mixed_batch(self, adapter_names: list[str | None], batch_size: int | None = None) -> Iterator[None]:
         """Route row i of every batch inside this block through adapter_names[i] (None: base model)."""
         if batch_size is not None and len(adapter_names) != batch_size:
-            raise ValueError(
+            raise RequestError(
                 f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows"
             )
         for n in adapter_names:
@@ -415,6 +426,10 @@ class AdaptedModel(nn.Module):
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE_ROW:
             raise ConfigError(f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' only")
+        if name in _RESERVED:
+            raise ConfigError(
+                f"adapter name {name!r} is reserved (an attribute of torch modules); pick another"
+            )
         if name in self.configs:
             raise ConfigError(
                 f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name"
@@ -422,7 +437,9 @@ class AdaptedModel(nn.Module):
 
     def _check_exists(self, name: str) -> None:
         if name not in self.configs:
-            raise KeyError(f"no adapter named {name!r}; attached adapters: {self.adapters or 'none'}")
+            raise AdapterNotFoundError(
+                f"no adapter named {name!r}; attached adapters: {self.adapters or 'none'}"
+            )
 
     def _one_adapter(self, name: str | None) -> str:
         if name is not None:

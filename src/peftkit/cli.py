@@ -276,7 +276,7 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
         "modules_to_save": list(config.modules_to_save or []),
         "parameters": sum(t.numel() for t in files.tensors.values()),
         "dtypes": sorted({dtype_name(t.dtype) for t in files.tensors.values()}),
-        "size_bytes": sum(p.stat().st_size for p in files.directory.iterdir() if p.is_file()),
+        "size_bytes": (files.directory / fmt.WEIGHTS_FILE).stat().st_size,
         "base_model": files.config.get("base_model_name_or_path") or files.metadata.get("peftkit_base_model"),
         "base_fingerprint": fingerprint if is_fingerprint(fingerprint) else None,
         "base_fingerprint_short": short_fingerprint(fingerprint) if is_fingerprint(fingerprint) else None,
@@ -305,12 +305,9 @@ def format_info(facts: dict[str, Any]) -> str:
     alpha = f"{f['lora_alpha']:g} (scaling {f['scaling']:g} = {scaling_rule})"
     if f["alpha_pattern"]:
         alpha += f", overrides {f['alpha_pattern']}"
-    if f["base_fingerprint_short"]:
-        fingerprint = f"fingerprint {f['base_fingerprint_short']}"
-    elif f["saved_by"].startswith("HF PEFT"):
-        fingerprint = "fingerprint unknown (saved by HF PEFT)"
-    else:
-        fingerprint = "fingerprint unknown"
+    fingerprint = f["base_fingerprint_short"] or (
+        "unknown (saved by HF PEFT)" if f["saved_by"].startswith("HF PEFT") else "unknown"
+    )
     rows = [
         ("adapter", f["path"] + (f"  (name {f['adapter_name']!r})" if f["adapter_name"] else "")),
         ("method", f["method"] + (" with rsLoRA scaling" if f["use_dora"] and f["use_rslora"] else "")),
@@ -320,11 +317,12 @@ def format_info(facts: dict[str, Any]) -> str:
         ("modules_to_save", ", ".join(f["modules_to_save"]) or "none"),
         ("parameters", f"{f['parameters']:,}"),
         ("dtype", ", ".join(f["dtypes"])),
-        ("size on disk", _human_bytes(f["size_bytes"])),
-        ("base model", f"{f['base_model'] or 'unknown'} ({fingerprint})"),
+        ("size on disk", f"{_human_bytes(f['size_bytes'])} (adapter_model.safetensors)"),
+        ("base model", f["base_model"] or "unknown"),
+        ("base fingerprint", fingerprint),
         ("saved by", f["saved_by"]),
     ]
-    return "\n".join(f"{key:<16}{value}" for key, value in rows)
+    return "\n".join(f"{key:<17}{value}" for key, value in rows)
 
 
 def _human_bytes(n: int) -> str:

@@ -31,6 +31,17 @@ class AdapterStateError(PeftkitError, RuntimeError):
     """An operation does not fit the adapters' current state (e.g. a mixed batch while merged)."""
 
 
+class AdapterNotFoundError(PeftkitError, KeyError):
+    """No adapter of that name is attached."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class RequestError(PeftkitError, ValueError):
+    """A call's arguments do not fit (e.g. adapter_names of the wrong length for the batch)."""
+
+
 class BaseModelError(PeftkitError, ValueError):
     """A base model could not be found or loaded."""
 

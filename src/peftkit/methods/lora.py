@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RequestError
 from ..routing import AdapterState, RowRouting
 from .lora_config import LoraConfig
 from .lora_kinds import LayerKind
@@ -104,12 +105,15 @@ class LoraLayer(nn.Module):
             return result
         if state.rows is not None:
             return self._forward_mixed(x, result, state.rows)
-        for name in state.active:
-            if name in self.specs and name not in self.merged:
-                result = self._add_adapter(x, result, name)
+        names = [n for n in state.active if n in self.specs and n not in self.merged]
+        base = result
+        # DoRA's W·x term must come from the base output, so DoRA adapters go first (out of place);
+        # the plain ones may then add in place.
+        for name in sorted(names, key=lambda n: not self.specs[n].use_dora):
+            result = self._add_adapter(x, result, name, base)
         return result
 
-    def _add_adapter(self, x: Tensor, result: Tensor, name: str) -> Tensor:
+    def _add_adapter(self, x: Tensor, result: Tensor, name: str, base: Tensor) -> Tensor:
         spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
         xd = self._dropout(x, spec.dropout).to(a.dtype) if x.is_floating_point() else x
         h = self.kind.features(self.base_layer, xd, a)  # (..., r)
@@ -117,7 +121,7 @@ class LoraLayer(nn.Module):
             return _add_low_rank(self.kind, self.base_layer, result, h, b, spec.scaling)
         f = self._dora_factor(name)  # (out,) or (1, out, 1, ...) for convs
         delta = self.kind.project(self.base_layer, h, b) * spec.scaling
-        y0 = self._base_no_bias(x, xd, result, dropped=self.training and spec.dropout > 0)
+        y0 = self._base_no_bias(x, xd, base, dropped=self.training and spec.dropout > 0)
         return result + ((f - 1) * y0 + f * delta).to(result.dtype)
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
@@ -141,7 +145,7 @@ class LoraLayer(nn.Module):
                 return result.add_(delta)
             return result + delta.to(result.dtype)
         f = factors.index_select(0, rows)  # (N, out)
-        lead = [1] * (x.dim() - 2)
+        lead = [1] * (result.dim() - 2)  # the output's middle dims (an embedding adds one to its input's)
         f = f.view(f.shape[0], *lead, -1) if self.kind.channel_dim == -1 else f.view(*f.shape, *lead)
         y0 = self._base_no_bias(x, xd, result, dropped=dropped)
         return result + ((f - 1) * y0 + f * delta).to(result.dtype)
@@ -168,7 +172,7 @@ class LoraLayer(nn.Module):
         rows = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
         if x.shape[0] != rows.shape[0]:  # generate() with num_beams > 1 repeats each row
             if x.shape[0] % rows.shape[0]:
-                raise ValueError(f"batch of {x.shape[0]} rows does not fit {rows.shape[0]} adapter_names")
+                raise RequestError(f"batch of {x.shape[0]} rows does not fit {rows.shape[0]} adapter_names")
             rows = rows.repeat_interleave(x.shape[0] // rows.shape[0])
         uniform = int(rows[0]) if bool((rows == rows[0]).all()) else None
         value = (rows.to(x.device), uniform)
