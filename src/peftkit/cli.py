@@ -189,9 +189,16 @@ def merge(
 
 
 def merge_to_dir(
-    base: str, adapter_dir: Path, out_dir: Path, *, dtype: str = "auto", overwrite: bool = False
+    base: str,
+    adapter_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """The `merge` command's work, with progress messages on stderr; returns OUT_DIR."""
+    """The `merge` command's work; progress goes to `log` (default: stderr). Returns OUT_DIR."""
+    log = log or _progress
     from .adapted import AdaptedModel
     from .base import load_base, save_model_dir
     from .formats.peft import read_adapter
@@ -201,14 +208,14 @@ def merge_to_dir(
         raise FileExistsError(17, "output directory exists and is not empty (pass --overwrite)", str(out_dir))
     read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
     t0 = time.perf_counter()
-    _progress(f"loading base model {base} ...")
+    log(f"loading base model {base} ...")
     model, tokenizer = load_base(base, dtype=dtype)
-    _progress(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
+    log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
     am = AdaptedModel.from_pretrained(model, adapter_dir)
     merged = am.merge_and_unload()
-    _progress(f"merged; writing {out_dir} ...")
+    log(f"merged; writing {out_dir} ...")
     save_model_dir(merged, tokenizer, out_dir, overwrite=overwrite)
-    _progress(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
+    log(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return out_dir
 
 
