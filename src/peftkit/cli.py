@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(fn(**args) or 0)
     except USER_ERRORS as e:
-        if os.environ.get("PEFTKIT_DEBUG"):
+        if os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0"):
             raise
         message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
         print(f"error: {message}", file=sys.stderr)
