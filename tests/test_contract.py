@@ -218,6 +218,28 @@ def test_mixed_batch_rows_equal_single_adapter_runs(method: str, variant: str, k
         torch.testing.assert_close(mixed[i], ref, atol=1e-5, rtol=1e-4)
     alone = [run_alone(am, x[:1], n)[0] for n in ("a", "b", "c")]
     assert not any(torch.allclose(alone[i], alone[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    # Without autograd the stacked factors are cached and the update is added in place.
+    with torch.inference_mode():
+        first, second = output(am, x, adapter_names=names), output(am, x, adapter_names=names)
+    torch.testing.assert_close(first, mixed, atol=1e-5, rtol=1e-4)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("method,variant,kind", CASES)
+def test_mixed_batch_cache_follows_weight_updates(method: str, variant: str, kind: str) -> None:
+    if not METHODS[method].supports_mixed_batch:
+        pytest.skip(f"{method} does not declare supports_mixed_batch")
+    _, am = three_adapters(method, variant, kind)
+    names = ["a", "b", None]
+    x = model_input(kind, batch=len(names), seed=4)
+    with torch.inference_mode():
+        before = output(am, x, adapter_names=names)
+    perturb(am, "b", seed=9)  # an in-place update, as an optimizer step makes
+    with torch.inference_mode():
+        after = output(am, x, adapter_names=names)
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(after[1], before[1], atol=1e-4)
+    torch.testing.assert_close(after[1], run_alone(am, x[1:2], "b")[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,variant,kind", CASES)

@@ -277,6 +277,8 @@ class AdaptedModel(nn.Module):
             set_module(self.model, module_name, plain)
         self.configs.clear()
         self.state.active = ()
+        if merged:  # the weights changed: this is no longer the base the fingerprint describes
+            self.model.__dict__.pop("_peftkit_fingerprint", None)
         return self.model
 
     def unload(self) -> nn.Module:

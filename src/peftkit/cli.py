@@ -254,16 +254,7 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
 
     files = fmt.read_adapter(adapter_dir)
     config = fmt.config_from_peft(files.config, files.directory)
-    # Module paths from the lora_A keys; the key layout itself is known only to formats.peft.
-    a_suffixes = {
-        fmt.factor_key("", kind, "lora_A").removeprefix(fmt.PREFIX) for kind in ("linear", "embedding")
-    }
-    targets = sorted(
-        key.removeprefix(fmt.PREFIX).removesuffix(suffix)
-        for key in files.tensors
-        for suffix in a_suffixes
-        if key.endswith(suffix)
-    )
+    targets = fmt.lora_modules(files.tensors)
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets}, key=_layer_order)
     fingerprint = files.metadata.get("peftkit_base_fingerprint", "")
     saved_by_peftkit = "peftkit_version" in files.metadata

@@ -64,6 +64,17 @@ def factor_key(module_name: str, kind_name: str, role: str) -> str:
     return f"{PREFIX}{module_name}.{table[role]}"
 
 
+def lora_modules(keys: list[str] | dict[str, object]) -> list[str]:
+    """The module paths that carry LoRA factors in a file's keys, sorted."""
+    a_suffixes = ("." + _LORA_SUFFIX["lora_A"], "." + _EMBEDDING_SUFFIX["lora_A"])
+    return sorted(
+        k.removeprefix(PREFIX).removesuffix(suffix)
+        for k in keys
+        for suffix in a_suffixes
+        if k.endswith(suffix)
+    )
+
+
 def saved_module_key(module_name: str, param_name: str) -> str:
     """The file key of a parameter of a modules_to_save copy."""
     return f"{PREFIX}{module_name}.{param_name}"

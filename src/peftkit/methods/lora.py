@@ -139,10 +139,15 @@ class LoraLayer(nn.Module):
             xd, dropped = x * (torch.rand_like(x) >= p).to(x.dtype) / (1 - p), True
         if x.is_floating_point():
             xd = xd.to(sa.dtype)
+        if (
+            factors is None
+            and not torch.is_grad_enabled()
+            and sa.dtype == result.dtype
+            and result.is_contiguous()
+        ):
+            return self.kind.mixed(self.base_layer, xd, sa, sb, rows, out=result)  # added in place
         delta = self.kind.mixed(self.base_layer, xd, sa, sb, rows)  # scaling is folded into sb
         if factors is None:
-            if not torch.is_grad_enabled() and delta.dtype == result.dtype:
-                return result.add_(delta)
             return result + delta.to(result.dtype)
         f = factors.index_select(0, rows)  # (N, out)
         lead = [1] * (result.dim() - 2)  # the output's middle dims (an embedding adds one to its input's)
@@ -163,7 +168,7 @@ class LoraLayer(nn.Module):
     # -- per-row routing and stacked factors --------------------------------------------------------
     def _local_rows(self, routing: RowRouting, x: Tensor) -> tuple[Tensor, int | None]:
         """Each row's slot in this layer's stack, and the slot if every row shares one (else None)."""
-        key = (routing.uid, x.device, x.shape[0])
+        key = (routing.uid, x.device, x.shape[0], torch.is_inference_mode_enabled())
         hit = self._cache.get("rows")
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -187,7 +192,7 @@ class LoraLayer(nn.Module):
         """
         params = [p for n in self.specs for p in self.adapter_tensors(n).values()]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (_versions(params), self.base_layer.weight._version)
+        key = (_versions(params), self.base_layer.weight._version, torch.is_inference_mode_enabled())
         hit = self._cache.get("stacks")
         if not training and hit is not None and hit[0] == key:
             return hit[1]
@@ -215,7 +220,7 @@ class LoraLayer(nn.Module):
         """‖W + s·B·A‖ per output feature, from the unmerged weight; detached, cached by version."""
         a, b = self.lora_A[name], self.lora_B[name]
         w = self.unmerged_weight if self.unmerged_weight is not None else self.base_layer.weight
-        key = (_versions([a, b]), w._version, w.data_ptr())
+        key = (_versions([a, b]), w._version, w.data_ptr(), torch.is_inference_mode_enabled())
         hit = self._cache.get(f"norm:{name}")
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -323,4 +328,7 @@ def _init_factors(a: Tensor, b: Tensor, init: bool | str, r: int, *, is_embeddin
 
 
 def _versions(tensors: list[Tensor]) -> tuple:
+    # Cache keys: a tensor's version counter moves on every in-place update (optimizer steps,
+    # load_state_dict), its data pointer on reassignment. Keys also hold the inference-mode flag,
+    # because tensors made under inference_mode cannot enter autograd later.
     return tuple((t._version, t.data_ptr()) for t in tensors)

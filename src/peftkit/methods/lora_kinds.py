@@ -42,7 +42,11 @@ class LayerKind(Protocol):
     def base_no_bias(self, base: nn.Module, x: Tensor) -> Tensor: ...
     def bias_view(self, base: nn.Module, ndim: int) -> Tensor | None: ...
     def stack(self, a: list[Tensor], b: list[Tensor], r_max: int) -> tuple[Tensor, Tensor]: ...
-    def mixed(self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor) -> Tensor: ...
+    def mixed(
+        self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        """Each row's delta B_row·A_row·x_row; added into `out` in place (and returned) when given."""
+        ...
 
 
 def _pad_rank(t: Tensor, r_max: int, dim: int) -> Tensor:
@@ -100,12 +104,13 @@ class LinearKind:
         sb = torch.stack([_pad_rank(t, r_max, 1).t() for t in b]).contiguous()
         return sa, sb
 
-    def mixed(self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor) -> Tensor:
+    def mixed(
+        self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         n = x.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1])  # (N, L, in)
         h = torch.bmm(x3, sa.index_select(0, rows))  # (N, L, r)
-        out = torch.bmm(h, sb.index_select(0, rows))  # (N, L, out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _second_bmm(h, sb.index_select(0, rows), x.shape[:-1], out)
 
 
 class EmbeddingKind:
@@ -148,12 +153,13 @@ class EmbeddingKind:
         sb = torch.stack([_pad_rank(t, r_max, 1).t() for t in b]).contiguous()  # (n, r, dim)
         return sa, sb
 
-    def mixed(self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor) -> Tensor:
+    def mixed(
+        self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         n = x.shape[0]
         ids = x.reshape(n, -1) + rows.view(n, 1) * base.num_embeddings  # (N, L) into the joint table
         h = F.embedding(ids, sa)  # (N, L, r)
-        out = torch.bmm(h, sb.index_select(0, rows))  # (N, L, dim)
-        return out.view(*x.shape, out.shape[-1])
+        return _second_bmm(h, sb.index_select(0, rows), x.shape, out)
 
 
 class ConvKind:
@@ -207,15 +213,27 @@ class ConvKind:
         sb = torch.stack([_pad_rank(t, r_max, 1) for t in b]).contiguous()  # (n, out, r, *1)
         return sa, sb
 
-    def mixed(self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor) -> Tensor:
+    def mixed(
+        self, base: nn.Module, x: Tensor, sa: Tensor, sb: Tensor, rows: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         # One grouped convolution per factor: each batch row is its own group with its own weights.
         n = x.shape[0]
         a = sa.index_select(0, rows).flatten(0, 1)  # (N*r, C, *k)
         b = sb.index_select(0, rows).flatten(0, 1)  # (N*out, r, *1)
         xg = x.reshape(1, -1, *x.shape[2:])  # (1, N*C, *S)
         h = self.conv(xg, a, None, groups=n, **self._geometry(base))  # (1, N*r, *S')
-        out = self.conv(h, b, None, groups=n)  # (1, N*out, *S')
-        return out.view(n, -1, *out.shape[2:])
+        delta = self.conv(h, b, None, groups=n)  # (1, N*out, *S')
+        delta = delta.view(n, -1, *delta.shape[2:])
+        return delta if out is None else out.add_(delta)
+
+
+def _second_bmm(h: Tensor, b_rows: Tensor, lead: torch.Size, out: Tensor | None) -> Tensor:
+    """h @ B_row per row, (N, L, r) x (N, r, out); fused into `out` (baddbmm_) when given."""
+    if out is None:
+        delta = torch.bmm(h, b_rows)  # (N, L, out)
+        return delta.view(*lead, delta.shape[-1])
+    out.view(h.shape[0], h.shape[1], -1).baddbmm_(h, b_rows)
+    return out
 
 
 LINEAR = LinearKind(transposed=False)
