@@ -318,11 +318,14 @@ def test_merge_and_unload_returns_a_plain_merged_model(method: str, variant: str
     am = AdaptedModel.attach(model, make_config(method, variant, kind), "a")
     perturb(am, "a", 0)
     expected = output(am, x)
+    base_fingerprint = am.base_fingerprint()
     plain = am.merge_and_unload()
     assert plain is model
     assert not any(is_peftkit(m) for m in plain.modules())
     assert set(plain.state_dict()) == keys
     torch.testing.assert_close(output(plain, x), expected, atol=1e-5, rtol=1e-4)
+    # The merged model is a different base: an adapter trained on it must not claim the old one.
+    assert AdaptedModel(plain).base_fingerprint() != base_fingerprint
 
 
 # -- LoRA formulas ---------------------------------------------------------------------------------------
