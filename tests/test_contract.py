@@ -226,6 +226,17 @@ def test_mixed_batch_rows_equal_single_adapter_runs(method: str, variant: str, k
 
 
 @pytest.mark.parametrize("method,variant,kind", CASES)
+def test_mixed_batch_of_one_adapter_equals_set_adapter(method: str, variant: str, kind: str) -> None:
+    if not METHODS[method].supports_mixed_batch:
+        pytest.skip(f"{method} does not declare supports_mixed_batch")
+    plain, am = three_adapters(method, variant, kind)
+    x = model_input(kind, batch=3, seed=5)
+    for name in ("a", "b"):
+        assert torch.equal(output(am, x, adapter_names=[name] * 3), run_alone(am, x, name))
+    assert torch.equal(output(am, x, adapter_names=[None] * 3), output(plain, x))
+
+
+@pytest.mark.parametrize("method,variant,kind", CASES)
 def test_mixed_batch_cache_follows_weight_updates(method: str, variant: str, kind: str) -> None:
     if not METHODS[method].supports_mixed_batch:
         pytest.skip(f"{method} does not declare supports_mixed_batch")

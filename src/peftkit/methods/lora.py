@@ -127,11 +127,9 @@ class LoraLayer(nn.Module):
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
         rows, uniform = self._local_rows(routing, x)  # (N,) slot per row; len(specs) means "no adapter"
         if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
-            return (
-                result
-                if uniform == len(self.specs)
-                else self._add_adapter(x, result, list(self.specs)[uniform])
-            )
+            if uniform == len(self.specs):
+                return result
+            return self._add_adapter(x, result, list(self.specs)[uniform], result)
         sa, sb, dropouts, factors = self._stacks()
         xd, dropped = x, False
         if self.training and x.is_floating_point() and bool((dropouts > 0).any()):
