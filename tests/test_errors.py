@@ -414,3 +414,16 @@ def test_failed_save_raises_and_leaves_nothing_behind(am: AdaptedModel, tmp_path
         am.save_adapter(target)
     assert target.read_text() == "not a directory"
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_saved_adapters_get_the_usual_file_permissions(am: AdaptedModel, tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        am.save_adapter(tmp_path / "shared")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755

@@ -1,17 +1,16 @@
-"""peftkit's on-disk cache: where it lives, how entries are keyed, and atomic writes into it."""
+"""peftkit's on-disk cache: where it lives and how entries are keyed (writes go through peftkit.io)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from ..io import building_dir, is_nonempty_dir, write_json_atomic
+
+__all__ = ["building_dir", "is_nonempty_dir", "write_json_atomic"]
 
 
 def default_cache_dir() -> Path:
@@ -48,49 +47,6 @@ def dir_identity(path: Path) -> str:
     return "\n".join(lines)
 
 
-def is_nonempty_dir(path: Path) -> bool:
-    """True when `path` is a directory with at least one entry."""
-    return path.is_dir() and any(path.iterdir())
-
-
-@contextmanager
-def building_dir(final: Path, *, if_exists: Literal["keep", "replace", "error"] = "keep") -> Iterator[Path]:
-    """Yield an empty temporary sibling of `final` to fill; on success it is renamed to `final`.
-
-    Readers therefore see either no `final` or a complete one. If a non-empty `final` exists by
-    the time ours is complete (another process won the race), `if_exists` decides: "keep" theirs
-    and drop ours, "replace" theirs (moved aside, then deleted), or raise FileExistsError ("error").
-    On any error the temporary directory is removed.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes it 0700) so the result gets the usual umask permissions.
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if if_exists == "replace" and is_nonempty_dir(final):
-            # rename() cannot replace a non-empty directory, so move the old one out of the way first.
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        renamed = _rename_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
-    if not renamed and if_exists != "keep":
-        raise FileExistsError(f"{final} appeared while it was being written; it was left as it is")
-
-
-def _rename_dir(src: Path, dst: Path) -> bool:
-    """Rename `src` to `dst`; False when `dst` is a non-empty directory (POSIX refuses those)."""
-    try:
-        os.rename(src, dst)
-    except OSError:
-        if is_nonempty_dir(dst):
-            return False
-        raise
-    return True
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object stored at `path`, or None when it is missing, unreadable or not an object."""
     try:
@@ -98,17 +54,3 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` via a temporary file and `os.replace`, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

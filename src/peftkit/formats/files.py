@@ -6,12 +6,7 @@ A pickle (`.bin`, `.pt`, `.pth`, `.ckpt`) is never loaded: unpickling runs arbit
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AdapterFileError
+from ..io import atomic_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -78,57 +74,13 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (a temporary file in the same directory, then rename)."""
+    """Write a safetensors file atomically."""
     from safetensors.torch import save_file
 
     # Contiguous CPU copies; tied or shared storage would otherwise be refused by save_file.
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with _temp_file(path) as tmp:
+    with atomic_file(path) as tmp:
         save_file(plain, str(tmp), metadata=metadata)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write pretty JSON atomically."""
-    with _temp_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def _temp_file(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Build a new directory at a temporary sibling and move it to `dest` only when complete.
-
-    If `dest` already exists, its files are replaced one by one (each atomically) and files the new
-    version does not write are kept, so nothing else in the directory is lost.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        yield tmp
-        if not dest.exists():
-            os.replace(tmp, dest)
-            return
-        if not dest.is_dir():
-            raise AdapterFileError(f"cannot save to {dest}: it exists and is not a directory")
-        for item in tmp.iterdir():
-            os.replace(item, dest / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tensor_bytes(tensors: dict[str, Tensor]) -> int:

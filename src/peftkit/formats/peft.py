@@ -16,8 +16,9 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import AdapterFileError, ConfigError, ShapeMismatchError
+from ..io import building_dir, write_json_atomic
 from ..methods.lora_config import LoraConfig
-from .files import atomic_dir, read_json, read_safetensors, refuse_pickle, write_json, write_safetensors
+from .files import read_json, read_safetensors, refuse_pickle, write_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -184,9 +185,11 @@ def write_adapter(
 ) -> Path:
     """Write an adapter directory; a reader never sees a half-written pair of files."""
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(f"cannot save the adapter to {directory}: it exists and is not a directory")
+    with building_dir(directory, if_exists="update") as tmp:  # other files in the directory are kept
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt", **metadata})
-        write_json(tmp / CONFIG_FILE, config)
+        write_json_atomic(tmp / CONFIG_FILE, config)
     return directory
 
 
