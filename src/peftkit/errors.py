@@ -42,6 +42,10 @@ class RequestError(PeftkitError, ValueError):
     """A call's arguments do not fit (e.g. adapter_names of the wrong length for the batch)."""
 
 
+class DataError(PeftkitError, ValueError):
+    """A dataset file or row is malformed (the message names the file, the line and what is wrong)."""
+
+
 class BaseModelError(PeftkitError, ValueError):
     """A base model could not be found or loaded."""
 
