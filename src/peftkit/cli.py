@@ -32,6 +32,11 @@ COMMANDS: dict[str, Callable[..., int | None]] = {}
 USER_ERRORS = (PeftkitError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
+# Modules whose @command functions join the CLI; imported when the parser is built, so
+# `import peftkit.cli` stays light.
+COMMAND_MODULES = ("peftkit.train.commands", "peftkit.eval.commands")
+
+
 def command(fn: Callable[..., int | None]) -> Callable[..., int | None]:
     """Register `fn` as the subcommand `fn.__name__` (underscores become dashes)."""
     COMMANDS[fn.__name__.replace("_", "-")] = fn
@@ -112,7 +117,12 @@ def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentP
 
 def build_parser(commands: dict[str, Callable] | None = None) -> argparse.ArgumentParser:
     """The `peftkit` parser with one subcommand per registered function."""
+    import importlib
+
     from . import __version__
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
 
     parser = argparse.ArgumentParser(
         prog="peftkit",

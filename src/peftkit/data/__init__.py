@@ -1,0 +1,1 @@
+"""Datasets: file formats, built-in tasks, chat-template encoding with loss masks, batching."""

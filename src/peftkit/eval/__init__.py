@@ -1,0 +1,1 @@
+"""Evaluation: metrics, evaluation runs and reports."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: the training loop, loss, schedules, checkpoints and the `train` command."""

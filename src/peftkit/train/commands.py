@@ -1,0 +1,1 @@
+"""`peftkit train`: registered with the CLI when the parser is built."""
