@@ -1,0 +1,116 @@
+"""What a run tells its user: a progress bar, a JSONL metrics log, TensorBoard, and a loss plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Reporter:
+    """Logs metrics of the main process; silent in the others."""
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        total_steps: int,
+        initial_step: int,
+        enabled: bool,
+        progress: bool,
+        tensorboard: bool,
+    ) -> None:
+        self.enabled = enabled
+        self.log_path = out / "metrics.jsonl"
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a trimmed install should still train
+                print(
+                    "peftkit: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr
+                )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record ({"step": ..., metric: value, ...}) to the log and TensorBoard."""
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("time", "step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def progress(self, steps: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str) -> Path | None:
+    """Training loss (raw and smoothed) and validation loss against the step, as a PNG."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*train)
+    smooth, avg = [], losses[0]
+    for x in losses:
+        avg = 0.9 * avg + 0.1 * x
+        smooth.append(avg)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
+    ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train loss (smoothed)")
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", linewidth=2, label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
