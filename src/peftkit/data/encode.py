@@ -29,8 +29,8 @@ IGNORE_INDEX = -100
 TrainOn = Literal["completion", "last", "all"]
 Truncation = Literal["left", "right", "drop", "error"]
 PLAIN_TEMPLATE = (
-    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
-    "{% endfor %}"
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}{% endfor %}"
 )
 
 

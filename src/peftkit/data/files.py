@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -149,7 +150,7 @@ def _read_json(path: Path, text: str) -> Iterator[Row]:
 
 def _read_csv(path: Path, text: str) -> Iterator[Row]:
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB cuts long conversations
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))  # not splitlines: fields may hold U+2028
     try:
         header = [name.strip() for name in next(reader, [])]
         if len(set(header)) != len(header):
@@ -159,7 +160,7 @@ def _read_csv(path: Path, text: str) -> Iterator[Row]:
             fields = next(reader, None)
             if fields is None:
                 return
-            if not any(field.strip() for field in fields):
+            if not fields:  # an empty line; a line of empty fields is a row (and an error)
                 continue
             if len(fields) != len(header):
                 raise DataError(
@@ -193,14 +194,16 @@ def _read_datasets_dir(path: Path) -> Iterator[Row]:
         raise DataError(
             f"{path}: reading a datasets directory needs the datasets package: pip install datasets"
         ) from err
-    loaded = datasets.load_from_disk(str(path))
+    loaded, split = datasets.load_from_disk(str(path)), ""
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if "train" not in loaded and len(splits) != 1:
             raise DataError(f"{path}: splits {splits} and none is 'train'; save the split to train on alone")
-        loaded = loaded["train" if "train" in loaded else splits[0]]
+        split = "train" if "train" in loaded else splits[0]
+        loaded = loaded[split]
     for index, row in enumerate(loaded):
-        yield f"[{index}]", f"{path.name}[{index}]", row
+        where = f"{split}[{index}]"
+        yield where, f"{path.name}:{where}" if split else f"{path.name}{where}", row
 
 
 # ---------------------------------------------------------------- rows into Examples
