@@ -11,6 +11,7 @@ The prompt (everything before the last assistant turn, ending with the generatio
 tokenized as one string, so its ids equal `encode_prompt(example.prompt)`, exactly what the
 model is given at inference; earlier assistant turns inside it are marked from character
 offsets. The last answer is tokenized on its own and appended, as generation would produce it.
+Turns after the last assistant turn carry no loss and are left out (`load_examples` rejects them).
 
 Tokenizers without a chat template get a plain format: each turn's content on its own line,
 roles dropped, eos after assistant turns ("prompt\\n" + answer + eos for a single turn).

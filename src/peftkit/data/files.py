@@ -142,7 +142,7 @@ def _read_json(path: Path, text: str) -> Iterator[Row]:
             )
         data = data[prefix]
     if not isinstance(data, list):
-        raise DataError(f"{path}: the JSON is a {type(data).__name__}; make it a list of row objects")
+        raise DataError(f"{path}: the JSON is of type {type(data).__name__}; make it a list of row objects")
     for index, row in enumerate(data):
         where = f"{prefix}[{index}]"
         yield where, f"{path.name}:{where}" if prefix else f"{path.name}{where}", row
@@ -213,7 +213,7 @@ def _row_format(path: Path, where: str, row: Any) -> str | None:
     """The format this row's keys say, or None when no format's required keys are all present."""
     if not isinstance(row, dict):
         raise DataError(
-            f"{path}: {where}: the row is a {type(row).__name__}; each row must be an object, {_FORMAT_HINT}"
+            f"{path}: {where}: the row is of type {type(row).__name__}; each row must be an object, {_FORMAT_HINT}"
         )
     found = [fmt for fmt, keys in _REQUIRED.items() if all(row.get(key) is not None for key in keys)]
     if len(found) > 1:
@@ -257,7 +257,7 @@ def _to_example(path: Path, row: Row, fmt: str, auto: bool, first_where: str, sy
             user, answer = _text(data, "instruction", fail), _text(data, "output", fail)
             extra = data.get("input")
             if extra is not None and not isinstance(extra, str):
-                raise fail(f"'input' is a {type(extra).__name__}; it must be a string (or left out)")
+                raise fail(f"'input' is of type {type(extra).__name__}; it must be a string (or left out)")
             if extra and extra.strip():
                 user = f"{user}\n\n{extra}"
         messages = [Message("user", user), Message("assistant", answer)]
@@ -271,7 +271,7 @@ def _to_example(path: Path, row: Row, fmt: str, auto: bool, first_where: str, sy
 def _text(data: dict, key: str, fail: Any) -> str:
     value = data[key]
     if not isinstance(value, str):
-        raise fail(f"{key!r} is a {type(value).__name__}; it must be a string")
+        raise fail(f"{key!r} is of type {type(value).__name__}; it must be a string")
     if not value.strip():
         raise fail(f"{key!r} is empty; give it text or remove the row")
     return value
@@ -279,7 +279,7 @@ def _text(data: dict, key: str, fail: Any) -> str:
 
 def _messages(value: Any, fail: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
-        what = "empty" if value == [] else f"a {type(value).__name__}"
+        what = "empty" if value == [] else f"of type {type(value).__name__}"
         raise fail(f"'messages' is {what}; it must be a non-empty list of {{'role', 'content'}} objects")
     messages = []
     for number, item in enumerate(value, 1):
