@@ -114,8 +114,13 @@ class AdaptedModel(nn.Module):
                     params[key].copy_(value)
         return name
 
-    def save_adapter(self, path: str | Path, name: str | None = None) -> Path:
-        """Save one adapter in the HF PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    def save_adapter(
+        self, path: str | Path, name: str | None = None, *, metadata: dict[str, str] | None = None
+    ) -> Path:
+        """Save one adapter in the HF PEFT format (adapter_config.json + adapter_model.safetensors).
+
+        metadata: extra string facts for the safetensors header (e.g. the training data's hash).
+        """
         name = self._one_adapter(name)
         config = self.configs[name]
         layers = [(n, m) for n, m in self._wrappers(LoraLayer) if name in m.specs]
@@ -131,6 +136,7 @@ class AdaptedModel(nn.Module):
             "peftkit_base_fingerprint": self.base_fingerprint(),
             "peftkit_base_model": self.base_model_name() or "",
             "peftkit_adapter_name": name,
+            **(metadata or {}),
         }
         return fmt.write_adapter(path, config_json, self.adapter_state_dict(name), metadata)
 

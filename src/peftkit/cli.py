@@ -37,6 +37,23 @@ USER_ERRORS = (PeftkitError, FileNotFoundError, FileExistsError, NotADirectoryEr
 COMMAND_MODULES = ("peftkit.train.commands", "peftkit.eval.commands")
 
 
+class Positional:
+    """Marks a parameter that has a default as an optional positional argument (`CONFIG` in
+    `peftkit train [CONFIG]`): `config: Annotated[Path | None, Positional()] = None`."""
+
+
+class ConfigOptions:
+    """Marks a `dict[str, Any]` parameter whose entries come from `--KEY VALUE` options, one per config
+    key (dotted for nested sections, e.g. `--lora.r 8`). `keys()` gives {key: help}; values are parsed
+    as YAML (`8`, `1e-4`, `null`, `[q_proj, v_proj]`) and checked by the config itself.
+
+        def train(config: Path | None = None, overrides: Annotated[dict, ConfigOptions(field_help)] = None)
+    """
+
+    def __init__(self, keys: Callable[[], dict[str, str]]) -> None:
+        self.keys = keys
+
+
 def command(fn: Callable[..., int | None]) -> Callable[..., int | None]:
     """Register `fn` as the subcommand `fn.__name__` (underscores become dashes)."""
     COMMANDS[fn.__name__.replace("_", "-")] = fn
@@ -105,10 +122,35 @@ def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentP
     parser = subparsers.add_parser(
         name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     for pname, param in inspect.signature(fn).parameters.items():
         if pname not in param_help:
             raise TypeError(f"{fn.__name__}: parameter {pname!r} is not documented in its Args: section")
+        metadata = getattr(_unwrap_optional(hints[pname]), "__metadata__", ())
+        options = [m for m in metadata if isinstance(m, ConfigOptions)]
+        if options:
+            group = parser.add_argument_group(f"{pname} ({param_help[pname]})")
+            for key, text in options[0].keys().items():
+                flags = dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"])  # both spellings
+                group.add_argument(
+                    *flags,
+                    dest=f"{pname}:{key}",
+                    metavar="VALUE",
+                    default=argparse.SUPPRESS,
+                    help=text.replace("%", "%%"),
+                )
+            continue
+        if any(isinstance(m, Positional) for m in metadata):
+            hint = _unwrap_optional(typing.get_args(_unwrap_optional(hints[pname]))[0])
+            parser.add_argument(
+                pname,
+                nargs="?",
+                type=hint,
+                default=param.default,
+                metavar=pname.upper(),
+                help=param_help[pname],
+            )
+            continue
         flags, kw = _argument(pname, hints[pname], param.default, param_help[pname])
         parser.add_argument(*flags, **kw)
     parser.set_defaults(_fn=fn)
@@ -143,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors (argparse exits 2 for those)
         return int(e.code or 0)
     fn = args.pop("_fn")
+    for key in [k for k in args if ":" in k]:  # ConfigOptions values, gathered per parameter
+        pname, option = key.split(":", 1)
+        if not isinstance(args.get(pname), dict):
+            args[pname] = {}
+        args[pname][option] = _yaml_value(args.pop(key))
     try:
         return int(fn(**args) or 0)
     except USER_ERRORS as e:
@@ -154,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _yaml_value(text: str) -> Any:
+    """A command-line value read as YAML ("8" -> 8, "null" -> None, "[a, b]" -> list); text on failure."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _progress(message: str) -> None:

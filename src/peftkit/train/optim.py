@@ -9,6 +9,8 @@ the step, so a resumed run needs no scheduler state beyond the step number.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,18 @@ class Trainable:
         for p, m in zip(self.params, self.masters):
             if m is not p:
                 p.copy_(m)
+
+    @contextmanager
+    def masters_in_model(self) -> Iterator[None]:
+        """While inside, the model's parameters hold the fp32 masters (to save full precision)."""
+        saved = [p.data for p in self.params]
+        for p, m in zip(self.params, self.masters):
+            p.data = m.data
+        try:
+            yield
+        finally:
+            for p, data in zip(self.params, saved):
+                p.data = data
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)

@@ -1,0 +1,203 @@
+"""Everything a run needs before its first step: seeds, base model, data, adapter, output directory."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapted import AdaptedModel
+from ..base import load_base, save_model_dir
+from ..data.encode import IGNORE_INDEX, Encoded, encode_all
+from ..data.example import Example, Message
+from ..data.files import dataset_hash, split_examples
+from ..data.source import load_data
+from ..errors import DataError
+from . import distributed
+from .checkpoint import Position
+from .config import TrainConfig, save_config
+from .optim import Trainable
+
+
+@dataclass
+class Prepared:
+    """A run ready to train: the model, the encoded data and where things go."""
+
+    config: TrainConfig
+    dist: distributed.Dist
+    out: Path
+    model: nn.Module  # the transformers model (with adapter layers inside when is_lora)
+    tokenizer: Any
+    net: nn.Module  # what trains: the AdaptedModel, or the model itself for full fine-tuning
+    is_lora: bool
+    train_set: list[Encoded]
+    val_set: list[Encoded]
+    label_counts: list[int]  # labelled (predicted) tokens per training example
+    pad_id: int
+    total_steps: int
+    steps_per_epoch: int
+    precision: str
+    backbone: nn.Module | None  # the fused loss path: hidden states from here, head applied by train.loss
+    head: nn.Module | None
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def save_weights(self, path: Path, pos: Position, trainable: Trainable) -> None:
+        """Save the adapter (or, for full fine-tuning, the model) in full precision (the fp32
+        masters), with the resolved config and the lineage facts."""
+        facts = {**self.lineage, "step": pos.step}
+        with trainable.masters_in_model():
+            if self.is_lora:
+                meta = {f"peftkit_{k}": str(v) for k, v in facts.items() if not isinstance(v, dict)}
+                self.net.save_adapter(path, metadata=meta)
+            else:
+                save_model_dir(self.model, self.tokenizer, path, overwrite=True)
+        save_config(self.config, path / "training_config.yaml")
+        import json
+
+        (path / "training.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
+
+    def describe(self, trainable: Any, pos: Position) -> str:
+        stats = self.lineage["encode_stats"]
+        lines = [
+            f"peftkit train: {self.config.base} on {self.config.data} ({self.config.method}, {self.precision})",
+            f"  data: {len(self.train_set)} train / {len(self.val_set)} validation examples, "
+            f"{stats['loss_tokens']} answer tokens of {stats['total_tokens']}"
+            + (
+                f", {stats['truncated']} truncated, {stats['dropped']} dropped"
+                if stats["truncated"] or stats["dropped"]
+                else ""
+            ),
+            f"  trainable parameters: {trainable.numel():,}; {self.total_steps} steps "
+            f"({self.steps_per_epoch} per epoch) of {self.config.batch_size * self.config.grad_accum * self.dist.world} "
+            f"examples; output: {self.out}",
+        ]
+        if pos.step:
+            lines.append(
+                f"  resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.batch_in_epoch})"
+            )
+        return "\n".join(lines)
+
+
+def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
+    """Seed, load the base model, load and encode the data, attach the adapter."""
+    seed_everything(config.seed)
+    precision = resolve_precision(config.precision, d.device)
+    model, tokenizer = load_base(
+        config.base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=d.device
+    )
+    train_ex, val_ex = _examples(config)
+    kwargs = {"max_length": config.max_length, "train_on": config.train_on, "truncation": config.truncation}
+    train_set, stats = encode_all(train_ex, tokenizer, **kwargs)
+    val_set, _ = encode_all(val_ex, tokenizer, **kwargs)
+    label_counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in train_set]
+    if not sum(label_counts):
+        raise DataError(
+            f"{config.data}: no training example has a token to learn (check train_on and max_length)"
+        )
+
+    is_lora = config.method == "lora"
+    if is_lora:
+        net: nn.Module = AdaptedModel.attach(model, config.lora, name="default")
+    else:
+        net = model.requires_grad_(True)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    backbone, head = fused_parts(model)
+
+    per_step = config.batch_size * d.world
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / per_step) / config.grad_accum)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    out = Path(config.output_dir.format(task=_data_name(config.data), method=config.method))
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = net.base_fingerprint() if is_lora else getattr(model, "_peftkit_fingerprint", "")
+    lineage = {
+        "base": config.base,
+        "base_fingerprint": fingerprint,
+        "dataset": config.data,
+        "dataset_hash": dataset_hash(train_ex),
+        "val_dataset_hash": dataset_hash(val_ex) if val_ex else "",
+        "train_examples": len(train_set),
+        "val_examples": len(val_set),
+        "encode_stats": vars(stats) if hasattr(stats, "__dict__") else dict(stats),
+    }
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Prepared(
+        config, d, out, model, tokenizer, net, is_lora, train_set, val_set, label_counts, pad_id,
+        total, steps_per_epoch, precision, backbone, head, lineage,
+    )  # fmt: skip
+
+
+def _examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    train = load_data(config.data, split="train")
+    if config.val_data:
+        val = load_data(config.val_data, split="test")
+    else:
+        train, val = split_examples(train, config.val_fraction, seed=config.seed)
+    if config.max_examples is not None:
+        train = train[: config.max_examples]
+    if config.system:
+        train, val = _with_system(train, config.system), _with_system(val, config.system)
+    if not train:
+        raise DataError(f"{config.data}: no training examples")
+    return train, val
+
+
+def _with_system(examples: list[Example], system: str) -> list[Example]:
+    def add(e: Example) -> Example:
+        if e.messages and e.messages[0].role == "system":
+            return e
+        return Example((Message("system", system), *e.messages), e.source, e.meta)
+
+    return [add(e) for e in examples]
+
+
+def fused_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(backbone, head) when the model's logits are just head(backbone(x)), which lets the loss skip
+    unlabelled positions; (None, None) sends training through the model's own forward instead."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, "base_model", None)
+    scaled = any(
+        getattr(config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale")
+    )
+    if head is None or backbone is None or backbone is model or scaled:
+        return None, None
+    return backbone, head
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """ "bf16" or "fp32": "auto" picks bf16 where the hardware computes it natively."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return sys.platform == "darwin"  # Apple silicon has bf16 in its matrix units
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _data_name(spec: str) -> str:
+    if spec.startswith("task:"):
+        return spec.split(":")[1]
+    return Path(spec).stem or "data"
