@@ -39,7 +39,9 @@ class Example:
         return next(m.content for m in reversed(self.messages) if m.role == "assistant")
 
     @classmethod
-    def from_pair(cls, prompt: str, completion: str, *, system: str | None = None, source: str = "") -> Example:
+    def from_pair(
+        cls, prompt: str, completion: str, *, system: str | None = None, source: str = ""
+    ) -> Example:
         """A single-turn example: optional system prompt, one user turn, one assistant turn."""
         turns = [Message("system", system)] if system else []
         turns += [Message("user", prompt), Message("assistant", completion)]
