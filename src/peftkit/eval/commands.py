@@ -116,9 +116,10 @@ def eval(
     )
     print(format_table(report))
     for r in report.results if samples > 0 else ():
-        print(f"\n== {r.adapter}")
         for s in r.samples[:samples]:
-            print(f"prompt:     {s.prompt}\nreference:  {s.reference}\nprediction: {s.prediction}\n")
+            print(
+                f"\n== {r.adapter}\nprompt:     {s.prompt}\nreference:  {s.reference}\nprediction: {s.prediction}"
+            )
     if json is not None:
         from peftkit.io import write_json_atomic
 
@@ -188,7 +189,7 @@ def generate(
     Args:
         prompt: the prompts, each one user message
         base: the base model: a built-in name, an HF model directory or a .gguf file
-        adapter: an adapter directory to answer with (default: the base model alone)
+        adapter: an adapter directory to answer with (none: the base model alone)
         prompts: a file of prompts: one per line, or JSONL rows with "prompt" or "messages"
         system: a system prompt for every prompt that has none
         max_new_tokens: the most tokens to generate per answer
@@ -196,7 +197,7 @@ def generate(
         dtype: the dtype to load the base in (auto: the checkpoint's own)
     """
     from peftkit.data.example import Message
-    from peftkit.eval.run import generate_answers
+    from peftkit.eval.generation import generate_answers
 
     chats = [_with_system([Message("user", p)], system) for p in prompt or []]
     chats += read_prompts(prompts, system) if prompts is not None else []
@@ -223,13 +224,13 @@ def chat(
 
     Args:
         base: the base model: a built-in name, an HF model directory or a .gguf file
-        adapter: an adapter directory to chat with (default: the base model alone)
+        adapter: an adapter directory to chat with (none: the base model alone)
         system: a system prompt for the conversation
         max_new_tokens: the most tokens per answer
         dtype: the dtype to load the base in (auto: the checkpoint's own)
     """
     from peftkit.data.example import Message
-    from peftkit.eval.run import generate_answers
+    from peftkit.eval.generation import generate_answers
 
     model, tokenizer, _ = load_model(base, [adapter] if adapter else [], dtype)
     interactive = sys.stdin.isatty()
