@@ -215,6 +215,18 @@ def test_perplexity_matches_a_direct_computation(tok: PreTrainedTokenizerFast) -
     expected = math.exp(nll / count)
     assert perplexity(model, tok, examples, batch_size=3) == pytest.approx(expected, rel=1e-5)
     assert perplexity(model, tok, examples, batch_size=1) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(FullLogits(model), tok, examples, batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+class FullLogits(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep`: perplexity must use the full logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> typing.Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def test_mixed_evaluation_equals_per_adapter_runs(tok: PreTrainedTokenizerFast) -> None:

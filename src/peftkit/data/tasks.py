@@ -11,7 +11,7 @@ and a stable hash of that key assigns it to train or test, so no test prompt (an
 test date in any spelling) is ever seen in training.
 
     task = get_task("dates")
-    task.examples("train", 3)[0].messages[-1].content   # '1987-11-02'
+    task.examples("train", 3)[0].answer   # '1999-09-19' (from 'Date: 19-Sep-1999')
 """
 
 from __future__ import annotations

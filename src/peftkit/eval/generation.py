@@ -170,21 +170,37 @@ def answer_nll(
             rows = [kept[b] for b in batch]
             tensors = collate([encoded[i] for i in rows], pad)
             names = None if adapter_names is None else [adapter_names[i] for i in rows]
+            labels = tensors["labels"].to(device)[:, 1:]  # (B, T-1): token t+1 is predicted at t
+            keep = labels != IGNORE_INDEX
+            # Logits only from the first answer position on (answers end the rows): the head over
+            # the whole prompt would cost (B, T, V) memory, gigabytes for a 128k vocabulary.
+            width = labels.shape[1] - int(keep.any(0).nonzero()[0]) if keep.any() else 1
+            kw = {"logits_to_keep": width + 1} if _accepts(model, "logits_to_keep") else {}
             logits = model(
                 input_ids=tensors["input_ids"].to(device),
                 attention_mask=tensors["attention_mask"].to(device),
+                **kw,
                 **_adapter_kwargs(model, names),
-            ).logits  # (B, T, V)
-            labels = tensors["labels"].to(device)[:, 1:]  # (B, T-1): token t+1 is predicted at t
-            keep = labels != IGNORE_INDEX
+            ).logits  # (B, width + 1, V), or (B, T, V)
+            labels, keep = labels[:, -width:], keep[:, -width:]  # (B, width)
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1][keep].float(), labels[keep], reduction="none"
-            )  # (N,) over the answer tokens only: the full (B, T, V) log-softmax is never built
+                logits[:, -width - 1 : -1][keep].float(), labels[keep], reduction="none"
+            )  # (N,) over the answer tokens only
             row_of = keep.nonzero()[:, 0]
             sums = torch.zeros(len(rows), device=device).index_add_(0, row_of, nll)
             for b, i in enumerate(rows):
                 totals[i] = (sums[b].item(), int(keep[b].sum()))
     return totals
+
+
+def _accepts(model: Any, name: str) -> bool:
+    """Whether the (base) model's forward takes keyword `name`."""
+    import inspect
+
+    from peftkit.adapted import AdaptedModel
+
+    base = model.model if isinstance(model, AdaptedModel) else model
+    return name in inspect.signature(base.forward).parameters
 
 
 def perplexity(
