@@ -456,9 +456,10 @@ def test_chat_command_keeps_history_and_resets(base_dir: Path, tmp_path: Path) -
 
 
 # -- the real default model (SmolLM2-135M) -------------------------------------------------------
-# Base-model scores measured on the first 100 test examples (greedy, float32): dates 0.07,
-# extract 0.24, sentiment 0.00. It does not follow the requested formats: "The date in ISO 8601
-# format is: ...", multi-line JSON with invented keys, "The review is positive".
+# Base-model scores measured on the first 100 test examples (greedy; float32 and bfloat16 alike):
+# dates 0.07, extract 0.24-0.25, sentiment 0.00; on the first 16, which the test uses to stay cheap:
+# 0.06, 0.31, 0.00. It does not follow the requested formats: "The date in ISO 8601 format is: ...",
+# multi-line JSON with invented keys, "The review is positive".
 BASE_CEILING = {"dates": 0.3, "extract": 0.5, "sentiment": 0.25}
 
 
@@ -477,7 +478,7 @@ def test_the_base_model_scores_low_on_the_tasks(name: str, smollm: tuple) -> Non
     longest = max(len(tokenizer(e.answer)["input_ids"]) for e in task.examples("train"))
     assert longest + 1 <= task.max_new_tokens  # room for the longest answer and its end-of-turn token
     report = evaluate(
-        model, tokenizer, task.examples("test", 32), metric=task.metric, adapters=[None],
+        model, tokenizer, task.examples("test", 16), metric=task.metric, adapters=[None],
         max_new_tokens=task.max_new_tokens, with_perplexity=False,
     )  # fmt: skip
     predictions = report["base"].predictions
