@@ -111,9 +111,11 @@ def _peftkit_step(model, rank: int):
     import torch
 
     from peftkit import AdaptedModel, LoraConfig
+    from peftkit.train.fused import fuse_for_training
     from peftkit.train.loss import head_loss_sum, labelled_hidden
     from peftkit.train.optim import Trainable
 
+    fuse_for_training(model)  # as `peftkit train` does
     am = AdaptedModel.attach(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     am.train()
     trainable = Trainable.of(am)  # bf16 compute copies, fp32 masters (as `peftkit train` does)

@@ -23,6 +23,7 @@ from ..errors import DataError
 from . import distributed
 from .checkpoint import Position
 from .config import TrainConfig, save_config
+from .fused import fuse_for_training
 from .optim import Trainable
 
 
@@ -102,6 +103,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
             f"{config.data}: no training example has a token to learn (check train_on and max_length)"
         )
 
+    fuse_for_training(model)  # leaner RMSNorm / SwiGLU autograd; outputs unchanged
     is_lora = config.method == "lora"
     if is_lora:
         net: nn.Module = AdaptedModel.attach(model, config.lora, name="default")
