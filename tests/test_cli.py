@@ -136,14 +136,14 @@ def test_registered_commands_defaults_come_from_their_signatures() -> None:
         for p in params:
             if p.default is not inspect.Parameter.empty:
                 assert args[p.name] == p.default, (name, p.name)
-    assert inspect.signature(COMMANDS["demo"]).parameters["model"].default == DEFAULT_BASE
+    assert inspect.signature(COMMANDS["tour"]).parameters["model"].default == DEFAULT_BASE
 
 
 def test_entry_point_runs_as_a_subprocess() -> None:
     exe = Path(sys.executable).parent / "peftkit"
     done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for name in ("info", "merge", "demo"):
+    for name in ("info", "merge", "tour", "demo", "train", "eval", "generate", "chat"):
         assert f"    {name} " in done.stdout
     done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == f"peftkit {__version__}"
@@ -345,13 +345,13 @@ def test_merge_fails_fast_on_a_missing_adapter(
     assert "loading base model" not in err  # checked before the slow base load
 
 
-# -- demo ----------------------------------------------------------------------------------------
-def test_demo_runs_end_to_end_on_a_tiny_model(
+# -- tour ----------------------------------------------------------------------------------------
+def test_tour_runs_end_to_end_on_a_tiny_model(
     base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """The whole demo on a tiny random model (the real one runs in `make demo`): every check passes."""
+    """The whole tour on a tiny random model: every check passes."""
     code, out, err = run(
-        ["demo", "--model", base_dir, "--out", tmp_path / "demo", "--max-new-tokens", "6"], capsys
+        ["tour", "--model", base_dir, "--out", tmp_path / "demo", "--max-new-tokens", "6"], capsys
     )
     assert code == 0, out + err
     assert "[FAILED]" not in out and out.count("[ok]") == 7

@@ -282,3 +282,21 @@ def test_cli_names_a_bad_key_and_exits_2(tmp_path, capsys):
     cfg.write_text("learning_rate: 0.1\n")
     assert main(["train", str(cfg)]) == 2
     assert "'learning_rate'" in capsys.readouterr().err
+
+
+def test_a_shipped_config_with_its_own_jsonl_data_trains(tiny_model_dir, tmp_path):
+    c = load_config(ROOT / "examples" / "support_chat.yaml", {"base": str(tiny_model_dir), "max_steps": 2})
+    c = c.replace(output_dir=str(tmp_path / "support"), progress=False, tensorboard=False, precision="fp32")
+    result = train(c)
+    assert result.steps == 2 and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    summary = json.loads((tmp_path / "support" / "summary.json").read_text())
+    assert summary["train_examples"] + summary["val_examples"] == 10
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, data, tmp_path):
+    curves = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc-{checkpointing}"
+        train(config(tiny_model_dir, data, out, max_steps=6, gradient_checkpointing=checkpointing))
+        curves.append([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)

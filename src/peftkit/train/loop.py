@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False) -> TrainRes
     pos = Position()
     if resume:
         pos = _resume(p, trainable, optimizer, resume)
+    if d.main:
+        print(p.describe(trainable, pos), file=sys.stderr, flush=True)
     reporter = Reporter(
         p.out,
         total_steps=p.total_steps,
@@ -67,7 +70,6 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False) -> TrainRes
     )
     if d.main:
         save_config(config, p.out / "config.yaml")
-        reporter.message(p.describe(trainable, pos))
     started = time.perf_counter()
     try:
         pos, tokens = _fit(p, trainable, optimizer, pos, reporter)
@@ -224,6 +226,7 @@ def _save(p: Prepared, pos: Position, trainable: Trainable, seconds: float, toke
         "final_loss": final_loss,
         "best_val_loss": None if math.isinf(pos.best_val) else pos.best_val,
         "output": str(chosen),
+        "precision": p.precision,
         **p.lineage,
     }
     if p.dist.main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,11 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps, losses = zip(*train)
-    smooth, avg = [], losses[0]
-    for x in losses:
-        avg = 0.9 * avg + 0.1 * x
-        smooth.append(avg)
+    # Bias-corrected moving average of log-loss (the plot is log-scaled): no lag from the first value.
+    smooth, avg = [], 0.0
+    for t, x in enumerate(losses, start=1):
+        avg = 0.9 * avg + 0.1 * math.log(max(x, 1e-12))
+        smooth.append(math.exp(avg / (1 - 0.9**t)))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
     ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train loss (smoothed)")
