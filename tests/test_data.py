@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import char_tokenizer, tiny_llama
 
 from peftkit.data import (
     IGNORE_INDEX,
@@ -28,8 +28,6 @@ from peftkit.data import (
 from peftkit.errors import ConfigError, DataError
 
 ROWS = [("What is 2+2?", "4"), ("Name a colour.", "Blue, like the sky.")]
-CHAT = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-CHAT += "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 
 
 def write(tmp_path, name: str, text: str):
@@ -45,19 +43,7 @@ def chat_row(prompt: str, answer: str) -> dict:
 @pytest.fixture(scope="module")
 def char_tok():
     """A character-level tokenizer with <s>/</s> turn markers and a ChatML-like template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = CHAT
-    return fast
+    return char_tokenizer()
 
 
 def label_runs(encoded: Encoded, tok) -> list[str]:
