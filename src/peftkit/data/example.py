@@ -49,3 +49,15 @@ class Example:
 
     def to_dict(self) -> dict:
         return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+
+    def with_system(self, system: str | None) -> Example:
+        """This conversation with a system turn first, unless it already has one (or system is None)."""
+        turns = with_system(self.messages, system)
+        return self if turns is self.messages else Example(turns, self.source, self.meta)
+
+
+def with_system(turns: tuple[Message, ...], system: str | None) -> tuple[Message, ...]:
+    """`turns` with a system turn `system` in front, unless they start with one (or system is None)."""
+    if system is None or (turns and turns[0].role == "system"):
+        return turns
+    return (Message("system", system), *turns)

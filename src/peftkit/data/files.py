@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError, DataError, did_you_mean
-from .example import ROLES, Example, Message
+from .example import ROLES, Example, Message, with_system
 
 Format = Literal["auto", "messages", "prompt_completion", "alpaca"]
 FORMATS = ("messages", "prompt_completion", "alpaca")
@@ -261,11 +261,9 @@ def _to_example(path: Path, row: Row, fmt: str, auto: bool, first_where: str, sy
             if extra and extra.strip():
                 user = f"{user}\n\n{extra}"
         messages = [Message("user", user), Message("assistant", answer)]
-    if system is not None and messages[0].role != "system":
-        messages.insert(0, Message("system", system))
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in data.items()}
     meta = {key: value for key, value in meta.items() if key not in _OWN_KEYS[fmt] and data[key] is not None}
-    return Example(tuple(messages), source, meta)
+    return Example(with_system(tuple(messages), system), source, meta)
 
 
 def _text(data: dict, key: str, fail: Any) -> str:

@@ -137,7 +137,7 @@ def _longest_answer(tokenizer: Any, examples: list) -> int:
 def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
     """Chat prompts from a file: JSONL rows with "prompt" (text) or "messages" (chat turns), or plain
     text with one prompt per line (blank lines skipped). `system` is added where there is none."""
-    from peftkit.data.example import ROLES, Message
+    from peftkit.data.example import ROLES, Message, with_system
 
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     is_jsonl = Path(path).suffix == ".jsonl" or next((s.lstrip()[:1] for s in lines if s.strip()), "") == "{"
@@ -164,13 +164,7 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
         prompts.append(turns)
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")
-    return [_with_system(p, system) for p in prompts]
-
-
-def _with_system(turns: list[Any], system: str | None) -> list[Any]:
-    from peftkit.data.example import Message
-
-    return [Message("system", system), *turns] if system and turns[0].role != "system" else turns
+    return [list(with_system(tuple(p), system)) for p in prompts]
 
 
 @command
@@ -196,10 +190,10 @@ def generate(
         batch_size: prompts per generate call
         dtype: the dtype to load the base in (auto: the checkpoint's own)
     """
-    from peftkit.data.example import Message
+    from peftkit.data.example import Message, with_system
     from peftkit.eval.generation import generate_answers
 
-    chats = [_with_system([Message("user", p)], system) for p in prompt or []]
+    chats = [list(with_system((Message("user", p),), system)) for p in prompt or []]
     chats += read_prompts(prompts, system) if prompts is not None else []
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")

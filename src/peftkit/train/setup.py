@@ -16,7 +16,7 @@ from torch import nn
 from ..adapted import AdaptedModel
 from ..base import load_base, save_model_dir
 from ..data.encode import IGNORE_INDEX, Encoded, encode_all
-from ..data.example import Example, Message
+from ..data.example import Example
 from ..data.files import dataset_hash, split_examples
 from ..data.source import load_data
 from ..errors import DataError
@@ -146,19 +146,13 @@ def _examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
     if config.max_examples is not None:
         train = train[: config.max_examples]
     if config.system:
-        train, val = _with_system(train, config.system), _with_system(val, config.system)
+        train, val = (
+            [e.with_system(config.system) for e in train],
+            [e.with_system(config.system) for e in val],
+        )
     if not train:
         raise DataError(f"{config.data}: no training examples")
     return train, val
-
-
-def _with_system(examples: list[Example], system: str) -> list[Example]:
-    def add(e: Example) -> Example:
-        if e.messages and e.messages[0].role == "system":
-            return e
-        return Example((Message("system", system), *e.messages), e.source, e.meta)
-
-    return [add(e) for e in examples]
 
 
 def fused_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
