@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -33,8 +35,9 @@ class LoraConfig:
     target_modules: tuple[str, ...] | str = _field(
         ALL_LINEAR,
         "layers to adapt: names matched exactly or as a dotted suffix ('q_proj' matches "
-        "'model.layers.0.self_attn.q_proj'), one regex string matched against the full name, or "
-        "'all-linear' (every linear layer except the output head)",
+        "'model.layers.0.self_attn.q_proj'), one regex string matched against the full name (a plain "
+        "name that matches no full name, like 'q_proj', means [q_proj]), or 'all-linear' (every "
+        "linear layer except the output head)",
     )
     exclude_modules: tuple[str, ...] | str | None = _field(
         None, "layers never to adapt, matched like target_modules"
@@ -75,8 +78,14 @@ class LoraConfig:
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         elif isinstance(self.layers_to_transform, list):
             object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        for name in ("lora_alpha", "lora_dropout"):
+            object.__setattr__(self, name, number_from_text(getattr(self, name)))
+        for name in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(self, name) or {}
+            _check(isinstance(patterns, dict), name, patterns, "a mapping {module regex: value}")
+            object.__setattr__(self, name, dict(patterns))
+        alphas = {key: number_from_text(value) for key, value in self.alpha_pattern.items()}
+        object.__setattr__(self, "alpha_pattern", alphas)
         self._validate()
 
     def _validate(self) -> None:
@@ -107,10 +116,12 @@ class LoraConfig:
         _check_names("exclude_modules", self.exclude_modules, allow_none=True)
         _check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
         if self.layers_to_transform is not None:
-            ok = all(_is_int(i) and i >= 0 for i in self.layers_to_transform)
-            _check(ok, "layers_to_transform", self.layers_to_transform, "a layer index or a list of them")
+            layers = self.layers_to_transform
+            ok = isinstance(layers, tuple) and all(_is_int(i) and i >= 0 for i in layers)
+            _check(ok, "layers_to_transform", layers, "a layer index or a list of them")
         if self.layers_pattern is not None:
-            ok = all(isinstance(p, str) and p for p in self.layers_pattern)
+            pattern = self.layers_pattern
+            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
             _check(
                 ok,
                 "layers_pattern",
@@ -118,11 +129,11 @@ class LoraConfig:
                 "a module-list name like 'layers' or a list of them",
             )
         for key, value in self.rank_pattern.items():
-            _check(_is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
             _check_regex(f"rank_pattern key {key!r}", key)
+            _check(_is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
         for key, value in self.alpha_pattern.items():
-            _check(_is_num(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
             _check_regex(f"alpha_pattern key {key!r}", key)
+            _check(_is_num(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
 
     # -- derived values -------------------------------------------------------------------------
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -144,7 +155,10 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Build from a dict, rejecting unknown keys by name."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a LoRA config must be a mapping of its fields, found {type(data).__name__}")
         known = {f.name for f in fields(cls)}
+        check_keys_are_text(data, "LoRA config", sorted(known))
         unknown = [k for k in data if k not in known]
         if unknown:
             key = unknown[0]
@@ -170,20 +184,66 @@ class LoraConfig:
         return out
 
 
+def number_from_text(value: Any) -> Any:
+    """A string Python reads as a float becomes that float; anything else is returned unchanged.
+
+    YAML 1.1 (PyYAML) reads `5e-4` as text, since its float syntax needs a dot (`5.0e-4`), so every
+    float key accepts what `float()` accepts. NaN and infinities pass through here and are refused
+    by the range checks, which then name the key.
+    """
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def check_keys_are_text(data: dict, what: str, valid: Iterable[str]) -> None:
+    """Refuse keys that are not strings (YAML reads `1: 2` as an int key) before they reach code
+    that expects names."""
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"{what} key {key!r} ({type(key).__name__}) is not a field name; valid keys: {', '.join(valid)}"
+            )
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A bounded repr for error messages: a YAML alias bomb or a 5000-digit number must not flood
+    (or hang) the one `error:` line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        sign = "a negative" if value < 0 else "an"
+        return f"{sign} integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 60
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
-        raise ConfigError(f"invalid value for {key}: {value!r}; expected {valid}")
+        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
 
 
-def _check_regex(what: str, pattern: str) -> None:
+def _check_regex(what: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} ({type(pattern).__name__}) must be a regex string, e.g. 'q_proj'")
     try:
         re.compile(pattern)
     except re.error as e:
@@ -203,9 +263,14 @@ def _check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = 
     _check(ok, key, value, "a non-empty list of module names")
 
 
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key applies to module `name` (HF PEFT semantics: the
+    key is a regex that must match a dotted suffix of the name)."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def _first_pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    # HF PEFT semantics: the key is a regex that must match a dotted suffix of the module name.
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if pattern_matches(key, name):
             return value
     return default

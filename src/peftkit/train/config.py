@@ -1,12 +1,18 @@
 """The training configuration: one frozen dataclass, read from YAML and command-line overrides.
 
 Every field has a one-line help (shown by `peftkit train --help`) and a default in one place. Values
-are checked against the field types; unknown keys are refused by name with a suggestion.
+are checked against the field types, however the config is made (YAML, overrides, or the dataclass
+built directly); unknown keys are refused by name with a suggestion. Float keys take what Python's
+float() reads, so `5e-4` works although YAML 1.1 reads it as text; ints and bools never come from text.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
+import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -16,7 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError, did_you_mean
-from ..methods.lora_config import LoraConfig
+from ..methods.lora_config import LoraConfig, check_keys_are_text, number_from_text
+from ..methods.lora_config import short_repr as _short
 
 
 def _f(default: Any, help: str) -> Any:
@@ -83,34 +90,38 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        positive = ("max_length", "epochs", "batch_size", "grad_accum", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(
-                    f"invalid value for {name}: {getattr(self, name)!r}; expected an integer >= 1"
-                )
-        non_negative = ("eval_every", "early_stopping_patience", "checkpoint_every", "weight_decay")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"invalid value for {name}: {getattr(self, name)!r}; expected >= 0")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(
-                f"invalid value for val_fraction: {self.val_fraction!r}; expected a number in [0, 1)"
-            )
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(
-                f"invalid value for warmup_ratio: {self.warmup_ratio!r}; expected a number in [0, 1)"
-            )
-        if self.lr <= 0 or self.lora_plus_ratio <= 0:
-            raise ConfigError("lr and lora_plus_ratio must be positive")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(
-                f"invalid value for max_steps: {self.max_steps!r}; expected an integer >= 1 or null"
-            )
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(
-                f"invalid value for max_grad_norm: {self.max_grad_norm!r}; expected > 0 or null"
-            )
+        # Built directly (not via load_config), values are checked and converted the same way: a
+        # numeric string like "5e-4" becomes a float wherever a float is expected, as in a YAML file.
+        hints = _hints(TrainConfig)
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(hints[f.name], getattr(self, f.name), f.name))
+        self._check_ranges()
+        _check_output_dir(self.output_dir)
+
+    def _check_ranges(self) -> None:
+        for name in ("max_length", "epochs", "batch_size", "grad_accum", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        for name in ("eval_every", "early_stopping_patience", "checkpoint_every"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        for name in ("max_steps", "max_examples"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, value, "an integer >= 1, or null for no limit")
+        # torch.manual_seed takes [0, 2**64); refusing here fails before the base model loads.
+        _require(0 <= self.seed < 2**64, "seed", self.seed, "an integer in [0, 2**64)")
+        for name in ("val_fraction", "warmup_ratio"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, name, value, "a number in [0, 1), e.g. 0.05")
+        for name in ("lr", "lora_plus_ratio"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, name, value, "a finite number > 0, e.g. 2e-4")
+        wd = self.weight_decay
+        _require(math.isfinite(wd) and wd >= 0, "weight_decay", wd, "a finite number >= 0, e.g. 0.01")
+        norm = self.max_grad_norm
+        ok = norm is None or (math.isfinite(norm) and norm > 0)
+        _require(ok, "max_grad_norm", norm, "a finite number > 0, or null for no clipping")
+        for name in ("base", "data", "val_data"):
+            value = getattr(self, name)
+            _require(value is None or value.strip() != "", name, value, _NON_BLANK[name])
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -130,15 +141,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
         data = loaded or {}
     if not isinstance(data.get("lora", {}), dict):
-        raise ConfigError(f"lora must be a mapping of LoraConfig fields, found {data['lora']!r}")
+        raise ConfigError(f"lora must be a mapping of LoraConfig fields, found {_short(data['lora'])}")
     # Partial nested sections merge into the defaults (lora: {r: 8} keeps the default lora_alpha).
     data = {**data, "lora": {**TrainConfig().lora.to_dict(), **data.get("lora", {})}}
     for dotted, value in (overrides or {}).items():
@@ -152,6 +160,69 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return build(TrainConfig, data)
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML in `path`; every way a file can be unreadable becomes a ConfigError naming it."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError(f"{path} is UTF-16 text; re-save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save it as UTF-8"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_problem(path, e)) from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests lists or mappings too deeply to be a config") from None
+
+
+class _ConfigYamlError(yaml.MarkedYAMLError):
+    """Well-formed YAML that is no config: `problem` says what and how to fix it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with two more errors that name the line. A scalar it cannot convert:
+    PyYAML lets ValueError escape from `!!float abc`, dates like 2024-13-45 and integers of more than
+    4300 digits (Python's int-from-text limit). A key given twice: YAML keeps the last silently."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError) as e:
+            problem = str(e).split("; use sys.set_int_max_str_digits")[0]
+            raise _ConfigYamlError(
+                problem=f"cannot read this value ({problem}); quote it to keep it as text",
+                problem_mark=node.start_mark,
+            ) from None
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise _ConfigYamlError(
+                        problem=f"the key {key_node.value!r} is given twice; keep one",
+                        problem_mark=key_node.start_mark,
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    """One line (the CLI prints one `error:` line): where, what, and the fix."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return f"{path} is not valid YAML: {' '.join(str(e).split())}"
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    if isinstance(e, _ConfigYamlError):
+        return f"{where}: {e.problem}"
+    what = "; ".join(part for part in (e.context, e.problem) if part)
+    return f"{where}: not valid YAML ({what})"
+
+
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML (every key, defaults included)."""
     from ..io import atomic_file
@@ -163,15 +234,16 @@ def save_config(config: TrainConfig, path: Path) -> None:
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Instantiate dataclass `cls` from plain data, checking keys and value types by name."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {_short(data)}")
     known = {f.name: f for f in fields(cls)}
+    check_keys_are_text(data, f"config{' ' + prefix.rstrip('.') if prefix else ''}", known)
     for key in data:
         if key not in known:
             raise ConfigError(
                 f"unknown config key {prefix}{key!r}{did_you_mean(key, known)}; "
                 f"valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}"
             )
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values = {key: _coerce(hints[key], value, prefix + key) for key, value in data.items()}
     try:
         return cls(**values)
@@ -182,12 +254,14 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     """`value` checked against type `hint` (ints are accepted for floats; tuples from lists)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, str):
+        _check_text(value, key)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if hint is LoraConfig:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} must be a mapping of LoraConfig fields, found {value!r}")
+                raise ConfigError(f"{key} must be a mapping of LoraConfig fields, found {_short(value)}")
             try:
                 return LoraConfig.from_dict(value)
             except ConfigError as e:
@@ -200,15 +274,17 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 return _coerce(option, value, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"invalid value for {key}: {value!r}; expected {_describe(hint)}")
+        raise ConfigError(f"invalid value for {key}: {_short(value)}; expected {_describe(hint)}")
     if hint is type(None):
         if value is None:
             return None
-        raise ConfigError(f"invalid value for {key}: {value!r}; expected null")
+        raise ConfigError(f"invalid value for {key}: {_short(value)}; expected null")
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"invalid value for {key}: {value!r}; expected one of {', '.join(map(repr, args))}")
+        raise ConfigError(
+            f"invalid value for {key}: {_short(value)}; expected one of {', '.join(map(repr, args))}"
+        )
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -216,14 +292,73 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = number_from_text(value)
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            try:
+                return float(number)
+            except OverflowError:  # an int beyond the float range
+                raise ConfigError(
+                    f"invalid value for {key}: {_short(value)}; expected a finite number"
+                ) from None
     elif hint is str:
         if isinstance(value, str):
             return value
     else:
         return value
-    raise ConfigError(f"invalid value for {key}: {value!r}; expected {_describe(hint)}")
+    raise ConfigError(f"invalid value for {key}: {_short(value)}; expected {_describe(hint)}")
+
+
+_NON_BLANK = {
+    "base": "a built-in model name, a model directory or a hub id, e.g. 'smollm2-135m'",
+    "data": "a data file or 'task:NAME', e.g. 'task:dates'",
+    "val_data": "a data file or 'task:NAME', or null to split val_fraction off data",
+}
+_OUTPUT_DIR_FIELDS = ("task", "method")
+
+
+def _check_output_dir(template: str) -> None:
+    """output_dir is filled in with str.format(task=..., method=...) once the data is known; a bad
+    placeholder must fail here, before the base model loads, not as a KeyError after."""
+    fix = "write a literal brace as {{ or }}"
+    _require(template.strip() != "", "output_dir", template, "a directory, e.g. 'runs/{task}-{method}'")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # an unmatched brace
+        raise ConfigError(f"invalid value for output_dir: {_short(template)} ({e}); {fix}") from None
+    for name in names:
+        if name not in _OUTPUT_DIR_FIELDS:
+            raise ConfigError(
+                f"invalid value for output_dir: {_short(template)} has the placeholder {{{name}}}; only "
+                f"{{task}} and {{method}} are filled in ({fix})"
+            )
+    try:
+        template.format(task="task", method="method")
+    except ValueError as e:  # a format spec that text does not take, e.g. {task:d}
+        raise ConfigError(
+            f"invalid value for output_dir: {_short(template)} ({e}); use plain {{task}} and {{method}}"
+        ) from None
+
+
+def _check_text(value: str, key: str) -> None:
+    # A lone surrogate (a YAML "\ud800" escape, or undecodable bytes on the command line) is not
+    # text any file or tokenizer can take; it would fail far from here.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"invalid value for {key}: {_short(value)} holds an unpaired surrogate "
+            f"(U+{ord(value[e.start]):04X} at character {e.start}); fix the escape or the text's encoding"
+        ) from None
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for {key}: {_short(value)}; expected {expected}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _describe(hint: Any) -> str:
