@@ -193,6 +193,56 @@ def test_malformed_rows_name_file_line_and_problem(tmp_path, name, text, fragmen
         assert fragment in message
 
 
+BIG = "1" + "0" * 5000  # more digits than Python turns into an int from text (4300)
+DEEP = "[" * 5000 + "]" * 5000
+UNREADABLE = [
+    # Each of these used to escape as a traceback (ValueError, RecursionError, TypeError in the tokenizer).
+    (
+        "x.jsonl",
+        f'{{"prompt": "a", "completion": "b", "id": {BIG}}}\n',
+        ["line 1", "4300 digits", "as a string"],
+    ),
+    ("x.json", f'[{{"prompt": "a", "completion": "b", "id": {BIG}}}]', ["4300 digits"]),
+    ("x.csv", f'messages\n"[{{""n"": {BIG}}}]"\n', ["line 2", "'messages' column", "4300 digits"]),
+    ("x.json", DEEP, ["too deeply"]),
+    ("x.jsonl", f'{{"prompt": "a", "completion": "b"}}\n{{"x": {DEEP}}}\n', ["line 2", "too deeply"]),
+    (
+        "x.jsonl",
+        '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "a"}]}',
+        ["line 1", "'messages' item 1 content", "unpaired surrogate (U+D800 at character 3)", "pairs"],
+    ),
+    ("x.jsonl", '{"prompt": "a", "completion": "\\udc00b"}', ["line 1", "'completion'", "U+DC00"]),
+    (
+        "x.jsonl",
+        '{"instruction": "a", "input": "\\ud800", "output": "b"}',
+        ["line 1", "'input'", "surrogate"],
+    ),
+    ("x.jsonl", '{"prompt": "a", "completion": "b", "note": "\\ud800"}', ["line 1", "'note'", "surrogate"]),
+    ("x.json", json.dumps([chat_row("q", "a"), {"messages": [A]}]), ["[1]", "starts with an assistant turn"]),
+    ("x.jsonl", _bad_chat(A, U, A), ["line 2", "starts with an assistant turn", "put the user turn"]),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "fragments"), UNREADABLE)
+def test_unreadable_rows_are_data_errors_naming_file_and_row(tmp_path, name, text, fragments):
+    test_malformed_rows_name_file_line_and_problem(tmp_path, name, text, fragments)
+
+
+def test_valid_surrogate_pairs_and_a_system_before_the_answer_still_load(tmp_path):
+    path = write(tmp_path, "x.jsonl", '{"prompt": "a", "completion": "b \\ud83d\\ude00"}\n')
+    assert load_examples(path)[0].answer == "b \U0001f600"
+    system_only = {"messages": [{"role": "system", "content": "s"}, A]}
+    assert load_examples(write(tmp_path, "y.jsonl", json.dumps(system_only)))[0].answer == "a"
+
+
+def test_encoding_a_conversation_that_starts_with_the_answer_names_it(char_tok):
+    # Built in code, not read from a file: the encoder names the example instead of failing inside
+    # the chat template on an empty prompt.
+    example = Example((Message("assistant", "a"),), "mine:3")
+    with pytest.raises(DataError, match="mine:3: the conversation starts with an assistant turn"):
+        encode(example, char_tok)
+
+
 def test_missing_paths_and_plain_directories(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_examples(tmp_path / "nope.jsonl")

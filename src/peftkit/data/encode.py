@@ -199,6 +199,11 @@ def _render_example(example: Example, tokenizer: Any) -> _Rendered:
     assistant = [i for i, m in enumerate(messages) if m.role == "assistant"]
     if not assistant:
         raise DataError(f"{example.source or 'an example'}: no assistant turn; add the answer to learn")
+    if assistant[0] == 0:  # chat templates cannot render the empty prompt before it
+        raise DataError(
+            f"{example.source or 'an example'}: the conversation starts with an assistant turn; "
+            "put the user turn it answers before it"
+        )
     last = assistant[-1]
     prompt = _render(messages[:last], tokenizer, True)
     eos = getattr(tokenizer, "eos_token", None) or ""

@@ -2,11 +2,13 @@
 
 Row formats, detected per file from the keys of its rows (every row must use the same one):
 - chat: `messages`, a list of {"role", "content"}; roles system/user/assistant, a system turn
-  only first, content a non-blank string, and the last turn the assistant's (the answer the model
-  learns; turns after it would carry no loss, so they are an error rather than silently dropped);
+  only first, content a non-blank string, the first turn not the assistant's (an answer needs a
+  prompt), and the last turn the assistant's (the answer the model learns; turns after it would
+  carry no loss, so they are an error rather than silently dropped);
 - `prompt` / `completion`: one user turn and one assistant turn;
 - alpaca: `instruction`, optional `input` (joined to the instruction with a blank line), `output`.
-Other keys are kept as strings in `Example.meta`. Blank lines in a JSONL or CSV file are not rows;
+Other keys are kept as strings in `Example.meta`. Text must be valid Unicode (no lone surrogates
+from a JSON "\\ud800" escape). Blank lines in a JSONL or CSV file are not rows;
 every other malformed row raises DataError naming the file, the row, the problem and the fix.
 Rows are located as an editor shows them: "line 7" (1-based) for JSONL and CSV (the line a CSV
 record starts on), "[2]" / "train[2]" (0-based element index) for JSON and `datasets` rows.
@@ -115,23 +117,12 @@ def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON may hold U+2028
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}: line {number}: not valid JSON ({err.msg} at column {err.colno}); "
-                "each line must hold one JSON object"
-            ) from err
+        row = _json(line, f"{path}: line {number}", "each line must hold one JSON object")
         yield f"line {number}", f"{path.name}:{number}", row
 
 
 def _read_json(path: Path, text: str) -> Iterator[Row]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the syntax"
-        ) from err
+    data = _json(text, str(path), "fix the syntax")
     prefix = ""
     if isinstance(data, dict):
         prefix = next((key for key in ("data", "train") if isinstance(data.get(key), list)), "")
@@ -176,13 +167,24 @@ def _read_csv(path: Path, text: str) -> Iterator[Row]:
 
 
 def _parse_json_cell(path: Path, line: int, cell: str) -> Any:
+    fix = 'write it as a JSON list, e.g. [{"role": "user", "content": "..."}, ...]'
+    return _json(cell, f"{path}: line {line}: the 'messages' column", fix)
+
+
+def _json(text: str, where: str, fix: str) -> Any:
+    """json.loads, with every failure a DataError naming `where` (the file, and the line if known)."""
     try:
-        return json.loads(cell)
+        return json.loads(text)
     except json.JSONDecodeError as err:
+        at = f"line {err.lineno}, column {err.colno}" if "\n" in text else f"column {err.colno}"
+        raise DataError(f"{where} is not valid JSON ({err.msg} at {at}); {fix}") from None
+    except RecursionError:
+        raise DataError(f"{where} nests JSON lists or objects too deeply; flatten the data") from None
+    except ValueError as err:  # an integer of more than 4300 digits (Python's int-from-text limit)
+        problem = str(err).split("; use sys.set_int_max_str_digits")[0]
         raise DataError(
-            f"{path}: line {line}: the 'messages' column is not valid JSON ({err.msg}); "
-            'write it as a JSON list, e.g. [{"role": "user", "content": "..."}, ...]'
-        ) from err
+            f"{where} holds a number Python cannot read ({problem}); write it as a string"
+        ) from None
 
 
 def _read_datasets_dir(path: Path) -> Iterator[Row]:
@@ -258,12 +260,25 @@ def _to_example(path: Path, row: Row, fmt: str, auto: bool, first_where: str, sy
             extra = data.get("input")
             if extra is not None and not isinstance(extra, str):
                 raise fail(f"'input' is of type {type(extra).__name__}; it must be a string (or left out)")
+            _check_text(extra or "", "'input'", fail)
             if extra and extra.strip():
                 user = f"{user}\n\n{extra}"
         messages = [Message("user", user), Message("assistant", answer)]
-    meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in data.items()}
-    meta = {key: value for key, value in meta.items() if key not in _OWN_KEYS[fmt] and data[key] is not None}
-    return Example(with_system(tuple(messages), system), source, meta)
+    return Example(with_system(tuple(messages), system), source, _meta(data, fmt, fail))
+
+
+def _meta(data: dict, fmt: str, fail: Any) -> dict[str, str]:
+    """The row's other keys, as strings (JSON for non-strings)."""
+    meta = {}
+    for key, value in data.items():
+        if key in _OWN_KEYS[fmt] or value is None:
+            continue
+        try:
+            text = value if isinstance(value, str) else json.dumps(value)
+        except RecursionError:  # nested just below what json.loads allowed, one call deeper
+            raise fail(f"{key!r} nests JSON lists or objects too deeply; flatten it") from None
+        meta[_check_text(key, f"the key {key!r}", fail)] = _check_text(text, repr(key), fail)
+    return meta
 
 
 def _text(data: dict, key: str, fail: Any) -> str:
@@ -272,6 +287,19 @@ def _text(data: dict, key: str, fail: Any) -> str:
         raise fail(f"{key!r} is of type {type(value).__name__}; it must be a string")
     if not value.strip():
         raise fail(f"{key!r} is empty; give it text or remove the row")
+    return _check_text(value, repr(key), fail)
+
+
+def _check_text(value: str, what: str, fail: Any) -> str:
+    """`value`, if it is valid text. A JSON escape like "\\ud800" without its pair gives a lone
+    surrogate, which no tokenizer takes; it would fail far from the file, so refuse it here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise fail(
+            f"{what} holds an unpaired surrogate (U+{ord(value[err.start]):04X} at character {err.start}); "
+            "JSON escapes \\ud800-\\udfff must come in high-low pairs, fix the text"
+        ) from None
     return value
 
 
@@ -295,9 +323,15 @@ def _messages(value: Any, fail: Any) -> list[Message]:
             raise fail(f"{at} has content of type {type(content).__name__}; content must be a string")
         if not content.strip():
             raise fail(f"{at} has empty content; give it text or remove the turn")
-        messages.append(Message(role, content))
+        messages.append(Message(role, _check_text(content, f"{at} content", fail)))
     if not any(m.role == "assistant" for m in messages):
         raise fail("'messages' has no assistant turn; end the conversation with the answer to learn")
+    if messages[0].role == "assistant":
+        # The prompt is everything before the answer; with nothing before it there is no prompt to
+        # render, train on or evaluate with.
+        raise fail(
+            "'messages' starts with an assistant turn; put the user turn it answers (the prompt) before it"
+        )
     if messages[-1].role != "assistant":
         raise fail(
             f"'messages' ends with a {messages[-1].role} turn (item {len(messages)}); the last turn must be "
