@@ -9,7 +9,8 @@ merge and mix per row of a batch. A user of HF PEFT's `PeftModel` should feel at
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import warnings
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .errors import (
     BaseModelMismatchError,
     ConfigError,
     RequestError,
+    TargetError,
 )
 from .formats import peft as fmt
 from .inject import Target, find_modules_to_save, find_targets, get_module, set_module
@@ -36,6 +38,8 @@ from .saved_modules import ModulesToSave
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 # Adapter names become keys of ParameterDict/ModuleDict, which refuse (or, worse, shadow) their attributes.
 _RESERVED = frozenset(dir(nn.ParameterDict()) + dir(nn.ModuleDict()))
+SKIP_BASE_CHECK = "pass check_base=False to load it anyway"
+"""The fix a fingerprint mismatch names; callers with another way to say it (the CLI) replace it."""
 
 
 class AdaptedModel(nn.Module):
@@ -84,6 +88,7 @@ class AdaptedModel(nn.Module):
         method_for(config)
         targets = find_targets(self.model, config)
         find_modules_to_save(self.model, config.modules_to_save)  # every entry must match something
+        self._check_other_adapters(config, targets)
         self._inject(name, config, targets, trainable=trainable, dtype=dtype)
 
     def load_adapter(
@@ -103,6 +108,7 @@ class AdaptedModel(nn.Module):
         if check_base:
             self._check_base(files.metadata, files.directory)
         targets = find_targets(self.model, config)
+        self._check_other_adapters(config, targets)
         expected, base_copies = self._expected(config, targets, files.tensors)
         fmt.check_tensors(expected, files.tensors, files.directory)
         self._check_base_copies({k: files.tensors[k] for k in base_copies}, files.directory)
@@ -190,12 +196,23 @@ class AdaptedModel(nn.Module):
     def set_adapter(self, names: str | list[str]) -> None:
         """Make `names` the active adapter(s); several active adapters add up."""
         names = [names] if isinstance(names, str) else list(names)
+        if not names:
+            # An empty list would quietly run the base model; that has its own, reversible switch.
+            raise RequestError(
+                "set_adapter([]) names no adapter; to run the base model alone, use "
+                "`with am.disable_adapters():`"
+            )
         for n in names:
             self._check_exists(n)
+        if len(set(names)) < len(names):
+            raise RequestError(f"set_adapter({names}) names an adapter twice; name each once")
         self.state.active = tuple(names)
 
     def delete_adapter(self, name: str) -> None:
-        """Remove an adapter; layers left with no adapter get their plain module back."""
+        """Remove an adapter; layers left with no adapter get their plain module back.
+
+        Deleting the only active adapter makes the first remaining adapter active (as HF PEFT does),
+        with a warning that says which: running the base model instead would go unnoticed."""
         self._check_exists(name)
         if name in self.merged_adapters:
             raise AdapterStateError(
@@ -206,7 +223,15 @@ class AdaptedModel(nn.Module):
             if not wrapper.specs:
                 set_module(self.model, module_name, _inner(wrapper))
         del self.configs[name]
+        was_active = name in self.state.active
         self.state.active = tuple(n for n in self.state.active if n != name)
+        if was_active and not self.state.active and self.configs:
+            self.state.active = (self.adapters[0],)
+            warnings.warn(
+                f"deleted the active adapter {name!r}; adapter {self.adapters[0]!r} is active now "
+                "(set_adapter() chooses another, disable_adapters() runs the base model)",
+                stacklevel=2,
+            )
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -308,15 +333,25 @@ class AdaptedModel(nn.Module):
         """The base model's `generate`, optionally with one adapter per row of the batch."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+        expand = _generate_expansion(self.model, kwargs)
+        with self.mixed_batch(adapter_names, _batch_size(args, kwargs), expand=expand):
             return self.model.generate(*args, **kwargs)
 
     @contextmanager
-    def mixed_batch(self, adapter_names: list[str | None], batch_size: int | None = None) -> Iterator[None]:
-        """Route row i of every batch inside this block through adapter_names[i] (None: base model)."""
+    def mixed_batch(
+        self, adapter_names: list[str | None], batch_size: int | None = None, *, expand: int = 1
+    ) -> Iterator[None]:
+        """Route row i of every batch inside this block through adapter_names[i] (None: base model).
+
+        batch_size: the rows the names are for, checked here (layers check every batch too).
+        expand: inside `generate`, each row is repeated this many times (beams, returned sequences)
+            after the encoder ran; layers accept batches of len(adapter_names) * expand rows too.
+        """
         if batch_size is not None and len(adapter_names) != batch_size:
+            repeats = " (generate repeats each row's adapter for its beams)" if expand > 1 else ""
             raise RequestError(
-                f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows"
+                f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows; "
+                f"give one per row{repeats}"
             )
         for n in adapter_names:
             if n not in (None, BASE_ROW):
@@ -326,7 +361,7 @@ class AdaptedModel(nn.Module):
                 f"adapters {self.merged_adapters} are merged; a mixed batch needs unmerged adapters (unmerge() first)"
             )
         before = self.state.rows
-        self.state.rows = RowRouting.from_names(adapter_names)
+        self.state.rows = RowRouting.from_names(adapter_names, expand=expand)
         try:
             yield
         finally:
@@ -432,16 +467,33 @@ class AdaptedModel(nn.Module):
         return by_ptr
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE_ROW:
-            raise ConfigError(f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' only")
-        if name in _RESERVED:
-            raise ConfigError(
-                f"adapter name {name!r} is reserved (an attribute of torch modules); pick another"
-            )
-        if name in self.configs:
-            raise ConfigError(
-                f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name"
-            )
+        problem = adapter_name_problem(name, self.configs)
+        if problem:
+            fix = f", or delete_adapter({name!r}) first" if name in self.configs else ""
+            raise ConfigError(f"adapter name {name!r} {problem}{fix}")
+
+    def _check_other_adapters(self, config: LoraConfig, targets: list[Target]) -> None:
+        """A module carries LoRA layers or whole copies (modules_to_save), never both, and copies do
+        not nest: a copy made of a wrapped module would carry the other adapter's layers inside it
+        (wrong outputs, wrong file keys), and LoRA cannot wrap a copy. Checked before anything changes."""
+        lora = {n: list(m.specs) for n, m in self._wrappers(LoraLayer)}
+        copies = {n: list(m.modules_to_save) for n, m in self._wrappers(ModulesToSave)}
+        saved = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save, strict=False)]
+        clashes = [  # (this adapter's module, the other module, what the other is, its adapters)
+            *((t.name, c, "a whole copy (modules_to_save)", o) for t in targets for c, o in copies.items()),
+            *((s, n, "LoRA layers", o) for s in saved for n, o in lora.items()),
+            *((s, c, "a whole copy", o) for s in saved for c, o in copies.items() if c != s),
+        ]
+        for mine, other, what, owners in clashes:
+            if _within(mine, other) or _within(other, mine):
+                kind = "LoRA target" if any(t.name == mine for t in targets) else "modules_to_save entry"
+                inside = "which holds it" if _within(mine, other) else "inside it"
+                where = "there" if mine == other else f"on {other!r}, {inside}"
+                raise TargetError(
+                    f"{kind} {mine!r}: adapter {owners[0]!r} already has {what} {where}. A module takes LoRA "
+                    "layers or whole copies, not both, and copies cannot nest; give the adapters separate "
+                    f"modules, or delete_adapter({owners[0]!r}) first"
+                )
 
     def _check_exists(self, name: str) -> None:
         if name not in self.configs:
@@ -482,12 +534,17 @@ class AdaptedModel(nn.Module):
             raise BaseModelMismatchError(
                 f"{source} was trained on base model {trained_on!r} (fingerprint {recorded[7:19]}), but this base "
                 f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
-                "pass check_base=False to load it anyway"
+                f"{SKIP_BASE_CHECK}"
             )
 
 
 def _inner(wrapper: nn.Module) -> nn.Module:
     return wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module
+
+
+def _within(name: str, outer: str) -> bool:
+    """Whether module `name` is `outer` or inside it."""
+    return name == outer or name.startswith(outer + ".")
 
 
 def _is_bias(param_name: str) -> bool:
@@ -496,7 +553,42 @@ def _is_bias(param_name: str) -> bool:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args):
+    """The rows of a call's batch, from its main input (generate calls it `inputs`) or its mask."""
+    names = ("input_ids", "inputs_embeds", "inputs", "attention_mask")
+    for value in (*(kwargs.get(n) for n in names), *args):
         if isinstance(value, Tensor):
             return value.shape[0]
     return None
+
+
+def _generate_expansion(model: nn.Module, kwargs: dict) -> int:
+    """How many copies of each row `generate` runs: HF expands every prompt to
+    max(num_beams, num_return_sequences) rows after the encoder (transformers' generate, step 5)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+    returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+    return max(beams, returns)
+
+
+def adapter_name_problem(name: object, taken: Collection[str] = ()) -> str | None:
+    """Why `name` cannot name a new adapter ("is invalid: ..."), or None when it can."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE_ROW:
+        return "is invalid: use letters, digits, '_' and '-' only"
+    if name in _RESERVED:
+        return "is reserved (an attribute of torch modules); pick another"
+    if name in taken:
+        return "is taken: an adapter of that name already exists; pick another"
+    return None
+
+
+def adapter_name_from(text: str, taken: Collection[str] = ()) -> str:
+    """A valid adapter name made from `text` (e.g. a directory name), never failing: characters other
+    than letters, digits, '_' and '-' become '_' ("lora-v1.2" -> "lora-v1_2"), and a name that is
+    reserved (an attribute of torch modules, e.g. "items"), "__base__" or in `taken` gets a number
+    ("items" -> "items-2")."""
+    stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_") or "adapter"
+    name, k = stem, 1
+    while name in taken or name in _RESERVED or name == BASE_ROW:
+        k += 1
+        name = f"{stem}-{k}"
+    return name

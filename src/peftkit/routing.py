@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .errors import RequestError
+
 BASE_ROW = "__base__"  # HF PEFT's name for "no adapter" in a mixed batch; None means the same here.
 
 _ids = itertools.count()
@@ -29,14 +31,32 @@ class RowRouting:
     unique: tuple[str, ...]
     row_to_unique: Tensor  # (N,) long, on CPU; layers move it to their device once
     uid: int = field(default_factory=lambda: next(_ids))
+    expand: int = 1
+    """How many copies of each row a layer may also see: `generate` repeats every prompt for its
+    beams or returned sequences (max(num_beams, num_return_sequences)) after the encoder has run."""
 
     @classmethod
-    def from_names(cls, names: list[str | None] | tuple[str | None, ...]) -> RowRouting:
+    def from_names(cls, names: list[str | None] | tuple[str | None, ...], expand: int = 1) -> RowRouting:
         clean = tuple(None if n in (None, BASE_ROW) else n for n in names)
         unique = tuple(dict.fromkeys(n for n in clean if n is not None))
         pos = {n: i for i, n in enumerate(unique)}
         idx = torch.tensor([pos[n] if n is not None else len(unique) for n in clean], dtype=torch.long)
-        return cls(names=clean, unique=unique, row_to_unique=idx)
+        return cls(names=clean, unique=unique, row_to_unique=idx, expand=expand)
+
+    def repeat_for(self, batch_rows: int) -> int:
+        """How many consecutive rows of a batch of `batch_rows` share one entry of `names`: 1, or
+        `expand` inside generate's beam search. Any other count is an error, never a guess: a batch
+        of 4 rows with 2 names would otherwise route rows 0-1 and 2-3 through the wrong adapters."""
+        n = len(self.names)
+        if batch_rows == n:
+            return 1
+        if batch_rows == n * self.expand:
+            return self.expand
+        fits = f"{n} rows" + (f", or {n * self.expand} in beam search" if self.expand > 1 else "")
+        raise RequestError(
+            f"a batch of {batch_rows} rows does not fit {n} adapter_names, which are for {fits}; "
+            "give one name per row"
+        )
 
     @property
     def single(self) -> str | None | bool:

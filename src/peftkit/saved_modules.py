@@ -57,8 +57,8 @@ class ModulesToSave(nn.Module):
         # batch), unlike the LoRA layers' single gathered product.
         routing = self.state.rows
         assert routing is not None
+        repeat = routing.repeat_for(x.shape[0])
         out = self.original_module(x, *args, **kwargs)
-        repeat = x.shape[0] // len(routing.names)
         for i, name in enumerate(routing.unique):
             if name not in self.modules_to_save:
                 continue
