@@ -380,6 +380,40 @@ def test_save_model_dir_refuses_to_overwrite_unless_asked(tmp_path):
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(newer))
 
 
+def test_a_dir_without_tokenizer_files_says_how_to_add_one(tmp_path):
+    """A plain model.save_pretrained directory: the default load names the missing tokenizer (not a
+    sentencepiece/tiktoken complaint); tokenizer="optional" loads the model with tokenizer None."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(BaseModelError) as err:
+        load_base(str(tmp_path / "plain"), cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert f"no tokenizer files in {tmp_path / 'plain'}" in message
+    assert f"tokenizer.save_pretrained('{tmp_path / 'plain'}')" in message
+    assert "sentencepiece" not in message
+    loaded, tokenizer = load_base(str(tmp_path / "plain"), cache_dir=tmp_path / "cache", tokenizer="optional")
+    assert tokenizer is None and torch.equal(logits(loaded), logits(model))
+    out = save_model_dir(loaded, None, tmp_path / "out")  # and it saves without one
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+
+
+def test_save_model_dir_gives_files_the_usual_permissions(hf_dir, tmp_path):
+    """transformers writes model.safetensors as 0600; a merged model is shared like an adapter."""
+    model, tokenizer = load_base(str(hf_dir[0]), cache_dir=tmp_path / "cache")
+    umask = os.umask(0o022)
+    try:
+        out = save_model_dir(model, tokenizer, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
 def test_save_model_dir_writes_a_gguf_loaded_model(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")

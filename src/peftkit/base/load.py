@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -32,6 +32,10 @@ from peftkit.errors import BaseModelError
 
 SIDECAR_NAME = "peftkit_fingerprint.json"
 """The fingerprint sidecar inside a converted checkpoint directory."""
+
+# Files a saved tokenizer leaves in a model directory (one is enough: tokenizer.json for fast
+# tokenizers, tokenizer_config.json for every save_pretrained, the others for slow vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 _DTYPES: dict[str, torch.dtype | Literal["auto"]] = {
     "float32": torch.float32,
@@ -70,19 +74,44 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+@overload
+def load_base(
+    name_or_path: str = ...,
+    *,
+    dtype: torch.dtype | str | None = ...,
+    device: str | torch.device | None = ...,
+    cache_dir: str | Path | None = ...,
+    tokenizer: Literal["required"] = ...,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
+
+
+@overload
+def load_base(
+    name_or_path: str = ...,
+    *,
+    dtype: torch.dtype | str | None = ...,
+    device: str | torch.device | None = ...,
+    cache_dir: str | Path | None = ...,
+    tokenizer: Literal["optional"],
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]: ...
+
+
 def load_base(
     name_or_path: str = DEFAULT_BASE,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer: Literal["required", "optional"] = "required",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode, with its fingerprint attached.
 
     `name_or_path` is a built-in name (see BUILTIN_MODELS), a .gguf file, a local HF model
     directory (one with config.json), or a Hugging Face hub id. `dtype` None or "auto" keeps the
     checkpoint's dtype (float32 for a converted GGUF); `device` None means CUDA when available.
-    `cache_dir` defaults to `default_cache_dir()`.
+    `cache_dir` defaults to `default_cache_dir()`. `tokenizer="optional"` loads a model directory
+    that has no tokenizer files (a plain `model.save_pretrained`) with tokenizer None, for work that
+    needs no text (merging); by default such a directory is an error that says how to add one.
 
     The model carries `_peftkit_fingerprint` (see `model_fingerprint`) and `_peftkit_base_name`
     (`name_or_path` as given). The tokenizer gets the eos token as pad token if it has none;
@@ -93,7 +122,7 @@ def load_base(
     root = resolve_cache_dir(cache_dir)
     source = resolve_source(name_or_path)
     if source.kind == "hub":
-        model, tokenizer = _load_from_hub(source.location, torch_dtype, root)
+        model, tok = _load_from_hub(source.location, torch_dtype, root)
     else:
         if source.kind == "dir":
             model_dir = Path(source.location)
@@ -102,13 +131,15 @@ def load_base(
             assert source.cache_name is not None  # set for every GGUF source
             model_dir = _converted_gguf_dir(Path(source.location), root / "models" / source.cache_name)
             sidecar = model_dir / SIDECAR_NAME
-        tokenizer, model = _load_tokenizer(model_dir), _load_model(model_dir, torch_dtype)
+        tok = _load_tokenizer(model_dir, optional=tokenizer == "optional")
+        model = _load_model(model_dir, torch_dtype)
         _attach_fingerprint(model, sidecar, lambda: _load_model(model_dir, "auto"), torch_dtype)
-    _ensure_pad_token(tokenizer)
+    if tok is not None:
+        _ensure_pad_token(tok)
     model.to(target)
     model.eval()
     model._peftkit_base_name = name_or_path
-    return model, tokenizer
+    return model, tok
 
 
 def _load_model(model_dir: Path, dtype: torch.dtype | Literal["auto"]) -> PreTrainedModel:
@@ -118,7 +149,17 @@ def _load_model(model_dir: Path, dtype: torch.dtype | Literal["auto"]) -> PreTra
         raise BaseModelError(f"cannot load the model in {model_dir}: {type(err).__name__}: {err}") from err
 
 
-def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+def _load_tokenizer(model_dir: Path, *, optional: bool = False) -> PreTrainedTokenizerBase | None:
+    """The directory's tokenizer; None when it has no tokenizer files and `optional` is set."""
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        if optional:
+            return None
+        # Checked first: without the files, transformers tries to build a tokenizer from the model
+        # config and fails with an unrelated complaint (e.g. that sentencepiece is not installed).
+        raise BaseModelError(
+            f"no tokenizer files in {model_dir}; save the tokenizer there with "
+            f"tokenizer.save_pretrained({str(model_dir)!r})"
+        )
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ def gguf_flag_cleared(model: PreTrainedModel) -> Iterator[None]:
 
 def save_model_dir(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | None,
     out_dir: str | Path,
     *,
     overwrite: bool = False,
@@ -54,10 +55,11 @@ def save_model_dir(
     """Write `model` and `tokenizer` to `out_dir` as a plain HF model directory; return its path.
 
     The directory holds safetensors weights, config.json, generation_config.json and the tokenizer
-    files (chat template included), so `AutoModelForCausalLM.from_pretrained(out_dir)` loads it
-    without peftkit. It is built in a temporary sibling directory and renamed into place, so a
-    crash never leaves half a model. An existing non-empty `out_dir` is an error unless
-    `overwrite` is set.
+    files (chat template included; none when `tokenizer` is None), so
+    `AutoModelForCausalLM.from_pretrained(out_dir)` loads it without peftkit. It is built in a
+    temporary sibling directory and renamed into place, so a crash never leaves half a model. An
+    existing non-empty `out_dir` is an error unless `overwrite` is set. Files get the usual umask
+    permissions (others can read a model that is shared, as with adapters).
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -73,7 +75,21 @@ def save_model_dir(
             gguf_flag_cleared(model),
         ):
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _umask_permissions(tmp)
     except FileExistsError as err:
         raise BaseModelError(f"cannot save the model to {out}: {err}") from err
     return out
+
+
+def _umask_permissions(directory: Path) -> None:
+    """Give every file in `directory` the mode a plain `open` would: safetensors writes its files
+    through a private temporary file (mode 0600), which would keep a merged model from other users."""
+    probe = directory / ".peftkit-mode-probe"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
