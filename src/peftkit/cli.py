@@ -16,20 +16,28 @@ import inspect
 import json as _json
 import os
 import sys
-import time
 import types
 import typing
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import PeftkitError
+from .errors import BaseModelMismatchError, PeftkitError
 
 COMMANDS: dict[str, Callable[..., int | None]] = {}
 """Subcommand name -> the function that implements it."""
 
 # Errors caused by the user's input: reported as one `error:` line with exit code 2, no traceback.
-USER_ERRORS = (PeftkitError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+    PeftkitError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 # Modules whose @command functions join the CLI; imported when the parser is built, so
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0"):
             raise
         message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message, keep=chr(10))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -214,8 +222,37 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-def _progress(message: str) -> None:
-    print(f"peftkit: {message}", file=sys.stderr, flush=True)
+# Bidirectional overrides reorder what a terminal shows ("Trojan Source"); other format characters
+# (zero-width joiners in emoji) are harmless and kept.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """`text` safe to print: control characters (ESC starts the escape sequences that recolour,
+    retitle or clear a terminal) and bidirectional overrides become Python escapes (`\\x1b`); the
+    characters in `keep` (e.g. newlines in an answer) stay. For anything read from a file or a model."""
+    return "".join(
+        c
+        if c in keep or (c not in _BIDI and unicodedata.category(c) != "Cc")
+        else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
+@contextmanager
+def check_base_flag() -> Iterator[None]:
+    """Name the command line's `--no-check-base` in a base-fingerprint error, where the library names
+    its keyword (check_base=False), which a command-line user cannot pass."""
+    from .adapted import SKIP_BASE_CHECK
+
+    try:
+        yield
+    except BaseModelMismatchError as err:
+        if SKIP_BASE_CHECK not in str(err):
+            raise
+        raise BaseModelMismatchError(
+            str(err).replace(SKIP_BASE_CHECK, "pass --no-check-base to use it anyway")
+        ) from err
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -224,11 +261,14 @@ def info(adapter_dir: Path, json: bool = False) -> None:
     """Describe a saved adapter: method, rank, alpha, targets, size, dtype and the base it was trained on.
 
     Reads the files only (no base model is loaded); works on adapters saved by peftkit and by HF PEFT.
+    The rank is read from the tensors; a config that disagrees with them is reported.
 
     Args:
         adapter_dir: the adapter directory (adapter_config.json + adapter_model.safetensors)
         json: print the facts as one JSON object instead of text
     """
+    from .info import adapter_info, format_info
+
     facts = adapter_info(adapter_dir)
     print(_json.dumps(facts, indent=2) if json else format_info(facts))
 
@@ -240,51 +280,27 @@ def merge(
     out_dir: Path,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     overwrite: bool = False,
+    check_base: bool = True,
 ) -> None:
-    """Fold an adapter into its base model and write a plain HF model directory (with tokenizer).
+    """Fold an adapter into its base model and write a plain HF model directory (with its tokenizer).
 
     The result loads with `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`, no peftkit
     needed. The adapter is checked against the base (fingerprint, names, shapes) before merging.
+    A base directory without tokenizer files merges too (the output then has none either).
 
     Args:
         base: the base model: a built-in name (smollm2-135m), an HF model directory, or a .gguf file
         adapter_dir: the adapter directory to merge
-        out_dir: where to write the merged model
+        out_dir: where to write the merged model (not the base's or the adapter's directory)
         dtype: the dtype to load the base in and to save (auto: the checkpoint's own)
         overwrite: replace OUT_DIR if it exists and is not empty
+        check_base: refuse an adapter whose recorded base fingerprint differs from this base's
+            (--no-check-base merges it anyway; names and shapes are still checked)
     """
-    merge_to_dir(base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
+    from .merge import merge_to_dir
 
-
-def merge_to_dir(
-    base: str,
-    adapter_dir: Path,
-    out_dir: Path,
-    *,
-    dtype: str = "auto",
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """The `merge` command's work; progress goes to `log` (default: stderr). Returns OUT_DIR."""
-    log = log or _progress
-    from .adapted import AdaptedModel
-    from .base import load_base, save_model_dir
-    from .formats.peft import read_adapter
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(17, "output directory exists and is not empty (pass --overwrite)", str(out_dir))
-    read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
-    t0 = time.perf_counter()
-    log(f"loading base model {base} ...")
-    model, tokenizer = load_base(base, dtype=dtype)
-    log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
-    am = AdaptedModel.from_pretrained(model, adapter_dir)
-    merged = am.merge_and_unload()
-    log(f"merged; writing {out_dir} ...")
-    save_model_dir(merged, tokenizer, out_dir, overwrite=overwrite)
-    log(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
-    return out_dir
+    with check_base_flag():
+        merge_to_dir(base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite, check_base=check_base)
 
 
 @command
@@ -340,92 +356,6 @@ def demo(
     from .demo import run_demo
 
     return 0 if run_demo(task, steps, out, base, n_test, min_score) else 1
-
-
-# -- `info`: facts about an adapter, from its files alone ---------------------------------------------
-def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
-    """What `peftkit info` reports, as a JSON-ready dict."""
-    from .base.fingerprint import is_fingerprint, short_fingerprint
-    from .formats import peft as fmt
-    from .formats.files import dtype_name
-
-    files = fmt.read_adapter(adapter_dir)
-    config = fmt.config_from_peft(files.config, files.directory)
-    targets = fmt.lora_modules(files.tensors)
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets}, key=_layer_order)
-    fingerprint = files.metadata.get("peftkit_base_fingerprint", "")
-    saved_by_peftkit = "peftkit_version" in files.metadata
-    peft_version = files.config.get("peft_version")
-    return {
-        "path": str(files.directory),
-        "method": "DoRA" if config.use_dora else "rsLoRA" if config.use_rslora else "LoRA",
-        "r": config.r,
-        "rank_pattern": config.rank_pattern,
-        "lora_alpha": config.lora_alpha,
-        "alpha_pattern": config.alpha_pattern,
-        "scaling": config.scaling(config.r, config.lora_alpha),
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "target_layers": len(targets),
-        "target_suffixes": suffixes,
-        "modules_to_save": list(config.modules_to_save or []),
-        "parameters": sum(t.numel() for t in files.tensors.values()),
-        "dtypes": sorted({dtype_name(t.dtype) for t in files.tensors.values()}),
-        "size_bytes": (files.directory / fmt.WEIGHTS_FILE).stat().st_size,
-        "base_model": files.config.get("base_model_name_or_path") or files.metadata.get("peftkit_base_model"),
-        "base_fingerprint": fingerprint if is_fingerprint(fingerprint) else None,
-        "base_fingerprint_short": short_fingerprint(fingerprint) if is_fingerprint(fingerprint) else None,
-        "adapter_name": files.metadata.get("peftkit_adapter_name"),
-        "saved_by": f"peftkit {files.metadata['peftkit_version']}"
-        if saved_by_peftkit
-        else f"HF PEFT {peft_version}"
-        if peft_version
-        else "unknown (no peftkit metadata)",
-    }
-
-
-# Projections of a transformer block in the order they run, so targets read naturally.
-_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _layer_order(suffix: str) -> tuple[int, str]:
-    return (_ORDER.index(suffix) if suffix in _ORDER else len(_ORDER), suffix)
-
-
-def format_info(facts: dict[str, Any]) -> str:
-    """`peftkit info`'s text report."""
-    f = facts
-    scaling_rule = "lora_alpha / sqrt(r)" if f["use_rslora"] else "lora_alpha / r"
-    rank = f"r = {f['r']}" + (f", overrides {f['rank_pattern']}" if f["rank_pattern"] else "")
-    alpha = f"{f['lora_alpha']:g} (scaling {f['scaling']:g} = {scaling_rule})"
-    if f["alpha_pattern"]:
-        alpha += f", overrides {f['alpha_pattern']}"
-    fingerprint = f["base_fingerprint_short"] or (
-        "unknown (saved by HF PEFT)" if f["saved_by"].startswith("HF PEFT") else "unknown"
-    )
-    rows = [
-        ("adapter", f["path"] + (f"  (name {f['adapter_name']!r})" if f["adapter_name"] else "")),
-        ("method", f["method"] + (" with rsLoRA scaling" if f["use_dora"] and f["use_rslora"] else "")),
-        ("rank", rank),
-        ("lora_alpha", alpha),
-        ("targets", f"{', '.join(f['target_suffixes'])} ({f['target_layers']} layers)"),
-        ("modules_to_save", ", ".join(f["modules_to_save"]) or "none"),
-        ("parameters", f"{f['parameters']:,}"),
-        ("dtype", ", ".join(f["dtypes"])),
-        ("size on disk", f"{_human_bytes(f['size_bytes'])} (adapter_model.safetensors)"),
-        ("base model", f["base_model"] or "unknown"),
-        ("base fingerprint", fingerprint),
-        ("saved by", f["saved_by"]),
-    ]
-    return "\n".join(f"{key:<17}{value}" for key, value in rows)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 if __name__ == "__main__":

@@ -6,59 +6,115 @@ Heavy imports (torch, transformers) happen inside the commands, so building the 
 from __future__ import annotations
 
 import json as _json
+import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from peftkit.base.catalog import DEFAULT_BASE
-from peftkit.cli import command
-from peftkit.errors import DataError
+from peftkit.cli import check_base_flag, command, printable
+from peftkit.errors import ConfigError, DataError, RequestError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 MetricName = Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"]
 FILE_MAX_NEW_TOKENS = 512  # the cap of --max-new-tokens 0 (auto) for files: longest reference + 8
+BASE_LABEL = "base"  # the base model's row in eval's report, so no adapter may take the name
 
 
 def _log(message: str) -> None:
     print(f"peftkit: {message}", file=sys.stderr, flush=True)
 
 
-def load_model(base: str, adapter_dirs: list[Path], dtype: str) -> tuple[Any, Any, list[str]]:
-    """(model, tokenizer, adapter names): the base, wrapped in an AdaptedModel when adapters are
-    given, each loaded under its directory's name (made unique; never "base")."""
+def _at_least(option: str, value: int, least: int, meaning: str = "") -> None:
+    """Refuse a number option below `least` before any work (a negative count would mean "all" or
+    crash deep inside generate)."""
+    if value < least:
+        raise RequestError(f"--{option} must be at least {least}{meaning}, got {value}")
+
+
+def adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """(name, directory) for each --adapters entry: NAME=DIR names the adapter; otherwise the name is
+    made from the directory's name (valid and unique: "lora-v1.2" -> "lora-v1_2", a second
+    "adapter-best" -> "adapter-best-2"), so no directory name can fail. Never "base" (the base model's row)."""
+    from peftkit.adapted import adapter_name_problem
+
+    parsed: list[tuple[str | None, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        explicit = bool(sep and name and path) and not Path(spec).exists()  # a directory may contain "="
+        parsed.append((name, Path(path)) if explicit else (None, Path(spec)))
+    taken = [BASE_LABEL]
+    for spec, (name, _) in zip(specs, parsed, strict=True):
+        if name is not None:
+            problem = (
+                "is the base model's row in the report; pick another"
+                if name == BASE_LABEL
+                else adapter_name_problem(name, taken)
+            )
+            if problem:
+                raise ConfigError(f"--adapters {spec!r}: adapter name {name!r} {problem}")
+            taken.append(name)
+    named = []
+    for name, path in parsed:
+        named.append((name or dir_adapter_name(path, taken), path))
+        taken.append(named[-1][0])
+    return named
+
+
+def dir_adapter_name(path: Path, taken: list[str]) -> str:
+    """A valid adapter name, not in `taken`, made from the name of the adapter's directory."""
+    from peftkit.adapted import adapter_name_from
+
+    directory = path.parent if path.is_file() else path  # the adapter may be given as its weights file
+    return adapter_name_from(directory.resolve().name, taken)
+
+
+def load_model(
+    base: str, adapters: list[tuple[str, Path]], dtype: str, *, check_base: bool = True
+) -> tuple[Any, Any]:
+    """(model, tokenizer): the base, wrapped in an AdaptedModel with each (name, directory) loaded when
+    adapters are given. check_base=False skips the base-fingerprint check (--no-check-base)."""
     from transformers.utils import logging as hf_logging
 
     from peftkit.adapted import AdaptedModel
     from peftkit.base import load_base
     from peftkit.formats.peft import read_adapter
 
-    for d in adapter_dirs:  # fail on a bad adapter before the slow base-model load
+    for _, d in adapters:  # fail on a bad adapter before the slow base-model load
         read_adapter(d)
     hf_logging.disable_progress_bar()
     _log(f"loading base model {base} ...")
     model, tokenizer = load_base(base, dtype=dtype)
-    names: list[str] = []
-    for d in adapter_dirs:
-        stem = Path(d).resolve().name or "adapter"
-        name, k = stem, 1
-        while name in names or name == "base":
-            k += 1
-            name = f"{stem}-{k}"
-        names.append(name)
-    if not adapter_dirs:
-        return model, tokenizer, names
+    if not adapters:
+        return model, tokenizer
     am = AdaptedModel(model)
-    for d, name in zip(adapter_dirs, names, strict=True):
+    for name, d in adapters:
         _log(f"loading adapter {d} as {name!r} ...")
-        am.load_adapter(d, name)
-    return am, tokenizer, names
+        with check_base_flag():
+            am.load_adapter(d, name, check_base=check_base)
+    return am, tokenizer
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Fail before any work when `path` cannot be written later: it is a directory, or the nearest
+    existing directory on its way is a file or not writable (missing directories are created)."""
+    path = path.expanduser()
+    if path.is_dir():
+        raise RequestError(f"--{option} {path} is a directory; name a file, e.g. {path / 'report.json'}")
+    existing = path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RequestError(f"--{option} {path}: {existing} is a file, so no directory can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RequestError(f"--{option} {path}: the directory {existing} is not writable")
 
 
 @command
 def eval(
     data: str,
     base: str = DEFAULT_BASE,
-    adapters: list[Path] | None = None,
+    adapters: list[str] | None = None,
     split: Literal["train", "test"] = "test",
     n: int = 200,
     metric: MetricName = "auto",
@@ -68,6 +124,7 @@ def eval(
     perplexity: bool = True,
     samples: int = 0,
     json: Path | None = None,
+    check_base: bool = True,
 ) -> None:
     """Score the base model and each adapter on a dataset, side by side (greedy decoding).
 
@@ -79,7 +136,8 @@ def eval(
             or a dataset file/directory (JSONL, JSON, CSV, HF dataset dir); the last assistant turn is
             the reference answer
         base: the base model: a built-in name, an HF model directory or a .gguf file
-        adapters: adapter directories to evaluate next to the base model (named after the directory)
+        adapters: adapter directories to evaluate next to the base model, each named after its directory
+            (made a valid, unique name), or NAME=DIR to name it
         split: the split of a built-in task (files are one split)
         n: how many examples (the first n); 0 = all of a file, or a task's default split size
         metric: auto = the task's own metric for a built-in task, exact_match for files
@@ -89,17 +147,27 @@ def eval(
         perplexity: also measure the perplexity of the reference answers
         samples: print this many (prompt, reference, prediction) examples per adapter
         json: also write the report (with every prediction) to this JSON file
+        check_base: refuse adapters whose recorded base fingerprint differs from this base's
+            (--no-check-base loads them anyway; names and shapes are still checked)
     """
     from peftkit.data.source import load_data, parse_task_spec
     from peftkit.eval.run import evaluate, format_table
 
+    _at_least("n", n, 0, " (0 = all)")
+    _at_least("max-new-tokens", max_new_tokens, 0, " (0 = auto)")
+    _at_least("batch-size", batch_size, 1)
+    _at_least("samples", samples, 0)
+    if json is not None:
+        check_output_file(json, "json")  # not after minutes of evaluation
+    named = adapter_specs(list(adapters or []))
     task = parse_task_spec(data, split)
     examples = load_data(data, split=split, n=n if n > 0 else None)
     if not examples:
         raise DataError(f"data {data!r}: no examples to evaluate")
     metric = metric if metric != "auto" else task[0].metric if task else "exact_match"
-    model, tokenizer, names = load_model(base, list(adapters or []), dtype)
-    if max_new_tokens <= 0:
+    model, tokenizer = load_model(base, named, dtype, check_base=check_base)
+    names = [name for name, _ in named]
+    if max_new_tokens == 0:
         max_new_tokens = task[0].max_new_tokens if task else _longest_answer(tokenizer, examples) + 8
     rows = len(examples) * (len(names) + 1)
     _log(f"evaluating {len(examples)} examples x {len(names) + 1} models ({rows} rows), {metric} ...")
@@ -117,14 +185,14 @@ def eval(
     print(format_table(report))
     for r in report.results if samples > 0 else ():
         for s in r.samples[:samples]:
-            print(
-                f"\n== {r.adapter}\nprompt:     {s.prompt}\nreference:  {s.reference}\nprediction: {s.prediction}"
-            )
+            text = f"\n== {r.adapter}\nprompt:     {s.prompt}\nreference:  {s.reference}\n"
+            print(printable(text + f"prediction: {s.prediction}", keep="\n\t"))
     if json is not None:
         from peftkit.io import write_json_atomic
 
         settings = {"data": data, "base": base, "adapters": [str(a) for a in adapters or []], "split": split}
-        settings |= {"n": len(examples), "max_new_tokens": max_new_tokens, "dtype": dtype}
+        settings |= {"adapter_names": names, "n": len(examples), "max_new_tokens": max_new_tokens}
+        settings |= {"dtype": dtype}
         write_json_atomic(Path(json), {"settings": settings, **report.to_dict(predictions=True)})
         _log(f"wrote {json}")
 
@@ -134,12 +202,30 @@ def _longest_answer(tokenizer: Any, examples: list) -> int:
     return min(longest, FILE_MAX_NEW_TOKENS - 8)
 
 
+def _read_text(path: Path) -> str:
+    """A prompts file's text, or a DataError that says what the file is instead (a directory, a
+    binary file, another encoding), so no UnicodeDecodeError traceback reaches the user."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; --prompts takes a text or JSONL file")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise DataError(f"{path} is a binary file (it has NUL bytes); --prompts takes a text or JSONL file")
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark, which some editors write, is dropped
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8 text; save the file as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE`)"
+        ) from None
+
+
 def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
     """Chat prompts from a file: JSONL rows with "prompt" (text) or "messages" (chat turns), or plain
     text with one prompt per line (blank lines skipped). `system` is added where there is none."""
     from peftkit.data.example import ROLES, Message, with_system
 
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = _read_text(Path(path)).splitlines()
     is_jsonl = Path(path).suffix == ".jsonl" or next((s.lstrip()[:1] for s in lines if s.strip()), "") == "{"
     prompts = []
     for number, line in enumerate(lines, start=1):
@@ -177,6 +263,7 @@ def generate(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     dtype: Dtype = "auto",
+    check_base: bool = True,
 ) -> None:
     """Answer prompts with the base model or an adapter (greedy decoding) and print each answer.
 
@@ -184,23 +271,28 @@ def generate(
         prompt: the prompts, each one user message
         base: the base model: a built-in name, an HF model directory or a .gguf file
         adapter: an adapter directory to answer with (none: the base model alone)
-        prompts: a file of prompts: one per line, or JSONL rows with "prompt" or "messages"
+        prompts: a file of prompts (UTF-8): one per line, or JSONL rows with "prompt" or "messages"
         system: a system prompt for every prompt that has none
-        max_new_tokens: the most tokens to generate per answer
+        max_new_tokens: the most tokens to generate per answer (at least 1)
         batch_size: prompts per generate call
         dtype: the dtype to load the base in (auto: the checkpoint's own)
+        check_base: refuse an adapter whose recorded base fingerprint differs from this base's
+            (--no-check-base loads it anyway; names and shapes are still checked)
     """
     from peftkit.data.example import Message, with_system
     from peftkit.eval.generation import generate_answers
 
+    _at_least("max-new-tokens", max_new_tokens, 1)
+    _at_least("batch-size", batch_size, 1)
     chats = [list(with_system((Message("user", p),), system)) for p in prompt or []]
     chats += read_prompts(prompts, system) if prompts is not None else []
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")
-    model, tokenizer, _ = load_model(base, [adapter] if adapter else [], dtype)
+    named = [(dir_adapter_name(adapter, [BASE_LABEL]), adapter)] if adapter else []
+    model, tokenizer = load_model(base, named, dtype, check_base=check_base)
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
     for chat, answer in zip(chats, answers, strict=True):
-        print(f">>> {chat[-1].content}\n{answer}\n", flush=True)
+        print(printable(f">>> {chat[-1].content}\n{answer}\n", keep="\n\t"), flush=True)
 
 
 @command
@@ -210,23 +302,28 @@ def chat(
     system: str | None = None,
     max_new_tokens: int = 256,
     dtype: Dtype = "auto",
+    check_base: bool = True,
 ) -> None:
     """Talk to the base model or an adapter; the conversation so far is kept as context.
 
-    Reads one message per line from stdin and prints each answer (greedy). Commands: /reset starts
-    a new conversation, /quit (or Ctrl-D) exits.
+    Reads one message per line from stdin (UTF-8; a line that is not is skipped with a note) and
+    prints each answer (greedy). Commands: /reset starts a new conversation, /quit (or Ctrl-D) exits.
 
     Args:
         base: the base model: a built-in name, an HF model directory or a .gguf file
         adapter: an adapter directory to chat with (none: the base model alone)
         system: a system prompt for the conversation
-        max_new_tokens: the most tokens per answer
+        max_new_tokens: the most tokens per answer (at least 1)
         dtype: the dtype to load the base in (auto: the checkpoint's own)
+        check_base: refuse an adapter whose recorded base fingerprint differs from this base's
+            (--no-check-base loads it anyway; names and shapes are still checked)
     """
     from peftkit.data.example import Message
     from peftkit.eval.generation import generate_answers
 
-    model, tokenizer, _ = load_model(base, [adapter] if adapter else [], dtype)
+    _at_least("max-new-tokens", max_new_tokens, 1)
+    named = [(dir_adapter_name(adapter, [BASE_LABEL]), adapter)] if adapter else []
+    model, tokenizer = load_model(base, named, dtype, check_base=check_base)
     interactive = sys.stdin.isatty()
     start = [Message("system", system)] if system else []
     history = list(start)
@@ -235,11 +332,8 @@ def chat(
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input (Ctrl-D)
-            break
-        text = line.strip()
-        if text == "/quit":
+        text = read_message(sys.stdin)
+        if text is None or text == "/quit":  # None: end of input (Ctrl-D)
             break
         if text == "/reset":
             history = list(start)
@@ -250,4 +344,21 @@ def chat(
         history.append(Message("user", text))
         answer = generate_answers(model, tokenizer, [history], max_new_tokens=max_new_tokens, batch_size=1)[0]
         history.append(Message("assistant", answer))
-        print(answer, flush=True)
+        print(printable(answer, keep="\n\t"), flush=True)
+
+
+def read_message(stream: IO[str]) -> str | None:
+    """The next line of `stream`, stripped; None at the end of input. A line that is not UTF-8 is
+    skipped with a note on stderr and read as "": one bad byte should not end a conversation."""
+    raw = stream.buffer.readline() if hasattr(stream, "buffer") else stream.readline().encode()
+    if not raw:
+        return None
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        print(
+            f"(skipped a line that is not UTF-8 text: byte 0x{raw[err.start]:02x}; type it again)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return ""

@@ -1,0 +1,95 @@
+"""Folding an adapter into its base model and writing a plain HF model directory (`peftkit merge`).
+
+    merge_to_dir("smollm2-135m", "out/demo/adapter-best", "out/merged")
+
+The result loads with `transformers.AutoModelForCausalLM.from_pretrained`, no peftkit needed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import RequestError
+
+
+def _progress(message: str) -> None:
+    print(f"peftkit: {message}", file=sys.stderr, flush=True)
+
+
+def merge_to_dir(
+    base: str,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    check_base: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Merge the adapter in `adapter_dir` into `base` and write the result to `out_dir`; return it.
+
+    Everything that can be checked without the slow base-model load is checked first: that
+    `out_dir` is neither an input nor inside or around one (`overwrite` would delete it), that it
+    is empty unless `overwrite` is set, and that the adapter files are readable. The tokenizer is
+    copied when the base has one; a base saved without one (a plain `model.save_pretrained`) merges
+    too, as with HF PEFT. check_base=False skips the base-fingerprint check. Progress goes to `log`
+    (default: stderr).
+    """
+    log = log or _progress
+    from .adapted import AdaptedModel
+    from .base import load_base, save_model_dir
+    from .formats.peft import read_adapter
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, _input_paths(base, Path(adapter_dir)))
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(17, "output directory exists and is not empty (pass --overwrite)", str(out_dir))
+    read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
+    t0 = time.perf_counter()
+    log(f"loading base model {base} ...")
+    model, tokenizer = load_base(base, dtype=dtype, tokenizer="optional")
+    log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
+    am = AdaptedModel.from_pretrained(model, adapter_dir, check_base=check_base)
+    merged = am.merge_and_unload()
+    log(
+        f"merged; writing {out_dir}{' (the base has no tokenizer files to copy)' if tokenizer is None else ''} ..."
+    )
+    save_model_dir(merged, tokenizer, out_dir, overwrite=overwrite)
+    log(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
+    return out_dir
+
+
+def _input_paths(base: str, adapter_dir: Path) -> dict[str, Path]:
+    """The local files a merge reads: the adapter directory, and the base's directory or GGUF file
+    (a hub id has none here)."""
+    from .base.sources import resolve_source
+
+    source = resolve_source(base)  # no loading: classifies the name, or says why a path cannot load
+    adapter = adapter_dir.parent if adapter_dir.is_file() else adapter_dir
+    inputs = {"adapter directory": adapter}
+    if source.kind in ("dir", "gguf", "builtin"):
+        inputs["base model " + ("directory" if source.kind == "dir" else "file")] = Path(source.location)
+    return inputs
+
+
+def check_out_dir(out_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output directory that is an input, holds one or lies inside one: writing the merged
+    model there (with --overwrite, replacing the directory) would destroy or alter the input."""
+    out = out_dir.expanduser().resolve()
+    for what, path in inputs.items():
+        source = path.expanduser().resolve()
+        if out == source:
+            relation = "is"
+        elif out in source.parents:
+            relation = "contains"
+        elif source in out.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise RequestError(
+            f"the output directory {out_dir} {relation} the {what} {path}; writing the merged model there "
+            "would overwrite its input. Choose an output directory outside the base model and the adapter"
+        )
