@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from peftkit import AdaptedModel, LoraConfig, TargetError
+from peftkit.inject import find_targets
 from peftkit.methods import LoraLayer
 from peftkit.saved_modules import ModulesToSave
 
@@ -72,11 +75,101 @@ def test_a_string_is_a_regex_matched_against_the_full_name(regex: str, expected:
 
 
 @pytest.mark.parametrize(
-    "regex", ["q_proj", r"model\.layers\.0\.self_attn\.q", r"layers\.0\.self_attn\.q_proj"]
+    "regex", [r"model\.layers\.0\.self_attn\.q", r"layers\.0\.self_attn\.q_proj", "q_pro"]
 )
 def test_a_regex_must_match_the_whole_name(regex: str) -> None:
-    with pytest.raises(TargetError, match="matched no layer"):
+    with pytest.raises(TargetError, match="matched no layer") as err:
         AdaptedModel.attach(tiny_llama(), LoraConfig(target_modules=regex))
+    assert r"a single string is a regex over the full module name (start it with '.*\.'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("q_proj", llama_layers("self_attn.q_proj")),
+        ("mlp.down_proj", llama_layers("mlp.down_proj")),
+        ("layers.1.self_attn.v_proj", llama_layers("self_attn.v_proj", layers=(1,))),
+        ("model.layers.0.mlp.up_proj", llama_layers("mlp.up_proj", layers=(0,))),  # also a full match
+    ],
+)
+def test_a_plain_name_string_matches_like_a_one_item_list(name: str, expected: set[str]) -> None:
+    # `--lora.target_modules q_proj` gives the string "q_proj": as a full-name regex it matches
+    # nothing, while the error listed q_proj as adaptable.
+    assert adapted(tiny_llama(), target_modules=name) == expected
+
+
+def test_a_plain_name_string_saves_as_the_layers_it_matched(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    model, x = tiny_llama(), model_input("llama")
+    twin = copy.deepcopy(model)
+    am = AdaptedModel.attach(model, LoraConfig(target_modules="q_proj", init_lora_weights=False))
+    am.save_adapter(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(llama_layers("self_attn.q_proj"))  # the same in HF PEFT
+    theirs = PeftModel.from_pretrained(twin, tmp_path / "a").eval()
+    torch.testing.assert_close(output(theirs, x), output(am, x), atol=1e-5, rtol=1e-5)
+
+
+def test_new_adapters_name_list_entries_that_match_nothing() -> None:
+    model = tiny_llama()
+    with pytest.raises(TargetError) as err:
+        find_targets(model, LoraConfig(target_modules=["q_proj", "v_prj"]), strict=True)
+    assert "target_modules entry 'v_prj' matches no module of LlamaForCausalLM" in str(err.value)
+    assert "did you mean 'v_proj'?" in str(err.value)
+    exclude = LoraConfig(target_modules="all-linear", exclude_modules=["o_proj", "lm_haed"])
+    with pytest.raises(TargetError, match="exclude_modules entry 'lm_haed'.*did you mean 'lm_head'"):
+        find_targets(model, exclude, strict=True)
+    as_regex = LoraConfig(target_modules="all-linear", exclude_modules="o_proj")
+    with pytest.raises(TargetError, match=r"regex over the full module name, did you mean \['o_proj'\]"):
+        find_targets(model, as_regex, strict=True)
+    # Loading stays as lenient as HF PEFT, whose files may list names for several architectures.
+    lenient = find_targets(model, LoraConfig(target_modules=["q_proj", "c_attn"]))
+    assert {t.name for t in lenient} == llama_layers("self_attn.q_proj")
+
+
+def test_a_loaded_file_may_list_modules_the_model_lacks(tmp_path: Path) -> None:
+    model, x = tiny_llama(), model_input("llama")
+    fresh = copy.deepcopy(model)
+    am = AdaptedModel.attach(model, LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    am.save_adapter(tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "target_modules": ["q_proj", "c_attn", "query"]}))
+    loaded = AdaptedModel.from_pretrained(fresh, tmp_path / "a")
+    torch.testing.assert_close(output(loaded, x), output(am, x), atol=0, rtol=0)
+
+
+def test_a_rank_above_a_layers_smaller_dimension_is_warned_about() -> None:
+    # Tiny Llama's k_proj and v_proj are 16 -> 8: their update has rank <= 8 whatever r says.
+    model = tiny_llama()
+    config = LoraConfig(r=16, target_modules="all-linear")
+    with pytest.warns(UserWarning) as caught:
+        find_targets(model, config, strict=True)
+    message = str(caught[0].message)
+    assert "rank 16 is more than the smaller dimension of 'model.layers.0.self_attn.k_proj'" in message
+    assert "(16 in, 8 out) (and 3 more layers)" in message and "Use r <= 8" in message
+    assert "rank_pattern, e.g. {'k_proj': 8}" in message
+    fixed = [
+        config.replace(rank_pattern={"k_proj": 8, "v_proj": 4}),  # rank_pattern counts
+        config.replace(r=8),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ok in fixed:
+            find_targets(model, ok, strict=True)
+        find_targets(model, config)  # a loaded adapter's rank is its author's choice: no warning
+
+
+def test_pattern_keys_that_match_no_target_are_warned_about() -> None:
+    config = LoraConfig(
+        target_modules=["q_proj"], rank_pattern={"q_proj": 2, "v_proj": 4}, alpha_pattern={"x": 1}
+    )
+    with pytest.warns(UserWarning) as caught:
+        find_targets(tiny_llama(), config, strict=True)
+    messages = [str(w.message) for w in caught]
+    assert any("rank_pattern keys ['v_proj'] match no target layer" in m for m in messages)
+    assert any("alpha_pattern keys ['x'] match no target layer" in m for m in messages)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -3,20 +3,27 @@
 Matching rules (the same as HF PEFT's, so one `adapter_config.json` means the same thing in both):
 - a list of names matches a module whose full dotted name equals a name or ends with "." + name
   (never a bare substring: "proj" does not match "q_proj");
-- a single string is a regex that must match the whole module name;
+- a single string is a regex that must match the whole module name, except that a plain name (no
+  regex syntax) that matches no whole name but is a dotted suffix, like "q_proj", is read as the
+  list ["q_proj"] (a saved adapter_config.json lists the matched layers, so it means the same in PEFT);
 - "all-linear" is every linear layer (nn.Linear, GPT-2 Conv1D) except the model's output head.
+
+A new adapter (`strict=True`) is also held to what it asks for: every list entry must match a
+module, and a rank above a layer's smaller dimension is warned about. Loading a saved adapter stays
+as lenient as PEFT, whose files may list names for several architectures.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import TargetError
-from .methods.lora_config import ALL_LINEAR, LoraConfig
+from .errors import TargetError, did_you_mean
+from .methods.lora_config import ALL_LINEAR, LoraConfig, pattern_matches
 from .methods.lora_kinds import GPT2_CONV1D, LINEAR, SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
 
 # Names of the attributes our wrappers use for what they wrap (PEFT's names, so bias keys line up).
@@ -82,47 +89,140 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return unwrap(head) if head is not None else None
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+def find_targets(model: nn.Module, config: LoraConfig, *, strict: bool = False) -> list[Target]:
     """The layers `config` targets, in model order. Raises TargetError if none match or a matched
-    layer has a type LoRA cannot adapt."""
+    layer has a type LoRA cannot adapt. With `strict` (a new adapter, not a loaded file), a
+    target_modules or exclude_modules entry that matches no module is an error too, and ranks above
+    a layer's smaller dimension are warned about."""
     head = output_head(model)
+    modules = list(base_modules(model))
+    names = [n for n, _ in modules]
     saved_names = [n for n, _ in find_modules_to_save(model, config.modules_to_save, strict=False)]
+    spec = resolve_spec(config.target_modules, names)
     targets: list[Target] = []
-    adaptable: set[str] = set()
-    for name, module in base_modules(model):
+    for name, module in modules:
         kind = kind_of(module)
-        if kind is not None:
-            adaptable.add(name.rsplit(".", 1)[-1])
-        if config.target_modules == ALL_LINEAR:
+        if spec == ALL_LINEAR:
             if kind not in (LINEAR, GPT2_CONV1D) or module is head or _inside(name, saved_names):
                 continue
-        elif not name_matches(name, config.target_modules):
+        elif not name_matches(name, spec):
             continue
-        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+        if _filtered_out(name, config):
             continue
-        layers = config.layers_to_transform
-        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
-            continue
-        if kind is None:
-            raise TargetError(
-                f"target {name!r} is a {type(module).__name__}, which LoRA cannot adapt; "
-                f"supported layer types: {SUPPORTED_TYPES}. Target its linear sub-layers instead."
-            )
-        reason = unsupported_reason(module)
-        if reason:
-            raise TargetError(f"target {name!r} ({type(module).__name__}): {reason}")
-        targets.append(Target(name, module, kind))
+        targets.append(Target(name, module, _adaptable_kind(name, module, kind)))
     if not targets:
-        raise TargetError(
-            f"target_modules={_show(config.target_modules)} matched no layer of {type(model).__name__}"
-            f"{_filters(config)}; layers that could be adapted end in: {', '.join(sorted(adaptable)) or 'none'}"
-        )
+        raise TargetError(_nothing_matched(model, config, modules))
     for t in targets:
         if _inside(t.name, saved_names):
             raise TargetError(
                 f"{t.name!r} is both a LoRA target and (inside) a modules_to_save entry; choose one"
             )
+    if strict:
+        _check_entries_used(model, config, names)
+        _warn_unused_patterns(config, targets)
+        _warn_rank_too_large(config, targets)
     return targets
+
+
+def resolve_spec(spec: tuple[str, ...] | str, names: list[str]) -> tuple[str, ...] | str:
+    """`spec` as matching uses it: a plain name such as "q_proj" that matches no whole module name as
+    a regex, but is a dotted suffix of some, becomes ("q_proj",) (what `--lora.target_modules q_proj`
+    means); every other spec is returned as it is."""
+    if isinstance(spec, str) and spec != ALL_LINEAR and _PLAIN_NAME.fullmatch(spec):
+        as_regex = any(re.fullmatch(spec, n) for n in names)
+        if not as_regex and any(name_matches(n, (spec,)) for n in names):
+            return (spec,)
+    return spec
+
+
+_PLAIN_NAME = re.compile(r"[\w.\-]+")  # a module name or dotted path; "." is the only regex syntax
+
+
+def _filtered_out(name: str, config: LoraConfig) -> bool:
+    if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+        return True
+    layers = config.layers_to_transform
+    return layers is not None and layer_index(name, config.layers_pattern) not in layers
+
+
+def _adaptable_kind(name: str, module: nn.Module, kind: LayerKind | None) -> LayerKind:
+    if kind is None:
+        raise TargetError(
+            f"target {name!r} is a {type(module).__name__}, which LoRA cannot adapt; "
+            f"supported layer types: {SUPPORTED_TYPES}. Target its linear sub-layers instead."
+        )
+    reason = unsupported_reason(module)
+    if reason:
+        raise TargetError(f"target {name!r} ({type(module).__name__}): {reason}")
+    return kind
+
+
+def _nothing_matched(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]) -> str:
+    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if kind_of(m) is not None})
+    hint = ""
+    if isinstance(config.target_modules, str) and config.target_modules != ALL_LINEAR:
+        hint = (
+            r"; a single string is a regex over the full module name (start it with '.*\.' to match "
+            "the end of names), a list matches names or dotted suffixes"
+        )
+    return (
+        f"target_modules={_show(config.target_modules)} matched no layer of {type(model).__name__}"
+        f"{_filters(config)}; layers that could be adapted end in: {', '.join(adaptable) or 'none'}{hint}"
+    )
+
+
+def _check_entries_used(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
+    """Every list entry of target_modules / exclude_modules must match some module: a misspelt one
+    would otherwise be ignored while the others match (HF PEFT only errors when nothing matches)."""
+    for key in ("target_modules", "exclude_modules"):
+        spec = getattr(config, key)
+        if isinstance(spec, tuple):
+            for entry in spec:
+                if not any(name_matches(n, (entry,)) for n in names):
+                    raise TargetError(
+                        f"{key} entry {entry!r} matches no module of {type(model).__name__}"
+                        f"{did_you_mean(entry, {n.rsplit('.', 1)[-1] for n in names})}; fix or remove it"
+                    )
+        elif key == "exclude_modules" and spec is not None and not any(re.fullmatch(spec, n) for n in names):
+            plain = _PLAIN_NAME.fullmatch(spec) is not None
+            raise TargetError(
+                f"exclude_modules={spec!r} matches no module of {type(model).__name__}; a single string is "
+                f"a regex over the full module name" + (f", did you mean [{spec!r}]?" if plain else "")
+            )
+
+
+def _warn_unused_patterns(config: LoraConfig, targets: list[Target]) -> None:
+    # A warning, as in HF PEFT: a key that matches no target changes nothing, but is likely a typo.
+    for key in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in getattr(config, key) if not any(pattern_matches(k, t.name) for t in targets)]
+        if unused:
+            warnings.warn(
+                f"{key} keys {unused} match no target layer and change nothing; a key is a regex over "
+                "the end of the module name after a '.', e.g. 'q_proj' or 'layers[.]0[.]mlp[.]down_proj'",
+                stacklevel=3,
+            )
+
+
+def _warn_rank_too_large(config: LoraConfig, targets: list[Target]) -> None:
+    """B·A has rank at most min(in, out): a larger r adds parameters (and memory) but no capacity."""
+    over = []
+    for t in targets:
+        r = config.rank_and_alpha(t.name)[0]
+        fan_in, fan_out = t.kind.dims(t.module)
+        if r > min(fan_in, fan_out):
+            over.append((t, r, fan_in, fan_out))
+    if not over:
+        return
+    t, r, fan_in, fan_out = over[0]
+    limit, leaf = min(fan_in, fan_out), t.name.rsplit(".", 1)[-1]
+    more = f" (and {len(over) - 1} more layers)" if len(over) > 1 else ""
+    warnings.warn(
+        f"rank {r} is more than the smaller dimension of {t.name!r} ({fan_in} in, {fan_out} out){more}: "
+        f"the update there has rank at most {limit}, so the extra rank only adds parameters (the "
+        f"adapter is {r * (fan_in + fan_out) / (fan_in * fan_out):.1f}x the layer's size). Use r <= {limit}, "
+        f"or lower it for those layers with rank_pattern, e.g. {{{leaf!r}: {limit}}}",
+        stacklevel=3,
+    )
 
 
 def find_modules_to_save(
