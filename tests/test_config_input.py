@@ -233,3 +233,20 @@ def test_bad_lora_section_types_are_named() -> None:
         with pytest.raises(ConfigError) as err:
             LoraConfig(**values)
         assert fragment in str(err.value)
+
+
+# -- item 11: one target name on the command line ------------------------------------------------
+def test_one_target_name_on_the_command_line_adapts_that_layer(
+    trained: list, capsys: pytest.CaptureFixture
+) -> None:
+    from conftest import tiny_llama
+
+    from peftkit import AdaptedModel
+    from peftkit.methods import LoraLayer
+
+    code, err = run_train(capsys, "--lora.target_modules", "q_proj")
+    assert code == 0, err
+    assert trained[0].lora.target_modules == "q_proj"  # YAML reads one name as a string, not a list
+    am = AdaptedModel.attach(tiny_llama(), trained[0].lora)
+    layers = {n for n, m in am.model.named_modules() if isinstance(m, LoraLayer)}
+    assert layers == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
