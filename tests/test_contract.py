@@ -308,8 +308,10 @@ def test_delete_and_unload_give_back_the_plain_model(method: str, variant: str, 
     base = output(model, x)
     am = AdaptedModel.attach(model, make_config(method, variant, kind), "a")
     am.add_adapter("b", make_config(method, variant, kind))
-    am.delete_adapter("a")
+    with pytest.warns(UserWarning, match="adapter 'b' is active now"):
+        am.delete_adapter("a")  # the active one: "b" takes over, and a warning says so
     assert am.adapters == ["b"]
+    assert am.active_adapters == ["b"]
     assert any(is_peftkit(m) for m in am.model.modules()), "b's layers must stay wrapped"
     am.delete_adapter("b")
     assert dict(am.model.named_modules()) == modules  # the very same module objects

@@ -521,9 +521,6 @@ def test_a_layer_refuses_a_batch_its_names_do_not_fit(two: AdaptedModel) -> None
         two.model(model_input("llama", batch=2))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="methods/lora.py's _local_rows still repeats names for any divisor of the batch"
-)
 def test_a_lora_layer_refuses_a_batch_its_names_do_not_fit(am: AdaptedModel) -> None:
     """The same check in the LoRA layers (RowRouting.repeat_for), for adapters with no whole copies."""
     with raises(RequestError, "a batch of 2 rows does not fit 1 adapter_names"), am.mixed_batch(["keep"]):

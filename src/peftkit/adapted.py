@@ -86,7 +86,7 @@ class AdaptedModel(nn.Module):
         """
         self._check_new_name(name)
         method_for(config)
-        targets = find_targets(self.model, config)
+        targets = find_targets(self.model, config, strict=True)
         find_modules_to_save(self.model, config.modules_to_save)  # every entry must match something
         self._check_other_adapters(config, targets)
         self._inject(name, config, targets, trainable=trainable, dtype=dtype)

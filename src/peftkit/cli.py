@@ -218,7 +218,11 @@ def _yaml_value(text: str) -> Any:
 
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (
+        yaml.YAMLError,
+        ValueError,
+        RecursionError,
+    ):  # 5000-digit ints, deep nesting: the config names them
         return text
 
 

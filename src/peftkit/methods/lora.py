@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import RequestError
 from ..routing import AdapterState, RowRouting
 from .lora_config import LoraConfig
 from .lora_kinds import LayerKind
@@ -173,10 +172,7 @@ class LoraLayer(nn.Module):
         slots = {n: i for i, n in enumerate(self.specs)}
         lut = [slots.get(u, len(slots)) for u in routing.unique] + [len(slots)]
         rows = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
-        if x.shape[0] != rows.shape[0]:  # generate() with num_beams > 1 repeats each row
-            if x.shape[0] % rows.shape[0]:
-                raise RequestError(f"batch of {x.shape[0]} rows does not fit {rows.shape[0]} adapter_names")
-            rows = rows.repeat_interleave(x.shape[0] // rows.shape[0])
+        rows = rows.repeat_interleave(routing.repeat_for(x.shape[0]))  # beam search repeats each row
         uniform = int(rows[0]) if bool((rows == rows[0]).all()) else None
         value = (rows.to(x.device), uniform)
         self._cache["rows"] = (key, value)
