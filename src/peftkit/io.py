@@ -7,9 +7,13 @@ permissions (mkstemp/mkdtemp would leave them private to the writer).
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,34 +54,98 @@ def is_nonempty_dir(path: Path) -> bool:
 
 
 @contextmanager
-def building_dir(
-    final: Path, *, if_exists: Literal["keep", "replace", "error", "update"] = "keep"
-) -> Iterator[Path]:
+def building_dir(final: Path, *, if_exists: Literal["keep", "replace", "error"] = "keep") -> Iterator[Path]:
     """Yield an empty temporary sibling of `final` to fill; on success it becomes `final`.
 
     If a non-empty `final` exists once ours is complete, `if_exists` decides: "keep" it and drop ours
-    (another process won the race), "replace" it whole, "update" it by moving our files into it one
-    by one (each atomically; files we did not write are kept), or raise FileExistsError ("error").
-    On any error the temporary directory is removed.
+    (another process won the race), "replace" it whole (see `replace_dir`: a reader sees the old
+    directory or the new one, never a mix), or raise FileExistsError ("error"). On any error the
+    temporary directory is removed and `final` is left as it was.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"cannot write to {final}: it exists and is not a directory")
     tmp = _temp_sibling(final, "tmp")
     tmp.mkdir()
     try:
         yield tmp
-        if is_nonempty_dir(final) and if_exists == "update":
-            for item in tmp.iterdir():
-                os.replace(item, final / item.name)
+        if if_exists == "replace":
+            replace_dir(tmp, final)
             return
-        if is_nonempty_dir(final) and if_exists == "replace":
-            trash = _temp_sibling(final, "old")  # rename() cannot replace a non-empty directory
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
         renamed = _rename_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
     if not renamed and if_exists != "keep":
         raise FileExistsError(f"{final} appeared while it was being written; it was left as it is")
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Make directory `new` take the place of `final`, replacing whatever directory is there whole.
+
+    On Linux the two are exchanged in one atomic step (renameat2 with RENAME_EXCHANGE), so every
+    reader, and every crash, sees either the complete old directory or the complete new one.
+    Elsewhere (or on a filesystem without exchange) the old one is renamed away, the new one renamed
+    in and the old one deleted: a crash in between leaves `final` missing for a moment but never
+    loses both (the old one survives as a hidden `.NAME.old-*` sibling).
+    """
+    if _rename_dir(new, final):  # nothing (or an empty directory) was there
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now names the old directory
+        return
+    replace_by_renames(new, final)
+
+
+def replace_by_renames(new: Path, final: Path) -> None:
+    """`replace_dir` without an atomic exchange: rename the old away, the new in, delete the old."""
+    trash = _temp_sibling(final, "old")  # rename() cannot replace a non-empty directory
+    os.rename(final, trash)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(trash, final)  # put the old one back rather than leave nothing
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that it disappears at once: rename it to a hidden sibling, then delete
+    that. A crash mid-way leaves a `.NAME.old-*` leftover, never a half-deleted `NAME`."""
+    trash = _temp_sibling(path, "old")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def is_leftover(name: str, of: str = "") -> bool:
+    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`),
+    optionally only those of the entry named `of`: what an interrupted write leaves behind."""
+    prefix = f".{of}." if of else "."
+    if not name.startswith(prefix):
+        return False
+    kind, _, tail = name.rpartition(".")[2].partition("-")
+    return kind in ("tmp", "old") and len(tail) == 12
+
+
+def copy_entries(src: Path, dst: Path, *, skip: set[str]) -> None:
+    """Copy every entry of directory `src` except those named in `skip` into `dst` (hard links
+    where possible: the copies only have to outlive `src`, which is about to be replaced)."""
+    for item in src.iterdir():
+        if item.name in skip or is_leftover(item.name):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, dst / item.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, dst / item.name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def _rename_dir(src: Path, dst: Path) -> bool:
@@ -91,3 +159,33 @@ def _rename_dir(src: Path, dst: Path) -> bool:
             return False
         raise
     return True
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # kernel or filesystem without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.3
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import AdapterFileError, ConfigError, ShapeMismatchError
-from ..io import building_dir, write_json_atomic
+from ..io import building_dir, copy_entries, write_json_atomic
 from ..methods.lora_config import LoraConfig
 from .files import read_json, read_safetensors, refuse_pickle, write_safetensors
 
@@ -183,11 +183,18 @@ def read_adapter(path: str | Path) -> AdapterFiles:
 def write_adapter(
     directory: str | Path, config: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str]
 ) -> Path:
-    """Write an adapter directory; a reader never sees a half-written pair of files."""
+    """Write an adapter directory, replacing an existing one whole.
+
+    The new directory is built beside the old one and swapped in (`io.replace_dir`), so a reader or
+    a crash sees the complete old adapter or the complete new one, never new weights beside an old
+    config. Other files of an existing directory (a README, training sidecars) are carried over.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"cannot save the adapter to {directory}: it exists and is not a directory")
-    with building_dir(directory, if_exists="update") as tmp:  # other files in the directory are kept
+    with building_dir(directory, if_exists="replace") as tmp:
+        if directory.is_dir():
+            copy_entries(directory, tmp, skip={WEIGHTS_FILE, CONFIG_FILE})
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt", **metadata})
         write_json_atomic(tmp / CONFIG_FILE, config)
     return directory
