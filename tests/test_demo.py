@@ -38,3 +38,20 @@ def test_demo_fails_when_the_adapter_misses_the_target(tiny_model_dir: Path, tmp
     args = ["demo", "--base", str(tiny_model_dir), "--steps", "1", "--n-test", "2", "--min-score", "1.01"]
     assert main([*args, "--out", str(tmp_path / "demo")]) == 1  # no score reaches 101%
     assert "[FAILED: target 101%]" in capsys.readouterr().out
+
+
+def test_the_demo_runs_again_into_its_own_directory(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--base", str(tiny_model_dir), "--steps", "2", "--n-test", "2", "--min-score", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--steps", "3", "--out", str(out)]) == 0  # `make demo` twice: the rerun replaces it
+    assert "removed the previous run's files" in capsys.readouterr().err
+    assert json.loads((out / "demo.json").read_text())["adapter_dir"] == str(out / "adapter-best")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert steps == [1, 2, 3]  # the first run's steps are not mixed in

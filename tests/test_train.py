@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 
 from peftkit import AdaptedModel
 from peftkit.base import load_base
+from peftkit.cli import main
 from peftkit.data import dataset_hash, encode_all, load_examples, split_examples
 from peftkit.train import distributed
 from peftkit.train.config import load_config
@@ -300,3 +304,150 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, data,
         train(config(tiny_model_dir, data, out, max_steps=6, gradient_checkpointing=checkpointing))
         curves.append([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r])
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
+# -- hardening: runs without validation, changed inputs, divergence, Ctrl-C, damaged checkpoints --------
+def cli_args(model_dir: Path, data: Path, out: Path, **overrides) -> list[str]:
+    """`peftkit train` options for `config(...)`'s settings (plus overrides)."""
+    values = {
+        "base": model_dir, "data": data, "output_dir": out, "batch_size": 8, "lr": 0.01, "max_steps": 24,
+        "precision": "fp32", "progress": "false", "tensorboard": "false", "lora.r": 4, "lora.lora_alpha": 8,
+        "val_fraction": 0.125, "seed": 1, **overrides,
+    }  # fmt: skip
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def test_a_run_without_validation_data_saves_the_last_adapter_and_says_there_is_no_best(
+    tiny_model_dir, data, tmp_path, capsys
+):
+    result = train(config(tiny_model_dir, data, tmp_path / "none", val_fraction=0.0, max_steps=2))
+    assert result.adapter_dir == tmp_path / "none" / "adapter-last" and result.best_val_loss is None
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "none" / "adapter-best").exists()
+    assert "no validation examples, so there is no adapter-best" in capsys.readouterr().err
+    # A one-row file leaves nothing to hold out either; the command line says the same.
+    one_row = make_data(tmp_path / "one.jsonl", n=1)
+    assert main(["train", *cli_args(tiny_model_dir, one_row, tmp_path / "one", max_steps=1)]) == 0
+    assert "no adapter-best" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["val_examples"] == 0 and summary["best_output"] is None
+    assert summary["output"] == str(tmp_path / "one" / "adapter-last")
+
+
+def test_resume_refuses_changed_data_or_base_weights_unless_allowed(tiny_model_dir, tmp_path, capsys):
+    base = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))
+    data = make_data(tmp_path / "up.jsonl")
+    out = tmp_path / "run"
+    first = train(config(base, data, out, max_steps=4, checkpoint_every=2))
+    resume = ["train", *cli_args(base, data, out, max_steps=6, checkpoint_every=2), "--resume"]
+
+    make_data(data, seed=7)  # the same file, other rows
+    new_hash = dataset_hash(split_examples(load_examples(data), 0.125, seed=1)[0])
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot resume from" in err and "the training data changed" in err
+    assert first.summary["dataset_hash"][7:19] in err and new_hash[7:19] in err
+    assert "--allow-changed-inputs" in err
+
+    make_data(data, seed=0)  # the data is back; now the base weights change
+    model = LlamaForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+    model.save_pretrained(base)
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "the base model changed" in err and first.summary["base_fingerprint"][7:19] in err
+    assert "training data" not in err
+
+    assert main([*resume, "--allow-changed-inputs"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "the base model changed" in err
+    facts = json.loads((out / "adapter-last" / "training.json").read_text())
+    (change,) = facts["changed_inputs"]
+    assert change["step"] == 4 and change["base_fingerprint"][0] == first.summary["base_fingerprint"]
+    assert change["base_fingerprint"][1] == facts["base_fingerprint"] != first.summary["base_fingerprint"]
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing_from_it(
+    tiny_model_dir, data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = cli_args(tiny_model_dir, data, out, lr=1e30, max_steps=6, checkpoint_every=1, eval_every=100)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "error: step 2: the training loss is nan" in err and "Lower the learning rate" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # the last good one
+    assert not (out / "adapter-last").exists() and not (out / "summary.json").exists()
+    weights = load_file(out / "checkpoints" / "step-00000001" / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_resume_refuses_a_checkpoint_with_nan_weights(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=4, checkpoint_every=2))
+    newest = out / "checkpoints" / "step-00000004"
+    weights = load_file(newest / "trainable.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, newest / "trainable.safetensors")
+    before = adapter_tensors(out / "adapter-last")
+    assert main(["train", *cli_args(tiny_model_dir, data, out, max_steps=6), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot resume from checkpoint {newest}" in err and "NaN or inf" in err
+    assert "step-00000002" in err  # the older checkpoint to fall back on
+    after = adapter_tensors(out / "adapter-last")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("damage", ["torn state.json", "state.json without its sections", "wrong shapes"])
+def test_a_damaged_checkpoint_is_an_error_naming_it_and_the_way_out(
+    tiny_model_dir, data, tmp_path, capsys, damage
+):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=4, checkpoint_every=2))
+    newest = out / "checkpoints" / "step-00000004"
+    state = newest / "state.json"
+    if damage == "torn state.json":
+        state.write_text(state.read_text()[:100])
+    elif damage == "state.json without its sections":
+        state.write_text('{"format": 1}')
+    else:
+        weights = load_file(newest / "trainable.safetensors")
+        save_file({k: torch.zeros(2, 3) for k in weights}, newest / "trainable.safetensors")
+    assert main(["train", *cli_args(tiny_model_dir, data, out, max_steps=6), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot resume from checkpoint {newest}" in err, err
+    assert "step-00000002" in err and "--overwrite" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(tiny_model_dir, data, tmp_path):
+    # checkpoint_every stays 0: Ctrl-C alone must leave something to resume from.
+    args = [
+        "--base", str(tiny_model_dir), "--data", str(data), "--max_steps", "300", "--batch_size", "8",
+        "--lr", "0.01", "--precision", "fp32", "--progress", "false", "--tensorboard", "false",
+        "--lora.r", "4", "--eval_every", "100", "--seed", "3",
+    ]  # fmt: skip
+    assert main(["train", *args, "--output_dir", str(tmp_path / "whole")]) == 0
+    run = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "peftkit", "train", *args, "--output_dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # As in a terminal: SIGINT is not ignored (a background job's would be, and Python keeps that).
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore
+    )
+    deadline = time.time() + 120
+    while not read_metrics(run / "metrics.jsonl") and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 300 and f"--resume to continue from step {step}" in err
+    assert json.loads((run / "summary.json").read_text())["interrupted"] is True
+    subprocess.run([*cmd, "--resume"], env=env, check=True, capture_output=True, timeout=120)
+    a, b = adapter_tensors(tmp_path / "whole" / "adapter-last"), adapter_tensors(run / "adapter-last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert losses == list(range(1, 301))  # every step once, none repeated after the resume

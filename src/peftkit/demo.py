@@ -14,6 +14,7 @@ import torch
 from .data.example import Message
 from .data.tasks import get_task
 from .train.config import TrainConfig, save_config
+from .train.setup import is_run_dir
 
 # Fresh inputs for each task, written by hand (not produced by the task generator).
 FRESH = {
@@ -54,7 +55,12 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     print(f"peftkit demo: teach {base} the '{task}' task ({spec.description}) with LoRA")
     print(f"  {torch.get_num_threads()} CPU threads; training config saved as {out / 'config.yaml'}\n")
 
-    result = train(config)
+    # The demo reruns into its own directory: a previous demo run there is replaced (train refuses
+    # to clear a directory that is not a peftkit run), and its demo.json goes first, so a failed
+    # rerun never leaves the old scores beside the new adapter.
+    if is_run_dir(out):
+        (out / "demo.json").unlink(missing_ok=True)
+    result = train(config, overwrite=True)
     print(
         f"\ntrained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s)"
     )

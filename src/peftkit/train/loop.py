@@ -24,13 +24,33 @@ import torch
 
 from ..data.batching import collate, length_grouped_batches
 from ..data.encode import Encoded
+from ..errors import ConfigError
+from ..io import atomic_file, remove_dir
 from . import distributed
-from .checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    INPUTS,
+    Position,
+    check_inputs,
+    describe_changes,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from .config import TrainConfig, save_config
 from .optim import Trainable, lr_at, make_optimizer, set_lr
-from .report import Reporter, plot_losses
-from .setup import Prepared, prepare
-from .step import batch_loss, validation_loss
+from .report import Reporter, plot_losses, read_metrics, truncate_metrics
+from .setup import Prepared, check_run_dir, clear_run, prepare, remove_leftovers, run_dir
+from .step import (
+    StopOnCtrlC,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    batch_loss,
+    check_finite,
+    validation_loss,
+    weights_are_finite,
+)
 
 
 @dataclass
@@ -48,16 +68,38 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def train(config: TrainConfig, *, resume: bool | str | Path = False) -> TrainResult:
-    """Fine-tune `config.base` on `config.data`; `resume` continues from the newest checkpoint of
-    the run's output directory (True) or from a given checkpoint directory."""
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    allow_changed_inputs: bool = False,
+) -> TrainResult:
+    """Fine-tune `config.base` on `config.data`.
+
+    The output directory must not hold another run (checked before the model loads): `resume`
+    continues it from its newest checkpoint (True) or from a given checkpoint directory;
+    `overwrite` deletes the old run's files (only those) first. A checkpoint trained on other data
+    or another base model is refused unless `allow_changed_inputs`, which says so loudly and records
+    the change in the adapter's training.json. Ctrl-C stops after the current step, saves a
+    checkpoint and the last adapter, and raises TrainingInterrupted (a KeyboardInterrupt); a second
+    Ctrl-C aborts at once.
+    """
+    out = run_dir(config)
+    if resume and overwrite:
+        raise ConfigError(f"--resume continues the run in {out} and --overwrite deletes it: pass one of them")
     d = distributed.init()
+    start = None
+    if resume:  # a missing or broken checkpoint fails before the model loads
+        path = find_checkpoint(out / "checkpoints", resume)
+        start = path, read_state(path, config.to_dict())
+    check_run_dir(out, resume=bool(resume), overwrite=overwrite)
+    distributed.barrier(d)  # every process has checked the directory before the main one changes it
     p = prepare(config, d)
+    _claim(p, overwrite=overwrite)
     trainable = Trainable.of(p.net)
     optimizer = make_optimizer(trainable, config)
-    pos = Position()
-    if resume:
-        pos = _resume(p, trainable, optimizer, resume)
+    pos = _resume(p, trainable, optimizer, *start, allow_changed_inputs) if start else Position()
     if d.main:
         print(p.describe(trainable, pos), file=sys.stderr, flush=True)
     reporter = Reporter(
@@ -72,23 +114,42 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False) -> TrainRes
         save_config(config, p.out / "config.yaml")
     started = time.perf_counter()
     try:
-        pos, tokens = _fit(p, trainable, optimizer, pos, reporter)
-    except KeyboardInterrupt:
-        reporter.message("interrupted; the newest checkpoint (if any) can be resumed with --resume")
+        with StopOnCtrlC() as stop:
+            pos, tokens, stopped = _fit(p, trainable, optimizer, pos, reporter, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+        reporter.message(_abort_message(p))
         raise
     finally:
         reporter.close()
     seconds = time.perf_counter() - started
+    if stopped:
+        _stop(p, pos, trainable, optimizer, seconds, tokens)
     result = _save(p, pos, trainable, seconds, tokens)
     distributed.shutdown(d)
     return result
 
 
+def _claim(p: Prepared, *, overwrite: bool) -> None:
+    """Clear the old run (overwrite) or what interrupted writes left behind, once the data and the
+    model have loaded: a failure before this point leaves the directory as it was."""
+    if p.dist.main:
+        gone = clear_run(p.out) if overwrite else remove_leftovers(p.out)
+        if gone:
+            what = "the previous run's files" if overwrite else "leftovers of an interrupted run"
+            print(f"peftkit: removed {what} from {p.out}: {', '.join(gone)}", file=sys.stderr, flush=True)
+    distributed.barrier(p.dist)
+
+
 def _fit(
-    p: Prepared, trainable: Trainable, optimizer: torch.optim.Optimizer, pos: Position, reporter: Reporter
-) -> tuple[Position, int]:
-    """Optimizer steps until max_steps, the last epoch, or early stopping. Returns the final position
-    and the number of (padded) tokens processed."""
+    p: Prepared,
+    trainable: Trainable,
+    optimizer: torch.optim.Optimizer,
+    pos: Position,
+    reporter: Reporter,
+    stop: StopOnCtrlC,
+) -> tuple[Position, int, bool]:
+    """Optimizer steps until max_steps, the last epoch, early stopping or Ctrl-C. Returns the final
+    position, the number of (padded) tokens processed, and whether Ctrl-C stopped the run early."""
     c, d = p.config, p.dist
     tokens_seen = 0
     while pos.step < p.total_steps:
@@ -96,7 +157,7 @@ def _fit(
         while pos.batch_in_epoch < len(batches) and pos.step < p.total_steps:
             window = batches[pos.batch_in_epoch : pos.batch_in_epoch + c.grad_accum]
             t0 = time.perf_counter()
-            loss, padded, real = _step(p, trainable, optimizer, window, lr_at(pos.step, p.total_steps, c))
+            loss, padded, real = _step(p, trainable, optimizer, window, pos.step)
             dt = time.perf_counter() - t0
             pos.step += 1
             pos.batch_in_epoch += len(window)
@@ -110,29 +171,38 @@ def _fit(
             end_of_epoch = pos.batch_in_epoch >= len(batches)
             validate_now = _due(pos.step, c.eval_every) or (c.eval_every == 0 and end_of_epoch)
             if validate_now and _validate(p, pos, trainable, reporter):
-                return pos, tokens_seen  # early stopping
-            if _due(pos.step, c.checkpoint_every) and d.main:
+                return pos, tokens_seen, False  # early stopping
+            if _due(pos.step, c.checkpoint_every):
                 _checkpoint(p, pos, trainable, optimizer)
+            # Checked only once the step's validation and checkpoint are done, so that resuming
+            # gives exactly the run that was not interrupted.
+            if stop.now(d) and pos.step < p.total_steps:
+                return pos, tokens_seen, True
         if pos.batch_in_epoch >= len(batches):
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-    return pos, tokens_seen
+    return pos, tokens_seen, False
 
 
 def _step(
-    p: Prepared, trainable: Trainable, optimizer: torch.optim.Optimizer, window: list[list[int]], lr: float
+    p: Prepared, trainable: Trainable, optimizer: torch.optim.Optimizer, window: list[list[int]], index: int
 ) -> tuple[float, int, int]:
-    """One optimizer step over `window` (global micro-batches). Returns (mean loss over the global
-    batch, padded tokens this process ran, labelled tokens of the global batch)."""
+    """Optimizer step `index` (from 0) over `window` (global micro-batches). Returns (mean loss over
+    the global batch, padded tokens this process ran, labelled tokens of the global batch). A loss or
+    gradient that is not finite stops the run before the update (TrainingDivergedError)."""
+    lr = lr_at(index, p.total_steps, p.config)
     loss_sum, padded, labelled = accumulate(p, window)
+    loss = distributed.all_sum(loss_sum, p.dist) / max(labelled, 1)
+    check_finite(loss, "training loss", index + 1, lr)
     distributed.all_sum_grads(trainable.params, p.dist)
     trainable.grads_to_masters()
     if p.config.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(trainable.masters, p.config.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(trainable.masters, p.config.max_grad_norm)
+        check_finite(float(norm), "gradient norm", index + 1, lr)
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     trainable.masters_to_params()
-    return distributed.all_sum(loss_sum, p.dist) / max(labelled, 1), padded, labelled
+    return loss, padded, labelled
 
 
 def accumulate(p: Prepared, window: list[list[int]]) -> tuple[float, int, int]:
@@ -165,8 +235,9 @@ def _validate(p: Prepared, pos: Position, trainable: Trainable, reporter: Report
     reporter.message(f"step {pos.step}: validation loss {val:.4f}")
     if val < pos.best_val:
         pos.best_val, pos.bad_evals = val, 0
+        _check_weights(p, pos, trainable)
         if p.dist.main:
-            p.save_weights(p.out / ("adapter-best" if p.is_lora else "model-best"), pos, trainable)
+            p.save_weights(_best_dir(p), pos, trainable)
     else:
         pos.bad_evals += 1
     patience = p.config.early_stopping_patience
@@ -177,47 +248,145 @@ def _validate(p: Prepared, pos: Position, trainable: Trainable, reporter: Report
 
 
 def _checkpoint(p: Prepared, pos: Position, trainable: Trainable, optimizer: torch.optim.Optimizer) -> Path:
-    return save_checkpoint(
-        p.out / "checkpoints", pos, trainable.names, trainable.masters, optimizer, p.config.to_dict(),
-        keep=p.config.keep_checkpoints,
-    )  # fmt: skip
+    """Write a checkpoint (the main process; every process checks the weights first)."""
+    _check_weights(p, pos, trainable)
+    path = p.out / "checkpoints" / f"step-{pos.step:08d}"
+    if p.dist.main:
+        save_checkpoint(
+            p.out / "checkpoints", pos, trainable.names, trainable.masters, optimizer, p.config.to_dict(),
+            _inputs(p), keep=p.config.keep_checkpoints,
+        )  # fmt: skip
+    return path
+
+
+def _inputs(p: Prepared) -> dict[str, str]:
+    """What the run trains on (data hashes, base fingerprint), recorded in its checkpoints."""
+    return {k: str(p.lineage.get(k, "")) for k in INPUTS}
+
+
+def _check_weights(p: Prepared, pos: Position, trainable: Trainable) -> None:
+    """Never save NaN or inf weights (they can follow from a non-finite gradient without clipping)."""
+    if not weights_are_finite(trainable.masters):
+        raise TrainingDivergedError(
+            f"step {pos.step}: the trained weights hold NaN or inf; nothing from this step was saved. "
+            f"Lower the learning rate (lr is {p.config.lr:g}) or set max_grad_norm, then start again "
+            "(--overwrite)"
+        )
 
 
 def _resume(
-    p: Prepared, trainable: Trainable, optimizer: torch.optim.Optimizer, resume: bool | str | Path
+    p: Prepared,
+    trainable: Trainable,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+    state: dict[str, Any],
+    allow_changed_inputs: bool,
 ) -> Position:
-    if resume is True:
-        found = list_checkpoints(p.out / "checkpoints")
-        if not found:
-            raise FileNotFoundError(
-                2, "no checkpoint to resume from (checkpoint_every must be > 0)", str(p.out / "checkpoints")
-            )
-        path = found[-1]
-    else:
-        path = Path(resume)
-    pos = load_checkpoint(path, trainable.names, trainable.masters, optimizer, p.config.to_dict())
+    """Load checkpoint `path` and make the run directory agree with it: later metrics and a best
+    adapter saved after it belong to the part of the run being redone."""
+    step = state["position"].get("step", 0)
+    if step >= p.total_steps:
+        raise ConfigError(
+            f"{path} is at step {step} and this run ends at step {p.total_steps}: nothing to train; "
+            "raise max_steps (or epochs) to continue it"
+        )
+    changed = check_inputs(state, _inputs(p), path, allow_changed_inputs)
+    pos = load_checkpoint(path, state, trainable.names, trainable.masters, optimizer)
     trainable.masters_to_params()
+    if changed:
+        pos.extra.setdefault("changed_inputs", []).append({"step": pos.step, **changed})
     if p.dist.main:
+        if changed:
+            print(
+                f"peftkit: WARNING: resuming from {path} although {describe_changes(changed)} "
+                "(--allow-changed-inputs); the adapter's training.json records it under changed_inputs",
+                file=sys.stderr,
+                flush=True,
+            )
         print(f"peftkit: resuming from {path} (step {pos.step})", flush=True)
+        truncate_metrics(p.out / "metrics.jsonl", pos.step)
+        _drop_later_best(_best_dir(p), pos.step)
     return pos
 
 
-def _save(p: Prepared, pos: Position, trainable: Trainable, seconds: float, tokens: int) -> TrainResult:
+def _drop_later_best(best: Path, step: int) -> None:
+    """Remove a best adapter written after checkpoint step `step` (the resumed run may save it again)."""
+    if not best.is_dir():
+        return
+    try:
+        saved_at = json.loads((best / "training.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        saved_at = None
+    if not isinstance(saved_at, int) or saved_at > step:
+        remove_dir(best)
+
+
+def _stop(
+    p: Prepared,
+    pos: Position,
+    trainable: Trainable,
+    optimizer: torch.optim.Optimizer,
+    seconds: float,
+    tokens: int,
+) -> None:
+    """After a Ctrl-C: save a checkpoint (unless this step wrote one) and the last adapter, say how
+    to resume, and raise."""
+    path = p.out / "checkpoints" / f"step-{pos.step:08d}"
+    if not _due(pos.step, p.config.checkpoint_every):
+        path = _checkpoint(p, pos, trainable, optimizer)
+    _save(p, pos, trainable, seconds, tokens, interrupted=True)
+    if p.dist.main:
+        print(
+            f"peftkit: interrupted after step {pos.step} of {p.total_steps}; saved {path} and "
+            f"{_last_dir(p)}. Run the same command with --resume to continue from step {pos.step}",
+            file=sys.stderr,
+            flush=True,
+        )
+    distributed.shutdown(p.dist)
+    raise TrainingInterrupted(pos.step, path)
+
+
+def _abort_message(p: Prepared) -> str:
+    found = list_checkpoints(p.out / "checkpoints")
+    if found:
+        return f"aborted; --resume continues from the newest checkpoint, {found[-1]}"
+    return "aborted before any checkpoint was written: --resume cannot continue this run; start it again with --overwrite"
+
+
+def _best_dir(p: Prepared) -> Path:
+    return p.out / ("adapter-best" if p.is_lora else "model-best")
+
+
+def _last_dir(p: Prepared) -> Path:
+    return p.out / ("adapter-last" if p.is_lora else "model-last")
+
+
+def _save(
+    p: Prepared,
+    pos: Position,
+    trainable: Trainable,
+    seconds: float,
+    tokens: int,
+    *,
+    interrupted: bool = False,
+) -> TrainResult:
     """The last adapter (or model), the loss plot and a summary, written by the main process."""
-    last = p.out / ("adapter-last" if p.is_lora else "model-last")
-    best = p.out / ("adapter-best" if p.is_lora else "model-best")
+    last, best = _last_dir(p), _best_dir(p)
+    has_best = not math.isinf(pos.best_val) and best.is_dir()  # only a best of this run counts
+    chosen = best if has_best else last
     metrics_path = p.out / "metrics.jsonl"
+    _check_weights(p, pos, trainable)
     final_loss = None
     if p.dist.main:
         p.save_weights(last, pos, trainable)
         plot_losses(
             metrics_path, p.out / "loss.png", f"{p.config.base} on {p.config.data} ({p.config.method})"
         )
-        losses = [
-            json.loads(line)["loss"] for line in metrics_path.read_text().splitlines() if '"loss"' in line
-        ]
+        losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
         final_loss = losses[-1] if losses else None
-    chosen = best if best.is_dir() else last
+        if not has_best and not interrupted:
+            why = "no validation examples" if not p.val_set else "no validation ran"
+            print(f"peftkit: {why}, so there is no {best.name}; the result is {last}", file=sys.stderr)
     summary = {
         "steps": pos.step,
         "epochs": pos.epoch + (pos.batch_in_epoch > 0),
@@ -226,11 +395,15 @@ def _save(p: Prepared, pos: Position, trainable: Trainable, seconds: float, toke
         "final_loss": final_loss,
         "best_val_loss": None if math.isinf(pos.best_val) else pos.best_val,
         "output": str(chosen),
+        "best_output": str(best) if has_best else None,
+        "interrupted": interrupted,
         "precision": p.precision,
         **p.lineage,
+        **pos.extra,
     }
     if p.dist.main:
-        (p.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_file(p.out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     distributed.barrier(p.dist)
     return TrainResult(
         output_dir=p.out,

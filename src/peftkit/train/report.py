@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_file
+
 
 class Reporter:
     """Logs metrics of the main process; silent in the others."""
@@ -78,9 +80,32 @@ class Reporter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log. A line that is not a JSON object (the torn end of a write that
+    a kill interrupted) is skipped: one lost record must not break every later resume."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records up to `step` and drop torn lines, for a run resumed from step `step` (it logs
+    the later steps again); return how many lines went."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    if len(kept) < len(lines):
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return len(lines) - len(kept)
 
 
 def plot_losses(metrics_path: Path, png: Path, title: str) -> Path | None:

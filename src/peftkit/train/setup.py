@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from ..adapted import AdaptedModel
@@ -19,9 +22,11 @@ from ..data.encode import IGNORE_INDEX, Encoded, encode_all
 from ..data.example import Example
 from ..data.files import dataset_hash, split_examples
 from ..data.source import load_data
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..io import building_dir, is_leftover, is_nonempty_dir, remove_dir
 from . import distributed
 from .checkpoint import Position
+from .checkpoint import remove_leftovers as remove_checkpoint_leftovers
 from .config import TrainConfig, save_config
 from .fused import fuse_for_training
 from .optim import Trainable
@@ -51,18 +56,17 @@ class Prepared:
 
     def save_weights(self, path: Path, pos: Position, trainable: Trainable) -> None:
         """Save the adapter (or, for full fine-tuning, the model) in full precision (the fp32
-        masters), with the resolved config and the lineage facts."""
-        facts = {**self.lineage, "step": pos.step}
-        with trainable.masters_in_model():
+        masters), with the resolved config and the lineage facts beside it: the whole directory
+        replaces the old one in one step, so it never mixes two saves."""
+        facts = {**self.lineage, **pos.extra, "step": pos.step}
+        with building_dir(path, if_exists="replace") as tmp, trainable.masters_in_model():
             if self.is_lora:
-                meta = {f"peftkit_{k}": str(v) for k, v in facts.items() if not isinstance(v, dict)}
-                self.net.save_adapter(path, metadata=meta)
+                meta = {f"peftkit_{k}": str(v) for k, v in facts.items() if not isinstance(v, (dict, list))}
+                self.net.save_adapter(tmp, metadata=meta)
             else:
-                save_model_dir(self.model, self.tokenizer, path, overwrite=True)
-        save_config(self.config, path / "training_config.yaml")
-        import json
-
-        (path / "training.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
+                save_model_dir(self.model, self.tokenizer, tmp, overwrite=True)
+            save_config(self.config, tmp / "training_config.yaml")
+            (tmp / "training.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
 
     def describe(self, trainable: Any, pos: Position) -> str:
         stats = self.lineage["encode_stats"]
@@ -79,6 +83,9 @@ class Prepared:
             f"({self.steps_per_epoch} per epoch) of {self.config.batch_size * self.config.grad_accum * self.dist.world} "
             f"examples; output: {self.out}",
         ]
+        if not self.val_set:
+            kind = "adapter" if self.is_lora else "model"
+            lines.append(f"  no validation examples: there will be no {kind}-best; the result is {kind}-last")
         if pos.step:
             lines.append(
                 f"  resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.batch_in_epoch})"
@@ -87,16 +94,17 @@ class Prepared:
 
 
 def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
-    """Seed, load the base model, load and encode the data, attach the adapter."""
+    """Seed, load the data (first: a bad file fails fast), load the base model, encode the data,
+    attach the adapter."""
     seed_everything(config.seed)
+    train_ex, val_ex = _examples(config)
     precision = resolve_precision(config.precision, d.device)
     model, tokenizer = load_base(
         config.base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=d.device
     )
-    train_ex, val_ex = _examples(config)
     kwargs = {"max_length": config.max_length, "train_on": config.train_on, "truncation": config.truncation}
     train_set, stats = encode_all(train_ex, tokenizer, **kwargs)
-    val_set, _ = encode_all(val_ex, tokenizer, **kwargs)
+    val_set = encode_all(val_ex, tokenizer, **kwargs)[0] if val_ex else []  # none: val_fraction 0, tiny data
     label_counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in train_set]
     if not sum(label_counts):
         raise DataError(
@@ -117,8 +125,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
     per_step = config.batch_size * d.world
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / per_step) / config.grad_accum)
     total = config.max_steps or config.epochs * steps_per_epoch
-    out = Path(config.output_dir.format(task=_data_name(config.data), method=config.method))
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(config)
     fingerprint = net.base_fingerprint() if is_lora else getattr(model, "_peftkit_fingerprint", "")
     lineage = {
         "base": config.base,
@@ -153,6 +160,120 @@ def _examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
     if not train:
         raise DataError(f"{config.data}: no training examples")
     return train, val
+
+
+# What `peftkit train` writes into its output directory: a run is these, and only these are cleared.
+RUN_ENTRIES = (
+    "config.yaml", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "checkpoints",
+    "adapter-best", "adapter-last", "model-best", "model-last",
+)  # fmt: skip
+
+
+def run_dir(config: TrainConfig) -> Path:
+    """The run's output directory: output_dir with {task} and {method} filled in."""
+    return Path(config.output_dir.format(task=_data_name(config.data), method=config.method))
+
+
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory this run cannot use, before any heavy work; create it.
+
+    A directory that holds another run is refused unless the run is resumed or `overwrite` (which
+    `clear_run` then carries out) is given; `overwrite` is refused for a non-empty directory that
+    is not a peftkit run.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory; choose another --output_dir")
+    found = [name for name in run_files(out) if name in RUN_ENTRIES]  # leftovers alone are cleaned up
+    if overwrite:
+        _check_clearable(out)
+    elif found and not resume:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(
+            f"output_dir {out} holds a previous run ({listed}); pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output_dir"
+        )
+    _ensure_writable(out)
+
+
+def run_files(out: Path) -> list[str]:
+    """The names of the run files in `out` (and the leftovers of interrupted writes of them)."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name in RUN_ENTRIES or any(is_leftover(p.name, of=entry) for entry in RUN_ENTRIES)
+    )
+
+
+def is_run_dir(out: Path) -> bool:
+    """Whether `out` holds a peftkit run: a config.yaml that `peftkit train` wrote. It writes every
+    key, so a hand-written config (say, the one passed to `peftkit train`) does not pass for one."""
+    try:
+        data = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and set(_SAVED_KEYS) <= set(data)
+
+
+# Keys every saved config.yaml has held since the first release (later keys may be missing).
+_SAVED_KEYS = (
+    "base", "data", "val_data", "val_fraction", "max_examples", "system", "method", "lora", "max_length",
+    "train_on", "truncation", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "schedule",
+    "warmup_ratio", "seed", "eval_every", "checkpoint_every", "output_dir", "tensorboard", "progress",
+)  # fmt: skip
+
+
+def clear_run(out: Path) -> list[str]:
+    """Delete the run files from `out` (other files stay); return their names. config.yaml goes
+    last, so a clear that is interrupted still leaves a directory that looks like a run."""
+    names = sorted(run_files(out), key=lambda name: name == "config.yaml")
+    for name in names:
+        _remove(out / name)
+    return names
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Delete what interrupted writes left in `out` (temporary files and directories, incomplete
+    checkpoints); return their names."""
+    gone = [name for name in run_files(out) if name not in RUN_ENTRIES]
+    for name in gone:
+        _remove(out / name)
+    return gone + [f"checkpoints/{name}" for name in remove_checkpoint_leftovers(out / "checkpoints")]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        remove_dir(path)
+    else:
+        path.unlink(missing_ok=True)  # a file, or a link (never followed)
+
+
+def _check_clearable(out: Path) -> None:
+    if not is_nonempty_dir(out):
+        return
+    resolved = out.resolve()
+    if resolved in (Path.home().resolve(), Path(resolved.anchor)):
+        raise ConfigError(f"refusing to overwrite {out}: give the run a directory of its own (--output_dir)")
+    if not is_run_dir(out):
+        raise ConfigError(
+            f"refusing to overwrite {out}: it is not empty and does not look like a peftkit run (no "
+            "config.yaml written by peftkit train); choose an empty or new --output_dir"
+        )
+
+
+def _ensure_writable(out: Path) -> None:
+    """Create `out` and write a file in it, so a read-only location fails now, not after training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".peftkit-write-test-{uuid.uuid4().hex[:12]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir {out} cannot be written ({e.strerror or e}); choose another --output_dir "
+            "or fix its permissions"
+        ) from None
 
 
 def fused_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
