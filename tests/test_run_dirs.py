@@ -158,6 +158,8 @@ def test_resume_removes_what_interrupted_writes_left_and_ignores_half_deleted_ch
     (half_deleted / "state.json").write_bytes((checkpoints / "step-00000008" / "state.json").read_bytes())
     (checkpoints / "step-00000002").mkdir()  # pruning got as far as its state.json
     (out / ".adapter-last.tmp-0123456789ab").mkdir()
+    (out / "..adapter-best.tmp-0123456789ab.tmp-ba9876543210").mkdir()  # an adapter built inside a save
+    (out / ".metrics.jsonl.tmp-0123456789ab").write_text("")
     result = train(config(tiny_model_dir, data, out, max_steps=10, checkpoint_every=4), resume=True)
     assert result.steps == 10
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000008"]

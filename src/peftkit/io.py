@@ -117,10 +117,10 @@ def remove_dir(path: Path) -> None:
 
 
 def is_leftover(name: str, of: str = "") -> bool:
-    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`),
-    optionally only those of the entry named `of`: what an interrupted write leaves behind."""
-    prefix = f".{of}." if of else "."
-    if not name.startswith(prefix):
+    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`, and
+    `..NAME.tmp-*.tmp-*` for one built inside another), optionally only those of the entry named
+    `of`: what an interrupted write leaves behind."""
+    if not name.startswith(".") or (of and not name.lstrip(".").startswith(f"{of}.")):
         return False
     kind, _, tail = name.rpartition(".")[2].partition("-")
     return kind in ("tmp", "old") and len(tail) == 12
