@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A directory no one can write into, root included (CI runs as root, who ignores mode bits): mode
+    0555, and for root also the immutable attribute (`chattr +i`), removed again afterwards."""
+    import subprocess
+
+    path = tmp_path / "read-only"
+    path.mkdir(mode=0o555)
+    immutable = os.geteuid() == 0
+    if immutable:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        probe = path / "probe"
+        with pytest.raises(OSError):
+            probe.touch()
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)

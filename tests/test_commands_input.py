@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 from peftkit import AdaptedModel, LoraConfig
 from peftkit.adapted import adapter_name_from
 from peftkit.base import load_base
-from peftkit.cli import main, printable
+from peftkit.cli import main
+from peftkit.terminal import printable
 
 ADAPTER = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
@@ -264,14 +265,12 @@ def test_eval_json_output_is_checked_before_the_evaluation(
     assert code == 0 and (tmp_path / "new/dir/r.json").is_file(), err  # missing directories are made
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_eval_json_in_a_read_only_directory(
-    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    base: Path, read_only_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    argv = ["eval", "task:dates", "--base", base, "--json", locked / "r.json"]
-    assert_refused(run(argv, capsys), f"{locked} is not writable")
+    for target in (read_only_dir / "r.json", read_only_dir / "new" / "r.json"):
+        argv = ["eval", "task:dates", "--base", base, "--json", target]
+        assert_refused(run(argv, capsys), f"{read_only_dir} is not writable")
 
 
 def test_chat_skips_a_line_that_is_not_utf8(

@@ -348,6 +348,11 @@ def test_truncation_modes(char_tok):
         encode(example, char_tok, train_on="answers")
 
 
+def test_encode_all_of_no_examples_is_empty(char_tok):
+    encoded, stats = encode_all([], char_tok)  # a tokenizer refuses an empty batch (IndexError)
+    assert encoded == [] and stats.count == 0 and stats.total_tokens == 0
+
+
 def test_encode_all_matches_encode_and_counts(char_tok):
     examples = [Example.from_pair("q" * n, "a" * n, source=f"s:{n}") for n in range(1, 35)]
     encoded, stats = encode_all(examples, char_tok, max_length=30)

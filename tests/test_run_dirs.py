@@ -5,7 +5,6 @@ replace their old directory whole."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -123,14 +122,10 @@ def test_a_missing_data_file_fails_before_the_model_loads(tmp_path, capsys):
     assert "missing.jsonl" in err and "no such file" in err and "no-such-model" not in err
 
 
-def test_an_unusable_output_dir_fails_before_the_model_loads(data, tmp_path, capsys):
+def test_an_unusable_output_dir_fails_before_the_model_loads(data, tmp_path, capsys, read_only_dir):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    if os.geteuid() == 0:  # root writes anywhere a mode allows; /sys refuses even root
-        read_only = Path("/sys/kernel")
-    else:
-        read_only = tmp_path / "read-only"
-        read_only.mkdir(mode=0o555)
+    read_only = read_only_dir  # (root too)
     cases = {
         a_file: "exists and is not a directory",
         a_file / "run": "cannot be written",

@@ -5,13 +5,18 @@ __version__ = "0.1.0"
 from .adapted import AdaptedModel  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterFileError,
+    AdapterNotFoundError,
     AdapterStateError,
     BaseModelError,
     BaseModelMismatchError,
+    CheckpointError,
     ConfigError,
+    DataError,
     PeftkitError,
+    RequestError,
     ShapeMismatchError,
     TargetError,
+    TrainingDivergedError,
 )
 from .methods import METHODS, LoraConfig  # noqa: E402
 
@@ -27,13 +32,18 @@ __all__ = [
     "METHODS",
     "AdaptedModel",
     "AdapterFileError",
+    "AdapterNotFoundError",
     "AdapterStateError",
     "BaseModelError",
     "BaseModelMismatchError",
+    "CheckpointError",
     "ConfigError",
+    "DataError",
     "LoraConfig",
     "PeftkitError",
+    "RequestError",
     "ShapeMismatchError",
     "TargetError",
+    "TrainingDivergedError",
     "load_base",
 ]

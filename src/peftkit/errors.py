@@ -50,6 +50,26 @@ class BaseModelError(PeftkitError, ValueError):
     """A base model could not be found or loaded."""
 
 
+class CheckpointError(PeftkitError, ValueError):
+    """A training checkpoint cannot be resumed from: missing, corrupt, non-finite, or made from other
+    data or another base model."""
+
+
+class TrainingDivergedError(PeftkitError, RuntimeError):
+    """The loss, the gradient or the weights stopped being finite (NaN or inf)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run after step `step`, saved as `checkpoint` to resume from.
+
+    A KeyboardInterrupt, not a PeftkitError: the user asked for it, and callers that let Ctrl-C end
+    the program keep doing so."""
+
+    def __init__(self, step: int, checkpoint: object | None) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
     """A ' (did you mean X?)' hint for a misspelt key, or '' when nothing is close."""
     import difflib

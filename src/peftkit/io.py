@@ -31,7 +31,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, "tmp")
     tmp.touch(exist_ok=False)
-    mode = tmp.stat().st_mode  # the umask's default; some writers (safetensors) recreate files as 0600
+    mode = tmp.stat().st_mode & 0o777  # umask_mode: writers such as safetensors recreate files as 0600
     try:
         yield tmp
         os.chmod(tmp, mode)
@@ -42,10 +42,43 @@ def atomic_file(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def umask_mode(directory: Path) -> int:
+    """The permission bits a plain `open` gives a new file in `directory` (the umask's default).
+    Some writers (safetensors, via a private temporary file) leave 0600 files, which would keep a
+    saved adapter or model from other users; callers reset them to this."""
+    probe = _temp_sibling(directory / "mode-probe", "tmp")
+    probe.touch(exist_ok=False)
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as pretty, key-sorted JSON to `path` atomically."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why a file or directory cannot be created at `path` later, or None when it can.
+
+    Checked before long work, so a bad location fails in a second rather than after an hour. The
+    nearest existing directory on the way is probed by creating (and removing) a file in it: a mode
+    check alone would pass for root, who still cannot write to a read-only or immutable location.
+    Missing directories are not created here."""
+    existing = path.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so no directory can be made there"
+    probe = existing / f".peftkit-write-test-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        return f"{existing} is not writable ({e.strerror or e})"
+    return None
 
 
 def is_nonempty_dir(path: Path) -> bool:

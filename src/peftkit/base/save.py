@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftkit.base.cache import building_dir, is_nonempty_dir
 from peftkit.errors import BaseModelError
+from peftkit.io import umask_mode
 
 
 def is_gguf_dequantized(model: PreTrainedModel) -> bool:
@@ -86,10 +87,7 @@ def save_model_dir(
 def _umask_permissions(directory: Path) -> None:
     """Give every file in `directory` the mode a plain `open` would: safetensors writes its files
     through a private temporary file (mode 0600), which would keep a merged model from other users."""
-    probe = directory / ".peftkit-mode-probe"
-    probe.touch()
-    mode = probe.stat().st_mode & 0o777
-    probe.unlink()
+    mode = umask_mode(directory)
     for path in directory.rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, mode)

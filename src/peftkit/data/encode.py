@@ -115,6 +115,8 @@ def _encode_many(
 ) -> list[tuple[Encoded | None, bool]]:
     """(encoded or None, whether it was truncated) per example, tokenizing in two batch calls."""
     _check_options(max_length, train_on, truncation)
+    if not examples:  # tokenizers refuse an empty batch
+        return []
     rendered = [_render_example(example, tokenizer) for example in examples]
     prompts = [r.prompt for r in rendered]
     with_offsets = getattr(tokenizer, "is_fast", False) and train_on == "completion"

@@ -6,14 +6,15 @@ Heavy imports (torch, transformers) happen inside the commands, so building the 
 from __future__ import annotations
 
 import json as _json
-import os
 import sys
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from peftkit.base.catalog import DEFAULT_BASE
-from peftkit.cli import check_base_flag, command, printable
+from peftkit.cli import check_base_flag, command
 from peftkit.errors import ConfigError, DataError, RequestError
+from peftkit.io import unwritable_reason
+from peftkit.terminal import printable
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 MetricName = Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"]
@@ -101,13 +102,9 @@ def check_output_file(path: Path, option: str) -> None:
     path = path.expanduser()
     if path.is_dir():
         raise RequestError(f"--{option} {path} is a directory; name a file, e.g. {path / 'report.json'}")
-    existing = path.absolute().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RequestError(f"--{option} {path}: {existing} is a file, so no directory can be made there")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RequestError(f"--{option} {path}: the directory {existing} is not writable")
+    reason = unwritable_reason(path)
+    if reason:
+        raise RequestError(f"--{option} {path} cannot be written: {reason}")
 
 
 @command

@@ -4,7 +4,16 @@ from peftkit.train import TrainConfig, train
 result = train(TrainConfig(data="task:dates", max_steps=80))
 """
 
+from ..errors import CheckpointError, TrainingDivergedError, TrainingInterrupted
 from .config import TrainConfig, load_config
 from .loop import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "load_config", "train"]
+__all__ = [
+    "CheckpointError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "load_config",
+    "train",
+]

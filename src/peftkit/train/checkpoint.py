@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import AdapterFileError, ConfigError, PeftkitError
+from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..formats.files import read_json, read_safetensors, write_safetensors
 from ..io import building_dir, is_leftover, remove_dir, write_json_atomic
 
@@ -38,10 +38,6 @@ INPUTS = {
     "val_dataset_hash": "validation data",
     "base_fingerprint": "base model",
 }
-
-
-class CheckpointError(PeftkitError, ValueError):
-    """A checkpoint cannot be resumed from: missing, corrupt, non-finite, or from other inputs."""
 
 
 @dataclass

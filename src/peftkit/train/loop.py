@@ -24,7 +24,7 @@ import torch
 
 from ..data.batching import collate, length_grouped_batches
 from ..data.encode import Encoded
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDivergedError, TrainingInterrupted
 from ..io import atomic_file, remove_dir
 from . import distributed
 from .checkpoint import (
@@ -44,8 +44,6 @@ from .report import Reporter, plot_losses, read_metrics, truncate_metrics
 from .setup import Prepared, check_run_dir, clear_run, prepare, remove_leftovers, run_dir
 from .step import (
     StopOnCtrlC,
-    TrainingDivergedError,
-    TrainingInterrupted,
     batch_loss,
     check_finite,
     validation_loss,
@@ -133,6 +131,7 @@ def _claim(p: Prepared, *, overwrite: bool) -> None:
     """Clear the old run (overwrite) or what interrupted writes left behind, once the data and the
     model have loaded: a failure before this point leaves the directory as it was."""
     if p.dist.main:
+        p.out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
         gone = clear_run(p.out) if overwrite else remove_leftovers(p.out)
         if gone:
             what = "the previous run's files" if overwrite else "leftovers of an interrupted run"

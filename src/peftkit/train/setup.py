@@ -6,7 +6,6 @@ import json
 import math
 import random
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from ..data.example import Example
 from ..data.files import dataset_hash, split_examples
 from ..data.source import load_data
 from ..errors import ConfigError, DataError
-from ..io import building_dir, is_leftover, is_nonempty_dir, remove_dir
+from ..io import building_dir, is_leftover, is_nonempty_dir, remove_dir, unwritable_reason
 from . import distributed
 from .checkpoint import Position
 from .checkpoint import remove_leftovers as remove_checkpoint_leftovers
@@ -263,17 +262,12 @@ def _check_clearable(out: Path) -> None:
 
 
 def _ensure_writable(out: Path) -> None:
-    """Create `out` and write a file in it, so a read-only location fails now, not after training."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".peftkit-write-test-{uuid.uuid4().hex[:12]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    """A read-only location fails now, not after training."""
+    reason = unwritable_reason(out)
+    if reason:
         raise ConfigError(
-            f"output_dir {out} cannot be written ({e.strerror or e}); choose another --output_dir "
-            "or fix its permissions"
-        ) from None
+            f"output_dir {out} cannot be written: {reason}; choose another --output_dir or fix its permissions"
+        )
 
 
 def fused_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor
 
 from ..data.batching import collate
 from ..data.encode import IGNORE_INDEX
-from ..errors import PeftkitError
+from ..errors import TrainingDivergedError
 from . import distributed
 from .loss import head_loss_sum, labelled_hidden
 
@@ -59,10 +58,6 @@ def validation_loss(p: Prepared) -> float:
     return distributed.all_sum(total, d) / max(distributed.all_sum(count, d), 1)
 
 
-class TrainingDivergedError(PeftkitError, RuntimeError):
-    """The loss, the gradient or the weights stopped being finite (NaN or inf)."""
-
-
 def check_finite(value: float, what: str, step: int, lr: float) -> None:
     """Raise TrainingDivergedError when `value` (the step's loss or gradient norm) is NaN or inf."""
     if math.isfinite(value):
@@ -76,14 +71,6 @@ def check_finite(value: float, what: str, step: int, lr: float) -> None:
 
 def weights_are_finite(masters: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(m).all()) for m in masters)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run after step `step`, which was saved as a checkpoint to resume from."""
-
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
-        super().__init__(f"interrupted after step {step}")
-        self.step, self.checkpoint = step, checkpoint
 
 
 class StopOnCtrlC:
