@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError, DataError, did_you_mean
+from ..values import int_limit_problem, surrogate_problem
 from .example import ROLES, Example, Message, with_system
 
 Format = Literal["auto", "messages", "prompt_completion", "alpaca"]
@@ -181,7 +182,7 @@ def _json(text: str, where: str, fix: str) -> Any:
     except RecursionError:
         raise DataError(f"{where} nests JSON lists or objects too deeply; flatten the data") from None
     except ValueError as err:  # an integer of more than 4300 digits (Python's int-from-text limit)
-        problem = str(err).split("; use sys.set_int_max_str_digits")[0]
+        problem = int_limit_problem(err)
         raise DataError(
             f"{where} holds a number Python cannot read ({problem}); write it as a string"
         ) from None
@@ -293,13 +294,11 @@ def _text(data: dict, key: str, fail: Any) -> str:
 def _check_text(value: str, what: str, fail: Any) -> str:
     """`value`, if it is valid text. A JSON escape like "\\ud800" without its pair gives a lone
     surrogate, which no tokenizer takes; it would fail far from the file, so refuse it here."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
+    problem = surrogate_problem(value)
+    if problem:
         raise fail(
-            f"{what} holds an unpaired surrogate (U+{ord(value[err.start]):04X} at character {err.start}); "
-            "JSON escapes \\ud800-\\udfff must come in high-low pairs, fix the text"
-        ) from None
+            f"{what} {problem}; JSON escapes \\ud800-\\udfff must come in high-low pairs, fix the text"
+        )
     return value
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-import reprlib
-from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
+from ..values import check_keys_are_text, number_from_text, short_repr
 
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -184,31 +183,6 @@ class LoraConfig:
         return out
 
 
-def number_from_text(value: Any) -> Any:
-    """A string Python reads as a float becomes that float; anything else is returned unchanged.
-
-    YAML 1.1 (PyYAML) reads `5e-4` as text, since its float syntax needs a dot (`5.0e-4`), so every
-    float key accepts what `float()` accepts. NaN and infinities pass through here and are refused
-    by the range checks, which then name the key.
-    """
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def check_keys_are_text(data: dict, what: str, valid: Iterable[str]) -> None:
-    """Refuse keys that are not strings (YAML reads `1: 2` as an int key) before they reach code
-    that expects names."""
-    for key in data:
-        if not isinstance(key, str):
-            raise ConfigError(
-                f"{what} key {key!r} ({type(key).__name__}) is not a field name; valid keys: {', '.join(valid)}"
-            )
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -220,20 +194,6 @@ def _is_num(v: Any) -> bool:
         return math.isfinite(v)
     except OverflowError:  # an int beyond the float range
         return False
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """A bounded repr for error messages: a YAML alias bomb or a 5000-digit number must not flood
-    (or hang) the one `error:` line."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        sign = "a negative" if value < 0 else "an"
-        return f"{sign} integer of about {int(value.bit_length() * 0.30103) + 1} digits"
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 60
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

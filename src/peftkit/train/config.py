@@ -22,8 +22,9 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError, did_you_mean
-from ..methods.lora_config import LoraConfig, check_keys_are_text, number_from_text
-from ..methods.lora_config import short_repr as _short
+from ..methods.lora_config import LoraConfig
+from ..values import check_keys_are_text, int_limit_problem, number_from_text, surrogate_problem
+from ..values import short_repr as _short
 
 
 def _f(default: Any, help: str) -> Any:
@@ -192,7 +193,7 @@ class _Loader(yaml.SafeLoader):
         try:
             return super().construct_object(node, deep)
         except (ValueError, TypeError, AttributeError) as e:
-            problem = str(e).split("; use sys.set_int_max_str_digits")[0]
+            problem = int_limit_problem(e) if isinstance(e, ValueError) else str(e)
             raise _ConfigYamlError(
                 problem=f"cannot read this value ({problem}); quote it to keep it as text",
                 problem_mark=node.start_mark,
@@ -342,13 +343,11 @@ def _check_output_dir(template: str) -> None:
 def _check_text(value: str, key: str) -> None:
     # A lone surrogate (a YAML "\ud800" escape, or undecodable bytes on the command line) is not
     # text any file or tokenizer can take; it would fail far from here.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
+    problem = surrogate_problem(value)
+    if problem:
         raise ConfigError(
-            f"invalid value for {key}: {_short(value)} holds an unpaired surrogate "
-            f"(U+{ord(value[e.start]):04X} at character {e.start}); fix the escape or the text's encoding"
-        ) from None
+            f"invalid value for {key}: {_short(value)} {problem}; fix the escape or the text's encoding"
+        )
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
