@@ -8,9 +8,8 @@ merge and mix per row of a batch. A user of HF PEFT's `PeftModel` should feel at
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,9 @@ from .inject import Target, find_modules_to_save, find_targets, get_module, set_
 from .methods import LoraConfig, LoraLayer, method_for
 from .methods.lora import expected_shapes
 from .methods.lora_kinds import GPT2_CONV1D
-from .routing import BASE_ROW, AdapterState, RowRouting
+from .naming import adapter_name_problem
+from .routing import BASE_ROW, AdapterState, RowRouting, batch_rows, generate_expansion
 from .saved_modules import ModulesToSave
-
-_NAME = re.compile(r"[A-Za-z0-9_\-]+")
-# Adapter names become keys of ParameterDict/ModuleDict, which refuse (or, worse, shadow) their attributes.
-_RESERVED = frozenset(dir(nn.ParameterDict()) + dir(nn.ModuleDict()))
-SKIP_BASE_CHECK = "pass check_base=False to load it anyway"
-"""The fix a fingerprint mismatch names; callers with another way to say it (the CLI) replace it."""
 
 
 class AdaptedModel(nn.Module):
@@ -326,15 +320,15 @@ class AdaptedModel(nn.Module):
         """The base model's forward; `adapter_names` (one per row, None = base model) mixes adapters."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+        with self.mixed_batch(adapter_names, batch_rows(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, optionally with one adapter per row of the batch."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        expand = _generate_expansion(self.model, kwargs)
-        with self.mixed_batch(adapter_names, _batch_size(args, kwargs), expand=expand):
+        expand = generate_expansion(self.model, kwargs)
+        with self.mixed_batch(adapter_names, batch_rows(args, kwargs), expand=expand):
             return self.model.generate(*args, **kwargs)
 
     @contextmanager
@@ -534,7 +528,7 @@ class AdaptedModel(nn.Module):
             raise BaseModelMismatchError(
                 f"{source} was trained on base model {trained_on!r} (fingerprint {recorded[7:19]}), but this base "
                 f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
-                f"{SKIP_BASE_CHECK}"
+                "pass check_base=False (--no-check-base on the command line) to load it anyway"
             )
 
 
@@ -550,45 +544,3 @@ def _within(name: str, outer: str) -> bool:
 def _is_bias(param_name: str) -> bool:
     adapter_part = any(part in param_name for part in (".lora_", ".modules_to_save.", ".original_module."))
     return param_name.rsplit(".", 1)[-1] == "bias" and not adapter_part
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The rows of a call's batch, from its main input (generate calls it `inputs`) or its mask."""
-    names = ("input_ids", "inputs_embeds", "inputs", "attention_mask")
-    for value in (*(kwargs.get(n) for n in names), *args):
-        if isinstance(value, Tensor):
-            return value.shape[0]
-    return None
-
-
-def _generate_expansion(model: nn.Module, kwargs: dict) -> int:
-    """How many copies of each row `generate` runs: HF expands every prompt to
-    max(num_beams, num_return_sequences) rows after the encoder (transformers' generate, step 5)."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
-    returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
-    return max(beams, returns)
-
-
-def adapter_name_problem(name: object, taken: Collection[str] = ()) -> str | None:
-    """Why `name` cannot name a new adapter ("is invalid: ..."), or None when it can."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE_ROW:
-        return "is invalid: use letters, digits, '_' and '-' only"
-    if name in _RESERVED:
-        return "is reserved (an attribute of torch modules); pick another"
-    if name in taken:
-        return "is taken: an adapter of that name already exists; pick another"
-    return None
-
-
-def adapter_name_from(text: str, taken: Collection[str] = ()) -> str:
-    """A valid adapter name made from `text` (e.g. a directory name), never failing: characters other
-    than letters, digits, '_' and '-' become '_' ("lora-v1.2" -> "lora-v1_2"), and a name that is
-    reserved (an attribute of torch modules, e.g. "items"), "__base__" or in `taken` gets a number
-    ("items" -> "items-2")."""
-    stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_") or "adapter"
-    name, k = stem, 1
-    while name in taken or name in _RESERVED or name == BASE_ROW:
-        k += 1
-        name = f"{stem}-{k}"
-    return name

@@ -18,12 +18,11 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import BaseModelMismatchError, PeftkitError
+from .errors import PeftkitError
 from .terminal import printable
 
 COMMANDS: dict[str, Callable[..., int | None]] = {}
@@ -226,22 +225,6 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-@contextmanager
-def check_base_flag() -> Iterator[None]:
-    """Name the command line's `--no-check-base` in a base-fingerprint error, where the library names
-    its keyword (check_base=False), which a command-line user cannot pass."""
-    from .adapted import SKIP_BASE_CHECK
-
-    try:
-        yield
-    except BaseModelMismatchError as err:
-        if SKIP_BASE_CHECK not in str(err):
-            raise
-        raise BaseModelMismatchError(
-            str(err).replace(SKIP_BASE_CHECK, "pass --no-check-base to use it anyway")
-        ) from err
-
-
 # -- commands ------------------------------------------------------------------------------------
 @command
 def info(adapter_dir: Path, json: bool = False) -> None:
@@ -286,8 +269,7 @@ def merge(
     """
     from .merge import merge_to_dir
 
-    with check_base_flag():
-        merge_to_dir(base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite, check_base=check_base)
+    merge_to_dir(base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite, check_base=check_base)
 
 
 @command

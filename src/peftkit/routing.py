@@ -72,3 +72,22 @@ class AdapterState:
     active: tuple[str, ...] = ()
     disabled: bool = False
     rows: RowRouting | None = None
+
+
+def batch_rows(args: tuple, kwargs: dict) -> int | None:
+    """The rows of a forward or generate call's batch, from its main input (generate calls it
+    `inputs`) or its attention mask; None when the call has no tensor to tell."""
+    names = ("input_ids", "inputs_embeds", "inputs", "attention_mask")
+    for value in (*(kwargs.get(n) for n in names), *args):
+        if isinstance(value, Tensor):
+            return value.shape[0]
+    return None
+
+
+def generate_expansion(model: object, kwargs: dict) -> int:
+    """How many copies of each row `generate` runs (`RowRouting.expand`): HF expands every prompt to
+    max(num_beams, num_return_sequences) rows after the encoder (transformers' generate, step 5)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+    returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+    return max(beams, returns)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from peftkit.base.catalog import DEFAULT_BASE
-from peftkit.cli import check_base_flag, command
+from peftkit.cli import command
 from peftkit.errors import ConfigError, DataError, RequestError
 from peftkit.io import unwritable_reason
 from peftkit.terminal import printable
@@ -37,7 +37,7 @@ def adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
     """(name, directory) for each --adapters entry: NAME=DIR names the adapter; otherwise the name is
     made from the directory's name (valid and unique: "lora-v1.2" -> "lora-v1_2", a second
     "adapter-best" -> "adapter-best-2"), so no directory name can fail. Never "base" (the base model's row)."""
-    from peftkit.adapted import adapter_name_problem
+    from peftkit.naming import adapter_name_problem
 
     parsed: list[tuple[str | None, Path]] = []
     for spec in specs:
@@ -64,7 +64,7 @@ def adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 def dir_adapter_name(path: Path, taken: list[str]) -> str:
     """A valid adapter name, not in `taken`, made from the name of the adapter's directory."""
-    from peftkit.adapted import adapter_name_from
+    from peftkit.naming import adapter_name_from
 
     directory = path.parent if path.is_file() else path  # the adapter may be given as its weights file
     return adapter_name_from(directory.resolve().name, taken)
@@ -91,8 +91,7 @@ def load_model(
     am = AdaptedModel(model)
     for name, d in adapters:
         _log(f"loading adapter {d} as {name!r} ...")
-        with check_base_flag():
-            am.load_adapter(d, name, check_base=check_base)
+        am.load_adapter(d, name, check_base=check_base)
     return am, tokenizer
 
 
