@@ -239,7 +239,8 @@ def test_rank_and_alpha_patterns_give_per_module_ranks(tmp_path: Path) -> None:
         alpha_pattern={"v_proj": 4},
         init_lora_weights=False,
     )
-    am = AdaptedModel.attach(model, config)
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['proj'\] match no target layer"):
+        am = AdaptedModel.attach(model, config)
     layers = {n: m for n, m in am.model.named_modules() if isinstance(m, LoraLayer)}
     ranks = {n: m.lora_A["default"].shape[0] for n, m in layers.items()}
     expected = dict.fromkeys(layers, 8) | dict.fromkeys(llama_layers("self_attn.q_proj"), 2)
