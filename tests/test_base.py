@@ -380,6 +380,31 @@ def test_save_model_dir_refuses_to_overwrite_unless_asked(tmp_path):
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(newer))
 
 
+def test_save_model_dir_overwrites_only_a_model(tmp_path, monkeypatch):
+    """overwrite=True replaces an old model, never a directory of other files, home or the working
+    directory: every caller of save_model_dir is protected, not only `peftkit merge`."""
+    names = ("project", "home", "work/sub")
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")  # a config alone is no model
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "work/sub")
+    for out, needle in [
+        (tmp_path / "project", "holds no saved model"),
+        (tmp_path / "home", "your home directory"),
+        (Path("."), "the current working directory"),
+        (tmp_path / "work", "the current working directory"),
+    ]:
+        with pytest.raises(BaseModelError, match=f"refusing to replace {re.escape(str(out))}: .*{needle}"):
+            save_model_dir(tiny_model(), None, out, overwrite=True)
+    assert all((tmp_path / name / "config.json").read_text() == "{}" for name in names)
+
+
+def test_save_model_dir_checks_the_location_is_writable(read_only_dir):
+    with pytest.raises(BaseModelError, match=f"{re.escape(str(read_only_dir))} is not writable"):
+        save_model_dir(tiny_model(), None, read_only_dir / "out")
+
+
 def test_a_dir_without_tokenizer_files_says_how_to_add_one(tmp_path):
     """A plain model.save_pretrained directory: the default load names the missing tokenizer (not a
     sentencepiece/tiktoken complaint); tokenizer="optional" loads the model with tokenizer None."""

@@ -113,6 +113,57 @@ def test_merge_refuses_a_symlink_to_its_base(tmp_path: Path, capsys: pytest.Capt
     assert snapshot(base) == before
 
 
+@pytest.mark.parametrize(
+    "out, needle",
+    [
+        ("desktop", "holds no saved model"),  # a directory of other files (config.json alone is no model)
+        ("home", "is or holds your home directory"),
+        (".", "is or holds the current working directory"),
+        ("work", "is or holds the current working directory"),  # the working directory's parent
+    ],
+)
+def test_merge_overwrite_replaces_only_a_model_directory(
+    base: Path,
+    adapter: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    out: str,
+    needle: str,
+) -> None:
+    for name in ("desktop", "home", "work/sub"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "notes.txt").write_text("mine")
+        (tmp_path / name / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "work/sub")
+    target = Path(out) if out == "." else tmp_path / out
+    before = snapshot(tmp_path / "desktop", tmp_path / "home", tmp_path / "work")
+    assert_refused(run(["merge", base, adapter, target, "--overwrite"], capsys), needle)
+    assert snapshot(tmp_path / "desktop", tmp_path / "home", tmp_path / "work") == before
+
+
+def test_merge_overwrite_replaces_a_merged_model(
+    base: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The control for the refusals above: a directory holding a model is replaced whole."""
+    out = tmp_path / "merged"
+    assert run(["merge", base, adapter, out], capsys)[0] == 0
+    (out / "stale.txt").write_text("from the old model")
+    code, _, err = run(["merge", base, adapter, out, "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+
+
+def test_merge_output_is_checked_for_writing_before_the_load(
+    base: Path, adapter: Path, read_only_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for out in (read_only_dir / "merged", read_only_dir / "new" / "merged"):
+        assert_refused(run(["merge", base, adapter, out], capsys), f"{read_only_dir} is not writable")
+    (tmp_path / "a-file").write_text("x")
+    assert_refused(run(["merge", base, adapter, tmp_path / "a-file/merged"], capsys), "a-file is a file")
+
+
 def test_merge_a_base_saved_without_a_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A plain model.save_pretrained directory merges (as with HF PEFT), into files anyone can read."""
     base = tmp_path / "base"

@@ -263,7 +263,8 @@ def merge(
         adapter_dir: the adapter directory to merge
         out_dir: where to write the merged model (not the base's or the adapter's directory)
         dtype: the dtype to load the base in and to save (auto: the checkpoint's own)
-        overwrite: replace OUT_DIR if it exists and is not empty
+        overwrite: replace OUT_DIR if it holds a model (never a directory of other files, your home
+            or the working directory)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base merges it anyway; names and shapes are still checked)
     """

@@ -33,7 +33,9 @@ def merge_to_dir(
 
     Everything that can be checked without the slow base-model load is checked first: that
     `out_dir` is neither an input nor inside or around one (`overwrite` would delete it), that it
-    is empty unless `overwrite` is set, and that the adapter files are readable. The tokenizer is
+    is empty unless `overwrite` is set (which replaces only a model directory, see
+    `peftkit.base.save.check_model_out_dir`), that it is writable, and that the adapter files are
+    readable. The tokenizer is
     copied when the base has one; a base saved without one (a plain `model.save_pretrained`) merges
     too, as with HF PEFT. check_base=False skips the base-fingerprint check. Progress goes to `log`
     (default: stderr).
@@ -41,12 +43,12 @@ def merge_to_dir(
     log = log or _progress
     from .adapted import AdaptedModel
     from .base import load_base, save_model_dir
+    from .base.save import check_model_out_dir
     from .formats.peft import read_adapter
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, _input_paths(base, Path(adapter_dir)))
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(17, "output directory exists and is not empty (pass --overwrite)", str(out_dir))
+    check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
     read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
     t0 = time.perf_counter()
     log(f"loading base model {base} ...")

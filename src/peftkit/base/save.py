@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftkit.base.cache import building_dir, is_nonempty_dir
 from peftkit.errors import BaseModelError
-from peftkit.io import umask_mode
+from peftkit.io import umask_mode, unwritable_reason
 
 
 def is_gguf_dequantized(model: PreTrainedModel) -> bool:
@@ -59,17 +59,12 @@ def save_model_dir(
     files (chat template included; none when `tokenizer` is None), so
     `AutoModelForCausalLM.from_pretrained(out_dir)` loads it without peftkit. It is built in a
     temporary sibling directory and renamed into place, so a crash never leaves half a model. An
-    existing non-empty `out_dir` is an error unless `overwrite` is set. Files get the usual umask
-    permissions (others can read a model that is shared, as with adapters).
+    existing non-empty `out_dir` is an error unless `overwrite` is set, and even then only a model
+    directory is replaced (see `check_model_out_dir`). Files get the usual umask permissions (others
+    can read a model that is shared, as with adapters).
     """
     out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise BaseModelError(f"cannot save the model to {out}: it exists and is not a directory")
-    if is_nonempty_dir(out) and not overwrite:
-        raise BaseModelError(
-            f"cannot save the model to {out}: the directory exists and is not empty; "
-            "pass overwrite=True to replace it, or choose another directory"
-        )
+    check_model_out_dir(out, overwrite=overwrite)
     try:
         with (
             building_dir(out, if_exists="replace" if overwrite else "error") as tmp,
@@ -82,6 +77,56 @@ def save_model_dir(
     except FileExistsError as err:
         raise BaseModelError(f"cannot save the model to {out}: {err}") from err
     return out
+
+
+def check_model_out_dir(out: Path, *, overwrite: bool = False) -> None:
+    """Refuse, before any slow work, a place `save_model_dir` could not or must not write a model to.
+
+    A non-empty directory needs `overwrite`, and even then is replaced (deleted whole) only when it
+    holds a model (config.json and weights): never a directory of other files, the home directory,
+    the filesystem root, or a directory that holds the current working directory or the home
+    directory. The location must be writable (probed, so a read-only place fails for root too).
+    """
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise BaseModelError(f"cannot save the model to {out}: it exists and is not a directory")
+    if is_nonempty_dir(out):
+        if not overwrite:
+            raise BaseModelError(
+                f"cannot save the model to {out}: the directory exists and is not empty; pass "
+                "overwrite=True (--overwrite on the command line) to replace the model there, or choose "
+                "another directory"
+            )
+        _check_replaceable(out)
+    # The model is built in a sibling and renamed into place; replacing also deletes what `out` holds.
+    for place in (out.parent, out) if is_nonempty_dir(out) else (out.parent,):
+        reason = unwritable_reason(place)
+        if reason:
+            raise BaseModelError(f"cannot save the model to {out}: {reason}")
+
+
+def holds_model(directory: Path) -> bool:
+    """Whether `directory` holds a saved model: a config.json and a weights file."""
+    weights = (".safetensors", ".bin", ".index.json", ".gguf")
+    return (directory / "config.json").is_file() and any(
+        p.is_file() and p.name.endswith(weights) for p in directory.iterdir()
+    )
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a directory whose loss would go beyond an old model."""
+    resolved = out.resolve()
+    home, cwd = Path.home().resolve(), Path.cwd().resolve()
+    for where, what in ((home, "your home directory"), (cwd, "the current working directory")):
+        if resolved in (where, *where.parents):  # the root is a parent of both
+            raise BaseModelError(
+                f"refusing to replace {out}: it is or holds {what}; give the model a directory of its own"
+            )
+    if not holds_model(out):
+        raise BaseModelError(
+            f"refusing to replace {out}: it is not empty and holds no saved model (no config.json with "
+            "weights), so replacing it would delete other files; choose a new or empty directory"
+        )
 
 
 def _umask_permissions(directory: Path) -> None:
