@@ -149,12 +149,7 @@ def eval(
     from peftkit.data.source import load_data, parse_task_spec
     from peftkit.eval.run import evaluate, format_table
 
-    _at_least("n", n, 0, " (0 = all)")
-    _at_least("max-new-tokens", max_new_tokens, 0, " (0 = auto)")
-    _at_least("batch-size", batch_size, 1)
-    _at_least("samples", samples, 0)
-    if json is not None:
-        check_output_file(json, "json")  # not after minutes of evaluation
+    _check_eval_args(n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, json=json)
     named = adapter_specs(list(adapters or []))
     task = parse_task_spec(data, split)
     examples = load_data(data, split=split, n=n if n > 0 else None)
@@ -184,13 +179,29 @@ def eval(
             text = f"\n== {r.adapter}\nprompt:     {s.prompt}\nreference:  {s.reference}\n"
             print(printable(text + f"prediction: {s.prediction}", keep="\n\t"))
     if json is not None:
-        from peftkit.io import write_json_atomic
-
         settings = {"data": data, "base": base, "adapters": [str(a) for a in adapters or []], "split": split}
         settings |= {"adapter_names": names, "n": len(examples), "max_new_tokens": max_new_tokens}
-        settings |= {"dtype": dtype}
-        write_json_atomic(Path(json), {"settings": settings, **report.to_dict(predictions=True)})
-        _log(f"wrote {json}")
+        _write_report(json, settings | {"dtype": dtype}, report)
+
+
+def _check_eval_args(
+    *, n: int, max_new_tokens: int, batch_size: int, samples: int, json: Path | None
+) -> None:
+    """Refuse eval's numbers and report file before any data or model loads."""
+    _at_least("n", n, 0, " (0 = all)")
+    _at_least("max-new-tokens", max_new_tokens, 0, " (0 = auto)")
+    _at_least("batch-size", batch_size, 1)
+    _at_least("samples", samples, 0)
+    if json is not None:
+        check_output_file(json, "json")  # not after minutes of evaluation
+
+
+def _write_report(path: Path, settings: dict[str, Any], report: Any) -> None:
+    """Write eval's report (the settings and every prediction) to `path` as JSON, atomically."""
+    from peftkit.io import write_json_atomic
+
+    write_json_atomic(path.expanduser(), {"settings": settings, **report.to_dict(predictions=True)})
+    _log(f"wrote {path}")
 
 
 def _longest_answer(tokenizer: Any, examples: list) -> int:
