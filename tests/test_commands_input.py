@@ -324,6 +324,39 @@ def test_eval_json_in_a_read_only_directory(
         assert_refused(run(argv, capsys), f"{read_only_dir} is not writable")
 
 
+def test_eval_json_replaces_its_own_report(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["eval", "task:dates", "--base", base, "--n", 1, "--max-new-tokens", 1, "--no-perplexity"]
+    for n in (1, 2):  # the second run rewrites the first one's report
+        code, _, err = run([*argv, "--n", n, "--json", tmp_path / "r.json"], capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / "r.json").read_text())["settings"]["n"] == n
+
+
+@pytest.mark.parametrize(
+    "target, needle",
+    [
+        ("base/model.safetensors", "is inside the base model directory"),
+        ("base/report.json", "is inside the base model directory"),
+        ("adapter/adapter_config.json", "is inside the adapter directory"),
+        ("data.jsonl", "is the data"),
+    ],
+)
+def test_eval_json_never_lands_on_an_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture, target: str, needle: str
+) -> None:
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    adapter = save_adapter(base, tmp_path / "adapter")
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    )
+    before = snapshot(tmp_path)
+    argv = ["eval", data, "--base", base, "--adapters", adapter, "--json", tmp_path / target]
+    assert_refused(run(argv, capsys), f"--json {tmp_path / target} {needle}", "name a file elsewhere")
+    assert snapshot(tmp_path) == before
+
+
 def test_chat_skips_a_line_that_is_not_utf8(
     base: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import RequestError
@@ -47,7 +47,7 @@ def merge_to_dir(
     from .formats.peft import read_adapter
 
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, _input_paths(base, Path(adapter_dir)))
+    check_out_dir(out_dir, input_paths(base, [Path(adapter_dir)]))
     check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
     read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
     t0 = time.perf_counter()
@@ -64,34 +64,49 @@ def merge_to_dir(
     return out_dir
 
 
-def _input_paths(base: str, adapter_dir: Path) -> dict[str, Path]:
-    """The local files a merge reads: the adapter directory, and the base's directory or GGUF file
-    (a hub id has none here)."""
+def input_paths(
+    base: str, adapter_dirs: Iterable[Path] = (), data: str | None = None
+) -> list[tuple[str, Path]]:
+    """(what, path) for each local file or directory a command reads: the adapter directories, the
+    base's directory or GGUF file (a hub id has none here) and a data file or directory (a built-in
+    task has none)."""
     from .base.sources import resolve_source
 
     source = resolve_source(base)  # no loading: classifies the name, or says why a path cannot load
-    adapter = adapter_dir.parent if adapter_dir.is_file() else adapter_dir
-    inputs = {"adapter directory": adapter}
+    inputs = [("adapter directory", d.parent if d.is_file() else d) for d in map(Path, adapter_dirs)]
     if source.kind in ("dir", "gguf", "builtin"):
-        inputs["base model " + ("directory" if source.kind == "dir" else "file")] = Path(source.location)
+        inputs.append(
+            ("base model " + ("directory" if source.kind == "dir" else "file"), Path(source.location))
+        )
+    if data is not None and Path(data).expanduser().exists():
+        inputs.append(("data", Path(data)))
     return inputs
 
 
-def check_out_dir(out_dir: Path, inputs: dict[str, Path]) -> None:
-    """Refuse an output directory that is an input, holds one or lies inside one: writing the merged
-    model there (with --overwrite, replacing the directory) would destroy or alter the input."""
-    out = out_dir.expanduser().resolve()
-    for what, path in inputs.items():
+def input_clash(out: Path, inputs: list[tuple[str, Path]]) -> str | None:
+    """How `out` overlaps an input ("is inside the adapter directory DIR"), or None when it does not:
+    it is the input, holds it or lies inside it (symbolic links resolved)."""
+    resolved = out.expanduser().resolve()
+    for what, path in inputs:
         source = path.expanduser().resolve()
-        if out == source:
+        if resolved == source:
             relation = "is"
-        elif out in source.parents:
+        elif resolved in source.parents:
             relation = "contains"
-        elif source in out.parents:
+        elif source in resolved.parents:
             relation = "is inside"
         else:
             continue
+        return f"{relation} the {what} {path}"
+    return None
+
+
+def check_out_dir(out_dir: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output directory that is an input, holds one or lies inside one: writing the merged
+    model there (with --overwrite, replacing the directory) would destroy or alter the input."""
+    clash = input_clash(out_dir, inputs)
+    if clash:
         raise RequestError(
-            f"the output directory {out_dir} {relation} the {what} {path}; writing the merged model there "
-            "would overwrite its input. Choose an output directory outside the base model and the adapter"
+            f"the output directory {out_dir} {clash}; writing the merged model there would overwrite its "
+            "input. Choose an output directory outside the base model and the adapter"
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json as _json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -95,13 +96,21 @@ def load_model(
     return am, tokenizer
 
 
-def check_output_file(path: Path, option: str) -> None:
-    """Fail before any work when `path` cannot be written later: it is a directory, or the nearest
-    existing directory on its way is a file or not writable (missing directories are created)."""
+def check_output_file(path: Path, option: str, inputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """Fail before any work when `path` cannot or must not be written later: it is a directory, it is
+    one of the `inputs` ((what, path) pairs) or lies inside one, or the nearest existing directory on
+    its way is a file or not writable (missing directories are created; an existing file is replaced)."""
+    from peftkit.merge import input_clash
+
     path = path.expanduser()
     if path.is_dir():
         raise RequestError(f"--{option} {path} is a directory; name a file, e.g. {path / 'report.json'}")
-    reason = unwritable_reason(path)
+    clash = input_clash(path, list(inputs))
+    if clash:
+        raise RequestError(
+            f"--{option} {path} {clash}; writing there could destroy an input: name a file elsewhere"
+        )
+    reason = unwritable_reason(path.parent)  # the file is written beside itself and renamed into place
     if reason:
         raise RequestError(f"--{option} {path} cannot be written: {reason}")
 
@@ -149,8 +158,17 @@ def eval(
     from peftkit.data.source import load_data, parse_task_spec
     from peftkit.eval.run import evaluate, format_table
 
-    _check_eval_args(n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, json=json)
     named = adapter_specs(list(adapters or []))
+    _check_eval_args(
+        data,
+        base,
+        named,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        samples=samples,
+        json=json,
+    )
     task = parse_task_spec(data, split)
     examples = load_data(data, split=split, n=n if n > 0 else None)
     if not examples:
@@ -185,15 +203,26 @@ def eval(
 
 
 def _check_eval_args(
-    *, n: int, max_new_tokens: int, batch_size: int, samples: int, json: Path | None
+    data: str,
+    base: str,
+    named: list[tuple[str, Path]],
+    *,
+    n: int,
+    max_new_tokens: int,
+    batch_size: int,
+    samples: int,
+    json: Path | None,
 ) -> None:
-    """Refuse eval's numbers and report file before any data or model loads."""
+    """Refuse eval's numbers and report file before any data or model loads: the report must be
+    writable and must not land on (or among) the data, the base model or an adapter."""
+    from peftkit.merge import input_paths
+
     _at_least("n", n, 0, " (0 = all)")
     _at_least("max-new-tokens", max_new_tokens, 0, " (0 = auto)")
     _at_least("batch-size", batch_size, 1)
     _at_least("samples", samples, 0)
-    if json is not None:
-        check_output_file(json, "json")  # not after minutes of evaluation
+    if json is not None:  # not after minutes of evaluation
+        check_output_file(json, "json", input_paths(base, [d for _, d in named], data))
 
 
 def _write_report(path: Path, settings: dict[str, Any], report: Any) -> None:
