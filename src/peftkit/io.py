@@ -86,6 +86,10 @@ def is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+# The temporary directories `building_dir` is filling right now (absolute paths).
+_building: set[Path] = set()
+
+
 @contextmanager
 def building_dir(final: Path, *, if_exists: Literal["keep", "replace", "error"] = "keep") -> Iterator[Path]:
     """Yield an empty temporary sibling of `final` to fill; on success it becomes `final`.
@@ -94,12 +98,20 @@ def building_dir(final: Path, *, if_exists: Literal["keep", "replace", "error"] 
     (another process won the race), "replace" it whole (see `replace_dir`: a reader sees the old
     directory or the new one, never a mix), or raise FileExistsError ("error"). On any error the
     temporary directory is removed and `final` is left as it was.
+
+    A `final` that is itself the (still empty) temporary directory of an outer `building_dir`, such
+    as an adapter saved as one part of a training save, is yielded as it is: the outer rename already
+    makes the whole write atomic, so there is only ever one temporary directory.
     """
+    if final.absolute() in _building and not is_nonempty_dir(final):
+        yield final
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"cannot write to {final}: it exists and is not a directory")
     tmp = _temp_sibling(final, "tmp")
     tmp.mkdir()
+    _building.add(tmp.absolute())
     try:
         yield tmp
         if if_exists == "replace":
@@ -107,6 +119,7 @@ def building_dir(final: Path, *, if_exists: Literal["keep", "replace", "error"] 
             return
         renamed = _rename_dir(tmp, final)
     finally:
+        _building.discard(tmp.absolute())
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
     if not renamed and if_exists != "keep":
         raise FileExistsError(f"{final} appeared while it was being written; it was left as it is")
@@ -130,7 +143,8 @@ def replace_dir(new: Path, final: Path) -> None:
 
 
 def replace_by_renames(new: Path, final: Path) -> None:
-    """`replace_dir` without an atomic exchange: rename the old away, the new in, delete the old."""
+    """`replace_dir` without an atomic exchange: rename the old away, the new in, delete the old.
+    A crash between the first two renames leaves only `.NAME.old-*`: `restore_replaced` puts it back."""
     trash = _temp_sibling(final, "old")  # rename() cannot replace a non-empty directory
     os.rename(final, trash)
     try:
@@ -139,6 +153,30 @@ def replace_by_renames(new: Path, final: Path) -> None:
         os.rename(trash, final)  # put the old one back rather than leave nothing
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def restore_replaced(parent: Path, name: str) -> Path | None:
+    """When `parent/name` is missing but a `.NAME.old-*` directory is there, rename that back to
+    `name` and return the path it came from (None when there was nothing to do).
+
+    Such a leftover is the only copy left when `replace_by_renames` was interrupted after moving the
+    old directory away; deleting it as debris would lose the directory. (`remove_dir` leaves the same
+    name when a deletion is interrupted: the caller then deletes it again.) Of several, the one
+    renamed last comes back; the others stay as leftovers.
+    """
+    final = parent / name
+    if final.exists() or final.is_symlink() or not parent.is_dir():
+        return None
+    old = [
+        p
+        for p in parent.iterdir()
+        if is_leftover(p.name, of=name) and p.name.rpartition(".")[2].startswith("old-") and p.is_dir()
+    ]
+    if not old:
+        return None
+    newest = max(old, key=lambda p: p.stat().st_ctime)  # a rename updates the ctime
+    os.rename(newest, final)
+    return newest
 
 
 def remove_dir(path: Path) -> None:
@@ -150,10 +188,9 @@ def remove_dir(path: Path) -> None:
 
 
 def is_leftover(name: str, of: str = "") -> bool:
-    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`, and
-    `..NAME.tmp-*.tmp-*` for one built inside another), optionally only those of the entry named
-    `of`: what an interrupted write leaves behind."""
-    if not name.startswith(".") or (of and not name.lstrip(".").startswith(f"{of}.")):
+    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`),
+    optionally only those of the entry named `of`: what an interrupted write leaves behind."""
+    if not name.startswith(".") or (of and not name.startswith(f".{of}.")):
         return False
     kind, _, tail = name.rpartition(".")[2].partition("-")
     return kind in ("tmp", "old") and len(tail) == 12

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import AdapterFileError, ConfigError, ShapeMismatchError
-from ..io import building_dir, copy_entries, write_json_atomic
+from ..io import building_dir, copy_entries, is_nonempty_dir, write_json_atomic
 from ..methods.lora_config import LoraConfig
 from .files import read_json, read_safetensors, refuse_pickle, write_safetensors
 
@@ -183,17 +183,26 @@ def read_adapter(path: str | Path) -> AdapterFiles:
 def write_adapter(
     directory: str | Path, config: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str]
 ) -> Path:
-    """Write an adapter directory, replacing an existing one whole.
+    """Write an adapter directory: a new or empty one, or one that holds an adapter, replaced whole.
 
     The new directory is built beside the old one and swapped in (`io.replace_dir`), so a reader or
     a crash sees the complete old adapter or the complete new one, never new weights beside an old
-    config. Other files of an existing directory (a README, training sidecars) are carried over.
+    config. Other files of an existing adapter directory (a README, training sidecars) are carried
+    over. Any other non-empty directory is refused: replacing it would move all of it (a project's
+    `.git` included) for the sake of two files.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"cannot save the adapter to {directory}: it exists and is not a directory")
+    if is_nonempty_dir(directory) and not any((directory / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+        held = sorted(p.name for p in directory.iterdir())
+        raise AdapterFileError(
+            f"cannot save the adapter to {directory}: it is a directory that holds other files "
+            f"({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) and no adapter; save into an "
+            "empty directory or an adapter directory"
+        )
     with building_dir(directory, if_exists="replace") as tmp:
-        if directory.is_dir():
+        if directory.is_dir():  # (empty when it is the directory a training save is building)
             copy_entries(directory, tmp, skip={WEIGHTS_FILE, CONFIG_FILE})
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt", **metadata})
         write_json_atomic(tmp / CONFIG_FILE, config)
