@@ -358,3 +358,30 @@ def test_tour_runs_end_to_end_on_a_tiny_model(
     assert "every row equals the same prompt generated with that adapter alone (9/9 rows)" in out
     assert (tmp_path / "demo/adapter-A/adapter_model.safetensors").is_file()
     assert (tmp_path / "demo/merged-A/config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("tokens", "--max-new-tokens must be at least 1, got 0"),
+        ("file", "is a file, so no directory can be made there"),
+        ("base", "which is inside the base model directory"),
+        ("not-a-model", "holds no saved model"),
+        ("read-only", "is not writable"),
+    ],
+)
+def test_tour_checks_its_arguments_before_loading(
+    base_dir: Path, tmp_path: Path, read_only_dir: Path, capsys: pytest.CaptureFixture, case: str, needle: str
+) -> None:
+    """Each of these once failed only after the tour's slow steps (or wrote into the base model)."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "mine/merged-A").mkdir(parents=True)
+    (tmp_path / "mine/merged-A/notes.txt").write_text("keep me")  # the tour replaces merged-A
+    out = {"file": tmp_path / "a-file", "base": base_dir, "not-a-model": tmp_path / "mine"}.get(case)
+    out = read_only_dir if case == "read-only" else out or tmp_path / "tour"
+    tokens = 0 if case == "tokens" else 2
+    base_files = sorted(p.name for p in base_dir.iterdir())
+    argv = ["tour", "--model", base_dir, "--out", out, "--max-new-tokens", tokens]
+    assert_one_line_error(*run(argv, capsys), needle)
+    assert (tmp_path / "mine/merged-A/notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in base_dir.iterdir()) == base_files

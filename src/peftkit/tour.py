@@ -79,6 +79,7 @@ def run_tour(
     """Run the tour and print its report; True when every check passed."""
     from transformers.utils import logging as hf_logging
 
+    check_tour_args(model, Path(out), max_new_tokens)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -94,6 +95,28 @@ def run_tour(
     passed = sum(ok for _, ok in r.checks)
     print(f"\n{passed}/{len(r.checks)} checks passed; tour took {time.perf_counter() - r.start:.0f} s")
     return passed == len(r.checks)
+
+
+def check_tour_args(model: str, out: Path, max_new_tokens: int) -> None:
+    """Refuse what would fail only after the tour's slow steps: a token count below 1, and output
+    directories that cannot be written, lie inside the base model, or (merged-A, which the tour
+    replaces) hold something other than a model."""
+    from .base.save import check_model_out_dir
+    from .errors import RequestError
+    from .io import unwritable_reason
+    from .merge import input_clash, input_paths
+
+    if max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    inputs = input_paths(model)
+    for path in (out / "adapter-A", out / "merged-A"):
+        clash = input_clash(path, inputs)
+        if clash:
+            raise RequestError(f"the tour writes {path}, which {clash}; choose another --out")
+    reason = unwritable_reason(out)
+    if reason:
+        raise RequestError(f"--out {out} cannot be written: {reason}")
+    check_model_out_dir(out / "merged-A", overwrite=True)
 
 
 # -- steps ---------------------------------------------------------------------------------------
