@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .data.example import Message
 from .data.tasks import get_task
+from .errors import ConfigError
+from .io import is_nonempty_dir, unwritable_reason, write_json_atomic
 from .train.config import TrainConfig, save_config
-from .train.setup import is_run_dir
+from .train.run_dir import is_run_dir
 
 # Fresh inputs for each task, written by hand (not produced by the task generator).
 FRESH = {
@@ -46,21 +49,17 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     """Train, evaluate base vs adapter on the held-out split, show fresh answers. True if the
     adapter reaches `min_score` on the held-out examples."""
     from . import AdaptedModel, load_base
-    from .eval.run import evaluate, format_table, generate_answers
+    from .eval.run import evaluate, format_table
     from .train.loop import train
 
     started = time.perf_counter()
     spec = get_task(task)
     config = demo_config(task, steps, out, base)
+    overwrite = claim_demo_dir(out, task)
     print(f"peftkit demo: teach {base} the '{task}' task ({spec.description}) with LoRA")
     print(f"  {torch.get_num_threads()} CPU threads; training config saved as {out / 'config.yaml'}\n")
 
-    # The demo reruns into its own directory: a previous demo run there is replaced (train refuses
-    # to clear a directory that is not a peftkit run), and its demo.json goes first, so a failed
-    # rerun never leaves the old scores beside the new adapter.
-    if is_run_dir(out):
-        (out / "demo.json").unlink(missing_ok=True)
-    result = train(config, overwrite=True)
+    result = train(config, overwrite=overwrite)
     print(
         f"\ntrained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s)"
     )
@@ -79,17 +78,7 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     print(format_table(report))
     base_score, adapter_score = report["base"].score, report["adapter"].score
 
-    prompts = [[Message("user", f"{spec.instruction}\n{spec.label}: {text}")] for text in FRESH.get(task, [])]
-    if prompts:
-        answers = generate_answers(
-            am, tokenizer, prompts * 2, max_new_tokens=spec.max_new_tokens, adapter_names=[None] * len(prompts) + ["adapter"] * len(prompts)
-        )  # fmt: skip
-        print("\nfresh inputs (written by hand), base model -> adapter:")
-        for i, text in enumerate(FRESH[task]):
-            print(
-                f"  {text!r}\n      base:    {_one_line(answers[i])}\n      adapter: {_one_line(answers[i + len(prompts)])}"
-            )
-
+    _show_fresh_answers(am, tokenizer, task)
     summary = {
         "task": task,
         "metric": spec.metric,
@@ -114,6 +103,43 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     print(f"try it:     peftkit chat --adapter {result.adapter_dir}")
     print(f"demo took {time.perf_counter() - started:.0f} s")
     return ok
+
+
+def claim_demo_dir(out: Path, task: str) -> bool:
+    """Make `out` the demo's: a new or empty directory, or one holding an earlier demo run (its
+    demo.json), which is replaced; anything else, say a real training run, is refused. Marks it
+    with a demo.json that has no scores yet, so a failed rerun never leaves the old scores beside
+    the new adapter and the next rerun still knows the directory. True when a run is there to clear."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
+    if is_nonempty_dir(out) and not (out / "demo.json").is_file():
+        raise ConfigError(
+            f"--out {out} is not empty and holds no earlier demo run (no demo.json): the demo replaces "
+            "only its own runs; choose a new or empty --out"
+        )
+    reason = unwritable_reason(out)
+    if reason:
+        raise ConfigError(f"--out {out} cannot be written: {reason}; choose another --out")
+    write_json_atomic(out / "demo.json", {"task": task, "status": "training"})
+    return is_run_dir(out)
+
+
+def _show_fresh_answers(am: Any, tokenizer: Any, task: str) -> None:
+    """The base model's and the adapter's answers to the hand-written inputs, side by side."""
+    from .eval.run import generate_answers
+
+    spec = get_task(task)
+    prompts = [[Message("user", f"{spec.instruction}\n{spec.label}: {text}")] for text in FRESH.get(task, [])]
+    if not prompts:
+        return
+    answers = generate_answers(
+        am, tokenizer, prompts * 2, max_new_tokens=spec.max_new_tokens, adapter_names=[None] * len(prompts) + ["adapter"] * len(prompts)
+    )  # fmt: skip
+    print("\nfresh inputs (written by hand), base model -> adapter:")
+    for i, text in enumerate(FRESH[task]):
+        print(
+            f"  {text!r}\n      base:    {_one_line(answers[i])}\n      adapter: {_one_line(answers[i + len(prompts)])}"
+        )
 
 
 def _one_line(text: str) -> str:

@@ -13,7 +13,9 @@ half-written `.step-*.tmp-*`, a half-deleted one) is a leftover of an interrupte
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from torch import Tensor
 from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..formats.files import read_json, read_safetensors, write_safetensors
 from ..io import building_dir, is_leftover, remove_dir, write_json_atomic
+from .flags import option
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
@@ -57,7 +60,7 @@ def save_checkpoint(
     config: dict[str, Any], inputs: dict[str, str], keep: int,
 ) -> Path:  # fmt: skip
     """Write checkpoint `root/step-<n>` atomically and prune all but the newest `keep`."""
-    final = root / f"{PREFIX}{pos.step:08d}"
+    final = path_for(root, pos.step)
     opt = optimizer.state_dict()
     opt_tensors: dict[str, Tensor] = {}
     opt_scalars: dict[str, dict[str, Any]] = {}
@@ -98,15 +101,26 @@ def save_checkpoint(
     return final
 
 
+def path_for(root: Path, step: int) -> Path:
+    """The directory of the checkpoint after optimizer step `step`."""
+    return root / f"{PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint directory's name says (`step-00000120` -> 120); None for other names."""
+    digits = path.name.removeprefix(PREFIX)
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (a half-written or half-deleted one is never listed)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and _complete(p)]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in root.iterdir() if step_of(p) is not None and _complete(p)]
+    return sorted(found, key=step_of)
 
 
-def remove_leftovers(root: Path) -> list[str]:
+def remove_incomplete(root: Path) -> list[str]:
     """Delete what interrupted runs left under `root` (temporary and incomplete checkpoint
     directories); return their names."""
     if not root.is_dir():
@@ -117,6 +131,18 @@ def remove_leftovers(root: Path) -> list[str]:
             remove_dir(p)
             gone.append(p.name)
     return gone
+
+
+def remove_after(root: Path, step: int) -> list[str]:
+    """Delete the checkpoints under `root` written after step `step` (complete or not); return their
+    names. A run resumed from an older checkpoint redoes those steps: left in place, the abandoned
+    ones would outrank (and get) its new checkpoints pruned, and a later resume would pick them."""
+    later = (
+        sorted((p for p in root.iterdir() if (step_of(p) or 0) > step), key=step_of) if root.is_dir() else []
+    )
+    for p in later:
+        remove_dir(p)
+    return [p.name for p in later]
 
 
 def _complete(path: Path) -> bool:
@@ -130,8 +156,8 @@ def find_checkpoint(root: Path, resume: bool | str | Path) -> Path:
         if not found:
             raise CheckpointError(
                 f"no checkpoint to resume from in {root}: a run writes one every checkpoint_every steps "
-                "and when it is stopped with Ctrl-C; start a new run instead (--overwrite, or another "
-                "--output_dir)"
+                f"and when it is stopped with Ctrl-C; start a new run instead ({option('overwrite')}, or "
+                "another output_dir)"
             )
         return found[-1]
     path = Path(resume)
@@ -155,10 +181,23 @@ def read_state(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         pos = Position(**state["position"])
     except TypeError as e:
         raise unusable(path, f"its state.json has an invalid position ({e})") from None
-    if not all(isinstance(n, int) for n in (pos.step, pos.epoch, pos.batch_in_epoch, pos.bad_evals)):
+    if not _valid_position(pos) or not isinstance(state.get("inputs", {}), dict):
         raise unusable(path, f"its state.json has an invalid position ({state['position']})")
     _check_same_run(state["config"], config, path)
     return state
+
+
+def _valid_position(pos: Position) -> bool:
+    counts = (pos.step, pos.epoch, pos.batch_in_epoch, pos.bad_evals)
+    best = pos.best_val
+    return (
+        all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+        and isinstance(best, (int, float))
+        and not isinstance(best, bool)
+        and not math.isnan(best)
+        and isinstance(pos.extra, dict)
+        and isinstance(pos.extra.get("changed_inputs", []), list)
+    )
 
 
 def check_inputs(state: dict[str, Any], current: dict[str, str], path: Path, allow: bool) -> dict[str, Any]:
@@ -171,8 +210,8 @@ def check_inputs(state: dict[str, Any], current: dict[str, str], path: Path, all
     if changed and not allow:
         raise CheckpointError(
             f"cannot resume from {path}: {describe_changes(changed)}. Resume with the inputs it was "
-            "trained on, start a new run (--overwrite, or another --output_dir), or pass "
-            "--allow-changed-inputs to continue on the new inputs anyway"
+            f"trained on, start a new run ({option('overwrite')}, or another output_dir), or pass "
+            f"{option('allow_changed_inputs')} to continue on the new inputs anyway"
         )
     return changed
 
@@ -195,7 +234,7 @@ def load_checkpoint(
     """Restore masters, optimizer and RNG states from `path` (whose `state` was read by `read_state`);
     return the position to continue from. The files are checked before anything is changed."""
     weights = _read_tensors(path / "trainable.safetensors", path)
-    _check_weights(weights, names, masters, path)
+    _check_saved_weights(weights, names, masters, path)
     tensors = _read_tensors(path / "optimizer.safetensors", path)
     per_param = _optimizer_state(tensors, state, optimizer, path)
     try:
@@ -206,14 +245,13 @@ def load_checkpoint(
         random.setstate(rng_python)
         np.random.set_state(rng_numpy)
         torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise unusable(
             path, f"its optimizer or RNG state does not fit this run ({type(e).__name__}: {e})"
         ) from None
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
     with torch.no_grad():
         for name, master in zip(names, masters):
             master.copy_(weights[name])
@@ -227,7 +265,9 @@ def _read_tensors(file: Path, path: Path) -> dict[str, Tensor]:
         raise unusable(path, str(e)) from None
 
 
-def _check_weights(weights: dict[str, Tensor], names: list[str], masters: list[Tensor], path: Path) -> None:
+def _check_saved_weights(
+    weights: dict[str, Tensor], names: list[str], masters: list[Tensor], path: Path
+) -> None:
     if sorted(weights) != sorted(names):
         raise ConfigError(
             f"{path} holds other trainable parameters than this run; it belongs to another model/config"
@@ -237,7 +277,7 @@ def _check_weights(weights: dict[str, Tensor], names: list[str], masters: list[T
             raise unusable(
                 path, f"{name} has shape {tuple(weights[name].shape)}, this run's is {tuple(master.shape)}"
             )
-    bad = [n for n in names if not torch.isfinite(weights[n]).all()]
+    bad = non_finite(weights)
     if bad:
         raise unusable(
             path,
@@ -255,13 +295,13 @@ def _optimizer_state(
     for key, value in tensors.items():
         if not key.startswith("state."):
             continue
-        _, index, name = key.split(".", 2)
-        i = int(index) if index.isdigit() else len(params)
+        parts = key.split(".", 2)  # state.<parameter index>.<name>
+        i = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else len(params)
         if i >= len(params) or (value.dim() > 0 and value.shape != params[i].shape):
             raise unusable(path, f"its optimizer state {key} does not fit this run's parameters")
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if non_finite({key: value}):
             raise unusable(path, f"its optimizer state {key} holds NaN or inf")
-        per_param.setdefault(i, {})[name] = value
+        per_param.setdefault(i, {})[parts[2]] = value
     scalars = state["optimizer"].get("scalars", {})
     if not isinstance(scalars, dict) or not all(
         i.isdigit() and isinstance(v, dict) for i, v in scalars.items()
@@ -274,16 +314,21 @@ def _optimizer_state(
 
 def unusable(path: Path, problem: str) -> CheckpointError:
     """The error for a checkpoint that cannot be used, with the ways forward."""
-    older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+    older = [p for p in list_checkpoints(path.parent) if (step_of(p) or 0) < (step_of(path) or 0)]
     fallback = (
-        f"move it out of {path.parent} and --resume continues from the older {older[-1].name}"
+        f"move it out of {path.parent} and resuming continues from the older {older[-1].name}"
         if older
         else "there is no older checkpoint to fall back on"
     )
     return CheckpointError(
         f"cannot resume from checkpoint {path}: {problem}; {fallback}, or start a new run "
-        "(--overwrite, or another --output_dir)"
+        f"({option('overwrite')}, or another output_dir)"
     )
+
+
+def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

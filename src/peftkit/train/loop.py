@@ -24,31 +24,16 @@ import torch
 
 from ..data.batching import collate, length_grouped_batches
 from ..data.encode import Encoded
-from ..errors import ConfigError, TrainingDivergedError, TrainingInterrupted
-from ..io import atomic_file, remove_dir
+from ..io import atomic_file
 from . import distributed
-from .checkpoint import (
-    INPUTS,
-    Position,
-    check_inputs,
-    describe_changes,
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_state,
-    save_checkpoint,
-)
+from .checkpoint import Position
 from .config import TrainConfig, save_config
 from .optim import Trainable, lr_at, make_optimizer, set_lr
-from .report import Reporter, plot_losses, read_metrics, truncate_metrics
-from .setup import Prepared, check_run_dir, clear_run, prepare, remove_leftovers, run_dir
-from .step import (
-    StopOnCtrlC,
-    batch_loss,
-    check_finite,
-    validation_loss,
-    weights_are_finite,
-)
+from .report import Reporter, plot_losses, read_metrics
+from .resume import abort_message, raise_interrupted, resume_from, starting_point, write_checkpoint
+from .run_dir import claim, run_dir
+from .setup import Prepared, prepare
+from .step import StopOnCtrlC, batch_loss, check_finite, check_weights_finite, validation_loss
 
 
 @dataclass
@@ -83,23 +68,21 @@ def train(
     checkpoint and the last adapter, and raises TrainingInterrupted (a KeyboardInterrupt); a second
     Ctrl-C aborts at once.
     """
-    out = run_dir(config)
-    if resume and overwrite:
-        raise ConfigError(f"--resume continues the run in {out} and --overwrite deletes it: pass one of them")
+    start = starting_point(config, run_dir(config), resume=resume, overwrite=overwrite)
     d = distributed.init()
-    start = None
-    if resume:  # a missing or broken checkpoint fails before the model loads
-        path = find_checkpoint(out / "checkpoints", resume)
-        start = path, read_state(path, config.to_dict())
-    check_run_dir(out, resume=bool(resume), overwrite=overwrite)
     distributed.barrier(d)  # every process has checked the directory before the main one changes it
     p = prepare(config, d)
-    _claim(p, overwrite=overwrite)
+    if d.main:
+        claim(
+            p.out, overwrite=overwrite
+        )  # only now: a run that fails to start leaves the directory as it was
+    distributed.barrier(d)
     trainable = Trainable.of(p.net)
     optimizer = make_optimizer(trainable, config)
-    pos = _resume(p, trainable, optimizer, *start, allow_changed_inputs) if start else Position()
+    pos = resume_from(p, trainable, optimizer, *start, allow_changed_inputs) if start else Position()
     if d.main:
         print(p.describe(trainable, pos), file=sys.stderr, flush=True)
+        save_config(config, p.out / "config.yaml")
     reporter = Reporter(
         p.out,
         total_steps=p.total_steps,
@@ -108,35 +91,22 @@ def train(
         progress=config.progress,
         tensorboard=config.tensorboard,
     )
-    if d.main:
-        save_config(config, p.out / "config.yaml")
     started = time.perf_counter()
     try:
         with StopOnCtrlC() as stop:
             pos, tokens, stopped = _fit(p, trainable, optimizer, pos, reporter, stop)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
-        reporter.message(_abort_message(p))
+        reporter.message(abort_message(p))
         raise
     finally:
         reporter.close()
     seconds = time.perf_counter() - started
-    if stopped:
-        _stop(p, pos, trainable, optimizer, seconds, tokens)
+    if stopped:  # Ctrl-C: this step's checkpoint is written; save the last weights, say how to resume
+        _save(p, pos, trainable, seconds, tokens, interrupted=True)
+        raise_interrupted(p, pos)
     result = _save(p, pos, trainable, seconds, tokens)
     distributed.shutdown(d)
     return result
-
-
-def _claim(p: Prepared, *, overwrite: bool) -> None:
-    """Clear the old run (overwrite) or what interrupted writes left behind, once the data and the
-    model have loaded: a failure before this point leaves the directory as it was."""
-    if p.dist.main:
-        p.out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no directory
-        gone = clear_run(p.out) if overwrite else remove_leftovers(p.out)
-        if gone:
-            what = "the previous run's files" if overwrite else "leftovers of an interrupted run"
-            print(f"peftkit: removed {what} from {p.out}: {', '.join(gone)}", file=sys.stderr, flush=True)
-    distributed.barrier(p.dist)
 
 
 def _fit(
@@ -171,11 +141,12 @@ def _fit(
             validate_now = _due(pos.step, c.eval_every) or (c.eval_every == 0 and end_of_epoch)
             if validate_now and _validate(p, pos, trainable, reporter):
                 return pos, tokens_seen, False  # early stopping
-            if _due(pos.step, c.checkpoint_every):
-                _checkpoint(p, pos, trainable, optimizer)
-            # Checked only once the step's validation and checkpoint are done, so that resuming
-            # gives exactly the run that was not interrupted.
-            if stop.now(d) and pos.step < p.total_steps:
+            # Ctrl-C is heeded only once the step's validation is done, and its checkpoint holds
+            # everything, so that resuming gives exactly the run that was not interrupted.
+            stopping = stop.now(d) and pos.step < p.total_steps
+            if stopping or _due(pos.step, c.checkpoint_every):
+                write_checkpoint(p, pos, trainable, optimizer)
+            if stopping:
                 return pos, tokens_seen, True
         if pos.batch_in_epoch >= len(batches):
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
@@ -191,12 +162,12 @@ def _step(
     lr = lr_at(index, p.total_steps, p.config)
     loss_sum, padded, labelled = accumulate(p, window)
     loss = distributed.all_sum(loss_sum, p.dist) / max(labelled, 1)
-    check_finite(loss, "training loss", index + 1, lr)
+    check_finite(p, loss, "training loss", index + 1, lr)
     distributed.all_sum_grads(trainable.params, p.dist)
     trainable.grads_to_masters()
     if p.config.max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(trainable.masters, p.config.max_grad_norm)
-        check_finite(float(norm), "gradient norm", index + 1, lr)
+        check_finite(p, float(norm), "gradient norm", index + 1, lr)
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -234,9 +205,9 @@ def _validate(p: Prepared, pos: Position, trainable: Trainable, reporter: Report
     reporter.message(f"step {pos.step}: validation loss {val:.4f}")
     if val < pos.best_val:
         pos.best_val, pos.bad_evals = val, 0
-        _check_weights(p, pos, trainable)
+        check_weights_finite(p, pos.step, trainable)
         if p.dist.main:
-            p.save_weights(_best_dir(p), pos, trainable)
+            p.save_weights(p.best_dir, pos, trainable)
     else:
         pos.bad_evals += 1
     patience = p.config.early_stopping_patience
@@ -244,120 +215,6 @@ def _validate(p: Prepared, pos: Position, trainable: Trainable, reporter: Report
         reporter.message(f"early stopping: no better validation loss in {patience} validations")
         return True
     return False
-
-
-def _checkpoint(p: Prepared, pos: Position, trainable: Trainable, optimizer: torch.optim.Optimizer) -> Path:
-    """Write a checkpoint (the main process; every process checks the weights first)."""
-    _check_weights(p, pos, trainable)
-    path = p.out / "checkpoints" / f"step-{pos.step:08d}"
-    if p.dist.main:
-        save_checkpoint(
-            p.out / "checkpoints", pos, trainable.names, trainable.masters, optimizer, p.config.to_dict(),
-            _inputs(p), keep=p.config.keep_checkpoints,
-        )  # fmt: skip
-    return path
-
-
-def _inputs(p: Prepared) -> dict[str, str]:
-    """What the run trains on (data hashes, base fingerprint), recorded in its checkpoints."""
-    return {k: str(p.lineage.get(k, "")) for k in INPUTS}
-
-
-def _check_weights(p: Prepared, pos: Position, trainable: Trainable) -> None:
-    """Never save NaN or inf weights (they can follow from a non-finite gradient without clipping)."""
-    if not weights_are_finite(trainable.masters):
-        raise TrainingDivergedError(
-            f"step {pos.step}: the trained weights hold NaN or inf; nothing from this step was saved. "
-            f"Lower the learning rate (lr is {p.config.lr:g}) or set max_grad_norm, then start again "
-            "(--overwrite)"
-        )
-
-
-def _resume(
-    p: Prepared,
-    trainable: Trainable,
-    optimizer: torch.optim.Optimizer,
-    path: Path,
-    state: dict[str, Any],
-    allow_changed_inputs: bool,
-) -> Position:
-    """Load checkpoint `path` and make the run directory agree with it: later metrics and a best
-    adapter saved after it belong to the part of the run being redone."""
-    step = state["position"].get("step", 0)
-    if step >= p.total_steps:
-        raise ConfigError(
-            f"{path} is at step {step} and this run ends at step {p.total_steps}: nothing to train; "
-            "raise max_steps (or epochs) to continue it"
-        )
-    changed = check_inputs(state, _inputs(p), path, allow_changed_inputs)
-    pos = load_checkpoint(path, state, trainable.names, trainable.masters, optimizer)
-    trainable.masters_to_params()
-    if changed:
-        pos.extra.setdefault("changed_inputs", []).append({"step": pos.step, **changed})
-    if p.dist.main:
-        if changed:
-            print(
-                f"peftkit: WARNING: resuming from {path} although {describe_changes(changed)} "
-                "(--allow-changed-inputs); the adapter's training.json records it under changed_inputs",
-                file=sys.stderr,
-                flush=True,
-            )
-        print(f"peftkit: resuming from {path} (step {pos.step})", flush=True)
-        truncate_metrics(p.out / "metrics.jsonl", pos.step)
-        _drop_later_best(_best_dir(p), pos.step)
-    return pos
-
-
-def _drop_later_best(best: Path, step: int) -> None:
-    """Remove a best adapter written after checkpoint step `step` (the resumed run may save it again)."""
-    if not best.is_dir():
-        return
-    try:
-        saved_at = json.loads((best / "training.json").read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        saved_at = None
-    if not isinstance(saved_at, int) or saved_at > step:
-        remove_dir(best)
-
-
-def _stop(
-    p: Prepared,
-    pos: Position,
-    trainable: Trainable,
-    optimizer: torch.optim.Optimizer,
-    seconds: float,
-    tokens: int,
-) -> None:
-    """After a Ctrl-C: save a checkpoint (unless this step wrote one) and the last adapter, say how
-    to resume, and raise."""
-    path = p.out / "checkpoints" / f"step-{pos.step:08d}"
-    if not _due(pos.step, p.config.checkpoint_every):
-        path = _checkpoint(p, pos, trainable, optimizer)
-    _save(p, pos, trainable, seconds, tokens, interrupted=True)
-    if p.dist.main:
-        print(
-            f"peftkit: interrupted after step {pos.step} of {p.total_steps}; saved {path} and "
-            f"{_last_dir(p)}. Run the same command with --resume to continue from step {pos.step}",
-            file=sys.stderr,
-            flush=True,
-        )
-    distributed.shutdown(p.dist)
-    raise TrainingInterrupted(pos.step, path)
-
-
-def _abort_message(p: Prepared) -> str:
-    found = list_checkpoints(p.out / "checkpoints")
-    if found:
-        return f"aborted; --resume continues from the newest checkpoint, {found[-1]}"
-    return "aborted before any checkpoint was written: --resume cannot continue this run; start it again with --overwrite"
-
-
-def _best_dir(p: Prepared) -> Path:
-    return p.out / ("adapter-best" if p.is_lora else "model-best")
-
-
-def _last_dir(p: Prepared) -> Path:
-    return p.out / ("adapter-last" if p.is_lora else "model-last")
 
 
 def _save(
@@ -370,11 +227,11 @@ def _save(
     interrupted: bool = False,
 ) -> TrainResult:
     """The last adapter (or model), the loss plot and a summary, written by the main process."""
-    last, best = _last_dir(p), _best_dir(p)
+    last, best = p.last_dir, p.best_dir
     has_best = not math.isinf(pos.best_val) and best.is_dir()  # only a best of this run counts
     chosen = best if has_best else last
     metrics_path = p.out / "metrics.jsonl"
-    _check_weights(p, pos, trainable)
+    check_weights_finite(p, pos.step, trainable)
     final_loss = None
     if p.dist.main:
         p.save_weights(last, pos, trainable)

@@ -41,7 +41,10 @@ class Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tensorboard"))
+                # A resumed run logs the steps after its checkpoint again: purge_step hides the
+                # events from step initial_step + 1 on that the interrupted run had written.
+                purge = initial_step + 1 if initial_step else None
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but a trimmed install should still train
                 print(
                     "peftkit: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr

@@ -1,4 +1,4 @@
-"""Everything a run needs before its first step: seeds, base model, data, adapter, output directory."""
+"""Everything a run needs before its first step: seeds, base model, data, adapter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from ..adapted import AdaptedModel
@@ -21,14 +20,14 @@ from ..data.encode import IGNORE_INDEX, Encoded, encode_all
 from ..data.example import Example
 from ..data.files import dataset_hash, split_examples
 from ..data.source import load_data
-from ..errors import ConfigError, DataError
-from ..io import building_dir, is_leftover, is_nonempty_dir, remove_dir, unwritable_reason
+from ..errors import DataError
+from ..io import building_dir
 from . import distributed
 from .checkpoint import Position
-from .checkpoint import remove_leftovers as remove_checkpoint_leftovers
 from .config import TrainConfig, save_config
 from .fused import fuse_for_training
 from .optim import Trainable
+from .run_dir import run_dir
 
 
 @dataclass
@@ -52,6 +51,16 @@ class Prepared:
     backbone: nn.Module | None  # the fused loss path: hidden states from here, head applied by train.loss
     head: nn.Module | None
     lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_dir(self) -> Path:
+        """Where the weights with the lowest validation loss go."""
+        return self.out / ("adapter-best" if self.is_lora else "model-best")
+
+    @property
+    def last_dir(self) -> Path:
+        """Where the weights at the end of the run (or at Ctrl-C) go."""
+        return self.out / ("adapter-last" if self.is_lora else "model-last")
 
     def save_weights(self, path: Path, pos: Position, trainable: Trainable) -> None:
         """Save the adapter (or, for full fine-tuning, the model) in full precision (the fp32
@@ -161,115 +170,6 @@ def _examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
     return train, val
 
 
-# What `peftkit train` writes into its output directory: a run is these, and only these are cleared.
-RUN_ENTRIES = (
-    "config.yaml", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "checkpoints",
-    "adapter-best", "adapter-last", "model-best", "model-last",
-)  # fmt: skip
-
-
-def run_dir(config: TrainConfig) -> Path:
-    """The run's output directory: output_dir with {task} and {method} filled in."""
-    return Path(config.output_dir.format(task=_data_name(config.data), method=config.method))
-
-
-def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an output directory this run cannot use, before any heavy work; create it.
-
-    A directory that holds another run is refused unless the run is resumed or `overwrite` (which
-    `clear_run` then carries out) is given; `overwrite` is refused for a non-empty directory that
-    is not a peftkit run.
-    """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory; choose another --output_dir")
-    found = [name for name in run_files(out) if name in RUN_ENTRIES]  # leftovers alone are cleaned up
-    if overwrite:
-        _check_clearable(out)
-    elif found and not resume:
-        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise ConfigError(
-            f"output_dir {out} holds a previous run ({listed}); pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --output_dir"
-        )
-    _ensure_writable(out)
-
-
-def run_files(out: Path) -> list[str]:
-    """The names of the run files in `out` (and the leftovers of interrupted writes of them)."""
-    if not out.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in out.iterdir()
-        if p.name in RUN_ENTRIES or any(is_leftover(p.name, of=entry) for entry in RUN_ENTRIES)
-    )
-
-
-def is_run_dir(out: Path) -> bool:
-    """Whether `out` holds a peftkit run: a config.yaml that `peftkit train` wrote. It writes every
-    key, so a hand-written config (say, the one passed to `peftkit train`) does not pass for one."""
-    try:
-        data = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and set(_SAVED_KEYS) <= set(data)
-
-
-# Keys every saved config.yaml has held since the first release (later keys may be missing).
-_SAVED_KEYS = (
-    "base", "data", "val_data", "val_fraction", "max_examples", "system", "method", "lora", "max_length",
-    "train_on", "truncation", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "schedule",
-    "warmup_ratio", "seed", "eval_every", "checkpoint_every", "output_dir", "tensorboard", "progress",
-)  # fmt: skip
-
-
-def clear_run(out: Path) -> list[str]:
-    """Delete the run files from `out` (other files stay); return their names. config.yaml goes
-    last, so a clear that is interrupted still leaves a directory that looks like a run."""
-    names = sorted(run_files(out), key=lambda name: name == "config.yaml")
-    for name in names:
-        _remove(out / name)
-    return names
-
-
-def remove_leftovers(out: Path) -> list[str]:
-    """Delete what interrupted writes left in `out` (temporary files and directories, incomplete
-    checkpoints); return their names."""
-    gone = [name for name in run_files(out) if name not in RUN_ENTRIES]
-    for name in gone:
-        _remove(out / name)
-    return gone + [f"checkpoints/{name}" for name in remove_checkpoint_leftovers(out / "checkpoints")]
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        remove_dir(path)
-    else:
-        path.unlink(missing_ok=True)  # a file, or a link (never followed)
-
-
-def _check_clearable(out: Path) -> None:
-    if not is_nonempty_dir(out):
-        return
-    resolved = out.resolve()
-    if resolved in (Path.home().resolve(), Path(resolved.anchor)):
-        raise ConfigError(f"refusing to overwrite {out}: give the run a directory of its own (--output_dir)")
-    if not is_run_dir(out):
-        raise ConfigError(
-            f"refusing to overwrite {out}: it is not empty and does not look like a peftkit run (no "
-            "config.yaml written by peftkit train); choose an empty or new --output_dir"
-        )
-
-
-def _ensure_writable(out: Path) -> None:
-    """A read-only location fails now, not after training."""
-    reason = unwritable_reason(out)
-    if reason:
-        raise ConfigError(
-            f"output_dir {out} cannot be written: {reason}; choose another --output_dir or fix its permissions"
-        )
-
-
 def fused_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(backbone, head) when the model's logits are just head(backbone(x)), which lets the loss skip
     unlabelled positions; (None, None) sends training through the model's own forward instead."""
@@ -306,9 +206,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _data_name(spec: str) -> str:
-    if spec.startswith("task:"):
-        return spec.split(":")[1]
-    return Path(spec).stem or "data"

@@ -16,7 +16,9 @@ from ..data.batching import collate
 from ..data.encode import IGNORE_INDEX
 from ..errors import TrainingDivergedError
 from . import distributed
+from .checkpoint import list_checkpoints, non_finite
 from .loss import head_loss_sum, labelled_hidden
+from .optim import Trainable
 
 if TYPE_CHECKING:
     from .setup import Prepared
@@ -58,24 +60,56 @@ def validation_loss(p: Prepared) -> float:
     return distributed.all_sum(total, d) / max(distributed.all_sum(count, d), 1)
 
 
-def check_finite(value: float, what: str, step: int, lr: float) -> None:
-    """Raise TrainingDivergedError when `value` (the step's loss or gradient norm) is NaN or inf."""
-    if math.isfinite(value):
-        return
-    raise TrainingDivergedError(
-        f"step {step}: the {what} is {value}; training stopped before the update, and nothing from "
-        f"this step was saved. Lower the learning rate (lr is {lr:g}), keep max_grad_norm set, or "
-        "check the data and the precision, then start again (--overwrite)"
+def check_finite(p: Prepared, value: float, what: str, step: int, lr: float) -> None:
+    """Raise TrainingDivergedError when `value` (step `step`'s loss or gradient norm) is NaN or inf."""
+    if not math.isfinite(value):
+        raise diverged(
+            p,
+            f"step {step}: the {what} is {value}; training stopped before the update",
+            f"Lower the learning rate (lr is {lr:g}), keep max_grad_norm set, or check the data and the precision",
+        )
+
+
+def check_weights_finite(p: Prepared, step: int, trainable: Trainable) -> None:
+    """Never save NaN or inf weights (they can follow from a non-finite gradient without clipping)."""
+    if non_finite(dict(zip(trainable.names, trainable.masters))):
+        raise diverged(
+            p,
+            f"step {step}: the trained weights hold NaN or inf",
+            f"Lower the learning rate (lr is {p.config.lr:g}) or set max_grad_norm",
+        )
+
+
+def diverged(p: Prepared, problem: str, advice: str) -> TrainingDivergedError:
+    """The error for a run that stopped being finite, with what was kept and the way forward.
+
+    Not --resume: the same config repeats the same steps, and lr or max_grad_norm cannot change on
+    resume. Not --overwrite in the same output_dir: it would delete the last good checkpoint."""
+    found = list_checkpoints(p.out / "checkpoints")
+    kept = (
+        f"the last good checkpoint, {found[-1]}, is kept" if found else "no checkpoint was written before it"
     )
-
-
-def weights_are_finite(masters: list[Tensor]) -> bool:
-    return all(bool(torch.isfinite(m).all()) for m in masters)
+    return TrainingDivergedError(
+        f"{problem}, and nothing from this step was saved; {kept}. {advice}, then start a new run in "
+        "another output_dir"
+    )
 
 
 class StopOnCtrlC:
     """Within the block, the first Ctrl-C (SIGINT) only asks the loop to stop after the current step,
-    so it can save a checkpoint; a second one aborts at once, as Ctrl-C normally does."""
+    so it can save a checkpoint; a second one aborts at once, as Ctrl-C normally does.
+
+    Under torchrun (checked with torch 2.13) each worker runs in a session of its own, so the
+    terminal's Ctrl-C reaches only the launcher, which forwards the signal it got (SIGINT) to every
+    worker, waits --shutdown_timeout seconds (30 by default; TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and then
+    sends SIGKILL. Every worker sees the request (each prints the "stopping" line), the main process
+    decides (`now`), all stop after the same step, the main one saves the checkpoint and the last
+    adapter, and the workers exit 130; the launcher itself ends with its own SignalException traceback
+    (exit 1). A step and save longer than the timeout are killed, which leaves the previous checkpoint
+    whole (writes are atomic). SIGTERM (`kill`, a scheduler's preemption, or the launcher receiving
+    one and forwarding it) is not handled: the workers stop at once and --resume continues from the
+    newest periodic checkpoint (checkpoint_every).
+    """
 
     def __init__(self) -> None:
         self.requested = False
