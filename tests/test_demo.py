@@ -55,3 +55,28 @@ def test_the_demo_runs_again_into_its_own_directory(tiny_model_dir: Path, tmp_pa
         if '"loss"' in line
     ]
     assert steps == [1, 2, 3]  # the first run's steps are not mixed in
+
+
+def test_the_demo_refuses_an_out_that_holds_another_run(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from test_run_dirs import snapshot
+    from test_train import config, make_data
+
+    from peftkit.train.loop import train
+
+    real = tmp_path / "my-real-run"
+    train(config(tiny_model_dir, make_data(tmp_path / "up.jsonl"), real, max_steps=2))
+    before = snapshot(real)
+    args = ["demo", "--base", str(tiny_model_dir), "--steps", "1", "--n-test", "2", "--min-score", "0"]
+    assert main([*args, "--out", str(real)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {real} is not empty and holds no earlier demo run" in err
+    assert "choose a new or empty --out" in err and "--output_dir" not in err
+    assert snapshot(real) == before  # the real run is untouched
+    # An interrupted demo (its demo.json has no scores yet) is still the demo's to replace.
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo.json").write_text('{"task": "dates", "status": "training"}')
+    (demo / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (demo / "config.yaml").write_bytes((real / "config.yaml").read_bytes())
+    assert main([*args, "--out", str(demo)]) == 0
+    assert json.loads((demo / "demo.json").read_text())["n"] == 2

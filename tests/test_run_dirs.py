@@ -13,7 +13,7 @@ from safetensors.torch import load
 from test_train import adapter_tensors, cli_args, config, make_data
 
 from peftkit.cli import main
-from peftkit.errors import ConfigError
+from peftkit.errors import AdapterFileError, CheckpointError, ConfigError
 from peftkit.formats.peft import read_adapter, write_adapter
 from peftkit.train import distributed
 from peftkit.train.checkpoint import Position
@@ -114,6 +114,39 @@ def test_a_new_run_over_an_old_one_keeps_and_resumes_its_own_checkpoints(
     )
 
 
+def test_resuming_from_an_older_checkpoint_removes_the_later_ones(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    train(config(tiny_model_dir, data, out, max_steps=8, checkpoint_every=4))
+    older = checkpoints / "step-00000004"
+    capsys.readouterr()
+    # Back to step 4 (keeping one checkpoint): the abandoned step-8 must not outrank the new ones.
+    train(
+        config(tiny_model_dir, data, out, max_steps=6, checkpoint_every=2, keep_checkpoints=1), resume=older
+    )
+    err = capsys.readouterr().err
+    assert "removed the checkpoints after step 4, which this run redoes: step-00000008" in err
+    assert [p.name for p in checkpoints.iterdir()] == ["step-00000006"]
+    resumed = train(config(tiny_model_dir, data, out, max_steps=7, checkpoint_every=2), resume=True)
+    assert resumed.steps == 7 and f"resuming from {checkpoints / 'step-00000006'}" in capsys.readouterr().out
+    assert steps_logged(out) == list(range(1, 8))
+
+
+def test_the_errors_name_the_command_line_flag_and_the_python_keyword(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=2))
+    with pytest.raises(ConfigError) as refused:
+        train(config(tiny_model_dir, data, out, max_steps=2))
+    with pytest.raises(CheckpointError) as nothing_to_resume:
+        train(config(tiny_model_dir, data, out, max_steps=4), resume=True)
+    with pytest.raises(ConfigError) as both:
+        train(config(tiny_model_dir, data, out, max_steps=4), resume=True, overwrite=True)
+    for error in (refused, nothing_to_resume, both):
+        assert "--overwrite (overwrite=True in Python)" in str(error.value), error.value
+    for error in (refused, both):
+        assert "--resume (resume=True in Python)" in str(error.value), error.value
+
+
 # -- checked before the model loads -------------------------------------------------------------------
 def test_a_missing_data_file_fails_before_the_model_loads(tmp_path, capsys):
     args = cli_args(tmp_path / "no-such-model", tmp_path / "missing.jsonl", tmp_path / "run")
@@ -153,7 +186,6 @@ def test_resume_removes_what_interrupted_writes_left_and_ignores_half_deleted_ch
     (half_deleted / "state.json").write_bytes((checkpoints / "step-00000008" / "state.json").read_bytes())
     (checkpoints / "step-00000002").mkdir()  # pruning got as far as its state.json
     (out / ".adapter-last.tmp-0123456789ab").mkdir()
-    (out / "..adapter-best.tmp-0123456789ab.tmp-ba9876543210").mkdir()  # an adapter built inside a save
     (out / ".metrics.jsonl.tmp-0123456789ab").write_text("")
     result = train(config(tiny_model_dir, data, out, max_steps=10, checkpoint_every=4), resume=True)
     assert result.steps == 10
@@ -174,6 +206,41 @@ def test_resume_rewrites_the_metrics_from_its_checkpoint_and_survives_a_torn_las
     assert steps_logged(part) == list(range(1, 13))  # each step once
     curve = lambda run: [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert curve(part) == curve(tmp_path / "whole")
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tiny_model_dir, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = {"checkpoint_every": 4, "eval_every": 100, "tensorboard": True}
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=10, **common))  # logged steps 9, 10 after step-8
+    train(config(tiny_model_dir, data, out, max_steps=12, **common), resume=True)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == list(range(1, 13))  # each step once: the first run's 9 and 10 are purged
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(
+        [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    )
+
+
+def test_an_adapter_moved_aside_by_an_interrupted_replacement_is_put_back(
+    tiny_model_dir, data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=8, eval_every=4, checkpoint_every=8))
+    best = snapshot(out / "adapter-best")
+    # The process died inside io.replace_by_renames: the old adapter-best renamed away, the new one
+    # still under its temporary name. The renamed one is the only complete copy.
+    moved = out / ".adapter-best.old-0123456789ab"
+    (out / "adapter-best").rename(moved)
+    (out / ".adapter-best.tmp-0123456789ab").mkdir()
+    (out / ".adapter-best.tmp-0123456789ab" / "adapter_model.safetensors").write_bytes(b"partial")
+    capsys.readouterr()
+    result = train(config(tiny_model_dir, data, out, max_steps=10, eval_every=100), resume=True)
+    assert f"put back {out / 'adapter-best'} from {moved.name}" in capsys.readouterr().err
+    assert result.adapter_dir == out / "adapter-best" and snapshot(out / "adapter-best") == best
+    assert hidden_leftovers(out) == []
 
 
 # -- adapters replace their directory whole ----------------------------------------------------------
@@ -210,6 +277,48 @@ def test_a_failed_adapter_save_leaves_the_old_adapter_whole(tmp_path):
     with pytest.raises((TypeError, ValueError, AttributeError)):
         write_adapter(directory, config, {"w": "not a tensor"}, {})  # fails inside the build
     assert snapshot(directory) == before and hidden_leftovers(tmp_path) == []
+
+
+def test_an_adapter_is_not_saved_into_a_directory_that_holds_other_files(tmp_path):
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / "train.py").write_text("print('mine')\n")
+    before = snapshot(project)
+    with pytest.raises(AdapterFileError) as e:
+        write_adapter(project, *adapter_files(1), {})
+    assert str(project) in str(e.value) and ".git, train.py" in str(e.value)
+    assert "save into an empty directory or an adapter directory" in str(e.value)
+    assert snapshot(project) == before and hidden_leftovers(tmp_path) == []
+    # An empty directory, or one that holds an adapter (with other files beside it), is fine.
+    (tmp_path / "empty").mkdir()
+    write_adapter(tmp_path / "empty", *adapter_files(1), {})
+    (tmp_path / "empty" / "training.json").write_text("{}")
+    write_adapter(tmp_path / "empty", *adapter_files(2), {})
+    assert read_adapter(tmp_path / "empty").config["lora_alpha"] == 8
+    assert (tmp_path / "empty" / "training.json").read_text() == "{}"
+
+
+def test_a_training_save_writes_the_adapter_straight_into_its_one_temporary_directory(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    import peftkit.formats.peft as peft_format
+
+    p = prepare(config(tiny_model_dir, data, tmp_path / "run"), distributed.Dist())
+    out = tmp_path / "run"
+    out.mkdir()
+    seen = []
+
+    def write_safetensors(path: Path, *args) -> None:
+        seen.append((path.parent, hidden_leftovers(out)))  # what exists while the adapter is written
+        write(path, *args)
+
+    write = peft_format.write_safetensors
+    monkeypatch.setattr(peft_format, "write_safetensors", write_safetensors)
+    p.save_weights(out / "adapter-last", Position(step=1), Trainable.of(p.net))
+    ((directory, hidden),) = seen
+    assert hidden == [directory.name] and directory.name.startswith(".adapter-last.tmp-")
+    assert read_adapter(out / "adapter-last").tensors and hidden_leftovers(out) == []
 
 
 class _DiskFull:

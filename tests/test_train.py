@@ -347,7 +347,7 @@ def test_resume_refuses_changed_data_or_base_weights_unless_allowed(tiny_model_d
     err = capsys.readouterr().err
     assert "error: cannot resume from" in err and "the training data changed" in err
     assert first.summary["dataset_hash"][7:19] in err and new_hash[7:19] in err
-    assert "--allow-changed-inputs" in err
+    assert "--allow-changed-inputs (allow_changed_inputs=True in Python)" in err
 
     make_data(data, seed=0)  # the data is back; now the base weights change
     model = LlamaForCausalLM.from_pretrained(base)
@@ -376,6 +376,10 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing_fr
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert "error: step 2: the training loss is nan" in err and "Lower the learning rate" in err
+    # Neither way out deletes the good checkpoint or repeats the same steps with the same lr.
+    assert f"the last good checkpoint, {out / 'checkpoints' / 'step-00000001'}, is kept" in err
+    assert "start a new run in another output_dir" in err
+    assert "--overwrite" not in err and "--resume" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # the last good one
     assert not (out / "adapter-last").exists() and not (out / "summary.json").exists()
     weights = load_file(out / "checkpoints" / "step-00000001" / "trainable.safetensors")
@@ -399,7 +403,20 @@ def test_resume_refuses_a_checkpoint_with_nan_weights(tiny_model_dir, data, tmp_
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("damage", ["torn state.json", "state.json without its sections", "wrong shapes"])
+DAMAGE = {
+    "best_val not a number": ("position", "best_val", "x"),
+    "best_val NaN": ("position", "best_val", float("nan")),
+    "extra not an object": ("position", "extra", [1]),
+    "negative step": ("position", "step", -4),
+    "inputs not an object": (None, "inputs", ["dataset_hash"]),
+}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["torn state.json", "state.json without its sections", "wrong shapes", "optimizer key without a name"]
+    + list(DAMAGE),
+)
 def test_a_damaged_checkpoint_is_an_error_naming_it_and_the_way_out(
     tiny_model_dir, data, tmp_path, capsys, damage
 ):
@@ -411,9 +428,19 @@ def test_a_damaged_checkpoint_is_an_error_naming_it_and_the_way_out(
         state.write_text(state.read_text()[:100])
     elif damage == "state.json without its sections":
         state.write_text('{"format": 1}')
-    else:
+    elif damage == "wrong shapes":
         weights = load_file(newest / "trainable.safetensors")
         save_file({k: torch.zeros(2, 3) for k in weights}, newest / "trainable.safetensors")
+    elif damage == "optimizer key without a name":
+        tensors = load_file(newest / "optimizer.safetensors")
+        key = next(k for k in tensors if k.startswith("state.0."))
+        tensors["state.0"] = tensors.pop(key)
+        save_file(tensors, newest / "optimizer.safetensors")
+    else:
+        section, key, value = DAMAGE[damage]
+        saved = json.loads(state.read_text())
+        (saved[section] if section else saved)[key] = value
+        state.write_text(json.dumps(saved))
     assert main(["train", *cli_args(tiny_model_dir, data, out, max_steps=6), "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"error: cannot resume from checkpoint {newest}" in err, err
