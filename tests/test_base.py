@@ -400,6 +400,19 @@ def test_save_model_dir_overwrites_only_a_model(tmp_path, monkeypatch):
     assert all((tmp_path / name / "config.json").read_text() == "{}" for name in names)
 
 
+def test_save_model_dir_through_a_link_replaces_where_it_points(tmp_path):
+    """The link stays a link (it was replaced by a directory, its old self left as `.link.tmp-*`)."""
+    old = save_model_dir(tiny_model(seed=0), None, tmp_path / "models" / "v1")
+    (tmp_path / "link").symlink_to(old)
+    newer = tiny_model(seed=1)
+    save_model_dir(newer, None, tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link",
+        "models",
+    ]
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(old)), logits(newer))
+
+
 def test_save_model_dir_checks_the_location_is_writable(read_only_dir):
     with pytest.raises(BaseModelError, match=f"{re.escape(str(read_only_dir))} is not writable"):
         save_model_dir(tiny_model(), None, read_only_dir / "out")

@@ -65,9 +65,11 @@ def save_model_dir(
     """
     out = Path(out_dir).expanduser()
     check_model_out_dir(out, overwrite=overwrite)
+    # A link to a directory: write where it points (replacing the link itself would leave it behind).
+    target = out.resolve() if out.is_symlink() else out
     try:
         with (
-            building_dir(out, if_exists="replace" if overwrite else "error") as tmp,
+            building_dir(target, if_exists="replace" if overwrite else "error") as tmp,
             gguf_flag_cleared(model),
         ):
             model.save_pretrained(tmp)
