@@ -324,6 +324,14 @@ def test_eval_json_in_a_read_only_directory(
         assert_refused(run(argv, capsys), f"{read_only_dir} is not writable")
 
 
+def test_eval_metric_that_cannot_score_the_references(base: Path, capsys: pytest.CaptureFixture) -> None:
+    """json_match on dates (not JSON) once failed after the model had answered every example."""
+    argv = ["eval", "task:dates", "--base", base, "--n", 3, "--metric", "json_match"]
+    assert_refused(
+        run(argv, capsys), "reference answer of example 1 is not valid JSON", "choose a text metric"
+    )
+
+
 def test_eval_json_replaces_its_own_report(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["eval", "task:dates", "--base", base, "--n", 1, "--max-new-tokens", 1, "--no-perplexity"]
     for n in (1, 2):  # the second run rewrites the first one's report

@@ -156,6 +156,7 @@ def eval(
             (--no-check-base loads them anyway; names and shapes are still checked)
     """
     from peftkit.data.source import load_data, parse_task_spec
+    from peftkit.eval.metrics import check_references
     from peftkit.eval.run import evaluate, format_table
 
     named = adapter_specs(list(adapters or []))
@@ -174,6 +175,7 @@ def eval(
     if not examples:
         raise DataError(f"data {data!r}: no examples to evaluate")
     metric = metric if metric != "auto" else task[0].metric if task else "exact_match"
+    check_references(metric, [ex.answer for ex in examples])  # not after the model answered them all
     model, tokenizer = load_model(base, named, dtype, check_base=check_base)
     names = [name for name, _ in named]
     if max_new_tokens == 0:

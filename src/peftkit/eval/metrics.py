@@ -11,7 +11,7 @@ import json
 import re
 import string
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from peftkit.errors import ConfigError, DataError, did_you_mean
@@ -132,3 +132,19 @@ def get_metric(name: str) -> Callable[[str, str], float]:
             f"unknown metric {name!r}{did_you_mean(name, list(METRICS))}; valid: {', '.join(METRICS)}"
         )
     return METRICS[name]
+
+
+def check_references(metric: str, references: Sequence[str]) -> None:
+    """Fail before any generation on references `metric` cannot score (json_match needs each to
+    be JSON), rather than after the model has answered every example."""
+    get_metric(metric)
+    if metric != "json_match":
+        return
+    for number, reference in enumerate(references, start=1):
+        try:
+            json.loads(reference)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"json_match: the reference answer of example {number} is not valid JSON ({e}): "
+                f"{reference[:80]!r}; choose a text metric (exact_match, token_f1, ...)"
+            ) from None

@@ -21,7 +21,7 @@ from typing import Any
 from peftkit.data.example import Example
 from peftkit.errors import RequestError
 from peftkit.eval.generation import answer_nll, generate_answers, perplexity, ppl_of
-from peftkit.eval.metrics import get_metric
+from peftkit.eval.metrics import check_references, get_metric
 
 __all__ = [
     "AdapterResult",
@@ -94,6 +94,7 @@ def evaluate(
     own timings; the same answers up to floating-point rounding of the different padding).
     """
     score = get_metric(metric)
+    check_references(metric, [ex.answer for ex in examples])
     adapters = list(adapters) or [None]
     labels = [BASE_NAME if a is None else a for a in adapters]
     if len(set(labels)) != len(labels):
