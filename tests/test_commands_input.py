@@ -283,11 +283,19 @@ PROMPT_FILES = {  # name: (bytes or None for a directory, what the error says)
     "binary": (bytes(range(256)), "is a binary file"),
     "latin-1": ("w1\ncafé\n".encode("latin-1"), "line 2: byte 0xe9 is not UTF-8 text"),
     "directory": (None, "is a directory"),
+    "answered": (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+        "line 1: the last message is the assistant's",
+    ),
+    "system-only": (
+        b'{"messages": [{"role": "system", "content": "s"}]}\n',
+        "the last message is the system's",
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", list(PROMPT_FILES))
-def test_prompt_files_that_are_not_text(
+def test_prompt_files_that_cannot_be_used(
     base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, kind: str
 ) -> None:
     content, needle = PROMPT_FILES[kind]

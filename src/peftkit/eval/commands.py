@@ -285,6 +285,11 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
                 f'{path}: line {number}: expected a JSON object with "prompt" (a string) or "messages" '
                 '(a list of {"role", "content"})'
             ) from None
+        if turns[-1].role != "user":  # the model answers the last message; an answer to itself is no prompt
+            raise DataError(
+                f"{path}: line {number}: the last message is the {turns[-1].role}'s; end each conversation "
+                "with the user message the model should answer"
+            )
         prompts.append(turns)
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")
