@@ -241,6 +241,12 @@ def test_an_adapter_moved_aside_by_an_interrupted_replacement_is_put_back(
     assert f"put back {out / 'adapter-best'} from {moved.name}" in capsys.readouterr().err
     assert result.adapter_dir == out / "adapter-best" and snapshot(out / "adapter-best") == best
     assert hidden_leftovers(out) == []
+    # A new run's directory holds no run: such a leftover there is debris, not the new run's result.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (out / "adapter-best").rename(fresh / ".adapter-best.old-0123456789ab")
+    train(config(tiny_model_dir, data, fresh, max_steps=2, val_fraction=0.0))
+    assert not (fresh / "adapter-best").exists() and hidden_leftovers(fresh) == []
 
 
 # -- adapters replace their directory whole ----------------------------------------------------------

@@ -72,10 +72,8 @@ def train(
     d = distributed.init()
     distributed.barrier(d)  # every process has checked the directory before the main one changes it
     p = prepare(config, d)
-    if d.main:
-        claim(
-            p.out, overwrite=overwrite
-        )  # only now: a run that fails to start leaves the directory as it was
+    if d.main:  # only now: a run that fails to start leaves its directory as it was
+        claim(p.out, overwrite=overwrite, resume=start is not None)
     distributed.barrier(d)
     trainable = Trainable.of(p.net)
     optimizer = make_optimizer(trainable, config)

@@ -49,15 +49,16 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     _ensure_writable(out)
 
 
-def claim(out: Path, *, overwrite: bool) -> None:
+def claim(out: Path, *, overwrite: bool, resume: bool) -> None:
     """Create `out` and clear the old run (overwrite) or what interrupted writes left there, saying
-    what went. Called once the data and the model have loaded: a run that fails to start leaves the
-    directory as it was (or absent)."""
+    what went; a resumed run first gets back a saved result an interrupted replacement moved aside
+    (a new run's directory holds no run, so nothing there is its). Called once the data and the
+    model have loaded: a run that fails to start leaves the directory as it was (or absent)."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         gone, what = clear_run(out), "the previous run's files"
     else:
-        for name, source in restore_saved(out):
+        for name, source in restore_saved(out) if resume else []:
             _say(f"put back {out / name} from {source.name} (a replacement of it was interrupted)")
         gone, what = remove_leftovers(out), "leftovers of an interrupted run"
     if gone:
