@@ -368,6 +368,7 @@ def test_tour_runs_end_to_end_on_a_tiny_model(
         ("base", "which is inside the base model directory"),
         ("not-a-model", "holds no saved model"),
         ("read-only", "is not writable"),
+        ("not-an-adapter", "saves an adapter to"),
     ],
 )
 def test_tour_checks_its_arguments_before_loading(
@@ -377,11 +378,16 @@ def test_tour_checks_its_arguments_before_loading(
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "mine/merged-A").mkdir(parents=True)
     (tmp_path / "mine/merged-A/notes.txt").write_text("keep me")  # the tour replaces merged-A
+    (tmp_path / "other/adapter-A").mkdir(parents=True)
+    (tmp_path / "other/adapter-A/notes.txt").write_text("keep me")
+    (tmp_path / "other/merged-A").mkdir()
     out = {"file": tmp_path / "a-file", "base": base_dir, "not-a-model": tmp_path / "mine"}.get(case)
+    out = tmp_path / "other" if case == "not-an-adapter" else out
     out = read_only_dir if case == "read-only" else out or tmp_path / "tour"
     tokens = 0 if case == "tokens" else 2
     base_files = sorted(p.name for p in base_dir.iterdir())
     argv = ["tour", "--model", base_dir, "--out", out, "--max-new-tokens", tokens]
     assert_one_line_error(*run(argv, capsys), needle)
     assert (tmp_path / "mine/merged-A/notes.txt").read_text() == "keep me"
+    assert (tmp_path / "other/adapter-A/notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in base_dir.iterdir()) == base_files

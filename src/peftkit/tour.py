@@ -99,8 +99,8 @@ def run_tour(
 
 def check_tour_args(model: str, out: Path, max_new_tokens: int) -> None:
     """Refuse what would fail only after the tour's slow steps: a token count below 1, and output
-    directories that cannot be written, lie inside the base model, or (merged-A, which the tour
-    replaces) hold something other than a model."""
+    directories that cannot be written, lie inside the base model, or hold something other than what
+    the tour replaces there (a model in merged-A, an adapter in adapter-A)."""
     from .base.save import check_model_out_dir
     from .errors import RequestError
     from .io import unwritable_reason
@@ -117,6 +117,11 @@ def check_tour_args(model: str, out: Path, max_new_tokens: int) -> None:
     if reason:
         raise RequestError(f"--out {out} cannot be written: {reason}")
     check_model_out_dir(out / "merged-A", overwrite=True)
+    adapter = out / "adapter-A"  # save_adapter replaces an adapter there, and refuses other files
+    if adapter.is_dir() and any(adapter.iterdir()) and not any(adapter.glob("adapter_*")):
+        raise RequestError(
+            f"the tour saves an adapter to {adapter}, which holds other files; choose another --out"
+        )
 
 
 # -- steps ---------------------------------------------------------------------------------------
