@@ -61,7 +61,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def unwritable_reason(path: Path) -> str | None:
-    """Why a file or directory cannot be created at `path` later, or None when it can.
+    """Why files cannot be written into the directory `path` later (it need not exist yet), or None
+    when they can. For a file, pass the directory it goes in.
 
     Checked before long work, so a bad location fails in a second rather than after an hour. The
     nearest existing directory on the way is probed by creating (and removing) a file in it: a mode
