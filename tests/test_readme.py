@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -64,3 +65,89 @@ def test_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out/readme/merged")
     assert not any("lora" in k for k in merged.state_dict())
     assert (tmp_path / "out/readme/from-hf-peft/adapter_model.safetensors").is_file()
+
+
+# What each README command gets appended when the test runs it: the same command on a small budget
+# (argparse keeps the last value of an option, so these override the README's own values).
+BUDGET = {
+    "demo": ["--steps", "2", "--n-test", "2", "--min-score", "0"],
+    "train": [
+        *"--max_steps 2 --checkpoint_every 1 --batch_size 2 --val_fraction 0.01 --eval_every 2".split(),
+        "--progress",
+        "false",
+    ],
+    "eval": ["--n", "2", "--max-new-tokens", "4"],
+    "generate": ["--max-new-tokens", "4"],
+    "chat": ["--max-new-tokens", "4"],
+    "tour": ["--max-new-tokens", "2"],
+}
+# The README's placeholders for the reader's own files, made in the scratch directory.
+PLACEHOLDERS = (
+    "my_data.jsonl",
+    "data/test.jsonl",
+    "my_prompts.jsonl",
+    "path/to/hf-model-dir",
+    "path/to/adapter",
+)
+
+
+def _make_placeholders(root: Path) -> None:
+    """The files the README's commands name as the reader's own: data, prompts, a model directory
+    and an adapter for it."""
+    import shutil
+
+    from peftkit import AdaptedModel, LoraConfig, load_base
+    from peftkit.base.cache import default_cache_dir
+    from peftkit.base.sources import resolve_source
+
+    (root / "examples").symlink_to(ROOT / "examples")  # the shipped configs, as in a checkout
+    support = ROOT / "examples/data/support.jsonl"
+    shutil.copy(support, root / "my_data.jsonl")
+    (root / "data").mkdir()
+    shutil.copy(support, root / "data/test.jsonl")
+    (root / "my_prompts.jsonl").write_text('{"prompt": "Say hello."}\n{"prompt": "Name a colour."}\n')
+    model, _ = load_base()  # converts the built-in GGUF into the cache if no test did yet
+    (root / "path/to").mkdir(parents=True)
+    (root / "path/to/hf-model-dir").symlink_to(
+        default_cache_dir() / "models" / resolve_source("smollm2-135m").cache_name
+    )
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    AdaptedModel.attach(model, config).save_adapter(root / "path/to/adapter")
+
+
+@pytest.mark.integration
+def test_shell_commands_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Every `peftkit` command line of the README runs, in order, as a reader would type it (with a
+    small step and example budget appended), and exits 0. `make demo` runs its `peftkit demo`;
+    `make test` is this suite."""
+    import io
+    import sys
+
+    from peftkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _make_placeholders(tmp_path)
+    commands = [c for c in shell_commands() if c != "make test"]
+    assert commands[0] == "make demo" and all(c.startswith("peftkit ") for c in commands[1:]), commands
+    commands[0] = "peftkit demo"
+    assert all(p in " ".join(commands) for p in PLACEHOLDERS), (
+        "a placeholder is no longer used: update the list"
+    )
+    for line in commands:
+        argv = shlex.split(line)[1:]
+        if "--resume" in argv:
+            argv += [*BUDGET["train"], "--max_steps", "3"]  # one step more than the run it continues
+        else:
+            argv += BUDGET.get(argv[0], [])
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n/quit\n"))  # for chat
+        code = main(argv)
+        output = capsys.readouterr()
+        assert code == 0, f"`{line}` exited {code}:\n{output.err[-3000:]}"
+    assert (tmp_path / "runs/extract-dora/checkpoints/step-00000003").is_dir()  # the resume continued
+    assert json.loads((tmp_path / "scores.json").read_text())["settings"]["adapters"]
+    from transformers import AutoModelForCausalLM
+
+    for merged in ("out/merged-dates", "out/merged"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / merged)
