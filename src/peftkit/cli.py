@@ -318,7 +318,8 @@ def demo(
     Args:
         task: the built-in task to learn
         steps: optimizer steps (8 examples each)
-        out: directory for the run (adapter, loss.png, metrics, config)
+        out: directory for the run (adapter, loss.png, metrics, config); new, empty, or an earlier
+            demo run, which is replaced (any other directory is refused)
         base: the base model (a built-in name, an HF model directory or a .gguf file)
         n_test: held-out examples to score base and adapter on
         min_score: the adapter's held-out score the demo expects
