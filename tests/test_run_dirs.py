@@ -92,7 +92,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_peftkit_run(tiny_model_dir,
     home = tmp_path / "home"
     train(config(tiny_model_dir, data, home, max_steps=1))
     monkeypatch.setenv("HOME", str(home))
-    with pytest.raises(ConfigError, match="refusing to overwrite"):
+    with pytest.raises(ConfigError, match="is your home or the root directory"):
         train(config(tiny_model_dir, data, home, max_steps=1), overwrite=True)
     with pytest.raises(ConfigError, match="pass one of them"):
         train(config(tiny_model_dir, data, home, max_steps=1), overwrite=True, resume=True)
@@ -369,3 +369,28 @@ def test_replacing_by_renames_swaps_the_whole_directory(tmp_path):
     replace_by_renames(new, final)  # the path taken where the OS cannot exchange two directories
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"] and not new.exists()
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_run_never_writes_into_its_inputs_home_or_root(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    cases = {
+        tiny_model_dir: "is the base model directory",
+        tiny_model_dir / "run": "is inside the base model directory",
+        data: "exists and is not a directory",
+        home: "is your home or the root directory",
+        Path("/"): "is your home or the root directory",
+    }
+    before = snapshot(tiny_model_dir)
+    for out, problem in cases.items():
+        assert main(["train", *cli_args(tiny_model_dir, data, out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: output_dir {out} {problem}" in err, err
+    # A run may hold its data; with --overwrite (which deletes the run's entries) it may not.
+    inside = tmp_path / "project"
+    inside.mkdir()
+    own_data = make_data(inside / "mine.jsonl")
+    assert main(["train", *cli_args(tiny_model_dir, own_data, inside, max_steps=1), "--overwrite"]) == 2
+    assert "contains the data" in capsys.readouterr().err
+    assert snapshot(tiny_model_dir) == before and own_data.is_file()

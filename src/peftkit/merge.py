@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import RequestError
+from .paths import input_clash, input_paths
 
 
 def _progress(message: str) -> None:
@@ -62,43 +63,6 @@ def merge_to_dir(
     save_model_dir(merged, tokenizer, out_dir, overwrite=overwrite)
     log(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return out_dir
-
-
-def input_paths(
-    base: str, adapter_dirs: Iterable[Path] = (), data: str | None = None
-) -> list[tuple[str, Path]]:
-    """(what, path) for each local file or directory a command reads: the adapter directories, the
-    base's directory or GGUF file (a hub id has none here) and a data file or directory (a built-in
-    task has none)."""
-    from .base.sources import resolve_source
-
-    source = resolve_source(base)  # no loading: classifies the name, or says why a path cannot load
-    inputs = [("adapter directory", d.parent if d.is_file() else d) for d in map(Path, adapter_dirs)]
-    if source.kind in ("dir", "gguf", "builtin"):
-        inputs.append(
-            ("base model " + ("directory" if source.kind == "dir" else "file"), Path(source.location))
-        )
-    if data is not None and Path(data).expanduser().exists():
-        inputs.append(("data", Path(data)))
-    return inputs
-
-
-def input_clash(out: Path, inputs: list[tuple[str, Path]]) -> str | None:
-    """How `out` overlaps an input ("is inside the adapter directory DIR"), or None when it does not:
-    it is the input, holds it or lies inside it (symbolic links resolved)."""
-    resolved = out.expanduser().resolve()
-    for what, path in inputs:
-        source = path.expanduser().resolve()
-        if resolved == source:
-            relation = "is"
-        elif resolved in source.parents:
-            relation = "contains"
-        elif source in resolved.parents:
-            relation = "is inside"
-        else:
-            continue
-        return f"{relation} the {what} {path}"
-    return None
 
 
 def check_out_dir(out_dir: Path, inputs: list[tuple[str, Path]]) -> None:

@@ -104,7 +104,7 @@ def check_tour_args(model: str, out: Path, max_new_tokens: int) -> None:
     from .base.save import check_model_out_dir
     from .errors import RequestError
     from .io import unwritable_reason
-    from .merge import input_clash, input_paths
+    from .paths import input_clash, input_paths
 
     if max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -100,7 +100,7 @@ def check_output_file(path: Path, option: str, inputs: Sequence[tuple[str, Path]
     """Fail before any work when `path` cannot or must not be written later: it is a directory, it is
     one of the `inputs` ((what, path) pairs) or lies inside one, or the nearest existing directory on
     its way is a file or not writable (missing directories are created; an existing file is replaced)."""
-    from peftkit.merge import input_clash
+    from peftkit.paths import input_clash
 
     path = path.expanduser()
     if path.is_dir():
@@ -217,7 +217,7 @@ def _check_eval_args(
 ) -> None:
     """Refuse eval's numbers and report file before any data or model loads: the report must be
     writable and must not land on (or among) the data, the base model or an adapter."""
-    from peftkit.merge import input_paths
+    from peftkit.paths import input_paths
 
     _at_least("n", n, 0, " (0 = all)")
     _at_least("max-new-tokens", max_new_tokens, 0, " (0 = auto)")

@@ -4,6 +4,7 @@ says. `loop.train` calls these; the loop itself only trains."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from ..errors import ConfigError, TrainingInterrupted
+from ..errors import BaseModelError, ConfigError, TrainingInterrupted
 from ..io import remove_dir
+from ..paths import input_paths
 from . import distributed
 from .checkpoint import (
     INPUTS,
@@ -52,8 +54,17 @@ def starting_point(
     if resume:  # a missing or broken checkpoint fails before the model loads
         path = find_checkpoint(out / "checkpoints", resume)
         start = path, read_state(path, config.to_dict())
-    check_run_dir(out, resume=bool(resume), overwrite=overwrite)
+    check_run_dir(out, resume=bool(resume), overwrite=overwrite, inputs=_inputs(config))
     return start
+
+
+def _inputs(config: TrainConfig) -> list[tuple[str, Path]]:
+    """The local files the run reads (base model, data), which its output directory must keep clear of."""
+    data = [config.data, config.val_data]
+    inputs = [("data", Path(d)) for d in data if d and Path(d).expanduser().exists()]
+    with contextlib.suppress(BaseModelError):  # a base that cannot load: its error comes with the load
+        inputs += input_paths(config.base)
+    return inputs
 
 
 def resume_from(

@@ -10,6 +10,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..io import is_leftover, is_nonempty_dir, remove_dir, restore_replaced, unwritable_reason
+from ..paths import input_clash
 from .checkpoint import remove_incomplete
 from .config import TrainConfig
 from .flags import option
@@ -28,15 +29,25 @@ def run_dir(config: TrainConfig) -> Path:
     return Path(config.output_dir.format(task=_data_name(config.data), method=config.method))
 
 
-def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[tuple[str, Path]] = ()) -> None:
     """Refuse an output directory this run cannot use, before any heavy work.
 
     A directory that holds another run is refused unless the run is resumed or `overwrite` (which
     `clear_run` then carries out) is given; `overwrite` is refused for a non-empty directory that
-    is not a peftkit run.
+    is not a peftkit run. The run's files never go into one of its `inputs` (the base model's
+    directory, the data), nor into the home or root directory; with `overwrite`, which deletes
+    the run's entries, the directory may not hold an input either.
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory; choose another output_dir")
+    resolved = out.expanduser().resolve()
+    if resolved in (Path.home().resolve(), Path(resolved.anchor)):
+        raise ConfigError(
+            f"output_dir {out} is your home or the root directory; give the run a directory of its own"
+        )
+    clash = input_clash(out, list(inputs), ("is", "is inside", *(("contains",) if overwrite else ())))
+    if clash:
+        raise ConfigError(f"output_dir {out} {clash}; give the run a directory of its own (output_dir)")
     found = [name for name in run_files(out) if name in RUN_ENTRIES]  # leftovers alone are cleaned up
     if overwrite:
         _check_clearable(out)
@@ -129,10 +140,7 @@ def _remove(path: Path) -> None:
 def _check_clearable(out: Path) -> None:
     if not is_nonempty_dir(out):
         return
-    resolved = out.resolve()
-    if resolved in (Path.home().resolve(), Path(resolved.anchor)):
-        raise ConfigError(f"refusing to overwrite {out}: give the run a directory of its own (output_dir)")
-    if not is_run_dir(out):
+    if not is_run_dir(out):  # (home and root were refused before, with or without a run)
         raise ConfigError(
             f"refusing to overwrite {out}: it is not empty and does not look like a peftkit run (no "
             "config.yaml written by peftkit train); choose an empty or new output_dir"
