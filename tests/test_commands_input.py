@@ -348,6 +348,17 @@ def test_eval_json_replaces_its_own_report(base: Path, tmp_path: Path, capsys: p
         assert json.loads((tmp_path / "r.json").read_text())["settings"]["n"] == n
 
 
+@pytest.mark.parametrize("content", [b'{"lr": 0.001}', b"notes", b"\x00\xff binary"])
+def test_eval_json_does_not_replace_a_file_that_is_not_a_report(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes
+) -> None:
+    other = tmp_path / "settings.json"
+    other.write_bytes(content)
+    argv = ["eval", "task:dates", "--base", base, "--n", 1, "--json", other]
+    assert_refused(run(argv, capsys), "exists and is not an earlier peftkit eval report")
+    assert other.read_bytes() == content
+
+
 @pytest.mark.parametrize(
     "target, needle",
     [
@@ -484,3 +495,17 @@ def test_error_lines_escape_control_characters(tmp_path: Path, capsys: pytest.Ca
 def test_printable_keeps_text_and_chosen_characters() -> None:
     assert printable("naïve 日本 👍🏽 a\tb") == "naïve 日本 👍🏽 a\\tb"
     assert printable("a\nb\tc\x1b", keep="\n\t") == "a\nb\tc\\x1b"
+
+
+def test_a_path_too_long_for_the_filesystem_is_one_error_line(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    long = tmp_path / ("a" * 300)  # a name over the 255 bytes a Linux filesystem allows
+    for argv in (
+        ["train", "--base", base, "--data", long, "--max_steps", 1],
+        ["train", "--base", base, "--data", "task:dates", "--output_dir", long / "run", "--max_steps", 1],
+        ["info", long],
+        ["merge", base, long, tmp_path / "merged"],
+    ):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and "Traceback" not in err and err.startswith("error: "), (argv, err)

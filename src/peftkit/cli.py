@@ -28,15 +28,9 @@ from .terminal import printable
 COMMANDS: dict[str, Callable[..., int | None]] = {}
 """Subcommand name -> the function that implements it."""
 
-# Errors caused by the user's input: reported as one `error:` line with exit code 2, no traceback.
-USER_ERRORS = (
-    PeftkitError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+# Errors caused by the user's input or the user's files: one `error:` line with exit code 2, no
+# traceback. Any OSError names a path the user gave or its filesystem (a name too long, a full disk).
+USER_ERRORS = (PeftkitError, OSError)
 
 
 # Modules whose @command functions join the CLI; imported when the parser is built, so

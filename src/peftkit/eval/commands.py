@@ -113,6 +113,20 @@ def check_output_file(path: Path, option: str, inputs: Sequence[tuple[str, Path]
     reason = unwritable_reason(path.parent)  # the file is written beside itself and renamed into place
     if reason:
         raise RequestError(f"--{option} {path} cannot be written: {reason}")
+    if path.exists() and not _is_report(path):
+        raise RequestError(
+            f"--{option} {path} exists and is not an earlier peftkit eval report, which is all a report "
+            "replaces; name a new file, or move that one away"
+        )
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` holds a report `eval --json` wrote (a JSON object with its "settings")."""
+    try:
+        data = _json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict)
 
 
 @command
