@@ -511,3 +511,29 @@ def test_collated_batch_loss_equals_token_weighted_per_example_losses():
         ]
     expected = sum(loss * count for loss, count in parts) / sum(count for _, count in parts)
     torch.testing.assert_close(total, expected)
+
+
+STRICT_TEMPLATE = (  # as Gemma's and Mistral's do: no system turn, user and assistant alternate
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path):
+    from peftkit.cli import main
+
+    tok = char_tokenizer()
+    tok.chat_template = STRICT_TEMPLATE
+    example = Example.from_pair("hi", "HI", system="be brief")
+    with pytest.raises(
+        DataError, match=r"cannot render a conversation with turns \(system, user.*System role not supported"
+    ):
+        encode_all([example], tok)
+    assert encode_all([Example.from_pair("hi", "HI")], tok)[1].count == 1  # without the system turn it works
+    # The same through a command: one error line, not a jinja traceback.
+    model_dir = tmp_path / "strict"
+    tiny_llama().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    assert main(["generate", "hello", "--base", str(model_dir), "--system", "be brief"]) == 2

@@ -180,13 +180,23 @@ def _check_options(max_length: int, train_on: str, truncation: str) -> None:
 
 
 def _render(messages: Sequence[Message], tokenizer: Any, generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
     template = None if getattr(tokenizer, "chat_template", None) else PLAIN_TEMPLATE
-    return tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages],
-        chat_template=template,
-        add_generation_prompt=generation_prompt,
-        tokenize=False,
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            chat_template=template,
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
+        )
+    except TemplateError as e:  # templates refuse what they cannot render with raise_exception()
+        roles = ", ".join(m.role for m in messages)
+        raise DataError(
+            f"the tokenizer's chat template cannot render a conversation with turns ({roles}): {e}. Some "
+            "templates take no system turn or need user and assistant turns to alternate: drop the system "
+            "prompt (--system) or reshape those rows"
+        ) from None
 
 
 def _turn_text(before: str, after: str, content: str, eos: str) -> str:
