@@ -440,7 +440,7 @@ def test_fingerprint_mismatch_names_no_check_base(
     argv = [a.format(base=base, adapter=foreign, out=tmp_path / "merged") for a in argv]
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     code, out, err = run(argv, capsys)
-    assert_refused((code, out, err), "fingerprint", "(--no-check-base on the command line)", early=False)
+    assert_refused((code, out, err), "fingerprint", "--no-check-base (check_base=False in Python)", early=False)
     code, _, err = run([*argv, "--no-check-base"], capsys)
     assert code == 0, err
 

@@ -113,7 +113,7 @@ def test_another_base_with_the_same_shapes_is_refused_unless_asked(saved: Path) 
         BaseModelMismatchError,
         str(saved),
         "fingerprint",
-        "check_base=False (--no-check-base on the command line)",
+        "--no-check-base (check_base=False in Python)",
     ):
         am.load_adapter(saved, "new")
     assert_unchanged(am, before)

@@ -25,6 +25,7 @@ from .errors import (
     ConfigError,
     RequestError,
     TargetError,
+    option,
 )
 from .formats import peft as fmt
 from .inject import Target, find_modules_to_save, find_targets, get_module, set_module
@@ -528,7 +529,7 @@ class AdaptedModel(nn.Module):
             raise BaseModelMismatchError(
                 f"{source} was trained on base model {trained_on!r} (fingerprint {recorded[7:19]}), but this base "
                 f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
-                "pass check_base=False (--no-check-base on the command line) to load it anyway"
+                f"pass {option('check_base', False)} to load it anyway"
             )
 
 

@@ -70,6 +70,14 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.checkpoint = step, checkpoint
 
 
+def option(name: str, value: bool = True) -> str:
+    """An option in the words of both audiences, for messages that reach command-line users and Python
+    callers alike: option("overwrite") is '--overwrite (overwrite=True in Python)', option("check_base",
+    False) is '--no-check-base (check_base=False in Python)'."""
+    flag = name.replace("_", "-")
+    return f"--{flag if value else 'no-' + flag} ({name}={value} in Python)"
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
     """A ' (did you mean X?)' hint for a misspelt key, or '' when nothing is close."""
     import difflib

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftkit.base.cache import building_dir, is_nonempty_dir
-from peftkit.errors import BaseModelError
+from peftkit.errors import BaseModelError, option
 from peftkit.io import umask_mode, unwritable_reason
 
 
@@ -96,8 +96,7 @@ def check_model_out_dir(out: Path, *, overwrite: bool = False) -> None:
         if not overwrite:
             raise BaseModelError(
                 f"cannot save the model to {out}: the directory exists and is not empty; pass "
-                "overwrite=True (--overwrite on the command line) to replace the model there, or choose "
-                "another directory"
+                f"{option('overwrite')} to replace the model there, or choose another directory"
             )
         _check_replaceable(out)
     # The model is built in a sibling and renamed into place; replacing also deletes what `out` holds.

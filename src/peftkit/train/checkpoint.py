@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import AdapterFileError, CheckpointError, ConfigError
+from ..errors import AdapterFileError, CheckpointError, ConfigError, option
 from ..formats.files import read_json, read_safetensors, write_safetensors
 from ..io import building_dir, is_leftover, remove_dir, write_json_atomic
-from .flags import option
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from ..errors import BaseModelError, ConfigError, TrainingInterrupted
+from ..errors import BaseModelError, ConfigError, TrainingInterrupted, option
 from ..io import remove_dir
 from ..paths import input_paths
 from . import distributed
@@ -30,7 +30,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .flags import option
 from .optim import Trainable
 from .report import truncate_metrics
 from .run_dir import check_run_dir

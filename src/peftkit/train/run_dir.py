@@ -8,12 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, option
 from ..io import is_leftover, is_nonempty_dir, remove_dir, restore_replaced, unwritable_reason
 from ..paths import input_clash
 from .checkpoint import remove_incomplete
 from .config import TrainConfig
-from .flags import option
 
 # What `peftkit train` writes into its output directory: a run is these, and only these are cleared.
 RUN_ENTRIES = (
