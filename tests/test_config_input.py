@@ -107,11 +107,13 @@ def test_the_dataclass_built_directly_checks_like_load_config() -> None:
         ({"seed": 2**64}, ["seed:"]),
         ({"output_dir": ""}, ["output_dir: ''", "e.g. 'runs/{task}-{method}'"]),
         ({"output_dir": "  "}, ["output_dir"]),
-        ({"output_dir": "r/{foo}"}, ["placeholder {foo}", "only {task} and {method}"]),
+        ({"output_dir": "r/{foo}"}, ["placeholder {foo}", "only plain {task} and {method}"]),
+        ({"output_dir": "r/{task!r}"}, ["placeholder {task!r}"]),
+        ({"output_dir": "r/{task:>300}"}, ["placeholder {task:>300}"]),
         ({"output_dir": "r/{}"}, ["placeholder {}"]),
         ({"output_dir": "r/{task"}, ["'r/{task'", "literal brace as {{"]),
         ({"output_dir": "r/task}"}, ["'r/task}'", "literal brace"]),
-        ({"output_dir": "r/{task:d}"}, ["'r/{task:d}'"]),
+        ({"output_dir": "r/{task:d}"}, ["'r/{task:d}'", "placeholder {task:d}"]),
         ({"data": ""}, ["data: ''", "task:dates"]),
         ({"base": " "}, ["base: ' '"]),
         ({"system": "\ud800"}, ["system", "unpaired surrogate (U+D800"]),
@@ -147,6 +149,14 @@ def test_bad_values_stop_the_cli_before_training(
 ) -> None:
     code, err = run_train(capsys, *argv)
     assert_one_error_line(code, err, argv[0].lstrip("-"))
+    assert not trained
+
+
+def test_a_blank_value_on_the_command_line_is_named_as_blank(
+    trained: list, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = run_train(capsys, "--output_dir", "")
+    assert_one_error_line(code, err, "output_dir: ''")  # not "None" (YAML reads '' as null)
     assert not trained
 
 

@@ -209,6 +209,8 @@ def _yaml_value(text: str) -> Any:
     """A command-line value read as YAML ("8" -> 8, "null" -> None, "[a, b]" -> list); text on failure."""
     import yaml
 
+    if not text.strip():
+        return text  # `--output_dir ''` is a blank string (YAML would read it as null)
     try:
         return yaml.safe_load(text)
     except (

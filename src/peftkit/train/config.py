@@ -323,21 +323,19 @@ def _check_output_dir(template: str) -> None:
     fix = "write a literal brace as {{ or }}"
     _require(template.strip() != "", "output_dir", template, "a directory, e.g. 'runs/{task}-{method}'")
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields_used = [
+            (n, spec, conv) for _, n, spec, conv in string.Formatter().parse(template) if n is not None
+        ]
     except ValueError as e:  # an unmatched brace
         raise ConfigError(f"invalid value for output_dir: {_short(template)} ({e}); {fix}") from None
-    for name in names:
-        if name not in _OUTPUT_DIR_FIELDS:
+    for name, spec, conv in fields_used:
+        # Only plain {task} and {method}: {task!r} would quote the name, {task:>300} pad it.
+        if name not in _OUTPUT_DIR_FIELDS or spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
             raise ConfigError(
-                f"invalid value for output_dir: {_short(template)} has the placeholder {{{name}}}; only "
+                f"invalid value for output_dir: {_short(template)} has the placeholder {shown}; only plain "
                 f"{{task}} and {{method}} are filled in ({fix})"
             )
-    try:
-        template.format(task="task", method="method")
-    except ValueError as e:  # a format spec that text does not take, e.g. {task:d}
-        raise ConfigError(
-            f"invalid value for output_dir: {_short(template)} ({e}); use plain {{task}} and {{method}}"
-        ) from None
 
 
 def _check_text(value: str, key: str) -> None:
