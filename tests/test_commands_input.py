@@ -440,7 +440,9 @@ def test_fingerprint_mismatch_names_no_check_base(
     argv = [a.format(base=base, adapter=foreign, out=tmp_path / "merged") for a in argv]
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     code, out, err = run(argv, capsys)
-    assert_refused((code, out, err), "fingerprint", "--no-check-base (check_base=False in Python)", early=False)
+    assert_refused(
+        (code, out, err), "fingerprint", "--no-check-base (check_base=False in Python)", early=False
+    )
     code, _, err = run([*argv, "--no-check-base"], capsys)
     assert code == 0, err
 
@@ -509,3 +511,19 @@ def test_a_path_too_long_for_the_filesystem_is_one_error_line(
     ):
         code, out, err = run(argv, capsys)
         assert code == 2 and "Traceback" not in err and err.startswith("error: "), (argv, err)
+
+
+def test_generate_refuses_a_blank_prompt(base: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_refused(
+        run(["generate", "--prompt", "hello", " ", "--base", base], capsys), "PROMPT argument is blank"
+    )
+
+
+def test_logged_adapter_names_escape_control_characters(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    adapter = save_adapter(base, tmp_path / "e\x1b[31mvil")
+    code, _, err = run(
+        ["generate", "--prompt", "hi", "--base", base, "--adapter", adapter, "--max-new-tokens", 1], capsys
+    )
+    assert code == 0 and "\x1b" not in err and "e\\x1b[31mvil" in err, err

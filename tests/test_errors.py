@@ -532,6 +532,17 @@ def test_a_lora_layer_refuses_a_batch_its_names_do_not_fit(am: AdaptedModel) -> 
         am.model(model_input("llama", batch=2))
 
 
+def test_names_per_beam_are_taken_when_each_rows_beams_agree(two: AdaptedModel) -> None:
+    x, kw = model_input("llama", batch=2), GREEDY | {"num_beams": 2, "num_return_sequences": 2}
+    per_row = two.generate(input_ids=x, adapter_names=["a", "b"], **kw)
+    per_beam = two.generate(input_ids=x, adapter_names=["a", "a", "b", "b"], **kw)  # rows x beams
+    assert torch.equal(per_row, per_beam)
+    before = capture(two)
+    with raises(RequestError, "adapter_names for the 2 beams of row 0 differ", "one name per row"):
+        two.generate(input_ids=x, adapter_names=["a", "b", "b", "b"], **kw)
+    assert_unchanged(two, before)
+
+
 @pytest.mark.parametrize("beams", [1, 2, 3])
 def test_beam_search_with_mixed_adapters_equals_each_adapter_alone(two: AdaptedModel, beams: int) -> None:
     x = model_input("llama", batch=2)
@@ -552,6 +563,8 @@ def test_set_adapter_needs_at_least_one_distinct_name(am: AdaptedModel) -> None:
         am.set_adapter([])
     with raises(RequestError, "names an adapter twice"):
         am.set_adapter(["keep", "keep"])
+    with raises(RequestError, "not None", "disable_adapters()"):
+        am.set_adapter(None)
     assert_unchanged(am, before)
 
 

@@ -190,6 +190,11 @@ class AdaptedModel(nn.Module):
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make `names` the active adapter(s); several active adapters add up."""
+        if not isinstance(names, (str, list, tuple)):
+            raise RequestError(
+                f"set_adapter takes an adapter name or a list of names, not {names!r}; to run the base "
+                "model alone, use `with am.disable_adapters():`"
+            )
         names = [names] if isinstance(names, str) else list(names)
         if not names:
             # An empty list would quietly run the base model; that has its own, reversible switch.
@@ -328,8 +333,11 @@ class AdaptedModel(nn.Module):
         """The base model's `generate`, optionally with one adapter per row of the batch."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        expand = generate_expansion(self.model, kwargs)
-        with self.mixed_batch(adapter_names, batch_rows(args, kwargs), expand=expand):
+        expand, rows = generate_expansion(self.model, kwargs), batch_rows(args, kwargs)
+        names = list(adapter_names)
+        if expand > 1 and rows is not None and len(names) == rows * expand:
+            names = _one_name_per_row(names, expand)
+        with self.mixed_batch(names, rows, expand=expand):
             return self.model.generate(*args, **kwargs)
 
     @contextmanager
@@ -531,6 +539,19 @@ class AdaptedModel(nn.Module):
                 f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
                 f"pass {option('check_base', False)} to load it anyway"
             )
+
+
+def _one_name_per_row(names: list[str | None], expand: int) -> list[str | None]:
+    """Names given per beam (rows x beams) as one per row. A row's beams share its adapter: beam
+    search reorders the beams of a row, so a different adapter per beam would have no meaning."""
+    groups = [names[i : i + expand] for i in range(0, len(names), expand)]
+    for row, group in enumerate(groups):
+        if len(set(group)) > 1:
+            raise RequestError(
+                f"adapter_names for the {expand} beams of row {row} differ ({group}); a row's beams share "
+                "one adapter: give one name per row, or the same name for each of its beams"
+            )
+    return [group[0] for group in groups]
 
 
 def _inner(wrapper: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ BASE_LABEL = "base"  # the base model's row in eval's report, so no adapter may 
 
 
 def _log(message: str) -> None:
-    print(f"peftkit: {message}", file=sys.stderr, flush=True)
+    print(f"peftkit: {printable(message)}", file=sys.stderr, flush=True)  # names come from the user's paths
 
 
 def _at_least(option: str, value: int, least: int, meaning: str = "") -> None:
@@ -341,6 +341,8 @@ def generate(
 
     _at_least("max-new-tokens", max_new_tokens, 1)
     _at_least("batch-size", batch_size, 1)
+    if any(not p.strip() for p in prompt or []):
+        raise DataError("a PROMPT argument is blank; give each prompt some text")
     chats = [list(with_system((Message("user", p),), system)) for p in prompt or []]
     chats += read_prompts(prompts, system) if prompts is not None else []
     if not chats:

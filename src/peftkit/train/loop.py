@@ -25,6 +25,7 @@ import torch
 from ..data.batching import collate, length_grouped_batches
 from ..data.encode import Encoded
 from ..io import atomic_file
+from ..terminal import printable
 from . import distributed
 from .checkpoint import Position
 from .config import TrainConfig, save_config
@@ -79,7 +80,7 @@ def train(
     optimizer = make_optimizer(trainable, config)
     pos = resume_from(p, trainable, optimizer, *start, allow_changed_inputs) if start else Position()
     if d.main:
-        print(p.describe(trainable, pos), file=sys.stderr, flush=True)
+        print(printable(p.describe(trainable, pos), keep="\n"), file=sys.stderr, flush=True)
         save_config(config, p.out / "config.yaml")
     reporter = Reporter(
         p.out,

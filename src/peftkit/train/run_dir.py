@@ -11,6 +11,7 @@ import yaml
 from ..errors import ConfigError, option
 from ..io import is_leftover, is_nonempty_dir, remove_dir, restore_replaced, unwritable_reason
 from ..paths import input_clash
+from ..terminal import printable
 from .checkpoint import remove_incomplete
 from .config import TrainConfig
 
@@ -156,7 +157,7 @@ def _ensure_writable(out: Path) -> None:
 
 
 def _say(text: str) -> None:
-    print(f"peftkit: {text}", file=sys.stderr, flush=True)
+    print(f"peftkit: {printable(text)}", file=sys.stderr, flush=True)
 
 
 def _data_name(spec: str) -> str:
