@@ -210,7 +210,8 @@ def test_adapter_name_from_any_text() -> None:
     assert adapter_name_from("lora-v1.2") == "lora-v1_2"
     assert adapter_name_from("best adapter") == "best_adapter"
     assert adapter_name_from("items") == "items-2"  # an attribute of torch's ModuleDict
-    assert adapter_name_from("__base__") == "base"
+    assert adapter_name_from("__base__") == "base-2"  # "base" means the base model
+    assert adapter_name_from("base") == "base-2"
     assert adapter_name_from("...") == "adapter"
     assert adapter_name_from("a", taken=["a", "a-2"]) == "a-3"
 
@@ -237,7 +238,7 @@ def test_eval_takes_name_equals_dir(base: Path, tmp_path: Path, capsys: pytest.C
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["base", "a", "mine", "dir_with_equals"]
     for spec, needle in [
         (f"a.b={first}", "adapter name 'a.b' is invalid"),
-        (f"base={first}", "adapter name 'base' is the base model's row"),
+        (f"base={first}", "adapter name 'base' means the base model"),
         (f"keys={first}", "adapter name 'keys' is reserved"),
     ]:
         assert_refused(run([*argv, "--adapters", spec], capsys), f"--adapters '{spec}'", needle)

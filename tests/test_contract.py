@@ -208,12 +208,12 @@ def test_mixed_batch_rows_equal_single_adapter_runs(method: str, variant: str, k
     if not METHODS[method].supports_mixed_batch:
         pytest.skip(f"{method} does not declare supports_mixed_batch")
     plain, am = three_adapters(method, variant, kind)
-    names = ["a", None, "b", "c", "a", "__base__"]
+    names = ["a", None, "b", "c", "a", "__base__", "base"]  # None, HF PEFT's "__base__", our "base"
     x = model_input(kind, batch=len(names), seed=1)
     base = output(plain, x)
     mixed = output(am, x, adapter_names=names)
     for i, name in enumerate(names):
-        name = None if name == "__base__" else name
+        name = None if name in ("__base__", "base") else name
         ref = base[i] if name is None else run_alone(am, x[i : i + 1], name)[0]
         torch.testing.assert_close(mixed[i], ref, atol=1e-5, rtol=1e-4)
     alone = [run_alone(am, x[:1], n)[0] for n in ("a", "b", "c")]

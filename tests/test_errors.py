@@ -320,10 +320,11 @@ def test_failed_attach_keeps_requires_grad() -> None:
 
 
 # -- adapter names and state ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["keep", "", "a.b", "a/b", "../x", "a b", "__base__", None, 3])
+@pytest.mark.parametrize("name", ["keep", "", "a.b", "a/b", "../x", "a b", "base", "__base__", None, 3])
 def test_clashing_or_invalid_names(am: AdaptedModel, saved: Path, name: object) -> None:
     before = capture(am)
-    fragment = "already exists" if name == "keep" else "invalid"
+    fragment = {"keep": "already exists", "base": "means the base model", "__base__": "means the base model"}
+    fragment = fragment.get(name, "invalid") if isinstance(name, str) else "invalid"
     with raises(ConfigError, repr(name), fragment):
         am.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
     with raises(ConfigError, repr(name), fragment):

@@ -33,7 +33,7 @@ from .methods import LoraConfig, LoraLayer, method_for
 from .methods.lora import expected_shapes
 from .methods.lora_kinds import GPT2_CONV1D
 from .naming import adapter_name_problem
-from .routing import BASE_ROW, AdapterState, RowRouting, batch_rows, generate_expansion
+from .routing import BASE_NAMES, AdapterState, RowRouting, batch_rows, generate_expansion
 from .saved_modules import ModulesToSave
 
 
@@ -357,7 +357,7 @@ class AdaptedModel(nn.Module):
                 f"give one per row{repeats}"
             )
         for n in adapter_names:
-            if n not in (None, BASE_ROW):
+            if n not in BASE_NAMES:
                 self._check_exists(n)
         if self.merged_adapters:
             raise AdapterStateError(

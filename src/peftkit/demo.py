@@ -16,6 +16,7 @@ from .data.example import Message
 from .data.tasks import get_task
 from .errors import ConfigError
 from .io import is_nonempty_dir, unwritable_reason, write_json_atomic
+from .routing import BASE
 from .train.config import TrainConfig, save_config
 from .train.run_dir import is_run_dir
 
@@ -76,7 +77,7 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
         max_new_tokens=spec.max_new_tokens, batch_size=32,
     )  # fmt: skip
     print(format_table(report))
-    base_score, adapter_score = report["base"].score, report["adapter"].score
+    base_score, adapter_score = report[BASE].score, report["adapter"].score
 
     _show_fresh_answers(am, tokenizer, task)
     summary = {

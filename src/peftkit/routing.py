@@ -14,7 +14,10 @@ from torch import Tensor
 
 from .errors import RequestError
 
-BASE_ROW = "__base__"  # HF PEFT's name for "no adapter" in a mixed batch; None means the same here.
+BASE = "base"
+"""The one name for "no adapter": a mixed batch's base-model rows, eval's base-model results. No adapter
+may take it. In `adapter_names`, None and HF PEFT's spelling "__base__" mean the same."""
+BASE_NAMES = (None, BASE, "__base__")
 
 _ids = itertools.count()
 
@@ -37,7 +40,7 @@ class RowRouting:
 
     @classmethod
     def from_names(cls, names: list[str | None] | tuple[str | None, ...], expand: int = 1) -> RowRouting:
-        clean = tuple(None if n in (None, BASE_ROW) else n for n in names)
+        clean = tuple(None if n in BASE_NAMES else n for n in names)
         unique = tuple(dict.fromkeys(n for n in clean if n is not None))
         pos = {n: i for i, n in enumerate(unique)}
         idx = torch.tensor([pos[n] if n is not None else len(unique) for n in clean], dtype=torch.long)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .adapted import AdaptedModel
 from .methods import LoraConfig, LoraLayer
+from .routing import BASE
 
 PROMPTS = (
     "Name three primary colors.",
@@ -176,7 +177,7 @@ def adapters_step(s: Session, am: AdaptedModel, base_out: Tensor) -> dict[str | 
     s.r.check("disable_adapters() gives the base model's output", torch.equal(outs[None], base_out))
     for i, prompt in enumerate(PROMPTS):
         s.r.line(f"{prompt!r}")
-        for name, label in ((None, "base"), ("A", "A"), ("B", "B")):
+        for name, label in ((None, BASE), ("A", "A"), ("B", "B")):
             s.r.line(f"   {label:<4} -> {decode(s.tok, outs[name][i])!r}")
     a, b, ab = (
         differing(outs[None], outs["A"]),

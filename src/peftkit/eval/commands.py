@@ -20,7 +20,6 @@ from peftkit.terminal import printable
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 MetricName = Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"]
 FILE_MAX_NEW_TOKENS = 512  # the cap of --max-new-tokens 0 (auto) for files: longest reference + 8
-BASE_LABEL = "base"  # the base model's row in eval's report, so no adapter may take the name
 
 
 def _log(message: str) -> None:
@@ -45,14 +44,10 @@ def adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
         name, sep, path = spec.partition("=")
         explicit = bool(sep and name and path) and not Path(spec).exists()  # a directory may contain "="
         parsed.append((name, Path(path)) if explicit else (None, Path(spec)))
-    taken = [BASE_LABEL]
+    taken: list[str] = []
     for spec, (name, _) in zip(specs, parsed, strict=True):
         if name is not None:
-            problem = (
-                "is the base model's row in the report; pick another"
-                if name == BASE_LABEL
-                else adapter_name_problem(name, taken)
-            )
+            problem = adapter_name_problem(name, taken)
             if problem:
                 raise ConfigError(f"--adapters {spec!r}: adapter name {name!r} {problem}")
             taken.append(name)
@@ -347,7 +342,7 @@ def generate(
     chats += read_prompts(prompts, system) if prompts is not None else []
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")
-    named = [(dir_adapter_name(adapter, [BASE_LABEL]), adapter)] if adapter else []
+    named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
     model, tokenizer = load_model(base, named, dtype, check_base=check_base)
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
     for chat, answer in zip(chats, answers, strict=True):
@@ -381,7 +376,7 @@ def chat(
     from peftkit.eval.generation import generate_answers
 
     _at_least("max-new-tokens", max_new_tokens, 1)
-    named = [(dir_adapter_name(adapter, [BASE_LABEL]), adapter)] if adapter else []
+    named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
     model, tokenizer = load_model(base, named, dtype, check_base=check_base)
     interactive = sys.stdin.isatty()
     start = [Message("system", system)] if system else []

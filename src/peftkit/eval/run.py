@@ -22,6 +22,7 @@ from peftkit.data.example import Example
 from peftkit.errors import RequestError
 from peftkit.eval.generation import answer_nll, generate_answers, perplexity, ppl_of
 from peftkit.eval.metrics import check_references, get_metric
+from peftkit.routing import BASE
 
 __all__ = [
     "AdapterResult",
@@ -32,8 +33,6 @@ __all__ = [
     "generate_answers",
     "perplexity",
 ]
-
-BASE_NAME = "base"  # how results call the base model (adapter None)
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,9 @@ def evaluate(
     score = get_metric(metric)
     check_references(metric, [ex.answer for ex in examples])
     adapters = list(adapters) or [None]
-    labels = [BASE_NAME if a is None else a for a in adapters]
+    labels = [BASE if a is None else a for a in adapters]
     if len(set(labels)) != len(labels):
-        raise RequestError(f"adapters must be distinct (None is {BASE_NAME!r}): {labels}")
+        raise RequestError(f"adapters must be distinct (None is {BASE!r}): {labels}")
     n, k = len(examples), len(adapters)
     t0 = time.perf_counter()
     if mixed:  # rows example-major: an example's K rows have the same length, so they share a batch
