@@ -140,6 +140,10 @@ def test_merge_overwrite_replaces_only_a_model_directory(
     target = Path(out) if out == "." else tmp_path / out
     before = snapshot(tmp_path / "desktop", tmp_path / "home", tmp_path / "work")
     assert_refused(run(["merge", base, adapter, target, "--overwrite"], capsys), needle)
+    if out == ".":  # even an empty working directory: replacing it would strand the shell
+        (tmp_path / "empty").mkdir()
+        monkeypatch.chdir(tmp_path / "empty")
+        assert_refused(run(["merge", base, adapter, "."], capsys), needle)
     assert snapshot(tmp_path / "desktop", tmp_path / "home", tmp_path / "work") == before
 
 
@@ -363,10 +367,10 @@ def test_eval_json_does_not_replace_a_file_that_is_not_a_report(
 @pytest.mark.parametrize(
     "target, needle",
     [
-        ("base/model.safetensors", "is inside the base model directory"),
-        ("base/report.json", "is inside the base model directory"),
-        ("adapter/adapter_config.json", "is inside the adapter directory"),
+        ("base/model.safetensors", "exists and is not an earlier peftkit eval report"),
+        ("adapter/adapter_config.json", "exists and is not an earlier peftkit eval report"),
         ("data.jsonl", "is the data"),
+        ("base", "is a directory"),
     ],
 )
 def test_eval_json_never_lands_on_an_input(
@@ -381,8 +385,20 @@ def test_eval_json_never_lands_on_an_input(
     )
     before = snapshot(tmp_path)
     argv = ["eval", data, "--base", base, "--adapters", adapter, "--json", tmp_path / target]
-    assert_refused(run(argv, capsys), f"--json {tmp_path / target} {needle}", "name a file elsewhere")
+    assert_refused(run(argv, capsys), f"--json {tmp_path / target} {needle}")
     assert snapshot(tmp_path) == before
+
+
+def test_eval_json_may_go_beside_an_input(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A new report destroys nothing, so it may go into the base model's or an adapter's directory."""
+    import shutil
+
+    own_base = Path(shutil.copytree(base, tmp_path / "base"))
+    adapter = save_adapter(own_base, tmp_path / "adapter")
+    argv = ["eval", "task:dates", "--base", own_base, "--adapters", adapter, "--n", 1, "--max-new-tokens", 1]
+    for report in (own_base / "report.json", adapter / "report.json"):
+        code, _, err = run([*argv, "--json", report], capsys)
+        assert code == 0 and report.is_file(), err
 
 
 def test_chat_skips_a_line_that_is_not_utf8(

@@ -521,7 +521,7 @@ STRICT_TEMPLATE = (  # as Gemma's and Mistral's do: no system turn, user and ass
 )
 
 
-def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path):
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path, capsys):
     from peftkit.cli import main
 
     tok = char_tokenizer()
@@ -536,4 +536,10 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path):
     model_dir = tmp_path / "strict"
     tiny_llama().save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    assert main(["generate", "hello", "--base", str(model_dir), "--system", "be brief"]) == 2
+    argv = ["generate", "--prompt", "hello", "--base", str(model_dir), "--system", "be brief"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.splitlines()[-1].startswith("error: the tokenizer's chat template cannot render")
+        and "Traceback" not in err
+    )

@@ -72,6 +72,11 @@ def test_the_demo_refuses_an_out_that_holds_another_run(tiny_model_dir: Path, tm
     assert f"error: --out {real} is not empty and holds no earlier demo run" in err
     assert "choose a new or empty --out" in err and "--output_dir" not in err
     assert snapshot(real) == before  # the real run is untouched
+    # The train checks come before the demo marks its directory: nothing lands inside the base model.
+    base_before = snapshot(tiny_model_dir)
+    assert main([*args, "--out", str(tiny_model_dir / "demo")]) == 2
+    assert "is inside the base model directory" in capsys.readouterr().err
+    assert snapshot(tiny_model_dir) == base_before
     # An interrupted demo (its demo.json has no scores yet) is still the demo's to replace.
     demo = tmp_path / "demo"
     demo.mkdir()

@@ -566,6 +566,8 @@ def test_set_adapter_needs_at_least_one_distinct_name(am: AdaptedModel) -> None:
         am.set_adapter(["keep", "keep"])
     with raises(RequestError, "not None", "disable_adapters()"):
         am.set_adapter(None)
+    am.set_adapter({"keep"})  # any iterable of names will do
+    assert am.active_adapters == ["keep"]
     assert_unchanged(am, before)
 
 

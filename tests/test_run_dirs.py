@@ -5,6 +5,7 @@ replace their old directory whole."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,44 @@ def test_an_adapter_moved_aside_by_an_interrupted_replacement_is_put_back(
     assert not (fresh / "adapter-best").exists() and hidden_leftovers(fresh) == []
 
 
+def test_an_interrupted_deletion_is_finished_not_undone(tiny_model_dir, data, tmp_path, capsys):
+    """remove_dir's leftover (.NAME.del-*) is a directory being deleted, maybe half gone: a resume
+    removes it and never puts it back as the run's result."""
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=4, eval_every=4, checkpoint_every=2))
+    half = out / ".adapter-best.del-0123456789ab"
+    (out / "adapter-best").rename(half)
+    (half / "adapter_model.safetensors").unlink()  # the deletion had got this far
+    result = train(config(tiny_model_dir, data, out, max_steps=5, eval_every=100), resume=True)
+    assert "put back" not in capsys.readouterr().err
+    assert not half.exists() and result.adapter_dir == out / "adapter-last"
+
+
+def test_an_adapter_saved_through_a_link_goes_where_the_link_points(tmp_path):
+    config_json, tensors = adapter_files(1)
+    for name, populate in (("empty", False), ("full", True)):
+        target = tmp_path / f"target-{name}"
+        target.mkdir()
+        if populate:
+            write_adapter(target, *adapter_files(2), {})
+        link = tmp_path / f"link-{name}"
+        link.symlink_to(target)
+        write_adapter(link, config_json, tensors, {})
+        assert link.is_symlink() and read_adapter(link).config["lora_alpha"] == 4
+        assert read_adapter(target).config["lora_alpha"] == 4
+        assert hidden_leftovers(tmp_path) == []
+
+
+def test_an_adapter_is_not_saved_over_the_working_directory(tmp_path, monkeypatch):
+    """Replacing it whole would leave the user's shell in a deleted directory."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for target in (Path("."), tmp_path):
+        with pytest.raises(AdapterFileError, match="is or holds the current working directory"):
+            write_adapter(target, *adapter_files(1), {})
+    assert list((tmp_path / "here").iterdir()) == [] and hidden_leftovers(tmp_path) == []
+
+
 # -- adapters replace their directory whole ----------------------------------------------------------
 def adapter_files(seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
@@ -387,10 +426,16 @@ def test_a_run_never_writes_into_its_inputs_home_or_root(tiny_model_dir, data, t
         assert main(["train", *cli_args(tiny_model_dir, data, out)]) == 2
         err = capsys.readouterr().err
         assert f"error: output_dir {out} {problem}" in err, err
-    # A run may hold its data; with --overwrite (which deletes the run's entries) it may not.
-    inside = tmp_path / "project"
-    inside.mkdir()
-    own_data = make_data(inside / "mine.jsonl")
-    assert main(["train", *cli_args(tiny_model_dir, own_data, inside, max_steps=1), "--overwrite"]) == 2
-    assert "contains the data" in capsys.readouterr().err
-    assert snapshot(tiny_model_dir) == before and own_data.is_file()
+    assert snapshot(tiny_model_dir) == before
+    # --overwrite deletes the run's entries: an input inside one of them (a full fine-tune's model-last
+    # used as the base) is refused; an input elsewhere in the directory (its data file) is kept.
+    project = tmp_path / "project"
+    train(config(tiny_model_dir, data, project, max_steps=1))
+    shutil.copytree(tiny_model_dir, project / "model-last")
+    own_data = make_data(project / "mine.jsonl")
+    args = cli_args(project / "model-last", own_data, project, max_steps=1)
+    assert main(["train", *args, "--overwrite"]) == 2
+    assert "contains the base model directory" in capsys.readouterr().err
+    assert (project / "model-last" / "config.json").is_file()
+    assert main(["train", *cli_args(tiny_model_dir, own_data, project, max_steps=1), "--overwrite"]) == 0
+    assert own_data.is_file() and not (project / "model-last").exists()

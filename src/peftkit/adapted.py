@@ -9,7 +9,7 @@ merge and mix per row of a batch. A user of HF PEFT's `PeftModel` should feel at
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,7 @@ class AdaptedModel(nn.Module):
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make `names` the active adapter(s); several active adapters add up."""
-        if not isinstance(names, (str, list, tuple)):
+        if names is None or isinstance(names, bytes) or not isinstance(names, (str, Iterable)):
             raise RequestError(
                 f"set_adapter takes an adapter name or a list of names, not {names!r}; to run the base "
                 "model alone, use `with am.disable_adapters():`"

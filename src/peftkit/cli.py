@@ -194,10 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         args[pname][option] = _yaml_value(args.pop(key))
     try:
         return int(fn(**args) or 0)
+    except BrokenPipeError:  # the reader went away (`peftkit info ... | head`): nothing to report
+        # Python's documented recipe: point stdout at devnull so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as e:
         if os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0"):
             raise
         message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        if isinstance(e, OSError) and e.filename2:  # a rename or link: both paths matter
+            message += f" -> {e.filename2}"
         print(f"error: {printable(message, keep=chr(10))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,10 +15,10 @@ import torch
 from .data.example import Message
 from .data.tasks import get_task
 from .errors import ConfigError
-from .io import is_nonempty_dir, unwritable_reason, write_json_atomic
+from .io import is_nonempty_dir, write_json_atomic
 from .routing import BASE
 from .train.config import TrainConfig, save_config
-from .train.run_dir import is_run_dir
+from .train.run_dir import check_run_dir, is_run_dir, local_inputs
 
 # Fresh inputs for each task, written by hand (not produced by the task generator).
 FRESH = {
@@ -56,7 +56,7 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     started = time.perf_counter()
     spec = get_task(task)
     config = demo_config(task, steps, out, base)
-    overwrite = claim_demo_dir(out, task)
+    overwrite = claim_demo_dir(out, config)
     print(f"peftkit demo: teach {base} the '{task}' task ({spec.description}) with LoRA")
     print(f"  {torch.get_num_threads()} CPU threads; training config saved as {out / 'config.yaml'}\n")
 
@@ -106,7 +106,7 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     return ok
 
 
-def claim_demo_dir(out: Path, task: str) -> bool:
+def claim_demo_dir(out: Path, config: TrainConfig) -> bool:
     """Make `out` the demo's: a new or empty directory, or one holding an earlier demo run (its
     demo.json), which is replaced; anything else, say a real training run, is refused. Marks it
     with a demo.json that has no scores yet, so a failed rerun never leaves the old scores beside
@@ -118,11 +118,10 @@ def claim_demo_dir(out: Path, task: str) -> bool:
             f"--out {out} is not empty and holds no earlier demo run (no demo.json): the demo replaces "
             "only its own runs; choose a new or empty --out"
         )
-    reason = unwritable_reason(out)
-    if reason:
-        raise ConfigError(f"--out {out} cannot be written: {reason}; choose another --out")
-    write_json_atomic(out / "demo.json", {"task": task, "status": "training"})
-    return is_run_dir(out)
+    overwrite = is_run_dir(out)
+    check_run_dir(out, resume=False, overwrite=overwrite, inputs=local_inputs(config))  # as train will
+    write_json_atomic(out / "demo.json", {"task": config.data.removeprefix("task:"), "status": "training"})
+    return overwrite
 
 
 def _show_fresh_answers(am: Any, tokenizer: Any, task: str) -> None:

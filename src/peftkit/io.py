@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 
 def _temp_sibling(path: Path, kind: str) -> Path:
+    path = Path(os.path.abspath(path))  # "." has no name: its sibling must not land inside it
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}"
 
 
@@ -104,7 +105,9 @@ def building_dir(final: Path, *, if_exists: Literal["keep", "replace", "error"] 
     as an adapter saved as one part of a training save, is yielded as it is: the outer rename already
     makes the whole write atomic, so there is only ever one temporary directory.
     """
-    if final.absolute() in _building and not is_nonempty_dir(final):
+    # A link is written through: the directory it points to is replaced, and the link stays.
+    final = final.resolve() if final.is_symlink() else Path(os.path.abspath(final))
+    if final in _building and not is_nonempty_dir(final):
         yield final
         return
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -161,8 +164,8 @@ def restore_replaced(parent: Path, name: str) -> Path | None:
     `name` and return the path it came from (None when there was nothing to do).
 
     Such a leftover is the only copy left when `replace_by_renames` was interrupted after moving the
-    old directory away; deleting it as debris would lose the directory. (`remove_dir` leaves the same
-    name when a deletion is interrupted: the caller then deletes it again.) Of several, the one
+    old directory away; deleting it as debris would lose the directory. (`remove_dir`'s leftovers are
+    `.NAME.del-*`: a deletion that was interrupted is finished, never undone.) Of several, the one
     renamed last comes back; the others stay as leftovers.
     """
     final = parent / name
@@ -182,19 +185,20 @@ def restore_replaced(parent: Path, name: str) -> Path | None:
 
 def remove_dir(path: Path) -> None:
     """Delete a directory so that it disappears at once: rename it to a hidden sibling, then delete
-    that. A crash mid-way leaves a `.NAME.old-*` leftover, never a half-deleted `NAME`."""
-    trash = _temp_sibling(path, "old")
+    that. A crash mid-way leaves a `.NAME.del-*` leftover, never a half-deleted `NAME`."""
+    trash = _temp_sibling(path, "del")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
 def is_leftover(name: str, of: str = "") -> bool:
-    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`),
+    """Whether `name` is a temporary sibling these helpers create (`.NAME.tmp-*`, `.NAME.old-*`,
+    `.NAME.del-*`),
     optionally only those of the entry named `of`: what an interrupted write leaves behind."""
     if not name.startswith(".") or (of and not name.startswith(f".{of}.")):
         return False
     kind, _, tail = name.rpartition(".")[2].partition("-")
-    return kind in ("tmp", "old") and len(tail) == 12
+    return kind in ("tmp", "old", "del") and len(tail) == 12
 
 
 def copy_entries(src: Path, dst: Path, *, skip: set[str]) -> None:

@@ -65,11 +65,9 @@ def save_model_dir(
     """
     out = Path(out_dir).expanduser()
     check_model_out_dir(out, overwrite=overwrite)
-    # A link to a directory: write where it points (replacing the link itself would leave it behind).
-    target = out.resolve() if out.is_symlink() else out
     try:
         with (
-            building_dir(target, if_exists="replace" if overwrite else "error") as tmp,
+            building_dir(out, if_exists="replace" if overwrite else "error") as tmp,
             gguf_flag_cleared(model),
         ):
             model.save_pretrained(tmp)
@@ -92,6 +90,12 @@ def check_model_out_dir(out: Path, *, overwrite: bool = False) -> None:
     out = out.expanduser()
     if out.exists() and not out.is_dir():
         raise BaseModelError(f"cannot save the model to {out}: it exists and is not a directory")
+    cwd = Path.cwd().resolve()
+    if out.resolve() in (cwd, *cwd.parents):  # even empty: the shell would be left in a deleted directory
+        raise BaseModelError(
+            f"refusing to replace {out}: it is or holds the current working directory; give the model a "
+            "directory of its own"
+        )
     if is_nonempty_dir(out):
         if not overwrite:
             raise BaseModelError(
@@ -117,12 +121,11 @@ def holds_model(directory: Path) -> bool:
 def _check_replaceable(out: Path) -> None:
     """Refuse to replace a directory whose loss would go beyond an old model."""
     resolved = out.resolve()
-    home, cwd = Path.home().resolve(), Path.cwd().resolve()
-    for where, what in ((home, "your home directory"), (cwd, "the current working directory")):
-        if resolved in (where, *where.parents):  # the root is a parent of both
-            raise BaseModelError(
-                f"refusing to replace {out}: it is or holds {what}; give the model a directory of its own"
-            )
+    home = Path.home().resolve()
+    if resolved in (home, *home.parents):  # the root among them (the working directory is refused before)
+        raise BaseModelError(
+            f"refusing to replace {out}: it is or holds your home directory; give the model a directory of its own"
+        )
     if not holds_model(out):
         raise BaseModelError(
             f"refusing to replace {out}: it is not empty and holds no saved model (no config.json with "

@@ -180,7 +180,7 @@ def _check_options(max_length: int, train_on: str, truncation: str) -> None:
 
 
 def _render(messages: Sequence[Message], tokenizer: Any, generation_prompt: bool) -> str:
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     template = None if getattr(tokenizer, "chat_template", None) else PLAIN_TEMPLATE
     try:
@@ -190,6 +190,11 @@ def _render(messages: Sequence[Message], tokenizer: Any, generation_prompt: bool
             add_generation_prompt=generation_prompt,
             tokenize=False,
         )
+    except TemplateSyntaxError as e:
+        raise DataError(
+            f"the tokenizer's chat template is not valid Jinja ({e}); fix chat_template in its "
+            "tokenizer_config.json (or chat_template.jinja)"
+        ) from None
     except TemplateError as e:  # templates refuse what they cannot render with raise_exception()
         roles = ", ".join(m.role for m in messages)
         raise DataError(

@@ -100,7 +100,7 @@ def check_output_file(path: Path, option: str, inputs: Sequence[tuple[str, Path]
     path = path.expanduser()
     if path.is_dir():
         raise RequestError(f"--{option} {path} is a directory; name a file, e.g. {path / 'report.json'}")
-    clash = input_clash(path, list(inputs))
+    clash = input_clash(path, list(inputs), ("is",))  # a new file beside an input destroys nothing
     if clash:
         raise RequestError(
             f"--{option} {path} {clash}; writing there could destroy an input: name a file elsewhere"
@@ -116,7 +116,10 @@ def check_output_file(path: Path, option: str, inputs: Sequence[tuple[str, Path]
 
 
 def _is_report(path: Path) -> bool:
-    """Whether `path` holds a report `eval --json` wrote (a JSON object with its "settings")."""
+    """Whether `path` holds a report `eval --json` wrote (a JSON object with its "settings"); a device
+    or pipe (/dev/stdout) is none, and is not read."""
+    if not path.is_file():
+        return False
     try:
         data = _json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 or not JSON

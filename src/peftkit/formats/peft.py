@@ -194,6 +194,12 @@ def write_adapter(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"cannot save the adapter to {directory}: it exists and is not a directory")
+    cwd = Path.cwd().resolve()
+    if directory.resolve() in (cwd, *cwd.parents):  # replacing it would leave the shell in a deleted one
+        raise AdapterFileError(
+            f"cannot save the adapter to {directory}: it is or holds the current working directory; "
+            "save into a directory of its own, e.g. adapters/mine"
+        )
     if is_nonempty_dir(directory) and not any((directory / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
         held = sorted(p.name for p in directory.iterdir())
         raise AdapterFileError(

@@ -4,7 +4,6 @@ says. `loop.train` calls these; the loop itself only trains."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,9 +11,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from ..errors import BaseModelError, ConfigError, TrainingInterrupted, option
+from ..errors import ConfigError, TrainingInterrupted, option
 from ..io import remove_dir
-from ..paths import input_paths
 from . import distributed
 from .checkpoint import (
     INPUTS,
@@ -32,7 +30,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .optim import Trainable
 from .report import truncate_metrics
-from .run_dir import check_run_dir
+from .run_dir import check_run_dir, local_inputs
 from .setup import Prepared
 from .step import check_weights_finite
 
@@ -53,17 +51,8 @@ def starting_point(
     if resume:  # a missing or broken checkpoint fails before the model loads
         path = find_checkpoint(out / "checkpoints", resume)
         start = path, read_state(path, config.to_dict())
-    check_run_dir(out, resume=bool(resume), overwrite=overwrite, inputs=_inputs(config))
+    check_run_dir(out, resume=bool(resume), overwrite=overwrite, inputs=local_inputs(config))
     return start
-
-
-def _inputs(config: TrainConfig) -> list[tuple[str, Path]]:
-    """The local files the run reads (base model, data), which its output directory must keep clear of."""
-    data = [config.data, config.val_data]
-    inputs = [("data", Path(d)) for d in data if d and Path(d).expanduser().exists()]
-    with contextlib.suppress(BaseModelError):  # a base that cannot load: its error comes with the load
-        inputs += input_paths(config.base)
-    return inputs
 
 
 def resume_from(
@@ -139,7 +128,7 @@ def raise_interrupted(p: Prepared, pos: Position) -> NoReturn:
     if p.dist.main:
         _say(
             f"interrupted after step {pos.step} of {p.total_steps}; saved {path} and {p.last_dir}. "
-            f"Run it again with --resume to continue from step {pos.step} (resume=True in Python)"
+            f"Run it again with {option('resume')} to continue from step {pos.step}"
         )
     distributed.shutdown(p.dist)
     raise TrainingInterrupted(pos.step, path)

@@ -3,14 +3,15 @@ checked before the model loads, and cleaned of what interrupted writes left behi
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError, option
+from ..errors import BaseModelError, ConfigError, option
 from ..io import is_leftover, is_nonempty_dir, remove_dir, restore_replaced, unwritable_reason
-from ..paths import input_clash
+from ..paths import input_clash, input_paths
 from ..terminal import printable
 from .checkpoint import remove_incomplete
 from .config import TrainConfig
@@ -45,7 +46,10 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[tupl
         raise ConfigError(
             f"output_dir {out} is your home or the root directory; give the run a directory of its own"
         )
-    clash = input_clash(out, list(inputs), ("is", "is inside", *(("contains",) if overwrite else ())))
+    # --overwrite deletes the run's entries: an input inside one of them (a base model saved as
+    # model-last, say) would go too. Other files in the directory, the data among them, are kept.
+    entries = [(what, path) for what, path in inputs if _inside_run_entry(path, out)] if overwrite else []
+    clash = input_clash(out, list(inputs), ("is", "is inside")) or input_clash(out, entries, ("contains",))
     if clash:
         raise ConfigError(f"output_dir {out} {clash}; give the run a directory of its own (output_dir)")
     found = [name for name in run_files(out) if name in RUN_ENTRIES]  # leftovers alone are cleaned up
@@ -58,6 +62,15 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[tupl
             f"it, {option('resume')} to continue it, or choose another output_dir"
         )
     _ensure_writable(out)
+
+
+def local_inputs(config: TrainConfig) -> list[tuple[str, Path]]:
+    """The local files the run reads (base model, data), which its output directory must keep clear of."""
+    data = [config.data, config.val_data]
+    inputs = [("data", Path(d)) for d in data if d and Path(d).expanduser().exists()]
+    with contextlib.suppress(BaseModelError):  # a base that cannot load: its error comes with the load
+        inputs += input_paths(config.base)
+    return inputs
 
 
 def claim(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -135,6 +148,15 @@ def _remove(path: Path) -> None:
         remove_dir(path)
     else:
         path.unlink(missing_ok=True)  # a file, or a link (never followed)
+
+
+def _inside_run_entry(path: Path, out: Path) -> bool:
+    """Whether `path` lies in one of the entries of `out` that clearing a run deletes."""
+    try:
+        parts = path.expanduser().resolve().relative_to(out.expanduser().resolve()).parts
+    except ValueError:  # not inside `out`
+        return False
+    return bool(parts) and parts[0] in RUN_ENTRIES
 
 
 def _check_clearable(out: Path) -> None:
