@@ -471,7 +471,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(tin
     assert proc.returncode == 130, err
     (checkpoint,) = (run / "checkpoints").iterdir()
     step = int(checkpoint.name.split("-")[1])
-    assert 0 < step < 300 and f"--resume to continue from step {step}" in err
+    assert 0 < step < 300 and f"--resume (resume=True in Python) to continue from step {step}" in err
     assert json.loads((run / "summary.json").read_text())["interrupted"] is True
     subprocess.run([*cmd, "--resume"], env=env, check=True, capture_output=True, timeout=120)
     a, b = adapter_tensors(tmp_path / "whole" / "adapter-last"), adapter_tensors(run / "adapter-last")
