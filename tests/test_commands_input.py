@@ -44,6 +44,14 @@ def save_adapter(base: Path, path: Path, name: str = "default") -> Path:
     return AdaptedModel.attach(model, ADAPTER, name).save_adapter(path)
 
 
+def tokenizerless_base_and_adapter(tmp_path: Path) -> tuple[Path, Path]:
+    """A model directory without tokenizer files (so any command that got as far as loading it would
+    fail) in tmp_path/base, and an adapter for it in tmp_path/adapter: inputs to protect."""
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    return base, save_adapter(base, tmp_path / "adapter")
+
+
 @pytest.fixture
 def adapter(base: Path, tmp_path: Path) -> Path:
     return save_adapter(base, tmp_path / "adapter")
@@ -94,9 +102,7 @@ def snapshot(*dirs: Path) -> dict[str, str]:
 def test_merge_refuses_an_output_that_is_inside_or_around_an_input(
     tmp_path: Path, capsys: pytest.CaptureFixture, out: str, relation: str
 ) -> None:
-    base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
-    adapter = save_adapter(base, tmp_path / "adapter")
+    base, adapter = tokenizerless_base_and_adapter(tmp_path)
     before = snapshot(base, adapter)
     argv = ["merge", base, adapter, tmp_path / out, "--overwrite"]
     assert_refused(run(argv, capsys), relation, "would overwrite its input")
@@ -104,9 +110,7 @@ def test_merge_refuses_an_output_that_is_inside_or_around_an_input(
 
 
 def test_merge_refuses_a_symlink_to_its_base(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
-    adapter = save_adapter(base, tmp_path / "adapter")
+    base, adapter = tokenizerless_base_and_adapter(tmp_path)
     (tmp_path / "link").symlink_to(base)
     before = snapshot(base)
     assert_refused(run(["merge", base, adapter, tmp_path / "link", "--overwrite"], capsys), "is the base")
@@ -376,9 +380,7 @@ def test_eval_json_does_not_replace_a_file_that_is_not_a_report(
 def test_eval_json_never_lands_on_an_input(
     tmp_path: Path, capsys: pytest.CaptureFixture, target: str, needle: str
 ) -> None:
-    base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
-    adapter = save_adapter(base, tmp_path / "adapter")
+    base, adapter = tokenizerless_base_and_adapter(tmp_path)
     data = tmp_path / "data.jsonl"
     data.write_text(
         json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
