@@ -28,11 +28,12 @@ from .errors import (
     option,
 )
 from .formats import peft as fmt
+from .identity import AdapterIdentity
 from .inject import Target, find_modules_to_save, find_targets, get_module, set_module
-from .methods import LoraConfig, LoraLayer, method_for
-from .methods.lora import expected_shapes
-from .methods.lora_kinds import GPT2_CONV1D
+from .layer_types import is_quantized
+from .methods import MethodSpec, is_adapter_layer, method_for, method_of_layer
 from .naming import adapter_name_problem
+from .prefix import KV, generate_with_prefix, prefix_inputs
 from .routing import BASE_NAMES, AdapterState, RowRouting, batch_rows, generate_expansion
 from .saved_modules import ModulesToSave
 
@@ -45,7 +46,9 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.model = model
         self.state = AdapterState()
-        self.configs: dict[str, LoraConfig] = {}
+        self.configs: dict[str, Any] = {}  # adapter name -> its method's config
+        # Whole-model adapters (soft prompts, prefixes) by adapter name; layer adapters live in the layers.
+        self.model_adapters = nn.ModuleDict()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -57,7 +60,7 @@ class AdaptedModel(nn.Module):
 
     # -- creating ---------------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model: nn.Module, config: LoraConfig, name: str = "default") -> AdaptedModel:
+    def attach(cls, model: nn.Module, config: Any, name: str = "default") -> AdaptedModel:
         """Wrap `model` and attach a new trainable adapter (HF PEFT's `get_peft_model`)."""
         am = model if isinstance(model, AdaptedModel) else cls(model)
         am.add_adapter(name, config)
@@ -73,18 +76,19 @@ class AdaptedModel(nn.Module):
         return am
 
     def add_adapter(
-        self, name: str, config: LoraConfig, *, trainable: bool = True, dtype: torch.dtype | None = None
+        self, name: str, config: Any, *, trainable: bool = True, dtype: torch.dtype | None = None
     ) -> None:
-        """Attach a new adapter. The first adapter becomes active; later ones wait for `set_adapter`.
+        """Attach a new adapter of any registered method (its config says which: LoraConfig, IA3Config,
+        ...). The first adapter becomes active; later ones wait for `set_adapter`.
 
         dtype: the adapter's parameter dtype (default: each base layer's dtype).
         """
         self._check_new_name(name)
-        method_for(config)
-        targets = find_targets(self.model, config, strict=True)
-        find_modules_to_save(self.model, config.modules_to_save)  # every entry must match something
-        self._check_other_adapters(config, targets)
-        self._inject(name, config, targets, trainable=trainable, dtype=dtype)
+        spec = method_for(config)
+        targets = find_targets(self.model, config, spec, strict=True) if spec.wraps_layers else []
+        find_modules_to_save(self.model, _saved(config))  # every entry must match something
+        self._check_other_adapters(spec, config, targets)
+        self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
 
     def load_adapter(
         self,
@@ -99,15 +103,15 @@ class AdaptedModel(nn.Module):
         config, tensor names and shapes, and (when the file records it) the base model's fingerprint."""
         self._check_new_name(name)
         files = fmt.read_adapter(path)
-        config = fmt.config_from_peft(files.config, files.directory)
+        spec, config = fmt.config_from_peft(files.config, files.directory)
         if check_base:
-            self._check_base(files.metadata, files.directory)
-        targets = find_targets(self.model, config)
-        self._check_other_adapters(config, targets)
-        expected, base_copies = self._expected(config, targets, files.tensors)
+            self._check_base(AdapterIdentity.from_metadata(files.metadata), files.directory)
+        targets = find_targets(self.model, config, spec) if spec.wraps_layers else []
+        self._check_other_adapters(spec, config, targets)
+        expected, base_copies = self._expected(spec, config, targets, files.tensors)
         fmt.check_tensors(expected, files.tensors, files.directory)
         self._check_base_copies({k: files.tensors[k] for k in base_copies}, files.directory)
-        self._inject(name, config, targets, trainable=trainable, dtype=dtype)
+        self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
         params = self.adapter_state_dict(name)
         with torch.no_grad():
             for key, value in files.tensors.items():
@@ -116,37 +120,57 @@ class AdaptedModel(nn.Module):
         return name
 
     def save_adapter(
-        self, path: str | Path, name: str | None = None, *, metadata: dict[str, str] | None = None
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        dataset_hash: str | None = None,
+        training: dict[str, Any] | None = None,
     ) -> Path:
-        """Save one adapter in the HF PEFT format (adapter_config.json + adapter_model.safetensors).
+        """Save one adapter in the HF PEFT format (adapter_config.json + adapter_model.safetensors),
+        with its identity (`AdapterIdentity`) in the safetensors header.
 
-        metadata: extra string facts for the safetensors header (e.g. the training data's hash).
+        dataset_hash, training: what trained it (the data's hash, facts of the run), for the identity.
         """
         name = self._one_adapter(name)
-        config = self.configs[name]
-        layers = [(n, m) for n, m in self._wrappers(LoraLayer) if name in m.specs]
+        config, spec = self.configs[name], method_for(self.configs[name])
+        layers = [(n, m) for n, m in self._layers() if name in m.specs]
         config_json = fmt.config_to_peft(
-            config,
-            [n for n, _ in layers],
-            fan_in_fan_out=any(m.kind is GPT2_CONV1D for _, m in layers),
+            spec,
+            spec.config_to_file(config, layers) if spec.wraps_layers else spec.config_to_file(config),
             base_model=self.base_model_name(),
             task_type=fmt.task_type_of(self.model),
         )
-        metadata = {
-            "peftkit_version": __version__,
-            "peftkit_base_fingerprint": self.base_fingerprint(),
-            "peftkit_base_model": self.base_model_name() or "",
-            "peftkit_adapter_name": name,
-            **(metadata or {}),
-        }
-        return fmt.write_adapter(path, config_json, self.adapter_state_dict(name), metadata)
+        identity = self.identity(name, dataset_hash=dataset_hash, training=training)
+        return fmt.write_adapter(path, config_json, self.adapter_state_dict(name), identity.to_metadata())
+
+    def identity(
+        self,
+        name: str | None = None,
+        *,
+        dataset_hash: str | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> AdapterIdentity:
+        """Adapter `name`'s identity record, as `save_adapter` writes it."""
+        name = self._one_adapter(name)
+        return AdapterIdentity(
+            peftkit_version=__version__,
+            method=method_for(self.configs[name]).name,
+            adapter_name=name,
+            base_model=self.base_model_name() or "",
+            base_fingerprint=self.base_fingerprint(),
+            base_quantization=getattr(self.model, "_peftkit_quantization", None),
+            dataset_hash=dataset_hash,
+            training=AdapterIdentity.for_training(training or {}),
+        )
 
     save_pretrained = save_adapter
 
     def _inject(
         self,
         name: str,
-        config: LoraConfig,
+        spec: MethodSpec,
+        config: Any,
         targets: list[Target],
         *,
         trainable: bool,
@@ -155,15 +179,18 @@ class AdaptedModel(nn.Module):
         if not self.configs:  # the first adapter freezes the base (after its targets were validated)
             for p in self.model.parameters():
                 p.requires_grad_(False)
-        if config.bias != "none":
+        if _bias(config) != "none":
             self.base_fingerprint()  # before training changes the biases it covers
         for t in targets:
             layer = get_module(self.model, t.name)
-            if not isinstance(layer, LoraLayer):
-                layer = LoraLayer(layer, t.kind, self.state).train(layer.training)
+            if not isinstance(layer, spec.layer_cls):
+                assert spec.wrap is not None
+                layer = spec.wrap(layer, t.kind, self.state).train(layer.training)
                 set_module(self.model, t.name, layer)
             layer.add_adapter(name, config, t.name, dtype=dtype)
-        for module_name, _ in find_modules_to_save(self.model, config.modules_to_save, strict=False):
+        if spec.make_model_adapter is not None:
+            self.model_adapters[name] = spec.make_model_adapter(self.model, config)
+        for module_name, _ in find_modules_to_save(self.model, _saved(config), strict=False):
             wrapper = get_module(self.model, module_name)
             if not isinstance(wrapper, ModulesToSave):
                 wrapper = ModulesToSave(wrapper, self.state).train(wrapper.training)
@@ -185,7 +212,7 @@ class AdaptedModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self.state.active)
 
-    def adapter_config(self, name: str | None = None) -> LoraConfig:
+    def adapter_config(self, name: str | None = None) -> Any:
         return self.configs[self._one_adapter(name)]
 
     def set_adapter(self, names: str | list[str]) -> None:
@@ -222,6 +249,8 @@ class AdaptedModel(nn.Module):
             wrapper.delete_adapter(name)
             if not wrapper.specs:
                 set_module(self.model, module_name, _inner(wrapper))
+        if name in self.model_adapters:
+            del self.model_adapters[name]
         del self.configs[name]
         was_active = name in self.state.active
         self.state.active = tuple(n for n in self.state.active if n != name)
@@ -263,7 +292,7 @@ class AdaptedModel(nn.Module):
     @property
     def merged_adapters(self) -> list[str]:
         names: dict[str, None] = {}
-        for _, layer in self._wrappers(LoraLayer):
+        for _, layer in self._layers():
             names.update(dict.fromkeys(layer.merged))
         return list(names)
 
@@ -275,11 +304,20 @@ class AdaptedModel(nn.Module):
         )
         for n in names:
             self._check_exists(n)
-            if not method_for(self.configs[n]).supports_merge:
-                raise AdapterStateError(f"adapter {n!r} cannot be merged")
+            spec = method_for(self.configs[n])
+            if not spec.supports_merge:
+                raise AdapterStateError(
+                    f"adapter {n!r} ({spec.name}) cannot be merged into the weights: {spec.description}"
+                )
         tied = self._tied_weights()
-        layers = [(mn, m) for mn, m in self._wrappers(LoraLayer) if any(n in m.specs for n in names)]
+        layers = [(mn, m) for mn, m in self._layers() if any(n in m.specs for n in names)]
         for module_name, layer in layers:
+            if is_quantized(layer.base_layer):
+                raise AdapterStateError(
+                    f"{module_name}'s base weight is 4-bit; merging into it would mean re-quantizing, which "
+                    "loses almost all of a small update. Use merge_and_unload(), which merges into a "
+                    "dequantized copy, or `peftkit merge --quantize nf4`"
+                )
             others = tied.get(layer.base_layer.weight.data_ptr(), [])
             if len(others) > 1:
                 raise AdapterStateError(
@@ -291,7 +329,7 @@ class AdaptedModel(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge base weights."""
-        for _, layer in self._wrappers(LoraLayer):
+        for _, layer in self._layers():
             layer.unmerge()
 
     def merge_and_unload(self, names: str | list[str] | None = None) -> nn.Module:
@@ -323,22 +361,70 @@ class AdaptedModel(nn.Module):
 
     # -- running ----------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; `adapter_names` (one per row, None = base model) mixes adapters."""
+        """The adapted forward: the base model's, with whole-model adapters (soft prompts, prefixes)
+        fed in; `adapter_names` (one per row, None = base model) mixes adapters. Training, evaluation
+        and generation all run through here (or `adapted_inputs`), so every method acts in all three."""
         if adapter_names is None:
-            return self.model(*args, **kwargs)
+            return self._forward(args, kwargs)
         with self.mixed_batch(adapter_names, batch_rows(args, kwargs)):
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        rows = self._prefix_rows(batch_rows(args, kwargs))
+        if rows is None:
             return self.model(*args, **kwargs)
+        return self.model(**prefix_inputs(self.model, _as_kwargs(args, kwargs), rows))
+
+    def adapted_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's keyword arguments with the whole-model adapters that apply right now (a
+        prefix cache, the longer attention mask, shifted positions); `kwargs` itself if none does.
+        Also for calls into part of the model (training's fused loss runs the backbone alone)."""
+        rows = self._prefix_rows(batch_rows((), kwargs))
+        return kwargs if rows is None else prefix_inputs(self.model, kwargs, rows)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, optionally with one adapter per row of the batch."""
         if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
+            return self._generate(args, kwargs)
         expand, rows = generate_expansion(self.model, kwargs), batch_rows(args, kwargs)
         names = list(adapter_names)
         if expand > 1 and rows is not None and len(names) == rows * expand:
             names = _one_name_per_row(names, expand)
         with self.mixed_batch(names, rows, expand=expand):
+            return self._generate(args, kwargs)
+
+    def _generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        rows = self._prefix_rows(batch_rows(args, kwargs), generating=True)
+        if rows is None:
             return self.model.generate(*args, **kwargs)
+        return generate_with_prefix(self.model, rows, **_as_kwargs(args, kwargs))
+
+    def _prefix_rows(self, batch: int | None, *, generating: bool = False) -> list[KV | None] | None:
+        """Each row's key/value prefix from the whole-model adapters that apply (None: no prefix for
+        that row), or None when none applies. Computed once per adapter per call, with gradients."""
+        if self.state.disabled or not len(self.model_adapters) or batch is None:
+            return None
+        routing = self.state.rows
+        if routing is None:
+            active = [n for n in self.state.active if n in self.model_adapters]
+            if len(active) > 1:
+                raise AdapterStateError(
+                    f"adapters {active} are all active, and each brings its own prompt or prefix; "
+                    "activate one of them (set_adapter), or give rows different ones (adapter_names)"
+                )
+            return [self.model_adapters[active[0]].prefix_kv(self.model)] * batch if active else None
+        wanted = [n for n in routing.unique if n in self.model_adapters]
+        if not wanted:
+            return None
+        before = self.state.rows, self.state.disabled
+        self.state.rows, self.state.disabled = None, True  # a row's prompt runs without layer adapters
+        try:
+            kv = {n: self.model_adapters[n].prefix_kv(self.model) for n in wanted}
+        finally:
+            self.state.rows, self.state.disabled = before
+        names = [kv.get(n) if n is not None else None for n in routing.names]
+        repeat = 1 if generating else routing.repeat_for(batch)
+        return [r for r in names for _ in range(repeat)]
 
     @contextmanager
     def mixed_batch(
@@ -359,6 +445,7 @@ class AdaptedModel(nn.Module):
         for n in adapter_names:
             if n not in BASE_NAMES:
                 self._check_exists(n)
+        self._check_can_share_a_batch([None if n in BASE_NAMES else n for n in adapter_names])
         if self.merged_adapters:
             raise AdapterStateError(
                 f"adapters {self.merged_adapters} are merged; a mixed batch needs unmerged adapters (unmerge() first)"
@@ -394,45 +481,78 @@ class AdaptedModel(nn.Module):
         """The plain base model's state (names and original, unmerged weights), without adapters."""
         originals = {
             f"{n}.base_layer.weight": m.unmerged_weight
-            for n, m in self._wrappers(LoraLayer)
-            if m.unmerged_weight is not None
+            for n, m in self._layers()
+            if getattr(m, "unmerged_weight", None) is not None
         }
-        for key, value in self.model.state_dict().items():
-            if ".lora_" in key or ".modules_to_save." in key:
+        adapter_parts = {id(t) for _, t in self._adapter_parts()}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            if id(value) in adapter_parts or ".modules_to_save." in key:
                 continue
-            value = originals.get(key, value)
+            value = originals.get(key, value).detach()
             yield key.replace(".base_layer.", ".").replace(".original_module.", "."), value
+
+    def parameter_roles(self) -> dict[int, tuple[MethodSpec, str]]:
+        """{id(parameter): (its method, its role)} for every adapter parameter (the optimizer's groups)."""
+        out: dict[int, tuple[MethodSpec, str]] = {}
+        for _, layer in self._layers():
+            spec = method_of_layer(layer)
+            for name in layer.specs:
+                out.update({id(p): (spec, role) for role, p in layer.adapter_tensors(name).items()})
+        for name, adapter in self.model_adapters.items():
+            spec = method_for(self.configs[name])
+            out.update({id(p): (spec, role) for role, p in adapter.adapter_tensors().items()})
+        return out
+
+    def _adapter_parts(self) -> Iterator[tuple[str, Tensor]]:
+        """Every adapter tensor inside the base model's modules (each layer's, for every adapter)."""
+        for module_name, layer in self._layers():
+            for name in layer.specs:
+                for role, t in layer.adapter_tensors(name).items():
+                    yield f"{module_name}.{role}", t
 
     # -- state dicts ----------------------------------------------------------------------------------
     def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
         """Adapter `name`'s tensors under their PEFT file keys (live parameters, not copies)."""
         out: dict[str, Tensor] = {}
         for module_name, wrapper in self._wrappers():
-            if isinstance(wrapper, LoraLayer) and name in wrapper.specs:
+            if is_adapter_layer(wrapper) and name in wrapper.specs:
+                spec = method_of_layer(wrapper)
                 for role, p in wrapper.adapter_tensors(name).items():
-                    out[fmt.factor_key(module_name, wrapper.kind.name, role)] = p
+                    out[fmt.layer_key(module_name, spec.key_suffix(role, wrapper.kind))] = p
             elif isinstance(wrapper, ModulesToSave) and name in wrapper.modules_to_save:
                 for pname, p in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
                     out[fmt.saved_module_key(module_name, pname)] = p
-        bias = self.configs[name].bias if name in self.configs else "none"
+        if name in self.model_adapters:
+            for role, p in self.model_adapters[name].adapter_tensors().items():
+                out[fmt.model_key(role)] = p
+        bias = _bias(self.configs[name]) if name in self.configs else "none"
+        adapter_parts = {id(t) for _, t in self._adapter_parts()}
         for pname, p in self.model.named_parameters():
-            if _is_bias(pname) and (
-                bias == "all"
-                or (bias == "lora_only" and pname.endswith(".base_layer.bias") and self._has(pname, name))
+            if (
+                id(p) not in adapter_parts
+                and _is_bias(pname)
+                and (
+                    bias == "all"
+                    or (bias == "lora_only" and pname.endswith(".base_layer.bias") and self._has(pname, name))
+                )
             ):
                 out[fmt.bias_key(pname)] = p
         return out
 
     def _expected(
-        self, config: LoraConfig, targets: list[Target], found: dict[str, Tensor]
+        self, spec: MethodSpec, config: Any, targets: list[Target], found: dict[str, Tensor]
     ) -> tuple[dict[str, tuple[tuple[int, ...], str]], list[str]]:
         """The tensors an adapter file for `config` must hold ({key: (shape, what)}), and the keys
         that are full copies of base weights."""
         expected: dict[str, tuple[tuple[int, ...], str]] = {}
         for t in targets:
-            for role, shape in expected_shapes(t.module, t.kind, config, t.name).items():
-                expected[fmt.factor_key(t.name, t.kind.name, role)] = (shape, f"{t.name} ({role})")
-        for module_name, module in find_modules_to_save(self.model, config.modules_to_save, strict=False):
+            assert spec.expected_shapes is not None
+            for role, shape in spec.expected_shapes(t.module, t.kind, config, t.name).items():
+                expected[fmt.layer_key(t.name, spec.key_suffix(role, t.kind))] = (shape, f"{t.name} ({role})")
+        if spec.model_expected_shapes is not None:
+            for role, shape in spec.model_expected_shapes(self.model, config).items():
+                expected[fmt.model_key(role)] = (shape, f"the {spec.name} adapter ({role})")
+        for module_name, module in find_modules_to_save(self.model, _saved(config), strict=False):
             for pname, value in module.state_dict().items():
                 expected[fmt.saved_module_key(module_name, pname)] = (
                     tuple(value.shape),
@@ -444,7 +564,7 @@ class AdaptedModel(nn.Module):
         base_copies: list[str] = []
         for key in found:
             name = key.removeprefix(fmt.PREFIX).replace(".base_layer.", ".")
-            if key in expected or name not in plain or (_is_bias(name) and config.bias == "none"):
+            if key in expected or name not in plain or (_is_bias(name) and _bias(config) == "none"):
                 continue
             expected[key] = (tuple(plain[name].shape), name)
             if not _is_bias(name):
@@ -452,16 +572,21 @@ class AdaptedModel(nn.Module):
         return expected, base_copies
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _wrappers(
-        self, cls: type | tuple[type, ...] = (LoraLayer, ModulesToSave)
-    ) -> Iterator[tuple[str, Any]]:
+    def _wrappers(self) -> Iterator[tuple[str, Any]]:
+        """(plain module name, wrapper) for every adapter layer and modules_to_save wrapper."""
         for name, module in self.model.named_modules():
-            if isinstance(module, cls):
+            if getattr(module, "is_adapter_wrapper", False):
+                yield _plain_name(name), module
+
+    def _layers(self) -> Iterator[tuple[str, Any]]:
+        """(plain module name, layer) for every method's adapter layer."""
+        for name, module in self._wrappers():
+            if is_adapter_layer(module):
                 yield name, module
 
     def _has(self, bias_name: str, adapter: str) -> bool:
         module = get_module(self.model, bias_name.removesuffix(".base_layer.bias"))
-        return isinstance(module, LoraLayer) and adapter in module.specs
+        return is_adapter_layer(module) and adapter in module.specs
 
     def _tied_weights(self) -> dict[int, list[str]]:
         by_ptr: dict[int, list[str]] = {}
@@ -475,27 +600,57 @@ class AdaptedModel(nn.Module):
             fix = f", or delete_adapter({name!r}) first" if name in self.configs else ""
             raise ConfigError(f"adapter name {name!r} {problem}{fix}")
 
-    def _check_other_adapters(self, config: LoraConfig, targets: list[Target]) -> None:
-        """A module carries LoRA layers or whole copies (modules_to_save), never both, and copies do
-        not nest: a copy made of a wrapped module would carry the other adapter's layers inside it
-        (wrong outputs, wrong file keys), and LoRA cannot wrap a copy. Checked before anything changes."""
-        lora = {n: list(m.specs) for n, m in self._wrappers(LoraLayer)}
-        copies = {n: list(m.modules_to_save) for n, m in self._wrappers(ModulesToSave)}
-        saved = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save, strict=False)]
+    def _check_other_adapters(self, spec: MethodSpec, config: Any, targets: list[Target]) -> None:
+        """A module carries one method's adapter layers or whole copies (modules_to_save), never both,
+        and copies do not nest: a copy made of a wrapped module would carry the other adapter's layers
+        inside it (wrong outputs, wrong file keys), and no method wraps a copy. Two methods never wrap
+        one module (whose merge, whose base weight?). Checked before anything changes."""
+        layers = {n: m for n, m in self._layers()}
+        copies = {n: list(m.modules_to_save) for n, m in self._wrappers() if isinstance(m, ModulesToSave)}
+        saved = [n for n, _ in find_modules_to_save(self.model, _saved(config), strict=False)]
+        for t in targets:
+            other = layers.get(t.name)
+            if other is not None and not isinstance(other, spec.layer_cls):
+                theirs = method_of_layer(other)
+                raise TargetError(
+                    f"{spec.label} target {t.name!r} already has {theirs.label} layers (adapter "
+                    f"{list(other.specs)[0]!r}); two methods cannot wrap one module. Target other modules, "
+                    f"or delete_adapter({list(other.specs)[0]!r}) first"
+                )
         clashes = [  # (this adapter's module, the other module, what the other is, its adapters)
             *((t.name, c, "a whole copy (modules_to_save)", o) for t in targets for c, o in copies.items()),
-            *((s, n, "LoRA layers", o) for s in saved for n, o in lora.items()),
+            *(
+                (s, n, f"{method_of_layer(m).label} layers", list(m.specs))
+                for s in saved
+                for n, m in layers.items()
+            ),
             *((s, c, "a whole copy", o) for s in saved for c, o in copies.items() if c != s),
         ]
         for mine, other, what, owners in clashes:
             if _within(mine, other) or _within(other, mine):
-                kind = "LoRA target" if any(t.name == mine for t in targets) else "modules_to_save entry"
+                kind = (
+                    f"{spec.label} target"
+                    if any(t.name == mine for t in targets)
+                    else "modules_to_save entry"
+                )
                 inside = "which holds it" if _within(mine, other) else "inside it"
                 where = "there" if mine == other else f"on {other!r}, {inside}"
                 raise TargetError(
-                    f"{kind} {mine!r}: adapter {owners[0]!r} already has {what} {where}. A module takes LoRA "
+                    f"{kind} {mine!r}: adapter {owners[0]!r} already has {what} {where}. A module takes adapter "
                     "layers or whole copies, not both, and copies cannot nest; give the adapters separate "
                     f"modules, or delete_adapter({owners[0]!r}) first"
+                )
+
+    def _check_can_share_a_batch(self, names: list[str | None]) -> None:
+        """Rows may use different adapters (or none) only if every method involved routes per row."""
+        if len(set(names)) < 2:
+            return
+        for n in dict.fromkeys(n for n in names if n is not None):
+            spec = method_for(self.configs[n])
+            if not spec.supports_mixed_batch:
+                raise RequestError(
+                    f"adapter {n!r} is a {spec.label} adapter, which cannot share a batch with other "
+                    "adapters; run its rows in a batch of their own"
                 )
 
     def _check_exists(self, name: str) -> None:
@@ -527,18 +682,27 @@ class AdaptedModel(nn.Module):
                     "base weights from an adapter: load the base model it was trained with"
                 )
 
-    def _check_base(self, metadata: dict[str, str], source: Path) -> None:
-        recorded = metadata.get("peftkit_base_fingerprint")
+    def _check_base(self, identity: AdapterIdentity, source: Path) -> None:
+        recorded = identity.base_fingerprint
         if not recorded:
             return  # written by HF PEFT or another tool: the shape checks still apply
         current = self.base_fingerprint()
         if recorded != current:
-            trained_on = metadata.get("peftkit_base_model") or "another model"
+            trained_on = identity.base_model or "another model"
             raise BaseModelMismatchError(
                 f"{source} was trained on base model {trained_on!r} (fingerprint {recorded[7:19]}), but this base "
                 f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
                 f"pass {option('check_base', False)} to load it anyway"
             )
+
+
+def _as_kwargs(args: tuple, kwargs: dict[str, Any], first: str = "input_ids") -> dict[str, Any]:
+    """A call's arguments as keywords: a positional first argument is the input ids."""
+    if not args:
+        return kwargs
+    if len(args) > 1 or first in kwargs:
+        raise RequestError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
+    return {first: args[0], **kwargs}
 
 
 def _one_name_per_row(names: list[str | None], expand: int) -> list[str | None]:
@@ -555,7 +719,21 @@ def _one_name_per_row(names: list[str | None], expand: int) -> list[str | None]:
 
 
 def _inner(wrapper: nn.Module) -> nn.Module:
-    return wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module
+    return wrapper.original_module if isinstance(wrapper, ModulesToSave) else wrapper.base_layer
+
+
+def _plain_name(wrapped_name: str) -> str:
+    """A module's name in the plain model, from its name in the wrapped one."""
+    parts = [p for p in wrapped_name.split(".") if p not in ("base_layer", "original_module")]
+    return ".".join(parts)
+
+
+def _saved(config: Any) -> tuple[str, ...] | None:
+    return getattr(config, "modules_to_save", None)
+
+
+def _bias(config: Any) -> str:
+    return getattr(config, "bias", "none")
 
 
 def _within(name: str, outer: str) -> bool:
@@ -564,5 +742,6 @@ def _within(name: str, outer: str) -> bool:
 
 
 def _is_bias(param_name: str) -> bool:
-    adapter_part = any(part in param_name for part in (".lora_", ".modules_to_save.", ".original_module."))
-    return param_name.rsplit(".", 1)[-1] == "bias" and not adapter_part
+    """A base layer's bias (not one inside a modules_to_save copy, whose copies train whole)."""
+    copies = any(part in param_name for part in (".modules_to_save.", ".original_module."))
+    return param_name.rsplit(".", 1)[-1] == "bias" and not copies

@@ -6,7 +6,6 @@ print(format_info(facts))                       # the text report
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,77 +16,43 @@ _ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
-    """What `peftkit info` reports, as a JSON-ready dict.
-
-    The rank `r` is read from the tensors (what the adapter really is); `config_r` is what
-    adapter_config.json says, and `rank_mismatches` lists the layers where the two disagree (such
-    an adapter does not load)."""
+    """What `peftkit info` reports, as a JSON-ready dict: the facts every adapter has, then its
+    method's own (for LoRA: `r` read from the tensors, `config_r` from adapter_config.json, and
+    `rank_mismatches` where the two disagree, which keeps such an adapter from loading)."""
     from .base.fingerprint import is_fingerprint, short_fingerprint
     from .formats import peft as fmt
     from .formats.files import dtype_name
+    from .identity import AdapterIdentity
 
     files = fmt.read_adapter(adapter_dir)
-    config = fmt.config_from_peft(files.config, files.directory)
-    targets = fmt.lora_modules(files.tensors)
-    ranks = _tensor_ranks(files.tensors, targets)
-    r = _main_rank(ranks, config)
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets}, key=_layer_order)
-    fingerprint = files.metadata.get("peftkit_base_fingerprint", "")
-    saved_by_peftkit = "peftkit_version" in files.metadata
+    spec, config = fmt.config_from_peft(files.config, files.directory)
+    identity = AdapterIdentity.from_metadata(files.metadata)
+    modules = spec.file_layers(fmt.layer_keys(files.tensors)) if spec.wraps_layers else []
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in modules}, key=_layer_order)
+    fingerprint = identity.base_fingerprint or ""
     peft_version = files.config.get("peft_version")
     return {
         "path": str(files.directory),
-        "method": "DoRA" if config.use_dora else "rsLoRA" if config.use_rslora else "LoRA",
-        "r": r,
-        "config_r": config.r,
-        "rank_pattern": config.rank_pattern,
-        "rank_mismatches": [
-            {"module": m, "config": config.rank_and_alpha(m)[0], "tensors": rank}
-            for m, rank in ranks.items()
-            if rank != config.rank_and_alpha(m)[0]
-        ],
-        "lora_alpha": config.lora_alpha,
-        "alpha_pattern": config.alpha_pattern,
-        "scaling": config.scaling(r, config.lora_alpha),
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "target_layers": len(targets),
+        "method": spec.describe_method(config) if spec.describe_method else spec.label,
+        "method_name": spec.name,
+        **(spec.describe(config, files.tensors, modules) if spec.describe else {}),
+        "target_layers": len(modules),
         "target_suffixes": suffixes,
-        "modules_to_save": list(config.modules_to_save or []),
+        "modules_to_save": list(getattr(config, "modules_to_save", None) or []),
         "parameters": sum(t.numel() for t in files.tensors.values()),
         "dtypes": sorted({dtype_name(t.dtype) for t in files.tensors.values()}),
         "size_bytes": (files.directory / fmt.WEIGHTS_FILE).stat().st_size,
-        "base_model": files.config.get("base_model_name_or_path") or files.metadata.get("peftkit_base_model"),
+        "base_model": files.config.get("base_model_name_or_path") or identity.base_model,
         "base_fingerprint": fingerprint if is_fingerprint(fingerprint) else None,
         "base_fingerprint_short": short_fingerprint(fingerprint) if is_fingerprint(fingerprint) else None,
-        "adapter_name": files.metadata.get("peftkit_adapter_name"),
-        "saved_by": f"peftkit {files.metadata['peftkit_version']}"
-        if saved_by_peftkit
+        "base_quantization": identity.base_quantization,
+        "adapter_name": identity.adapter_name,
+        "saved_by": f"peftkit {identity.peftkit_version}"
+        if identity.saved_by_peftkit
         else f"HF PEFT {peft_version}"
         if peft_version
         else "unknown (no peftkit metadata)",
     }
-
-
-def _tensor_ranks(tensors: dict[str, Any], modules: list[str]) -> dict[str, int]:
-    """Each LoRA module's rank: the first dimension of its A factor ((r, in) for linear layers,
-    (r, in, k...) for convolutions, (r, vocab) for embeddings)."""
-    from .formats import peft as fmt
-
-    ranks = {}
-    for m in modules:
-        key = next(
-            k for kind in ("linear", "embedding") if (k := fmt.factor_key(m, kind, "lora_A")) in tensors
-        )
-        ranks[m] = int(tensors[key].shape[0])
-    return ranks
-
-
-def _main_rank(ranks: dict[str, int], config: Any) -> int:
-    """The rank most layers have, among those no rank_pattern entry overrides (config.r if none)."""
-    plain = [rank for m, rank in ranks.items() if config.rank_and_alpha(m)[0] == config.r]
-    counts = Counter(plain or ranks.values())
-    return counts.most_common(1)[0][0] if counts else config.r
 
 
 def _layer_order(suffix: str) -> tuple[int, str]:
@@ -97,41 +62,33 @@ def _layer_order(suffix: str) -> tuple[int, str]:
 def format_info(facts: dict[str, Any]) -> str:
     """`peftkit info`'s text report. Every value is made printable: names and metadata come from the
     files, and a terminal would run the escape sequences a file can hide in them."""
+    from .methods import METHODS
+
     f = facts
-    scaling_rule = "lora_alpha / sqrt(r)" if f["use_rslora"] else "lora_alpha / r"
-    alpha = f"{f['lora_alpha']:g} (scaling {f['scaling']:g} = {scaling_rule})"
-    if f["alpha_pattern"]:
-        alpha += f", overrides {f['alpha_pattern']}"
+    spec = METHODS[f["method_name"]]
     fingerprint = f["base_fingerprint_short"] or (
         "unknown (saved by HF PEFT)" if f["saved_by"].startswith("HF PEFT") else "unknown"
     )
+    targets = (
+        f"{', '.join(f['target_suffixes'])} ({f['target_layers']} layers)" if f["target_layers"] else None
+    )
+    base = f["base_model"] or "unknown"
+    if f["base_quantization"]:
+        base += f" (trained on its {f['base_quantization']} 4-bit form)"
     rows = [
         ("adapter", f["path"] + (f"  (name {f['adapter_name']!r})" if f["adapter_name"] else "")),
-        ("method", f["method"] + (" with rsLoRA scaling" if f["use_dora"] and f["use_rslora"] else "")),
-        ("rank", _rank_text(f)),
-        ("lora_alpha", alpha),
-        ("targets", f"{', '.join(f['target_suffixes'])} ({f['target_layers']} layers)"),
+        ("method", f["method"] + f.get("method_note", "")),
+        *(spec.info_rows(f) if spec.info_rows else []),
+        *([("targets", targets)] if targets else []),
         ("modules_to_save", ", ".join(f["modules_to_save"]) or "none"),
         ("parameters", f"{f['parameters']:,}"),
         ("dtype", ", ".join(f["dtypes"])),
         ("size on disk", f"{_human_bytes(f['size_bytes'])} (adapter_model.safetensors)"),
-        ("base model", f["base_model"] or "unknown"),
+        ("base model", base),
         ("base fingerprint", fingerprint),
         ("saved by", f["saved_by"]),
     ]
     return "\n".join(f"{key:<17}{printable(str(value))}" for key, value in rows)
-
-
-def _rank_text(f: dict[str, Any]) -> str:
-    text = f"r = {f['r']}" + (f", overrides {f['rank_pattern']}" if f["rank_pattern"] else "")
-    wrong = f["rank_mismatches"]
-    if wrong:
-        first = wrong[0]
-        text += (
-            f"; adapter_config.json disagrees for {len(wrong)} layer{'s' * (len(wrong) > 1)} (e.g. {first['module']}: "
-            f"config r = {first['config']}, tensors r = {first['tensors']}), so the adapter will not load"
-        )
-    return text
 
 
 def _human_bytes(n: float) -> str:

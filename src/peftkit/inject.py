@@ -16,15 +16,15 @@ as lenient as PEFT, whose files may list names for several architectures.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from .errors import TargetError, did_you_mean
-from .methods.lora_config import ALL_LINEAR, LoraConfig, pattern_matches
-from .methods.lora_kinds import GPT2_CONV1D, LINEAR, SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
+from .layer_types import ALL_LINEAR, is_linear
+from .methods.spec import MethodSpec
 
 # Names of the attributes our wrappers use for what they wrap (PEFT's names, so bias keys line up).
 WRAPPED_ATTRS = ("base_layer", "original_module")
@@ -36,7 +36,7 @@ class Target:
 
     name: str  # full dotted module name in the plain (unwrapped) model
     module: nn.Module  # the plain layer (a wrapper's base layer if already wrapped)
-    kind: LayerKind
+    kind: Any  # what the method knows about this layer type (e.g. LoRA's LayerKind)
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -89,39 +89,49 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return unwrap(head) if head is not None else None
 
 
-def find_targets(model: nn.Module, config: LoraConfig, *, strict: bool = False) -> list[Target]:
+def find_targets(
+    model: nn.Module, config: Any, spec: MethodSpec | None = None, *, strict: bool = False
+) -> list[Target]:
     """The layers `config` targets, in model order. Raises TargetError if none match or a matched
-    layer has a type LoRA cannot adapt. With `strict` (a new adapter, not a loaded file), a
-    target_modules or exclude_modules entry that matches no module is an error too, and ranks above
-    a layer's smaller dimension are warned about."""
+    layer has a type the method cannot wrap. With `strict` (a new adapter, not a loaded file), a
+    target_modules or exclude_modules entry that matches no module is an error too, and the method
+    may warn about what it was asked (e.g. LoRA ranks above a layer's smaller dimension).
+    `spec` defaults to the method whose config `config` is."""
+    if spec is None:
+        from .methods import method_for
+
+        spec = method_for(config)
     head = output_head(model)
     modules = list(base_modules(model))
     names = [n for n, _ in modules]
-    saved_names = [n for n, _ in find_modules_to_save(model, config.modules_to_save, strict=False)]
-    spec = resolve_spec(config.target_modules, names)
+    saved_names = [n for n, _ in find_modules_to_save(model, _opt(config, "modules_to_save"), strict=False)]
+    target_spec = resolve_spec(config.target_modules, names)
     targets: list[Target] = []
     for name, module in modules:
-        kind = kind_of(module)
-        if spec == ALL_LINEAR:
-            if kind not in (LINEAR, GPT2_CONV1D) or module is head or _inside(name, saved_names):
+        if target_spec == ALL_LINEAR:
+            if not is_linear(module) or module is head or _inside(name, saved_names):
                 continue
-        elif not name_matches(name, spec):
+        elif not name_matches(name, target_spec):
             continue
         if _filtered_out(name, config):
             continue
-        targets.append(Target(name, module, _adaptable_kind(name, module, kind)))
+        targets.append(Target(name, module, _wrappable_kind(name, module, spec)))
     if not targets:
-        raise TargetError(_nothing_matched(model, config, modules))
+        raise TargetError(_nothing_matched(model, config, spec, modules))
     for t in targets:
         if _inside(t.name, saved_names):
             raise TargetError(
-                f"{t.name!r} is both a LoRA target and (inside) a modules_to_save entry; choose one"
+                f"{t.name!r} is both a {spec.name} target and (inside) a modules_to_save entry; choose one"
             )
     if strict:
         _check_entries_used(model, config, names)
-        _warn_unused_patterns(config, targets)
-        _warn_rank_too_large(config, targets)
+        spec.check_new_targets(config, targets)
     return targets
+
+
+def _opt(config: Any, key: str) -> Any:
+    """An optional config field (None when the method has no such field)."""
+    return getattr(config, key, None)
 
 
 def resolve_spec(spec: tuple[str, ...] | str, names: list[str]) -> tuple[str, ...] | str:
@@ -138,27 +148,33 @@ def resolve_spec(spec: tuple[str, ...] | str, names: list[str]) -> tuple[str, ..
 _PLAIN_NAME = re.compile(r"[\w.\-]+")  # a module name or dotted path; "." is the only regex syntax
 
 
-def _filtered_out(name: str, config: LoraConfig) -> bool:
-    if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+def _filtered_out(name: str, config: Any) -> bool:
+    exclude = _opt(config, "exclude_modules")
+    if exclude is not None and name_matches(name, exclude):
         return True
-    layers = config.layers_to_transform
-    return layers is not None and layer_index(name, config.layers_pattern) not in layers
+    layers = _opt(config, "layers_to_transform")
+    return layers is not None and layer_index(name, _opt(config, "layers_pattern")) not in layers
 
 
-def _adaptable_kind(name: str, module: nn.Module, kind: LayerKind | None) -> LayerKind:
+def _wrappable_kind(name: str, module: nn.Module, spec: MethodSpec) -> Any:
+    assert spec.kind_of is not None
+    kind = spec.kind_of(module)
     if kind is None:
         raise TargetError(
-            f"target {name!r} is a {type(module).__name__}, which LoRA cannot adapt; "
-            f"supported layer types: {SUPPORTED_TYPES}. Target its linear sub-layers instead."
+            f"target {name!r} is a {type(module).__name__}, which {spec.name} cannot wrap; "
+            f"it wraps: {spec.wrappable}. Target its linear sub-layers instead."
         )
-    reason = unsupported_reason(module)
+    reason = spec.unsupported_reason(module)
     if reason:
         raise TargetError(f"target {name!r} ({type(module).__name__}): {reason}")
     return kind
 
 
-def _nothing_matched(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]) -> str:
-    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if kind_of(m) is not None})
+def _nothing_matched(
+    model: nn.Module, config: Any, spec: MethodSpec, modules: list[tuple[str, nn.Module]]
+) -> str:
+    assert spec.kind_of is not None
+    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if spec.kind_of(m) is not None})
     hint = ""
     if isinstance(config.target_modules, str) and config.target_modules != ALL_LINEAR:
         hint = (
@@ -171,11 +187,11 @@ def _nothing_matched(model: nn.Module, config: LoraConfig, modules: list[tuple[s
     )
 
 
-def _check_entries_used(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
+def _check_entries_used(model: nn.Module, config: Any, names: list[str]) -> None:
     """Every list entry of target_modules / exclude_modules must match some module: a misspelt one
     would otherwise be ignored while the others match (HF PEFT only errors when nothing matches)."""
     for key in ("target_modules", "exclude_modules"):
-        spec = getattr(config, key)
+        spec = _opt(config, key)
         if isinstance(spec, tuple):
             for entry in spec:
                 if not any(name_matches(n, (entry,)) for n in names):
@@ -189,40 +205,6 @@ def _check_entries_used(model: nn.Module, config: LoraConfig, names: list[str]) 
                 f"exclude_modules={spec!r} matches no module of {type(model).__name__}; a single string is "
                 f"a regex over the full module name" + (f", did you mean [{spec!r}]?" if plain else "")
             )
-
-
-def _warn_unused_patterns(config: LoraConfig, targets: list[Target]) -> None:
-    # A warning, as in HF PEFT: a key that matches no target changes nothing, but is likely a typo.
-    for key in ("rank_pattern", "alpha_pattern"):
-        unused = [k for k in getattr(config, key) if not any(pattern_matches(k, t.name) for t in targets)]
-        if unused:
-            warnings.warn(
-                f"{key} keys {unused} match no target layer and change nothing; a key is a regex over "
-                "the end of the module name after a '.', e.g. 'q_proj' or 'layers[.]0[.]mlp[.]down_proj'",
-                stacklevel=3,
-            )
-
-
-def _warn_rank_too_large(config: LoraConfig, targets: list[Target]) -> None:
-    """B·A has rank at most min(in, out): a larger r adds parameters (and memory) but no capacity."""
-    over = []
-    for t in targets:
-        r = config.rank_and_alpha(t.name)[0]
-        fan_in, fan_out = t.kind.dims(t.module)
-        if r > min(fan_in, fan_out):
-            over.append((t, r, fan_in, fan_out))
-    if not over:
-        return
-    t, r, fan_in, fan_out = over[0]
-    limit, leaf = min(fan_in, fan_out), t.name.rsplit(".", 1)[-1]
-    more = f" (and {len(over) - 1} more layers)" if len(over) > 1 else ""
-    warnings.warn(
-        f"rank {r} is more than the smaller dimension of {t.name!r} ({fan_in} in, {fan_out} out){more}: "
-        f"the update there has rank at most {limit}, so the extra rank only adds parameters (the "
-        f"adapter is {r * (fan_in + fan_out) / (fan_in * fan_out):.1f}x the layer's size). Use r <= {limit}, "
-        f"or lower it for those layers with rank_pattern, e.g. {{{leaf!r}: {limit}}}",
-        stacklevel=3,
-    )
 
 
 def find_modules_to_save(
@@ -268,10 +250,10 @@ def _show(spec: tuple[str, ...] | str) -> str:
     return repr(spec) if isinstance(spec, str) else repr(list(spec))
 
 
-def _filters(config: LoraConfig) -> str:
+def _filters(config: Any) -> str:
     parts = []
-    if config.exclude_modules is not None:
+    if _opt(config, "exclude_modules") is not None:
         parts.append(f"exclude_modules={_show(config.exclude_modules)}")
-    if config.layers_to_transform is not None:
+    if _opt(config, "layers_to_transform") is not None:
         parts.append(f"layers_to_transform={list(config.layers_to_transform)}")
     return f" (with {', '.join(parts)})" if parts else ""

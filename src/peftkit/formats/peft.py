@@ -1,9 +1,9 @@
 """The HF PEFT on-disk format: the only module that knows its file names, key names and config keys.
 
-An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`. Keys look like
-`base_model.model.<module path>.lora_A.weight` (`lora_embedding_A` for embeddings), DoRA's magnitude
-is `<module path>.lora_magnitude_vector`, a modules_to_save copy is `<module path>.<param>`, and
-trained biases keep their wrapped names (`<path>.base_layer.bias`). peftkit's own facts (the base
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`. A layer adapter's
+keys are `base_model.model.<module path>.<suffix>`, the suffix given by its method for each role
+(LoRA: `lora_A.weight`); a whole-model adapter's are bare (`prompt_embeddings`); a modules_to_save
+copy is `<module path>.<param>`, and trained biases keep their wrapped names (`<path>.base_layer.bias`). peftkit's own facts (the base
 model's fingerprint) go into the safetensors metadata, which PEFT and vLLM ignore.
 """
 
@@ -15,38 +15,25 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import AdapterFileError, ConfigError, ShapeMismatchError
+from ..errors import AdapterFileError, ShapeMismatchError
 from ..io import building_dir, copy_entries, is_nonempty_dir, write_json_atomic
-from ..methods.lora_config import LoraConfig
+from ..methods.spec import MethodSpec
 from .files import read_json, read_safetensors, refuse_pickle, write_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-_LORA_SUFFIX = {
-    "lora_A": "lora_A.weight",
-    "lora_B": "lora_B.weight",
-    "lora_magnitude": "lora_magnitude_vector",
-}
-_EMBEDDING_SUFFIX = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
-
-# PEFT config keys that carry no meaning for loading trained weights.
-_IGNORED_KEYS = {
+# adapter_config.json keys every method's file may carry that say nothing about its weights.
+_GENERIC_KEYS = {
+    "peft_type",
     "auto_mapping",
     "base_model_name_or_path",
     "revision",
     "task_type",
     "inference_mode",
     "peft_version",
-    "megatron_core",
-    "fan_in_fan_out",  # peftkit reads the layout from the layer type (GPT-2 Conv1D is transposed)
-    "qalora_group_size",
-    "ensure_weight_tying",
-    "eva_config",  # EVA only chooses the initial values, which the file overrides
 }
-# Initialisations that only choose starting values (the file's weights override them).
-_INIT_ONLY = {"eva", "orthogonal"}
 
 
 @dataclass
@@ -59,21 +46,19 @@ class AdapterFiles:
     metadata: dict[str, str]
 
 
-def factor_key(module_name: str, kind_name: str, role: str) -> str:
-    """The file key of one LoRA parameter (role: lora_A, lora_B or lora_magnitude)."""
-    table = _EMBEDDING_SUFFIX if kind_name == "embedding" and role in _EMBEDDING_SUFFIX else _LORA_SUFFIX
-    return f"{PREFIX}{module_name}.{table[role]}"
+def layer_key(module_name: str, suffix: str) -> str:
+    """The file key of a layer adapter's tensor: the module path, then the method's suffix for its role."""
+    return f"{PREFIX}{module_name}.{suffix}"
 
 
-def lora_modules(keys: list[str] | dict[str, object]) -> list[str]:
-    """The module paths that carry LoRA factors in a file's keys, sorted."""
-    a_suffixes = ("." + _LORA_SUFFIX["lora_A"], "." + _EMBEDDING_SUFFIX["lora_A"])
-    return sorted(
-        k.removeprefix(PREFIX).removesuffix(suffix)
-        for k in keys
-        for suffix in a_suffixes
-        if k.endswith(suffix)
-    )
+def layer_keys(tensors: dict[str, object]) -> list[str]:
+    """A file's keys under the layer prefix, with the prefix removed (whole-model keys left out)."""
+    return [k.removeprefix(PREFIX) for k in tensors if k.startswith(PREFIX)]
+
+
+def model_key(suffix: str) -> str:
+    """The file key of a whole-model adapter's tensor (a soft prompt): HF PEFT stores these bare."""
+    return suffix
 
 
 def saved_module_key(module_name: str, param_name: str) -> str:
@@ -107,58 +92,37 @@ def task_type_of(model: object) -> str | None:
 
 
 def config_to_peft(
-    config: LoraConfig,
-    targets: list[str],
-    *,
-    fan_in_fan_out: bool,
-    base_model: str | None,
-    task_type: str | None,
+    spec: MethodSpec, method_part: dict[str, Any], *, base_model: str | None, task_type: str | None
 ) -> dict[str, Any]:
-    """The adapter_config.json for `config`, with target_modules resolved to the matched layers."""
-    data = config.to_dict()
-    data["target_modules"] = sorted(targets)
-    data.update(
-        peft_type="LORA",
-        task_type=task_type,
-        base_model_name_or_path=base_model,
-        revision=None,
-        inference_mode=True,
-        fan_in_fan_out=fan_in_fan_out,
-        lora_bias=False,
-    )
-    return data
+    """The adapter_config.json: the method's own fields, then the keys every PEFT file has."""
+    return {
+        **method_part,
+        "peft_type": spec.peft_type,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+    }
 
 
-def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
-    """A LoraConfig from an adapter_config.json written by peftkit or HF PEFT (any recent version)."""
+def method_of(data: dict[str, Any], source: Path) -> MethodSpec:
+    """The registered method an adapter_config.json is for (files without peft_type are LoRA, as in
+    the oldest PEFT releases)."""
+    from ..methods import METHODS
+
     peft_type = data.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise AdapterFileError(f"{source}: peft_type is {peft_type!r}; peftkit reads LORA adapters")
-    known = set(LoraConfig.defaults())
-    ours: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in known:
-            ours[key] = value
-        elif key not in _IGNORED_KEYS and key != "peft_type" and value not in (None, False, {}, [], ""):
-            raise AdapterFileError(
-                f"{source}: the adapter uses {key}={value!r}, a PEFT feature peftkit does not support; "
-                "load it with HF PEFT, or re-train without that option"
-            )
-    init = ours.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() in _INIT_ONLY:
-        ours["init_lora_weights"] = True
-    elif isinstance(init, str) and init != "gaussian":
-        raise AdapterFileError(
-            f"{source}: init_lora_weights={init!r} changes the base model's weights (PiSSA/OLoRA/LoftQ/...); "
-            "convert it to a plain LoRA with HF PEFT first (save_pretrained with "
-            "path_initial_model_for_weight_conversion)"
-        )
-    if ours.get("layers_pattern") == []:
-        ours["layers_pattern"] = None
-    try:
-        return LoraConfig.from_dict(ours)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    for spec in METHODS.values():
+        if spec.peft_type == peft_type:
+            return spec
+    readable = ", ".join(spec.peft_type for spec in METHODS.values())
+    raise AdapterFileError(f"{source}: peft_type is {peft_type!r}; peftkit reads {readable} adapters")
+
+
+def config_from_peft(data: dict[str, Any], source: Path) -> tuple[MethodSpec, Any]:
+    """The method and its config from an adapter_config.json written by peftkit or HF PEFT."""
+    spec = method_of(data, source)
+    assert spec.config_from_file is not None
+    return spec, spec.config_from_file({k: v for k, v in data.items() if k not in _GENERIC_KEYS}, source)
 
 
 def read_adapter(path: str | Path) -> AdapterFiles:

@@ -1,42 +1,33 @@
-"""The registry of adapter methods, with what each can do declared as data.
+"""The registry of adapter methods: each a `MethodSpec` (see `spec.py`) with its capabilities as data.
 
-Shared code and the contract tests read these capabilities instead of special-casing method names.
+Shared code and the contract tests read these specs instead of special-casing method names; adding a
+method is one file under `methods/` plus one entry here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import importlib.util
 
 from .lora import LoraLayer
 from .lora_config import LoraConfig
+from .spec import AdapterLayer, MethodSpec, ModelAdapter, is_adapter_layer
+
+# The method modules, in the order `peftkit` lists them; each defines `SPEC: MethodSpec`.
+_MODULES = ("lora", "ia3", "prompt", "prefix", "bottleneck")
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """One adapter method and its capabilities."""
-
-    name: str
-    description: str
-    config_cls: type
-    layer_cls: type
-    peft_type: str | None  # the method's name in HF PEFT's format, None if PEFT lacks it
-    supports_merge: bool  # can fold into the base weights (zero inference overhead)
-    supports_mixed_batch: bool  # rows of one batch may use different adapters
-    variants: dict[str, dict]  # named config presets the contract tests run (e.g. rsLoRA, DoRA)
+def _registry() -> dict[str, MethodSpec]:
+    specs = {}
+    for module in _MODULES:
+        if importlib.util.find_spec(f"{__name__}.{module}") is None:
+            continue  # a method still being written (this check goes once all five have landed)
+        spec = importlib.import_module(f"{__name__}.{module}").SPEC
+        specs[spec.name] = spec
+    return specs
 
 
-METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec(
-        name="lora",
-        description="low-rank update (alpha/r)·B·A; rsLoRA and DoRA as flags",
-        config_cls=LoraConfig,
-        layer_cls=LoraLayer,
-        peft_type="LORA",
-        supports_merge=True,
-        supports_mixed_batch=True,
-        variants={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
-    ),
-}
+METHODS: dict[str, MethodSpec] = _registry()
 
 
 def method_for(config: object) -> MethodSpec:
@@ -44,9 +35,30 @@ def method_for(config: object) -> MethodSpec:
     for spec in METHODS.values():
         if isinstance(config, spec.config_cls):
             return spec
-    raise TypeError(
-        f"{type(config).__name__} is not the config of a registered method ({', '.join(METHODS)})"
+    from ..errors import ConfigError
+
+    raise ConfigError(
+        f"{type(config).__name__} is not the config of a registered method; methods: {', '.join(METHODS)} "
+        f"(their configs: {', '.join(s.config_cls.__name__ for s in METHODS.values())})"
     )
 
 
-__all__ = ["METHODS", "MethodSpec", "LoraConfig", "LoraLayer", "method_for"]
+def method_of_layer(layer: object) -> MethodSpec:
+    """The registered method an adapter layer belongs to."""
+    for spec in METHODS.values():
+        if spec.layer_cls is not None and isinstance(layer, spec.layer_cls):
+            return spec
+    raise TypeError(f"{type(layer).__name__} is not a registered method's adapter layer")
+
+
+__all__ = [
+    "METHODS",
+    "AdapterLayer",
+    "LoraConfig",
+    "LoraLayer",
+    "MethodSpec",
+    "ModelAdapter",
+    "is_adapter_layer",
+    "method_for",
+    "method_of_layer",
+]

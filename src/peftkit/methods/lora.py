@@ -10,6 +10,7 @@ Nothing here merges or unmerges as a side effect of `forward`, `train` or `eval`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layer_types import float_dtype, is_quantized, weight_device
 from ..routing import AdapterState, RowRouting
-from .lora_config import LoraConfig
-from .lora_kinds import LayerKind
+from . import lora_info
+from .lora_config import LoraConfig, config_from_file, config_to_file, pattern_matches
+from .lora_kinds import SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
+from .spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,11 @@ class LoraLayer(nn.Module):
         r, alpha = config.rank_and_alpha(module_name)
         dropout = config.lora_dropout if self.kind.supports_dropout else 0.0
         spec = AdapterSpec(r, alpha, config.scaling(r, alpha), dropout, config.use_dora)
-        weight = self.base_layer.weight
-        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        base_dtype, device = float_dtype(self.base_layer), weight_device(self.base_layer)
+        dtype = dtype or (base_dtype if base_dtype.is_floating_point else torch.float32)
         a_shape, b_shape = self.kind.factor_shapes(self.base_layer, r)
-        a = torch.empty(a_shape, device=weight.device, dtype=dtype)
-        b = torch.empty(b_shape, device=weight.device, dtype=dtype)
+        a = torch.empty(a_shape, device=device, dtype=dtype)
+        b = torch.empty(b_shape, device=device, dtype=dtype)
         _init_factors(a, b, config.init_lora_weights, r, is_embedding=self.kind.name == "embedding")
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
@@ -186,7 +190,7 @@ class LoraLayer(nn.Module):
         """
         params = [p for n in self.specs for p in self.adapter_tensors(n).values()]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (_versions(params), self.base_layer.weight._version, torch.is_inference_mode_enabled())
+        key = (_versions(params), self._base_version(), torch.is_inference_mode_enabled())
         hit = self._cache.get("stacks")
         if not training and hit is not None and hit[0] == key:
             return hit[1]
@@ -209,16 +213,23 @@ class LoraLayer(nn.Module):
             self._cache["stacks"] = (key, value)
         return value
 
+    def _base_version(self) -> tuple:
+        """Changes whenever the base weight (or the pre-merge copy) does: a cache key."""
+        if is_quantized(self.base_layer):
+            return (id(self.base_layer),)  # a 4-bit weight is frozen: never changed in place
+        w = self.unmerged_weight if self.unmerged_weight is not None else self.base_layer.weight
+        return (w._version, w.data_ptr(), self.base_layer.weight._version)
+
     # -- DoRA ---------------------------------------------------------------------------------------
     def _weight_norm(self, name: str) -> Tensor:
         """‖W + s·B·A‖ per output feature, from the unmerged weight; detached, cached by version."""
         a, b = self.lora_A[name], self.lora_B[name]
-        w = self.unmerged_weight if self.unmerged_weight is not None else self.base_layer.weight
-        key = (_versions([a, b]), w._version, w.data_ptr(), torch.is_inference_mode_enabled())
+        w = self.unmerged_weight
+        key = (_versions([a, b]), self._base_version(), torch.is_inference_mode_enabled())
         hit = self._cache.get(f"norm:{name}")
         if hit is not None and hit[0] == key:
             return hit[1]
-        with torch.no_grad():
+        with torch.no_grad():  # a 4-bit base is dequantized here only when A or B changed
             matrix = self.kind.weight_matrix(self.base_layer, w).float() + self.delta_matrix(name)
             norm = torch.linalg.vector_norm(matrix, dim=1)  # (out,)
         self._cache[f"norm:{name}"] = (key, norm)
@@ -326,3 +337,88 @@ def _versions(tensors: list[Tensor]) -> tuple:
     # load_state_dict), its data pointer on reassignment. Keys also hold the inference-mode flag,
     # because tensors made under inference_mode cannot enter autograd later.
     return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
+# -- what the shared code needs to know about LoRA (its MethodSpec entry) ------------------------------
+_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+_EMBEDDING_SUFFIX = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+
+def key_suffix(role: str, kind: LayerKind) -> str:
+    """The file key suffix of a LoRA tensor, as HF PEFT names it (`lora_embedding_A` on embeddings)."""
+    embedding = kind.name == "embedding" and role in _EMBEDDING_SUFFIX
+    return _EMBEDDING_SUFFIX[role] if embedding else _SUFFIX[role]
+
+
+def wrap(module: nn.Module, kind: LayerKind, state: AdapterState) -> LoraLayer:
+    return LoraLayer(module, kind, state)
+
+
+def check_new_targets(config: LoraConfig, targets: list) -> None:
+    """Warnings for a new adapter: override patterns that match nothing, ranks beyond a layer's size."""
+    _warn_unused_patterns(config, targets)
+    _warn_rank_too_large(config, targets)
+
+
+def _warn_unused_patterns(config: LoraConfig, targets: list) -> None:
+    # A warning, as in HF PEFT: a key that matches no target changes nothing, but is likely a typo.
+    for key in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in getattr(config, key) if not any(pattern_matches(k, t.name) for t in targets)]
+        if unused:
+            warnings.warn(
+                f"{key} keys {unused} match no target layer and change nothing; a key is a regex over "
+                "the end of the module name after a '.', e.g. 'q_proj' or 'layers[.]0[.]mlp[.]down_proj'",
+                stacklevel=4,
+            )
+
+
+def _warn_rank_too_large(config: LoraConfig, targets: list) -> None:
+    """B·A has rank at most min(in, out): a larger r adds parameters (and memory) but no capacity."""
+    over = []
+    for t in targets:
+        r = config.rank_and_alpha(t.name)[0]
+        fan_in, fan_out = t.kind.dims(t.module)
+        if r > min(fan_in, fan_out):
+            over.append((t, r, fan_in, fan_out))
+    if not over:
+        return
+    t, r, fan_in, fan_out = over[0]
+    limit, leaf = min(fan_in, fan_out), t.name.rsplit(".", 1)[-1]
+    more = f" (and {len(over) - 1} more layers)" if len(over) > 1 else ""
+    warnings.warn(
+        f"rank {r} is more than the smaller dimension of {t.name!r} ({fan_in} in, {fan_out} out){more}: "
+        f"the update there has rank at most {limit}, so the extra rank only adds parameters (the "
+        f"adapter is {r * (fan_in + fan_out) / (fan_in * fan_out):.1f}x the layer's size). Use r <= {limit}, "
+        f"or lower it for those layers with rank_pattern, e.g. {{{leaf!r}: {limit}}}",
+        stacklevel=4,
+    )
+
+
+SPEC = MethodSpec(
+    name="lora",
+    label="LoRA",
+    description="low-rank update (alpha/r)·B·A; rsLoRA and DoRA as flags; QLoRA over a 4-bit base",
+    config_cls=LoraConfig,
+    peft_type="LORA",
+    supports_merge=True,
+    supports_mixed_batch=True,
+    variants={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
+    layer_cls=LoraLayer,
+    kind_of=kind_of,
+    wrap=wrap,
+    wrappable=SUPPORTED_TYPES,
+    unsupported_reason=unsupported_reason,
+    expected_shapes=expected_shapes,
+    check_new_targets=check_new_targets,
+    key_suffix=key_suffix,
+    config_to_file=lambda config, layers: config_to_file(
+        config, [n for n, _ in layers], [m.kind.name for _, m in layers]
+    ),
+    config_from_file=config_from_file,
+    file_layers=lora_info.file_layers,
+    describe_method=lora_info.describe_method,
+    describe=lora_info.describe,
+    info_rows=lora_info.info_rows,
+    lr_scaled_roles=("lora_B",),
+    no_decay_roles=("lora_magnitude",),
+)

@@ -8,9 +8,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
+from ..layer_types import ALL_LINEAR
 from ..values import check_keys_are_text, number_from_text, short_repr
 
-ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -234,3 +234,55 @@ def _first_pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
         if pattern_matches(key, name):
             return value
     return default
+
+
+# -- the adapter_config.json of a LoRA adapter (HF PEFT's keys) -------------------------------------
+# LoRA config keys that carry no meaning for loading trained weights.
+_IGNORED_KEYS = {
+    "megatron_core",
+    "fan_in_fan_out",  # peftkit reads the layout from the layer type (GPT-2 Conv1D is transposed)
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "eva_config",  # EVA only chooses the initial values, which the file overrides
+}
+# Initialisations that only choose starting values (the file's weights override them).
+_INIT_ONLY = {"eva", "orthogonal"}
+
+
+def config_to_file(config: LoraConfig, targets: list[str], kinds: list[str]) -> dict[str, Any]:
+    """The LoRA part of adapter_config.json: the fields, target_modules resolved to the matched layers."""
+    data = config.to_dict()
+    data["target_modules"] = sorted(targets)
+    data.update(fan_in_fan_out="conv1d_gpt2" in kinds, lora_bias=False)
+    return data
+
+
+def config_from_file(data: dict[str, Any], source: Any) -> LoraConfig:
+    """A LoraConfig from the LoRA fields of an adapter_config.json written by peftkit or HF PEFT."""
+    from ..errors import AdapterFileError
+
+    known = set(LoraConfig.defaults())
+    ours: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known:
+            ours[key] = value
+        elif key not in _IGNORED_KEYS and value not in (None, False, {}, [], ""):
+            raise AdapterFileError(
+                f"{source}: the adapter uses {key}={value!r}, a PEFT feature peftkit does not support; "
+                "load it with HF PEFT, or re-train without that option"
+            )
+    init = ours.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in _INIT_ONLY:
+        ours["init_lora_weights"] = True
+    elif isinstance(init, str) and init != "gaussian":
+        raise AdapterFileError(
+            f"{source}: init_lora_weights={init!r} changes the base model's weights (PiSSA/OLoRA/LoftQ/...); "
+            "convert it to a plain LoRA with HF PEFT first (save_pretrained with "
+            "path_initial_model_for_weight_conversion)"
+        )
+    if ours.get("layers_pattern") == []:
+        ours["layers_pattern"] = None
+    try:
+        return LoraConfig.from_dict(ours)
+    except ConfigError as e:
+        raise AdapterFileError(f"{source}: {e}") from None

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layer_types import dense_weight, layer_type, weight_shape
+
 
 class LayerKind(Protocol):
     """What `LoraLayer` needs to know about one layer type."""
@@ -69,7 +71,7 @@ class LinearKind:
         self.name = "conv1d_gpt2" if transposed else "linear"
 
     def dims(self, base: nn.Module) -> tuple[int, int]:
-        rows, cols = base.weight.shape
+        rows, cols = weight_shape(base)
         return (rows, cols) if self.transposed else (cols, rows)
 
     def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -80,7 +82,7 @@ class LinearKind:
         return (self.dims(base)[1],)
 
     def weight_matrix(self, base: nn.Module, weight: Tensor | None = None) -> Tensor:
-        w = base.weight if weight is None else weight
+        w = dense_weight(base) if weight is None else weight
         return w.t() if self.transposed else w
 
     def to_native(self, base: nn.Module, matrix: Tensor) -> Tensor:
@@ -189,7 +191,7 @@ class ConvKind:
         return w.reshape(w.shape[0], -1)
 
     def to_native(self, base: nn.Module, matrix: Tensor) -> Tensor:
-        return matrix.reshape(base.weight.shape)
+        return matrix.reshape(weight_shape(base))
 
     def _geometry(self, base: nn.Module) -> dict:
         return {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
@@ -244,21 +246,15 @@ CONVS = {1: ConvKind(1), 2: ConvKind(2), 3: ConvKind(3)}
 
 def kind_of(module: nn.Module) -> LayerKind | None:
     """The LoRA kind for a module, or None if LoRA cannot adapt it."""
-    if isinstance(module, nn.Linear):
-        return LINEAR
-    if isinstance(module, nn.Embedding):
-        return EMBEDDING
-    for nd, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
-        if isinstance(module, cls):
-            return CONVS[nd]
-    # transformers' GPT-2 style Conv1D, matched by name so transformers stays an optional import here.
-    if (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and getattr(module, "weight", None) is not None
-    ):
-        return GPT2_CONV1D
-    return None
+    return _KINDS.get(layer_type(module) or "")
+
+
+_KINDS: dict[str, LayerKind] = {
+    "linear": LINEAR,
+    "conv1d_gpt2": GPT2_CONV1D,
+    "embedding": EMBEDDING,
+    **{f"conv{nd}d": kind for nd, kind in CONVS.items()},
+}
 
 
 def unsupported_reason(module: nn.Module) -> str | None:

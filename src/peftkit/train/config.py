@@ -22,9 +22,12 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError, did_you_mean
+from ..methods import METHODS
 from ..methods.lora_config import LoraConfig
 from ..values import check_keys_are_text, int_limit_problem, number_from_text, surrogate_problem
 from ..values import short_repr as _short
+
+FULL = "full"  # `method: full`: fine-tune every weight, no adapter
 
 
 def _f(default: Any, help: str) -> Any:
@@ -49,8 +52,13 @@ class TrainConfig:
     val_fraction: float = _f(0.05, "share of data held out for validation when val_data is not given")
     max_examples: int | None = _f(None, "use at most this many training examples")
     system: str | None = _f(None, "system prompt added to conversations that have none")
-    method: Literal["lora", "full"] = _f(
-        "lora", "lora: train an adapter; full: fine-tune every weight (baseline)"
+    method: str = _f(
+        "lora",
+        "the adapter method: " + ", ".join(METHODS) + "; or full: fine-tune every weight (the baseline). "
+        "Its settings are the section of the same name (lora: {r: 16}); QLoRA is lora with quantize: nf4",
+    )
+    quantize: Literal["nf4"] | None = _f(
+        None, "nf4: keep the frozen base weights in 4-bit NormalFloat (QLoRA with method lora)"
     )
     lora: LoraConfig = _f(
         lambda: LoraConfig(r=16, lora_alpha=32),
@@ -97,7 +105,26 @@ class TrainConfig:
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(hints[f.name], getattr(self, f.name), f.name))
         self._check_ranges()
+        self._check_method()
         _check_output_dir(self.output_dir)
+
+    def _check_method(self) -> None:
+        valid = [*METHODS, FULL]
+        _require(self.method in valid, "method", self.method, "one of " + ", ".join(map(repr, valid)))
+        if self.method == FULL:
+            _require(self.quantize is None, "quantize", self.quantize, "null with method full (4-bit weights "
+                     "cannot train); use an adapter method, e.g. method: lora (QLoRA)")  # fmt: skip
+            return
+        spec = METHODS[self.method]
+        if self.gradient_checkpointing and not spec.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"gradient_checkpointing is not supported with method {self.method} ({spec.label}); set it "
+                "to false"
+            )
+
+    def adapter(self) -> Any:
+        """The chosen method's config (its section); None for full fine-tuning."""
+        return None if self.method == FULL else getattr(self, self.method)
 
     def _check_ranges(self) -> None:
         for name in ("max_length", "epochs", "batch_size", "grad_accum", "keep_checkpoints"):
@@ -146,10 +173,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
         data = loaded or {}
-    if not isinstance(data.get("lora", {}), dict):
-        raise ConfigError(f"lora must be a mapping of LoraConfig fields, found {_short(data['lora'])}")
-    # Partial nested sections merge into the defaults (lora: {r: 8} keeps the default lora_alpha).
-    data = {**data, "lora": {**TrainConfig().lora.to_dict(), **data.get("lora", {})}}
+    defaults = TrainConfig()
+    for section in METHODS:
+        if not isinstance(data.get(section, {}), dict):
+            kind = METHODS[section].config_cls.__name__
+            raise ConfigError(f"{section} must be a mapping of {kind} fields, found {_short(data[section])}")
+        # Partial sections merge into the defaults (lora: {r: 8} keeps the default lora_alpha).
+        data = {**data, section: {**getattr(defaults, section).to_dict(), **data.get(section, {})}}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -260,11 +290,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
-        if hint is LoraConfig:
+        if hasattr(hint, "from_dict"):  # a method's config: it checks its own keys and values
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} must be a mapping of LoraConfig fields, found {_short(value)}")
+                raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, found {_short(value)}")
             try:
-                return LoraConfig.from_dict(value)
+                return hint.from_dict(value)
             except ConfigError as e:
                 raise ConfigError(f"{key}: {e}") from None
         return build(hint, value, key + ".")
@@ -367,7 +397,8 @@ def _describe(hint: Any) -> str:
 
 
 def field_help() -> dict[str, str]:
-    """{dotted key: help} for every field, LoRA fields included (for the CLI and the docs)."""
-    out = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig) if f.name != "lora"}
-    out.update({f"lora.{k}": v for k, v in LoraConfig.field_docs().items()})
+    """{dotted key: help} for every field, each method's section included (for the CLI and the docs)."""
+    out = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig) if f.name not in METHODS}
+    for section, spec in METHODS.items():
+        out.update({f"{section}.{k}": v for k, v in spec.config_cls.field_docs().items()})
     return out

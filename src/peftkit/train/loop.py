@@ -262,8 +262,8 @@ def _save(
     distributed.barrier(p.dist)
     return TrainResult(
         output_dir=p.out,
-        adapter_dir=chosen if p.is_lora else None,
-        model_dir=None if p.is_lora else chosen,
+        adapter_dir=chosen if p.is_adapter else None,
+        model_dir=None if p.is_adapter else chosen,
         steps=pos.step,
         final_loss=final_loss,
         best_val_loss=summary["best_val_loss"],

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..methods.spec import MethodSpec
 from .config import TrainConfig
 
 
@@ -27,6 +28,7 @@ class Trainable:
     names: list[str]
     params: list[nn.Parameter]
     masters: list[Tensor]
+    roles: list[tuple[MethodSpec, str] | None]  # each parameter's method and role (None: not an adapter's)
 
     @classmethod
     def of(cls, model: nn.Module) -> Trainable:
@@ -37,7 +39,8 @@ class Trainable:
         masters = [
             p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in params
         ]
-        return cls(names, params, masters)
+        by_id = model.parameter_roles() if hasattr(model, "parameter_roles") else {}
+        return cls(names, params, masters, [by_id.get(id(p)) for p in params])
 
     @property
     def separate_masters(self) -> bool:
@@ -74,13 +77,15 @@ class Trainable:
 
 
 def make_optimizer(trainable: Trainable, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with up to three groups: LoRA B matrices (lr x lora_plus_ratio, LoRA+), other decayed
-    weights, and parameters that never decay (biases, norms, DoRA magnitudes)."""
+    """AdamW with up to three groups: the roles a method trains faster (LoRA+: the B matrices, at lr x
+    lora_plus_ratio), other decayed weights, and parameters that never decay (biases, norms, 1-d
+    vectors, and roles the method exempts, e.g. DoRA magnitudes)."""
     groups: dict[str, list[Tensor]] = {"b": [], "decay": [], "no_decay": []}
-    for name, master in zip(trainable.names, trainable.masters):
-        if ".lora_B." in name:
+    for name, master, role in zip(trainable.names, trainable.masters, trainable.roles):
+        spec, what = role if role is not None else (None, "")
+        if spec is not None and what in spec.lr_scaled_roles:
             groups["b"].append(master)
-        elif master.dim() < 2 or "lora_magnitude" in name or name.endswith("bias"):
+        elif master.dim() < 2 or name.endswith("bias") or (spec is not None and what in spec.no_decay_roles):
             groups["no_decay"].append(master)
         else:
             groups["decay"].append(master)

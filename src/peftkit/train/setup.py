@@ -37,10 +37,10 @@ class Prepared:
     config: TrainConfig
     dist: distributed.Dist
     out: Path
-    model: nn.Module  # the transformers model (with adapter layers inside when is_lora)
+    model: nn.Module  # the transformers model (with adapter layers inside for an adapter method)
     tokenizer: Any
     net: nn.Module  # what trains: the AdaptedModel, or the model itself for full fine-tuning
-    is_lora: bool
+    is_adapter: bool  # an adapter method (not full fine-tuning)
     train_set: list[Encoded]
     val_set: list[Encoded]
     label_counts: list[int]  # labelled (predicted) tokens per training example
@@ -55,12 +55,12 @@ class Prepared:
     @property
     def best_dir(self) -> Path:
         """Where the weights with the lowest validation loss go."""
-        return self.out / ("adapter-best" if self.is_lora else "model-best")
+        return self.out / ("adapter-best" if self.is_adapter else "model-best")
 
     @property
     def last_dir(self) -> Path:
         """Where the weights at the end of the run (or at Ctrl-C) go."""
-        return self.out / ("adapter-last" if self.is_lora else "model-last")
+        return self.out / ("adapter-last" if self.is_adapter else "model-last")
 
     def save_weights(self, path: Path, pos: Position, trainable: Trainable) -> None:
         """Save the adapter (or, for full fine-tuning, the model) in full precision (the fp32
@@ -68,9 +68,8 @@ class Prepared:
         replaces the old one in one step, so it never mixes two saves."""
         facts = {**self.lineage, **pos.extra, "step": pos.step}
         with building_dir(path, if_exists="replace") as tmp, trainable.masters_in_model():
-            if self.is_lora:
-                meta = {f"peftkit_{k}": str(v) for k, v in facts.items() if not isinstance(v, (dict, list))}
-                self.net.save_adapter(tmp, metadata=meta)
+            if self.is_adapter:
+                self.net.save_adapter(tmp, dataset_hash=facts["dataset_hash"], training=facts)
             else:
                 save_model_dir(self.model, self.tokenizer, tmp, overwrite=True)
             save_config(self.config, tmp / "training_config.yaml")
@@ -92,7 +91,7 @@ class Prepared:
             f"examples; output: {self.out}",
         ]
         if not self.val_set:
-            kind = "adapter" if self.is_lora else "model"
+            kind = "adapter" if self.is_adapter else "model"
             lines.append(f"  no validation examples: there will be no {kind}-best; the result is {kind}-last")
         if pos.step:
             lines.append(
@@ -108,7 +107,10 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
     train_ex, val_ex = _examples(config)
     precision = resolve_precision(config.precision, d.device)
     model, tokenizer = load_base(
-        config.base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=d.device
+        config.base,
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        device=d.device,
+        **({"quantize": config.quantize} if config.quantize else {}),
     )
     kwargs = {"max_length": config.max_length, "train_on": config.train_on, "truncation": config.truncation}
     train_set, stats = encode_all(train_ex, tokenizer, **kwargs)
@@ -120,9 +122,9 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
         )
 
     fuse_for_training(model)  # leaner RMSNorm / SwiGLU autograd; outputs unchanged
-    is_lora = config.method == "lora"
-    if is_lora:
-        net: nn.Module = AdaptedModel.attach(model, config.lora, name="default")
+    is_adapter = config.adapter() is not None
+    if is_adapter:
+        net: nn.Module = AdaptedModel.attach(model, config.adapter(), name="default")
     else:
         net = model.requires_grad_(True)
     if config.gradient_checkpointing:
@@ -134,7 +136,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / per_step) / config.grad_accum)
     total = config.max_steps or config.epochs * steps_per_epoch
     out = run_dir(config)
-    fingerprint = net.base_fingerprint() if is_lora else getattr(model, "_peftkit_fingerprint", "")
+    fingerprint = net.base_fingerprint() if is_adapter else getattr(model, "_peftkit_fingerprint", "")
     lineage = {
         "base": config.base,
         "base_fingerprint": fingerprint,
@@ -147,7 +149,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
     }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Prepared(
-        config, d, out, model, tokenizer, net, is_lora, train_set, val_set, label_counts, pad_id,
+        config, d, out, model, tokenizer, net, is_adapter, train_set, val_set, label_counts, pad_id,
         total, steps_per_epoch, precision, backbone, head, lineage,
     )  # fmt: skip
 

@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 def batch_loss(p: Prepared, inputs: dict[str, Tensor]) -> Tensor:
     """Sum of next-token cross-entropies over the batch's labelled tokens."""
     if p.head is not None:
-        out = p.backbone(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        )
+        kwargs = {
+            "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"],
+            "use_cache": False,
+        }
+        if p.is_adapter:  # the adapted forward's inputs: a soft prompt or prefix acts here too
+            kwargs = p.net.adapted_inputs(kwargs)
+        out = p.backbone(**kwargs)
         h, y = labelled_hidden(out.last_hidden_state, inputs["labels"])  # (N, H), (N,)
         return head_loss_sum(p.head, h, y)
     logits = p.net(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits

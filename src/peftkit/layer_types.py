@@ -1,0 +1,68 @@
+"""What a base layer is, and its weight: the two questions every method asks of the layers it wraps.
+
+A base layer need not hold a dense float matrix: a 4-bit layer (`peftkit.base.nf4.NF4Linear`) keeps
+packed codes and offers `dequantized_weight()`. Every method reads weights through `dense_weight`,
+so a quantized layer is one more layer type, not a special case in each method.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+LINEAR_TYPES = ("linear", "conv1d_gpt2")
+ALL_LINEAR = "all-linear"
+"""The target spec for every linear layer except the model's output head (HF PEFT's spelling)."""
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """The type name of a layer methods can wrap: "linear", "conv1d_gpt2" (transformers' GPT-2
+    `Conv1D`, weight stored (in, out)), "embedding", "conv1d"/"conv2d"/"conv3d"; None otherwise."""
+    if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    for nd, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
+        if isinstance(module, cls):
+            return f"conv{nd}d"
+    # transformers' GPT-2 style Conv1D, matched by name so transformers stays an optional import here.
+    if (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    ):
+        return "conv1d_gpt2"
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer ("all-linear" targets these): nn.Linear, a quantized linear, GPT-2's Conv1D."""
+    return layer_type(module) in LINEAR_TYPES
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_quantized", False))
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The layer's weight as a dense float tensor in its native layout: the parameter itself, or, for a
+    quantized layer, its weight dequantized (a new tensor each call; nothing weight-sized is kept)."""
+    dequantize = getattr(module, "dequantized_weight", None)
+    return dequantize() if callable(dequantize) else module.weight
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of `dense_weight(module)`, without dequantizing anything."""
+    if is_quantized(module):
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
+
+
+def weight_device(module: nn.Module):  # noqa: ANN201 (torch.device)
+    return next(t for t in (*module.parameters(), *module.buffers())).device
+
+
+def float_dtype(module: nn.Module):  # noqa: ANN201 (torch.dtype)
+    """The dtype the layer computes in: its weight's, or a quantized layer's compute dtype."""
+    if is_quantized(module):
+        return module.compute_dtype
+    return module.weight.dtype

@@ -1,0 +1,114 @@
+"""What every method offers the shared code: a `MethodSpec` (data and a few functions) and, for
+methods that wrap layers, an `AdapterLayer`; for methods that act on the whole model (soft prompts,
+key/value prefixes), a `ModelAdapter`.
+
+`AdaptedModel`, `formats/`, `inject.py` and the optimizer read these and nothing else, so a method is
+one file under `methods/` plus one entry in `METHODS`; no shared code names a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..routing import AdapterState
+
+
+class MethodConfig(Protocol):
+    """A method's frozen config dataclass (HF PEFT's field names where PEFT has the method)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig: ...
+    def replace(self, **changes: Any) -> MethodConfig: ...
+
+
+class AdapterLayer(Protocol):
+    """A module that holds one base layer (`base_layer`) and any number of named adapters of one method.
+
+    Adapters run as the shared `AdapterState` says (active names, disabled, per-row routing). Nothing
+    merges or unmerges as a side effect of forward/train/eval."""
+
+    is_adapter_wrapper: bool  # True: `inject.unwrap` sees through it
+    base_layer: nn.Module
+    specs: dict[str, Any]  # adapter name -> its per-layer hyper-parameters, in the order added
+    merged: list[str]  # adapters folded into the base weight (empty if the method cannot merge)
+    unmerged_weight: Tensor | None  # the exact base weight before any merge, else None
+
+    def add_adapter(
+        self, name: str, config: Any, module_name: str, *, dtype: torch.dtype | None = None
+    ) -> None: ...
+    def delete_adapter(self, name: str) -> None: ...
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s parameters on this layer by role (e.g. lora_A); roles name file keys."""
+        ...
+
+    def merge(self, names: list[str]) -> None: ...
+    def unmerge(self) -> None: ...
+
+
+class ModelAdapter(Protocol):
+    """An adapter that acts on the whole model (a soft prompt, key/value prefixes): it rewrites the
+    base model's inputs before the call and its outputs after it (`AdaptedModel` calls these in its
+    one adapted forward, used by training, evaluation and generation alike)."""
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One adapter method: its config, what it wraps and how, its file format and its capabilities.
+
+    Layer methods set `wrap`/`layer_cls`/`kind_of`; whole-model methods set `make_model_adapter`.
+    """
+
+    name: str  # the registry key, `method:` in a training config
+    label: str  # how people write it: "LoRA", "IA³"
+    description: str
+    config_cls: type
+    peft_type: str  # `peft_type` in adapter_config.json (HF PEFT's name where PEFT has the method)
+    supports_merge: bool  # can fold into the base weights (zero inference overhead)
+    supports_mixed_batch: bool  # rows of one batch may use different adapters
+    variants: dict[str, dict]  # named config presets the contract tests run (e.g. rsLoRA, DoRA)
+    # -- layer methods -----------------------------------------------------------------------------
+    layer_cls: type | None = None
+    kind_of: Callable[[nn.Module], Any] | None = None  # a module's kind for this method, or None
+    wrap: Callable[[nn.Module, Any, AdapterState], nn.Module] | None = None  # (module, kind, state)
+    wrappable: str = ""  # the layer types it can wrap, for error messages
+    unsupported_reason: Callable[[nn.Module], str | None] = lambda module: None
+    expected_shapes: Callable[[nn.Module, Any, Any, str], dict[str, tuple[int, ...]]] | None = None
+    check_new_targets: Callable[[Any, list], None] = lambda config, targets: None  # warnings
+    key_suffix: Callable[[str, str], str] = lambda role, kind: role  # (role, kind name) -> key suffix
+    # -- whole-model methods -------------------------------------------------------------------------
+    make_model_adapter: Callable[[nn.Module, Any], nn.Module] | None = None  # (model, config)
+    model_expected_shapes: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] | None = None
+    # -- the file format -----------------------------------------------------------------------------
+    config_to_file: Callable[[Any], dict[str, Any]] = lambda config: config.to_dict()
+    config_from_file: Callable[[dict[str, Any], Path], Any] | None = None
+    # -- `peftkit info`: which modules a file's layer keys name, and the method's own facts and lines
+    file_layers: Callable[[list[str]], list[str]] = lambda keys: []
+    describe_method: Callable[[Any], str] | None = None  # e.g. "DoRA" for a LoRA config with use_dora
+    describe: Callable[[Any, dict[str, Tensor], list[str]], dict[str, Any]] | None = None
+    info_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    # -- training ------------------------------------------------------------------------------------
+    lr_scaled_roles: tuple[str, ...] = ()  # roles trained at lr x lora_plus_ratio (LoRA+: lora_B)
+    no_decay_roles: tuple[str, ...] = ()  # roles never weight-decayed (besides biases and 1-d tensors)
+    supports_gradient_checkpointing: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wraps_layers(self) -> bool:
+        return self.layer_cls is not None
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether `module` is a method's adapter layer (not a modules_to_save copy)."""
+    return getattr(module, "is_adapter_wrapper", False) and hasattr(module, "adapter_tensors")
+
+
+__all__ = ["AdapterLayer", "MethodConfig", "MethodSpec", "ModelAdapter", "Tensor", "is_adapter_layer"]
