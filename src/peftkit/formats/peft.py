@@ -57,7 +57,8 @@ def layer_keys(tensors: dict[str, object]) -> list[str]:
 
 
 def model_key(suffix: str) -> str:
-    """The file key of a whole-model adapter's tensor (a soft prompt): HF PEFT stores these bare."""
+    """The file key of a whole-model adapter's tensor (a soft prompt): HF PEFT stores these bare
+    (no dot, unlike every module path's key)."""
     return suffix
 
 

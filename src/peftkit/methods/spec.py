@@ -57,7 +57,19 @@ class ModelAdapter(Protocol):
     base model's inputs before the call and its outputs after it (`AdaptedModel` calls these in its
     one adapted forward, used by training, evaluation and generation alike)."""
 
-    def adapter_tensors(self) -> dict[str, nn.Parameter]: ...
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """What the file holds, by role (e.g. prompt_embeddings): parameters, or tensors computed from
+        them (prefix tuning saves its projected prefixes, as HF PEFT does)."""
+        ...
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Take the saved tensors (keys as `adapter_tensors` names them), checked for shape already."""
+        ...
+
+    def prefix_kv(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+        """Per attention layer, the key and value (H_kv, P, D) the real tokens attend to first; with
+        gradients when training. `peftkit.prefix` feeds them to the model (mask, positions, cache)."""
+        ...
 
 
 @dataclass(frozen=True)
