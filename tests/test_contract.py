@@ -1,8 +1,10 @@
-"""The contract every registered method must meet, on every tiny model kind.
+"""The contract every registered method must meet, on every tiny model kind it applies to.
 
 The matrix is (method, variant) from `peftkit.METHODS` x model kind. Tests read each method's
-capabilities (`supports_merge`, `supports_mixed_batch`) instead of naming methods, so a method
-joining the registry is tested here without edits. A few LoRA-only formulas close the file.
+capabilities (`supports_merge`, `supports_mixed_batch`, `wraps_layers`) instead of naming methods, so a
+method joining the registry is tested here without edits. A layer method runs on each kind with the
+kind's targets that it can wrap; a whole-model method (soft prompts, prefixes) runs on the kinds it
+accepts. A few LoRA-only formulas close the file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from conftest import model_input, output, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama
 from torch import nn
 
-from peftkit import METHODS, AdaptedModel, AdapterStateError, LoraConfig
+from peftkit import METHODS, AdaptedModel, AdapterStateError, LoraConfig, PeftkitError
 from peftkit.methods import LoraLayer
 
 # model kind -> (factory, target_modules). "llama_emb" covers embeddings next to linear layers.
@@ -26,11 +28,39 @@ KINDS = {
     "bert": (tiny_bert, "all-linear"),
     "cnn": (tiny_cnn, ["conv1", "conv2", "seq", "fc1"]),
 }
+
+
+def kind_targets(method: str, kind: str) -> list[str] | str | None:
+    """`kind`'s targets that `method` can wrap: the spec itself ("all-linear" stays as it is), the
+    matched module names it can wrap, or None when it can wrap none of them. Whole-model methods
+    take no targets ([]) on the kinds they accept, each model class once."""
+    spec, (factory, targets) = METHODS[method], KINDS[kind]
+    if not spec.wraps_layers:
+        first_of_class = next(k for k, (f, _) in KINDS.items() if f is factory) == kind
+        return [] if first_of_class and _accepts(method, kind) else None
+    modules = dict(factory().named_modules())
+    if targets == "all-linear":
+        return targets if any(spec.kind_of(m) for m in modules.values()) else None
+    names = [n for n in modules if any(n == t or n.endswith("." + t) for t in targets)]
+    names = [n for n in names if spec.kind_of(modules[n]) is not None]
+    return sorted({t for t in targets for n in names if n == t or n.endswith("." + t)}) or None
+
+
+def _accepts(method: str, kind: str) -> bool:
+    """Whether a whole-model method attaches to this kind of model (decoders only, say)."""
+    try:
+        AdaptedModel.attach(KINDS[kind][0](), METHODS[method].config_cls())
+    except PeftkitError:
+        return False
+    return True
+
+
 CASES = [
     pytest.param(method, variant, kind, id=f"{method}-{variant}-{kind}")
     for method, spec in METHODS.items()
     for variant in spec.variants
     for kind in KINDS
+    if kind_targets(method, kind) is not None
 ]
 LLAMA_CASES = [c for c in CASES if c.values[2] == "llama"]
 
@@ -39,7 +69,12 @@ def make_config(method: str, variant: str, kind: str, *, random: bool = True, r:
     """The variant's config on `kind`'s targets; `random` turns off every zero-init switch."""
     spec = METHODS[method]
     names = {f.name for f in fields(spec.config_cls)}
-    kwargs = {**spec.variants[variant], "target_modules": KINDS[kind][1]}
+    kwargs = dict(spec.variants[variant])
+    targets = kind_targets(method, kind)
+    if spec.wraps_layers:
+        kwargs["target_modules"] = targets
+        if "feedforward_modules" in names:  # e.g. IA³: the last target scales its input, the rest outputs
+            kwargs["feedforward_modules"] = [] if isinstance(targets, str) else targets[-1:]
     if random:  # init_lora_weights, init_ia3_weights, init_weights, ...
         kwargs |= {n: False for n in names if n.startswith("init_") and n.endswith("weights")}
     if r is not None and "r" in names:
@@ -47,11 +82,27 @@ def make_config(method: str, variant: str, kind: str, *, random: bool = True, r:
     return spec.config_cls(**kwargs)
 
 
+def adapter_params(am: AdaptedModel, name: str) -> list[nn.Parameter]:
+    """Adapter `name`'s trainable tensors: its file tensors that are parameters, and the parameters of
+    a whole-model adapter (prefix tuning with a projection saves computed prefixes, trains an MLP)."""
+    params = {id(p): p for p in am.adapter_state_dict(name).values() if isinstance(p, nn.Parameter)}
+    if name in am.model_adapters:
+        params |= {id(p): p for p in am.model_adapters[name].parameters()}
+    return list(params.values())
+
+
+def same_config(loaded, original) -> bool:
+    """A loaded adapter's config equals the original, up to what loading resolves: the matched target
+    list, and fields the original left to be filled in from the model (None)."""
+    a, b = loaded.to_dict(), original.to_dict()
+    return all(a[k] == v for k, v in b.items() if k != "target_modules" and v is not None)
+
+
 def perturb(am: AdaptedModel, name: str, seed: int) -> None:
     """Move every tensor of adapter `name` off its initial value, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in am.adapter_state_dict(name).values():
+        for p in adapter_params(am, name):
             p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
@@ -170,7 +221,7 @@ def test_only_adapter_parameters_train(method: str, variant: str, kind: str) -> 
     model, x = KINDS[kind][0](), model_input(kind)
     base_ids = {id(p) for p in model.parameters()}
     am = AdaptedModel.attach(model, make_config(method, variant, kind), "a")
-    adapter = {id(p) for p in am.adapter_state_dict("a").values()}
+    adapter = {id(p) for p in adapter_params(am, "a")}
     assert adapter and not adapter & base_ids
     trainable = {n for n, p in am.named_parameters() if p.requires_grad}
     assert {id(p) for n, p in am.named_parameters() if n in trainable} == adapter
@@ -179,7 +230,7 @@ def test_only_adapter_parameters_train(method: str, variant: str, kind: str) -> 
     with_grad = {n for n, p in am.named_parameters() if p.grad is not None}
     assert with_grad == trainable
     assert all(p.grad.abs().sum() > 0 for n, p in am.named_parameters() if n in trainable)
-    assert sum(p.numel() for p in am.adapter_state_dict("a").values()) == am.trainable_parameters()[0]
+    assert sum(p.numel() for p in adapter_params(am, "a")) == am.trainable_parameters()[0]
 
 
 @pytest.mark.parametrize("method,variant,kind", CASES)
@@ -193,9 +244,7 @@ def test_save_then_load_into_a_fresh_copy(method: str, variant: str, kind: str, 
     loaded = AdaptedModel(fresh)
     assert loaded.load_adapter(tmp_path / "a", "a") == "a"
     assert loaded.active_adapters == ["a"]
-    assert loaded.adapter_config("a") == am.adapter_config("a").replace(
-        target_modules=loaded.adapter_config("a").target_modules
-    )
+    assert same_config(loaded.adapter_config("a"), am.adapter_config("a"))
     assert not any(p.requires_grad for p in loaded.parameters())
     saved, got = am.adapter_state_dict("a"), loaded.adapter_state_dict("a")
     assert saved.keys() == got.keys()
@@ -273,7 +322,7 @@ def test_mixed_batch_gradients_are_the_sum_of_single_runs(method: str, variant: 
     single = {n: p.grad for n, p in am.named_parameters() if p.grad is not None}
     assert mixed.keys() == single.keys()
     assert {id(p) for n, p in am.named_parameters() if n in mixed} == {
-        id(p) for n in "abc" for p in am.adapter_state_dict(n).values()
+        id(p) for n in "abc" for p in adapter_params(am, n)
     }
     for n in mixed:
         torch.testing.assert_close(mixed[n], single[n], atol=1e-10, rtol=1e-9)
@@ -312,7 +361,8 @@ def test_delete_and_unload_give_back_the_plain_model(method: str, variant: str, 
         am.delete_adapter("a")  # the active one: "b" takes over, and a warning says so
     assert am.adapters == ["b"]
     assert am.active_adapters == ["b"]
-    assert any(is_peftkit(m) for m in am.model.modules()), "b's layers must stay wrapped"
+    if METHODS[method].wraps_layers:
+        assert any(is_peftkit(m) for m in am.model.modules()), "b's layers must stay wrapped"
     am.delete_adapter("b")
     assert dict(am.model.named_modules()) == modules  # the very same module objects
     assert torch.equal(output(am, x), base)

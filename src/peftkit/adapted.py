@@ -113,7 +113,7 @@ class AdaptedModel(nn.Module):
         self._check_base_copies({k: files.tensors[k] for k in base_copies}, files.directory)
         self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
         params = self.adapter_state_dict(name)
-        whole_model = {k: v for k, v in files.tensors.items() if k == fmt.model_key(k)}  # bare keys
+        whole_model = {k: v for k, v in files.tensors.items() if fmt.is_model_key(k)}
         if whole_model:  # a whole-model adapter takes its saved tensors itself (e.g. projected prefixes)
             self.model_adapters[name].load_tensors(whole_model)
         with torch.no_grad():

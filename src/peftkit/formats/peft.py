@@ -57,9 +57,13 @@ def layer_keys(tensors: dict[str, object]) -> list[str]:
 
 
 def model_key(suffix: str) -> str:
-    """The file key of a whole-model adapter's tensor (a soft prompt): HF PEFT stores these bare
-    (no dot, unlike every module path's key)."""
+    """The file key of a whole-model adapter's tensor (a soft prompt): HF PEFT stores these bare."""
     return suffix
+
+
+def is_model_key(key: str) -> bool:
+    """A whole-model adapter's key: everything else is under the module prefix."""
+    return not key.startswith(PREFIX)
 
 
 def saved_module_key(module_name: str, param_name: str) -> str:
