@@ -15,6 +15,7 @@ from torch import nn
 
 from peftkit.base import nf4
 from peftkit.base.nf4 import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
+from peftkit.errors import BaseModelError
 
 bnb = nf4._bnb()
 needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed")
@@ -374,3 +375,15 @@ def test_quantize_model_skips_by_exact_suffix() -> None:
     assert type(model.model.layers[1].self_attn.q_proj) is NF4Linear
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie is intact
 
+
+def test_load_base_nf4_keeps_the_checkpoint_fingerprint(tiny_model_dir, tmp_path) -> None:
+    from peftkit.base import load_base
+
+    plain, _ = load_base(str(tiny_model_dir), device="cpu", cache_dir=tmp_path)
+    model, _ = load_base(str(tiny_model_dir), device="cpu", cache_dir=tmp_path / "other", quantize="nf4")
+    assert model._peftkit_fingerprint == plain._peftkit_fingerprint
+    assert model._peftkit_quantization == "nf4" and plain._peftkit_quantization is None
+    assert type(model.model.layers[0].self_attn.q_proj) is NF4Linear and type(model.lm_head) is nn.Linear
+    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.float32  # the checkpoint's dtype
+    with pytest.raises(BaseModelError, match=r"unknown quantize 'int4'; valid: None, 'nf4'"):
+        load_base(str(tiny_model_dir), device="cpu", cache_dir=tmp_path, quantize="int4")

@@ -1,4 +1,5 @@
-"""Base models: loading them (built-in, GGUF, HF directory, hub), saving them, and fingerprinting them."""
+"""Base models: loading them (built-in, GGUF, HF directory, hub), saving them, fingerprinting them, and
+storing their linear layers in 4-bit NF4."""
 
 from peftkit.base.cache import default_cache_dir
 from peftkit.base.catalog import BUILTIN_MODELS, DEFAULT_BASE
@@ -8,17 +9,24 @@ from peftkit.base.fingerprint import (
     model_fingerprint,
     short_fingerprint,
 )
-from peftkit.base.load import load_base, resolve_dtype
+from peftkit.base.load import QUANTIZATIONS, load_base, resolve_dtype
+from peftkit.base.nf4 import NF4Linear, NF4Weight, dequantize_nf4, quantize_model, quantize_nf4
 from peftkit.base.save import save_model_dir
 
 __all__ = [
     "BUILTIN_MODELS",
     "DEFAULT_BASE",
+    "NF4Linear",
+    "NF4Weight",
+    "QUANTIZATIONS",
     "default_cache_dir",
+    "dequantize_nf4",
     "fingerprint_tensors",
     "is_fingerprint",
     "load_base",
     "model_fingerprint",
+    "quantize_model",
+    "quantize_nf4",
     "resolve_dtype",
     "save_model_dir",
     "short_fingerprint",

@@ -37,6 +37,9 @@ SIDECAR_NAME = "peftkit_fingerprint.json"
 # tokenizers, tokenizer_config.json for every save_pretrained, the others for slow vocabularies).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
+QUANTIZATIONS = (None, "nf4")
+"""The values `load_base(quantize=...)` accepts."""
+
 _DTYPES: dict[str, torch.dtype | Literal["auto"]] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -82,6 +85,7 @@ def load_base(
     device: str | torch.device | None = ...,
     cache_dir: str | Path | None = ...,
     tokenizer: Literal["required"] = ...,
+    quantize: str | None = ...,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
 
 
@@ -93,6 +97,7 @@ def load_base(
     device: str | torch.device | None = ...,
     cache_dir: str | Path | None = ...,
     tokenizer: Literal["optional"],
+    quantize: str | None = ...,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]: ...
 
 
@@ -103,6 +108,7 @@ def load_base(
     device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
     tokenizer: Literal["required", "optional"] = "required",
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode, with its fingerprint attached.
 
@@ -113,10 +119,19 @@ def load_base(
     that has no tokenizer files (a plain `model.save_pretrained`) with tokenizer None, for work that
     needs no text (merging); by default such a directory is an error that says how to add one.
 
-    The model carries `_peftkit_fingerprint` (see `model_fingerprint`) and `_peftkit_base_name`
-    (`name_or_path` as given). The tokenizer gets the eos token as pad token if it has none;
-    nothing else is changed.
+    `quantize="nf4"` stores every linear layer except the output head as a frozen 4-bit
+    `NF4Linear` (see `peftkit.base.nf4`), computing in the loaded dtype (bf16 for a float16 load);
+    None keeps the weights as loaded.
+
+    The model carries `_peftkit_fingerprint` (see `model_fingerprint`), `_peftkit_base_name`
+    (`name_or_path` as given) and `_peftkit_quantization` (`quantize`). The fingerprint is the
+    checkpoint's, taken before quantizing, so an adapter trained on the 4-bit base matches the
+    full-precision one. The tokenizer gets the eos token as pad token if it has none; nothing
+    else is changed.
     """
+    if quantize not in QUANTIZATIONS:
+        valid = ", ".join(repr(q) for q in QUANTIZATIONS)
+        raise BaseModelError(f"unknown quantize {quantize!r}; valid: {valid}")
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     root = resolve_cache_dir(cache_dir)
@@ -136,9 +151,16 @@ def load_base(
         _attach_fingerprint(model, sidecar, lambda: _load_model(model_dir, "auto"), torch_dtype)
     if tok is not None:
         _ensure_pad_token(tok)
+    if quantize == "nf4":
+        # Before the move: the float weights never reach the GPU, and the codes are those of the
+        # CPU algorithm whatever the device (bitsandbytes' CUDA kernels may round differently).
+        from peftkit.base.nf4 import quantize_model
+
+        quantize_model(model)
     model.to(target)
     model.eval()
     model._peftkit_base_name = name_or_path
+    model._peftkit_quantization = quantize
     return model, tok
 
 
