@@ -18,14 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .adapter_checks import (
+    bias_choice,
+    check_base_copies,
+    check_base_fingerprint,
+    check_other_adapters,
+    expected_tensors,
+    is_base_bias,
+    saved_modules_of,
+)
 from .errors import (
     AdapterNotFoundError,
     AdapterStateError,
-    BaseModelMismatchError,
     ConfigError,
     RequestError,
-    TargetError,
-    option,
 )
 from .formats import peft as fmt
 from .identity import AdapterIdentity
@@ -86,8 +92,8 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         spec = method_for(config)
         targets = find_targets(self.model, config, spec, strict=True) if spec.wraps_layers else []
-        find_modules_to_save(self.model, _saved(config))  # every entry must match something
-        self._check_other_adapters(spec, config, targets)
+        find_modules_to_save(self.model, saved_modules_of(config))  # every entry must match something
+        check_other_adapters(self, spec, config, targets)
         self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
 
     def load_adapter(
@@ -105,12 +111,12 @@ class AdaptedModel(nn.Module):
         files = fmt.read_adapter(path)
         spec, config = fmt.config_from_peft(files.config, files.directory)
         if check_base:
-            self._check_base(AdapterIdentity.from_metadata(files.metadata), files.directory)
+            check_base_fingerprint(self, AdapterIdentity.from_metadata(files.metadata), files.directory)
         targets = find_targets(self.model, config, spec) if spec.wraps_layers else []
-        self._check_other_adapters(spec, config, targets)
-        expected, base_copies = self._expected(spec, config, targets, files.tensors)
+        check_other_adapters(self, spec, config, targets)
+        expected, base_copies = expected_tensors(self, spec, config, targets, files.tensors)
         fmt.check_tensors(expected, files.tensors, files.directory)
-        self._check_base_copies({k: files.tensors[k] for k in base_copies}, files.directory)
+        check_base_copies(self, {k: files.tensors[k] for k in base_copies}, files.directory)
         self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
         params = self.adapter_state_dict(name)
         whole_model = {k: v for k, v in files.tensors.items() if fmt.is_model_key(k)}
@@ -137,7 +143,7 @@ class AdaptedModel(nn.Module):
         """
         name = self._one_adapter(name)
         config, spec = self.configs[name], method_for(self.configs[name])
-        layers = [(n, m) for n, m in self._layers() if name in m.specs]
+        layers = [(n, m) for n, m in self.adapter_layers() if name in m.specs]
         config_json = fmt.config_to_peft(
             spec,
             spec.config_to_file(config, layers) if spec.wraps_layers else spec.config_to_file(config),
@@ -182,7 +188,7 @@ class AdaptedModel(nn.Module):
         if not self.configs:  # the first adapter freezes the base (after its targets were validated)
             for p in self.model.parameters():
                 p.requires_grad_(False)
-        if _bias(config) != "none":
+        if bias_choice(config) != "none":
             self.base_fingerprint()  # before training changes the biases it covers
         for t in targets:
             layer = get_module(self.model, t.name)
@@ -193,7 +199,7 @@ class AdaptedModel(nn.Module):
             layer.add_adapter(name, config, t.name, dtype=dtype)
         if spec.make_model_adapter is not None:
             self.model_adapters[name] = spec.make_model_adapter(self.model, config)
-        for module_name, _ in find_modules_to_save(self.model, _saved(config), strict=False):
+        for module_name, _ in find_modules_to_save(self.model, saved_modules_of(config), strict=False):
             wrapper = get_module(self.model, module_name)
             if not isinstance(wrapper, ModulesToSave):
                 wrapper = ModulesToSave(wrapper, self.state).train(wrapper.training)
@@ -248,7 +254,7 @@ class AdaptedModel(nn.Module):
             raise AdapterStateError(
                 f"adapter {name!r} is merged into the weights; unmerge() before deleting it"
             )
-        for module_name, wrapper in list(self._wrappers()):
+        for module_name, wrapper in list(self.wrappers()):
             wrapper.delete_adapter(name)
             if not wrapper.specs:
                 set_module(self.model, module_name, _inner(wrapper))
@@ -295,7 +301,7 @@ class AdaptedModel(nn.Module):
     @property
     def merged_adapters(self) -> list[str]:
         names: dict[str, None] = {}
-        for _, layer in self._layers():
+        for _, layer in self.adapter_layers():
             names.update(dict.fromkeys(layer.merged))
         return list(names)
 
@@ -313,7 +319,7 @@ class AdaptedModel(nn.Module):
                     f"adapter {n!r} ({spec.name}) cannot be merged into the weights: {spec.description}"
                 )
         tied = self._tied_weights()
-        layers = [(mn, m) for mn, m in self._layers() if any(n in m.specs for n in names)]
+        layers = [(mn, m) for mn, m in self.adapter_layers() if any(n in m.specs for n in names)]
         for module_name, layer in layers:
             if is_quantized(layer.base_layer):
                 raise AdapterStateError(
@@ -332,14 +338,14 @@ class AdaptedModel(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge base weights."""
-        for _, layer in self._layers():
+        for _, layer in self.adapter_layers():
             layer.unmerge()
 
     def merge_and_unload(self, names: str | list[str] | None = None) -> nn.Module:
         """Merge adapters into the weights and return the plain base model (no adapter code left)."""
         self.merge(names)
         merged = self.merged_adapters
-        for module_name, wrapper in list(self._wrappers()):
+        for module_name, wrapper in list(self.wrappers()):
             if isinstance(wrapper, ModulesToSave):
                 chosen = next((n for n in merged if n in wrapper.modules_to_save), None)
                 plain = wrapper.modules_to_save[chosen] if chosen else wrapper.original_module
@@ -356,7 +362,7 @@ class AdaptedModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""
         self.unmerge()
-        for module_name, wrapper in list(self._wrappers()):
+        for module_name, wrapper in list(self.wrappers()):
             set_module(self.model, module_name, _inner(wrapper))
         self.configs.clear()
         self.state.active = ()
@@ -484,7 +490,7 @@ class AdaptedModel(nn.Module):
         """The plain base model's state (names and original, unmerged weights), without adapters."""
         originals = {
             f"{n}.base_layer.weight": m.unmerged_weight
-            for n, m in self._layers()
+            for n, m in self.adapter_layers()
             if getattr(m, "unmerged_weight", None) is not None
         }
         adapter_parts = {id(t) for _, t in self._adapter_parts()}
@@ -497,7 +503,7 @@ class AdaptedModel(nn.Module):
     def parameter_roles(self) -> dict[int, tuple[MethodSpec, str]]:
         """{id(parameter): (its method, its role)} for every adapter parameter (the optimizer's groups)."""
         out: dict[int, tuple[MethodSpec, str]] = {}
-        for _, layer in self._layers():
+        for _, layer in self.adapter_layers():
             spec = method_of_layer(layer)
             for name in layer.specs:
                 out.update({id(p): (spec, role) for role, p in layer.adapter_tensors(name).items()})
@@ -508,7 +514,7 @@ class AdaptedModel(nn.Module):
 
     def _adapter_parts(self) -> Iterator[tuple[str, Tensor]]:
         """Every adapter tensor inside the base model's modules (each layer's, for every adapter)."""
-        for module_name, layer in self._layers():
+        for module_name, layer in self.adapter_layers():
             for name in layer.specs:
                 for role, t in layer.adapter_tensors(name).items():
                     yield f"{module_name}.{role}", t
@@ -517,7 +523,7 @@ class AdaptedModel(nn.Module):
     def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
         """Adapter `name`'s tensors under their PEFT file keys (live parameters, not copies)."""
         out: dict[str, Tensor] = {}
-        for module_name, wrapper in self._wrappers():
+        for module_name, wrapper in self.wrappers():
             if is_adapter_layer(wrapper) and name in wrapper.specs:
                 spec = method_of_layer(wrapper)
                 for role, p in wrapper.adapter_tensors(name).items():
@@ -528,12 +534,12 @@ class AdaptedModel(nn.Module):
         if name in self.model_adapters:
             for role, p in self.model_adapters[name].adapter_tensors().items():
                 out[fmt.model_key(role)] = p
-        bias = _bias(self.configs[name]) if name in self.configs else "none"
+        bias = bias_choice(self.configs[name]) if name in self.configs else "none"
         adapter_parts = {id(t) for _, t in self._adapter_parts()}
         for pname, p in self.model.named_parameters():
             if (
                 id(p) not in adapter_parts
-                and _is_bias(pname)
+                and is_base_bias(pname)
                 and (
                     bias == "all"
                     or (bias == "lora_only" and pname.endswith(".base_layer.bias") and self._has(pname, name))
@@ -542,48 +548,15 @@ class AdaptedModel(nn.Module):
                 out[fmt.bias_key(pname)] = p
         return out
 
-    def _expected(
-        self, spec: MethodSpec, config: Any, targets: list[Target], found: dict[str, Tensor]
-    ) -> tuple[dict[str, tuple[tuple[int, ...], str]], list[str]]:
-        """The tensors an adapter file for `config` must hold ({key: (shape, what)}), and the keys
-        that are full copies of base weights."""
-        expected: dict[str, tuple[tuple[int, ...], str]] = {}
-        for t in targets:
-            assert spec.expected_shapes is not None
-            for role, shape in spec.expected_shapes(t.module, t.kind, config, t.name).items():
-                expected[fmt.layer_key(t.name, spec.key_suffix(role, t.kind))] = (shape, f"{t.name} ({role})")
-        if spec.model_expected_shapes is not None:
-            for role, shape in spec.model_expected_shapes(self.model, config).items():
-                expected[fmt.model_key(role)] = (shape, f"the {spec.name} adapter ({role})")
-        for module_name, module in find_modules_to_save(self.model, _saved(config), strict=False):
-            for pname, value in module.state_dict().items():
-                expected[fmt.saved_module_key(module_name, pname)] = (
-                    tuple(value.shape),
-                    f"{module_name}.{pname}",
-                )
-        # Keys naming plain base tensors: trained biases (bias="all"/"lora_only"), and the full embedding
-        # weights HF PEFT saves when embeddings are targeted (save_embedding_layers), checked on load.
-        plain = dict(self.base_tensors())
-        base_copies: list[str] = []
-        for key in found:
-            name = key.removeprefix(fmt.PREFIX).replace(".base_layer.", ".")
-            if key in expected or name not in plain or (_is_bias(name) and _bias(config) == "none"):
-                continue
-            expected[key] = (tuple(plain[name].shape), name)
-            if not _is_bias(name):
-                base_copies.append(key)
-        return expected, base_copies
-
-    # -- helpers -----------------------------------------------------------------------------------
-    def _wrappers(self) -> Iterator[tuple[str, Any]]:
+    def wrappers(self) -> Iterator[tuple[str, Any]]:
         """(plain module name, wrapper) for every adapter layer and modules_to_save wrapper."""
         for name, module in self.model.named_modules():
             if getattr(module, "is_adapter_wrapper", False):
                 yield _plain_name(name), module
 
-    def _layers(self) -> Iterator[tuple[str, Any]]:
+    def adapter_layers(self) -> Iterator[tuple[str, Any]]:
         """(plain module name, layer) for every method's adapter layer."""
-        for name, module in self._wrappers():
+        for name, module in self.wrappers():
             if is_adapter_layer(module):
                 yield name, module
 
@@ -602,47 +575,6 @@ class AdaptedModel(nn.Module):
         if problem:
             fix = f", or delete_adapter({name!r}) first" if name in self.configs else ""
             raise ConfigError(f"adapter name {name!r} {problem}{fix}")
-
-    def _check_other_adapters(self, spec: MethodSpec, config: Any, targets: list[Target]) -> None:
-        """A module carries one method's adapter layers or whole copies (modules_to_save), never both,
-        and copies do not nest: a copy made of a wrapped module would carry the other adapter's layers
-        inside it (wrong outputs, wrong file keys), and no method wraps a copy. Two methods never wrap
-        one module (whose merge, whose base weight?). Checked before anything changes."""
-        layers = {n: m for n, m in self._layers()}
-        copies = {n: list(m.modules_to_save) for n, m in self._wrappers() if isinstance(m, ModulesToSave)}
-        saved = [n for n, _ in find_modules_to_save(self.model, _saved(config), strict=False)]
-        for t in targets:
-            other = layers.get(t.name)
-            if other is not None and not isinstance(other, spec.layer_cls):
-                theirs = method_of_layer(other)
-                raise TargetError(
-                    f"{spec.label} target {t.name!r} already has {theirs.label} layers (adapter "
-                    f"{list(other.specs)[0]!r}); two methods cannot wrap one module. Target other modules, "
-                    f"or delete_adapter({list(other.specs)[0]!r}) first"
-                )
-        clashes = [  # (this adapter's module, the other module, what the other is, its adapters)
-            *((t.name, c, "a whole copy (modules_to_save)", o) for t in targets for c, o in copies.items()),
-            *(
-                (s, n, f"{method_of_layer(m).label} layers", list(m.specs))
-                for s in saved
-                for n, m in layers.items()
-            ),
-            *((s, c, "a whole copy", o) for s in saved for c, o in copies.items() if c != s),
-        ]
-        for mine, other, what, owners in clashes:
-            if _within(mine, other) or _within(other, mine):
-                kind = (
-                    f"{spec.label} target"
-                    if any(t.name == mine for t in targets)
-                    else "modules_to_save entry"
-                )
-                inside = "which holds it" if _within(mine, other) else "inside it"
-                where = "there" if mine == other else f"on {other!r}, {inside}"
-                raise TargetError(
-                    f"{kind} {mine!r}: adapter {owners[0]!r} already has {what} {where}. A module takes adapter "
-                    "layers or whole copies, not both, and copies cannot nest; give the adapters separate "
-                    f"modules, or delete_adapter({owners[0]!r}) first"
-                )
 
     def _check_can_share_a_batch(self, names: list[str | None]) -> None:
         """Rows may use different adapters (or none) only if every method involved routes per row."""
@@ -671,32 +603,6 @@ class AdaptedModel(nn.Module):
         if self.state.active:
             return self.state.active[0]
         raise AdapterStateError(f"several adapters are attached ({self.adapters}); name the one you mean")
-
-    def _check_base_copies(self, tensors: dict[str, Tensor], source: Path) -> None:
-        """A full base weight inside an adapter must equal ours: peftkit never overwrites the base
-        model from an adapter file (other adapters share it)."""
-        plain = dict(self.base_tensors())
-        for key, value in tensors.items():
-            name = key.removeprefix(fmt.PREFIX).replace(".base_layer.", ".")
-            if not torch.equal(value.to(plain[name].dtype), plain[name]):
-                raise BaseModelMismatchError(
-                    f"{source} carries its own copy of the base weight {name} (HF PEFT's save_embedding_layers), "
-                    "and it differs from this base model's (e.g. a resized vocabulary). peftkit does not overwrite "
-                    "base weights from an adapter: load the base model it was trained with"
-                )
-
-    def _check_base(self, identity: AdapterIdentity, source: Path) -> None:
-        recorded = identity.base_fingerprint
-        if not recorded:
-            return  # written by HF PEFT or another tool: the shape checks still apply
-        current = self.base_fingerprint()
-        if recorded != current:
-            trained_on = identity.base_model or "another model"
-            raise BaseModelMismatchError(
-                f"{source} was trained on base model {trained_on!r} (fingerprint {recorded[7:19]}), but this base "
-                f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
-                f"pass {option('check_base', False)} to load it anyway"
-            )
 
 
 def _as_kwargs(args: tuple, kwargs: dict[str, Any], first: str = "input_ids") -> dict[str, Any]:
@@ -729,22 +635,3 @@ def _plain_name(wrapped_name: str) -> str:
     """A module's name in the plain model, from its name in the wrapped one."""
     parts = [p for p in wrapped_name.split(".") if p not in ("base_layer", "original_module")]
     return ".".join(parts)
-
-
-def _saved(config: Any) -> tuple[str, ...] | None:
-    return getattr(config, "modules_to_save", None)
-
-
-def _bias(config: Any) -> str:
-    return getattr(config, "bias", "none")
-
-
-def _within(name: str, outer: str) -> bool:
-    """Whether module `name` is `outer` or inside it."""
-    return name == outer or name.startswith(outer + ".")
-
-
-def _is_bias(param_name: str) -> bool:
-    """A base layer's bias (not one inside a modules_to_save copy, whose copies train whole)."""
-    copies = any(part in param_name for part in (".modules_to_save.", ".original_module."))
-    return param_name.rsplit(".", 1)[-1] == "bias" and not copies

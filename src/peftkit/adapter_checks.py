@@ -1,0 +1,139 @@
+"""What `AdaptedModel` checks before an adapter is attached or loaded, so a refusal changes nothing:
+which tensors a file must hold, modules another adapter already claims, and the base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .errors import BaseModelMismatchError, TargetError, option
+from .formats import peft as fmt
+from .identity import AdapterIdentity
+from .inject import Target, find_modules_to_save
+from .methods import MethodSpec, method_of_layer
+from .saved_modules import ModulesToSave
+
+if TYPE_CHECKING:
+    from .adapted import AdaptedModel
+
+
+def expected_tensors(
+    am: AdaptedModel, spec: MethodSpec, config: Any, targets: list[Target], found: dict[str, Tensor]
+) -> tuple[dict[str, tuple[tuple[int, ...], str]], list[str]]:
+    """The tensors an adapter file for `config` must hold ({key: (shape, what)}), and the keys
+    that are full copies of base weights."""
+    expected: dict[str, tuple[tuple[int, ...], str]] = {}
+    for t in targets:
+        assert spec.expected_shapes is not None
+        for role, shape in spec.expected_shapes(t.module, t.kind, config, t.name).items():
+            expected[fmt.layer_key(t.name, spec.key_suffix(role, t.kind))] = (shape, f"{t.name} ({role})")
+    if spec.model_expected_shapes is not None:
+        for role, shape in spec.model_expected_shapes(am.model, config).items():
+            expected[fmt.model_key(role)] = (shape, f"the {spec.name} adapter ({role})")
+    for module_name, module in find_modules_to_save(am.model, saved_modules_of(config), strict=False):
+        for pname, value in module.state_dict().items():
+            expected[fmt.saved_module_key(module_name, pname)] = (
+                tuple(value.shape),
+                f"{module_name}.{pname}",
+            )
+    # Keys naming plain base tensors: trained biases (bias="all"/"lora_only"), and the full embedding
+    # weights HF PEFT saves when embeddings are targeted (save_embedding_layers), checked on load.
+    plain = dict(am.base_tensors())
+    base_copies: list[str] = []
+    for key in found:
+        name = key.removeprefix(fmt.PREFIX).replace(".base_layer.", ".")
+        if key in expected or name not in plain or (is_base_bias(name) and bias_choice(config) == "none"):
+            continue
+        expected[key] = (tuple(plain[name].shape), name)
+        if not is_base_bias(name):
+            base_copies.append(key)
+    return expected, base_copies
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def check_other_adapters(am: AdaptedModel, spec: MethodSpec, config: Any, targets: list[Target]) -> None:
+    """A module carries one method's adapter layers or whole copies (modules_to_save), never both,
+    and copies do not nest: a copy made of a wrapped module would carry the other adapter's layers
+    inside it (wrong outputs, wrong file keys), and no method wraps a copy. Two methods never wrap
+    one module (whose merge, whose base weight?). Checked before anything changes."""
+    layers = {n: m for n, m in am.adapter_layers()}
+    copies = {n: list(m.modules_to_save) for n, m in am.wrappers() if isinstance(m, ModulesToSave)}
+    saved = [n for n, _ in find_modules_to_save(am.model, saved_modules_of(config), strict=False)]
+    for t in targets:
+        other = layers.get(t.name)
+        if other is not None and not isinstance(other, spec.layer_cls):
+            theirs = method_of_layer(other)
+            raise TargetError(
+                f"{spec.label} target {t.name!r} already has {theirs.label} layers (adapter "
+                f"{list(other.specs)[0]!r}); two methods cannot wrap one module. Target other modules, "
+                f"or delete_adapter({list(other.specs)[0]!r}) first"
+            )
+    clashes = [  # (this adapter's module, the other module, what the other is, its adapters)
+        *((t.name, c, "a whole copy (modules_to_save)", o) for t in targets for c, o in copies.items()),
+        *(
+            (s, n, f"{method_of_layer(m).label} layers", list(m.specs))
+            for s in saved
+            for n, m in layers.items()
+        ),
+        *((s, c, "a whole copy", o) for s in saved for c, o in copies.items() if c != s),
+    ]
+    for mine, other, what, owners in clashes:
+        if _within(mine, other) or _within(other, mine):
+            kind = f"{spec.label} target" if any(t.name == mine for t in targets) else "modules_to_save entry"
+            inside = "which holds it" if _within(mine, other) else "inside it"
+            where = "there" if mine == other else f"on {other!r}, {inside}"
+            raise TargetError(
+                f"{kind} {mine!r}: adapter {owners[0]!r} already has {what} {where}. A module takes adapter "
+                "layers or whole copies, not both, and copies cannot nest; give the adapters separate "
+                f"modules, or delete_adapter({owners[0]!r}) first"
+            )
+
+
+def check_base_copies(am: AdaptedModel, tensors: dict[str, Tensor], source: Path) -> None:
+    """A full base weight inside an adapter must equal ours: peftkit never overwrites the base
+    model from an adapter file (other adapters share it)."""
+    plain = dict(am.base_tensors())
+    for key, value in tensors.items():
+        name = key.removeprefix(fmt.PREFIX).replace(".base_layer.", ".")
+        if not torch.equal(value.to(plain[name].dtype), plain[name]):
+            raise BaseModelMismatchError(
+                f"{source} carries its own copy of the base weight {name} (HF PEFT's save_embedding_layers), "
+                "and it differs from this base model's (e.g. a resized vocabulary). peftkit does not overwrite "
+                "base weights from an adapter: load the base model it was trained with"
+            )
+
+
+def check_base_fingerprint(am: AdaptedModel, identity: AdapterIdentity, source: Path) -> None:
+    recorded = identity.base_fingerprint
+    if not recorded:
+        return  # written by HF PEFT or another tool: the shape checks still apply
+    current = am.base_fingerprint()
+    if recorded != current:
+        trained_on = identity.base_model or "another model"
+        raise BaseModelMismatchError(
+            f"{source} was trained on base model {trained_on!r} (fingerprint {recorded[7:19]}), but this base "
+            f"model's fingerprint is {current[7:19]}. Load the adapter into the base it was trained on, or "
+            f"pass {option('check_base', False)} to load it anyway"
+        )
+
+
+def saved_modules_of(config: Any) -> tuple[str, ...] | None:
+    return getattr(config, "modules_to_save", None)
+
+
+def bias_choice(config: Any) -> str:
+    return getattr(config, "bias", "none")
+
+
+def _within(name: str, outer: str) -> bool:
+    """Whether module `name` is `outer` or inside it."""
+    return name == outer or name.startswith(outer + ".")
+
+
+def is_base_bias(param_name: str) -> bool:
+    """A base layer's bias (not one inside a modules_to_save copy, whose copies train whole)."""
+    copies = any(part in param_name for part in (".modules_to_save.", ".original_module."))
+    return param_name.rsplit(".", 1)[-1] == "bias" and not copies
