@@ -1,0 +1,264 @@
+"""The bottleneck adapter's configuration (Houlsby et al. 2019, Pfeiffer et al. 2020) and its file form.
+
+HF PEFT has no bottleneck adapters, so the `adapter_config.json` format is peftkit's own (see
+docs/formats.md): the fields below, `peft_type` "BOTTLENECK" and a `format_version`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import AdapterFileError, ConfigError, did_you_mean
+from ..layer_types import ALL_LINEAR
+from ..values import check_keys_are_text, number_from_text, short_repr
+
+CONFIGS = ("houlsby", "pfeiffer")
+# Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
+# sub-layer and down_proj the feed-forward one, so wrapping their outputs puts an adapter "after
+# attention" and "after the FFN" in the residual stream, before the block's residual add.
+DEFAULT_TARGETS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}
+NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+_ALIASES = {"swish": "silu", "gelu_new": "gelu"}  # other libraries' names, for the error message
+DEFAULT_BOTTLENECK = 64
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (1,)  # the adapter_config.json format_version values this peftkit reads
+
+
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """Bottleneck adapters: y + scaling · up(act(down(dropout(y)))) on each target layer's output y.
+
+    Validated on construction and never mutated afterwards. Defaults that depend on other fields are
+    resolved here, so the stored config holds the real values: `target_modules` None becomes the
+    placement's layers (`DEFAULT_TARGETS`), and with neither `bottleneck_size` nor `reduction_factor`
+    set, `bottleneck_size` becomes 64. `replace()` re-derives them when what they depend on changes.
+    """
+
+    config: str = _field(
+        "pfeiffer",
+        "where adapters go: 'houlsby' (after the attention output and after the feed-forward output of "
+        "each block) or 'pfeiffer' (after the feed-forward output only: half the adapters, about the "
+        "same quality in Pfeiffer et al. 2020)",
+    )
+    target_modules: tuple[str, ...] | str | None = _field(
+        None,
+        "layers whose output gets an adapter, matched like LoRA's (names or dotted suffixes, a regex, or "
+        "'all-linear'); null: the placement's Llama-family layers (houlsby: o_proj and down_proj; "
+        "pfeiffer: down_proj). Other architectures name theirs, e.g. GPT-2 ['attn.c_proj', 'mlp.c_proj']",
+    )
+    exclude_modules: tuple[str, ...] | str | None = _field(
+        None, "layers never to adapt, matched like target_modules"
+    )
+    layers_to_transform: tuple[int, ...] | None = _field(
+        None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
+    )
+    layers_pattern: tuple[str, ...] | None = _field(
+        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
+    )
+    bottleneck_size: int | None = _field(
+        None, "the adapter's inner width (64 when neither this nor reduction_factor is set)"
+    )
+    reduction_factor: float | None = _field(
+        None, "instead of bottleneck_size: inner width = layer output width // reduction_factor (at least 1)"
+    )
+    non_linearity: str = _field(
+        "relu", f"activation between down and up: one of {', '.join(NON_LINEARITIES)}"
+    )
+    adapter_dropout: float = _field(0.0, "dropout probability on the adapter's input while training")
+    scaling: float = _field(1.0, "the adapter's output is multiplied by this before it is added")
+    init_weights: bool = _field(
+        True, "true: zero up-projection, so the model starts unchanged; false: random (for tests)"
+    )
+    modules_to_save: tuple[str, ...] | None = _field(
+        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.layers_pattern, str):
+            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
+        layers = self.layers_to_transform
+        if _is_int(layers):
+            object.__setattr__(self, "layers_to_transform", (layers,))
+        elif isinstance(layers, list):
+            object.__setattr__(self, "layers_to_transform", tuple(layers))
+        for name in ("reduction_factor", "adapter_dropout", "scaling"):
+            object.__setattr__(self, name, number_from_text(getattr(self, name)))
+        _check(self.config in CONFIGS, "config", self.config, f"one of {CONFIGS}")
+        if self.target_modules is None:
+            object.__setattr__(self, "target_modules", DEFAULT_TARGETS[self.config])
+        if self.bottleneck_size is None and self.reduction_factor is None:
+            object.__setattr__(self, "bottleneck_size", DEFAULT_BOTTLENECK)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ConfigError(
+                f"bottleneck_size ({short_repr(self.bottleneck_size)}) and reduction_factor "
+                f"({short_repr(self.reduction_factor)}) are both set; set one of the two (the other null)"
+            )
+        size, factor = self.bottleneck_size, self.reduction_factor
+        _check(size is None or (_is_int(size) and size > 0), "bottleneck_size", size, "a positive integer")
+        _check(
+            factor is None or (_is_num(factor) and factor > 0),
+            "reduction_factor",
+            factor,
+            "a positive number",
+        )
+        act = self.non_linearity
+        hint = (
+            f" ({act!r} is called {_ALIASES[act]!r} here)" if isinstance(act, str) and act in _ALIASES else ""
+        )
+        _check(act in NON_LINEARITIES, "non_linearity", act, f"one of {NON_LINEARITIES}{hint}")
+        p = self.adapter_dropout
+        _check(_is_num(p) and 0 <= p < 1, "adapter_dropout", p, "a number in [0, 1)")
+        _check(_is_num(self.scaling) and self.scaling > 0, "scaling", self.scaling, "a positive number")
+        _check(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "true or false")
+        _check_names("target_modules", self.target_modules, allow_none=False)
+        _check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        _check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            ok = isinstance(layers, tuple) and all(_is_int(i) and i >= 0 for i in layers)
+            _check(ok, "layers_to_transform", layers, "a layer index or a list of them")
+        if self.layers_pattern is not None:
+            pattern = self.layers_pattern
+            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
+            _check(ok, "layers_pattern", pattern, "a module-list name like 'layers' or a list of them")
+
+    # -- derived values -------------------------------------------------------------------------
+    def size_for(self, width: int) -> int:
+        """The inner width of the adapter on a layer whose output has `width` features."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(width // self.reduction_factor))
+
+    # -- conversion -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of the resolved fields (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"a bottleneck adapter config must be a mapping of its fields, found {type(data).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        check_keys_are_text(data, "bottleneck config", sorted(known))
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(
+                f"unknown bottleneck config key {key!r}{did_you_mean(key, known)}; "
+                f"valid keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> BottleneckConfig:
+        """A copy with some fields changed (validated again). Derived defaults follow what they derive
+        from: a new `config` brings its own default targets (unless the targets were chosen), and
+        setting one of bottleneck_size / reduction_factor clears the other."""
+        data = {**self.to_dict(), **changes}
+        new_config = changes.get("config", self.config)
+        if (
+            "target_modules" not in changes
+            and new_config != self.config
+            and self.target_modules == DEFAULT_TARGETS[self.config]
+        ):
+            data["target_modules"] = None
+        for key, other in (("bottleneck_size", "reduction_factor"), ("reduction_factor", "bottleneck_size")):
+            if changes.get(key) is not None and other not in changes:
+                data[other] = None
+        return self.from_dict(data)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's one-line documentation (used by the CLI and the docs)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each field's default as declared (None where it is derived from other fields)."""
+        return {f.name: None if f.default is MISSING else f.default for f in fields(cls)}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
+
+
+def _check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
+    """A name list, a regex string or (where allowed) None; the regex must compile."""
+    import re
+
+    if value is None:
+        _check(allow_none, key, value, "a module name, a list of names, or a regex")
+        return
+    if isinstance(value, str):
+        _check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
+        if value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ConfigError(f"{key} is not a valid regular expression: {e}") from None
+        return
+    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    _check(ok, key, value, "a non-empty list of module names")
+
+
+# -- the adapter_config.json of a bottleneck adapter ---------------------------------------------------
+def config_to_file(config: BottleneckConfig, targets: list[str]) -> dict[str, Any]:
+    """The bottleneck part of adapter_config.json: `format_version`, then every resolved field, with
+    target_modules as the layers the adapter sits on (so the file says exactly where its tensors go)."""
+    return {"format_version": FORMAT_VERSION, **config.to_dict(), "target_modules": sorted(targets)}
+
+
+def config_from_file(data: dict[str, Any], source: Any) -> BottleneckConfig:
+    """A BottleneckConfig from the method fields of an adapter_config.json (shared keys removed)."""
+    data = dict(data)
+    version = data.pop("format_version", None)
+    readable = ", ".join(map(str, READABLE_VERSIONS))
+    if version is None:
+        raise AdapterFileError(
+            f"{source}: a bottleneck adapter_config.json needs a format_version, and this one has none; "
+            f"this peftkit reads format_version {readable} (docs/formats.md)"
+        )
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        newer = _is_int(version) and version > max(READABLE_VERSIONS)
+        fix = (
+            "a newer peftkit wrote it: upgrade peftkit to load it"
+            if newer
+            else "no peftkit writes that version: the file is damaged or was written by another tool"
+        )
+        raise AdapterFileError(
+            f"{source}: the bottleneck adapter has format_version {short_repr(version)}; this peftkit reads "
+            f"format_version {readable} ({fix})"
+        )
+    try:
+        return BottleneckConfig.from_dict(data)
+    except ConfigError as e:
+        raise AdapterFileError(f"{source}: {e}") from None
