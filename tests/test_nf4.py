@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import model_input, output, tiny_llama
+from conftest import char_tokenizer, model_input, output, tiny_gpt2, tiny_llama
 from torch import nn
 
 from peftkit.base import nf4
@@ -387,3 +387,12 @@ def test_load_base_nf4_keeps_the_checkpoint_fingerprint(tiny_model_dir, tmp_path
     assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.float32  # the checkpoint's dtype
     with pytest.raises(BaseModelError, match=r"unknown quantize 'int4'; valid: None, 'nf4'"):
         load_base(str(tiny_model_dir), device="cpu", cache_dir=tmp_path, quantize="int4")
+
+
+def test_load_base_nf4_refuses_a_model_without_linear_layers(tmp_path) -> None:
+    from peftkit.base import load_base
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")  # GPT-2's layers are transformers' Conv1D
+    char_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BaseModelError, match="found no nn.Linear layers"):
+        load_base(str(tmp_path / "gpt2"), device="cpu", cache_dir=tmp_path / "cache", quantize="nf4")

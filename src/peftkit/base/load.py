@@ -156,7 +156,11 @@ def load_base(
         # CPU algorithm whatever the device (bitsandbytes' CUDA kernels may round differently).
         from peftkit.base.nf4 import quantize_model
 
-        quantize_model(model)
+        if quantize_model(model) == 0:  # e.g. GPT-2, whose layers are transformers' Conv1D
+            raise BaseModelError(
+                f"quantize='nf4' found no nn.Linear layers (other than the output head) in "
+                f"{name_or_path}; NF4 replaces nn.Linear only. Load it without quantize"
+            )
     model.to(target)
     model.eval()
     model._peftkit_base_name = name_or_path
