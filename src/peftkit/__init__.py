@@ -19,6 +19,8 @@ from .errors import (  # noqa: E402
     TrainingDivergedError,
 )
 from .methods import METHODS, LoraConfig  # noqa: E402
+from .methods.bottleneck_config import BottleneckConfig  # noqa: E402
+from .methods.ia3_config import IA3Config  # noqa: E402
 
 
 def load_base(*args, **kwargs):  # noqa: ANN002, ANN003
@@ -36,9 +38,11 @@ __all__ = [
     "AdapterStateError",
     "BaseModelError",
     "BaseModelMismatchError",
+    "BottleneckConfig",
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "IA3Config",
     "LoraConfig",
     "PeftkitError",
     "RequestError",

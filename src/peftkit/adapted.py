@@ -351,6 +351,8 @@ class AdaptedModel(nn.Module):
                 plain = wrapper.modules_to_save[chosen] if chosen else wrapper.original_module
             else:
                 wrapper.unmerged_weight = None
+                if hasattr(wrapper, "unmerged_bias"):
+                    wrapper.unmerged_bias = None
                 plain = wrapper.base_layer
             set_module(self.model, module_name, plain)
         self.configs.clear()
@@ -488,10 +490,11 @@ class AdaptedModel(nn.Module):
 
     def base_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """The plain base model's state (names and original, unmerged weights), without adapters."""
-        originals = {
-            f"{n}.base_layer.weight": m.unmerged_weight
+        originals = {  # while an adapter is merged, the weights (and biases, for IA³) before it
+            f"{n}.base_layer.{what}": getattr(m, f"unmerged_{what}")
             for n, m in self.adapter_layers()
-            if getattr(m, "unmerged_weight", None) is not None
+            for what in ("weight", "bias")
+            if getattr(m, f"unmerged_{what}", None) is not None
         }
         adapter_parts = {id(t) for _, t in self._adapter_parts()}
         for key, value in self.model.state_dict(keep_vars=True).items():

@@ -7,6 +7,9 @@ so a quantized layer is one more layer type, not a special case in each method.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import Tensor, nn
 
 LINEAR_TYPES = ("linear", "conv1d_gpt2")
@@ -66,3 +69,22 @@ def float_dtype(module: nn.Module):  # noqa: ANN201 (torch.dtype)
     if is_quantized(module):
         return module.compute_dtype
     return module.weight.dtype
+
+
+def dense_copy(module: nn.Module) -> nn.Module:
+    """A quantized layer as a plain float layer holding its dequantized weight; others as they are."""
+    return module.to_linear() if is_quantized(module) else module
+
+
+@contextmanager
+def fast_decoding(model: nn.Module) -> Iterator[None]:
+    """Within the block, quantized layers keep a fast path for forwards without gradients (generation:
+    an inference kernel or one dequantized weight) instead of dequantizing at every step."""
+    layers = [m for m in model.modules() if is_quantized(m)]
+    for m in layers:
+        m.hold_for_inference(True)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.hold_for_inference(False)

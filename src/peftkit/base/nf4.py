@@ -378,6 +378,8 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.compute_dtype = compute_dtype
         self.backend = backend
+        self.dense: Tensor | None = None  # inference helpers, held only while decoding (hold_for_inference)
+        self.__dict__["kernel"] = None  # not a submodule: never saved, moved or cast with the layer
         self._set_weight(q)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -414,7 +416,28 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if not torch.is_grad_enabled():
+            if self.kernel is not None:
+                return self.kernel(x.to(self.compute_dtype)).to(x.dtype)
+            if self.dense is not None:
+                return F.linear(x.to(self.compute_dtype), self.dense, bias).to(x.dtype)
         return _NF4LinearFn.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
+
+    def hold_for_inference(self, hold: bool) -> None:
+        """Prepare (or drop) a fast path for forwards without gradients, for decoding, which runs one
+        token at a time: dequantizing every weight at every step costs more than the products.
+
+        Where bitsandbytes runs on the CPU, its 4-bit inference kernel over a private copy of the codes
+        (it repacks them in place, which must never reach this layer's own codes: that is the trap that
+        drops training gradients); otherwise one dequantized copy. Measured on the built-in model, 24
+        greedy tokens, one thread: the kernel 1.25 s (batch 1) and 1.99 s (batch 8), a dequantized copy
+        1.81 s and 2.14 s, dequantizing at every step 2.16 s and 2.65 s; the bf16 model 1.51 s and 2.07 s.
+        Training never takes this path (its forwards run with gradients)."""
+        self.dense, self.__dict__["kernel"] = None, None
+        if hold:
+            self.__dict__["kernel"] = _inference_kernel(self)
+            if self.kernel is None:
+                self.dense = self.dequantized_weight()
 
     def to_linear(self) -> nn.Linear:
         """A plain, frozen nn.Linear holding the dequantized weight (in `compute_dtype`)."""
@@ -490,6 +513,25 @@ class NF4Linear(nn.Module):
         if self.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(ours["bias"])
+
+
+def _inference_kernel(layer: NF4Linear) -> nn.Module | None:
+    """bitsandbytes' Linear4bit over a copy of `layer`'s codes, in eval mode, or None where it does not
+    apply: no bitsandbytes, not on the CPU, or rows its CPU kernel misreads (see `dequantize_nf4`)."""
+    bnb = _bnb()
+    straddles = layer.in_features % layer.blocksize != 0  # its CPU kernels misread such rows' scales
+    if bnb is None or not _bnb_verified() or layer.weight.device.type != "cpu" or straddles:
+        return None
+    kernel = bnb.nn.Linear4bit(
+        layer.in_features, layer.out_features, bias=layer.bias is not None,
+        compute_dtype=layer.compute_dtype, quant_type="nf4",
+    )  # fmt: skip
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    stats = {k.removeprefix("weight."): v for k, v in state.items() if k.startswith("weight.")}
+    kernel.weight = bnb.nn.Params4bit.from_prequantized(state["weight"], stats, device="cpu", module=kernel)
+    if layer.bias is not None:
+        kernel.bias = nn.Parameter(state["bias"].to(layer.compute_dtype), requires_grad=False)
+    return kernel.eval()
 
 
 def quantize_model(

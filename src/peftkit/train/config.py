@@ -23,6 +23,8 @@ import yaml
 
 from ..errors import ConfigError, did_you_mean
 from ..methods import METHODS
+from ..methods.bottleneck_config import BottleneckConfig
+from ..methods.ia3_config import IA3Config
 from ..methods.lora_config import LoraConfig
 from ..values import check_keys_are_text, int_limit_problem, number_from_text, surrogate_problem
 from ..values import short_repr as _short
@@ -63,6 +65,13 @@ class TrainConfig:
     lora: LoraConfig = _f(
         lambda: LoraConfig(r=16, lora_alpha=32),
         "the adapter (LoraConfig fields: r, lora_alpha, target_modules, ...)",
+    )
+    ia3: IA3Config = _f(
+        lambda: IA3Config(), "IA³ vectors (IA3Config fields: target_modules, feedforward_modules, ...)"
+    )
+    bottleneck: BottleneckConfig = _f(
+        lambda: BottleneckConfig(),
+        "bottleneck adapters (BottleneckConfig fields: config, bottleneck_size, ...)",
     )
     max_length: int = _f(512, "longest tokenized example; longer ones are truncated as `truncation` says")
     train_on: Literal["completion", "last", "all"] = _f(
@@ -173,13 +182,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
         data = loaded or {}
-    defaults = TrainConfig()
-    for section in (s for s in METHODS if hasattr(defaults, s)):  # a method not yet wired has no section
+    for section in METHODS:
         if not isinstance(data.get(section, {}), dict):
             kind = METHODS[section].config_cls.__name__
             raise ConfigError(f"{section} must be a mapping of {kind} fields, found {_short(data[section])}")
-        # Partial sections merge into the defaults (lora: {r: 8} keeps the default lora_alpha).
-        data = {**data, section: {**getattr(defaults, section).to_dict(), **data.get(section, {})}}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -188,7 +194,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {dotted}: {part} is not a mapping")
         node[leaf] = value
+    # A method's section changes its defaults (lora: {r: 8} keeps the default lora_alpha); the method's
+    # own replace() re-derives what depends on the changed keys (a bottleneck's placement -> targets).
+    defaults = TrainConfig()
+    for section in METHODS:
+        if isinstance(data.get(section), dict):
+            data[section] = _section(getattr(defaults, section), data[section], section)
     return build(TrainConfig, data)
+
+
+def _section(default: Any, changes: dict[str, Any], section: str) -> Any:
+    try:
+        if not all(isinstance(k, str) for k in changes):
+            type(default).from_dict(changes)  # raises the method's own error, naming the key
+        return default.replace(**changes)
+    except ConfigError as e:
+        raise ConfigError(f"{section}: {e}") from None
 
 
 def _read_yaml(path: Path) -> Any:
