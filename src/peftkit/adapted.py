@@ -25,6 +25,7 @@ from .adapter_checks import (
     check_other_adapters,
     expected_tensors,
     is_base_bias,
+    note_quantization,
     saved_modules_of,
 )
 from .errors import (
@@ -36,7 +37,7 @@ from .errors import (
 from .formats import peft as fmt
 from .identity import AdapterIdentity
 from .inject import Target, find_modules_to_save, find_targets, get_module, set_module
-from .layer_types import is_quantized
+from .layer_types import dense_copy, fast_decoding, is_quantized
 from .methods import MethodSpec, is_adapter_layer, method_for, method_of_layer
 from .naming import adapter_name_problem
 from .prefix import KV, generate_with_prefix, prefix_inputs
@@ -110,8 +111,10 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         files = fmt.read_adapter(path)
         spec, config = fmt.config_from_peft(files.config, files.directory)
+        identity = AdapterIdentity.from_metadata(files.metadata)
         if check_base:
-            check_base_fingerprint(self, AdapterIdentity.from_metadata(files.metadata), files.directory)
+            check_base_fingerprint(self, identity, files.directory)
+        note_quantization(self, identity, files.directory)
         targets = find_targets(self.model, config, spec) if spec.wraps_layers else []
         check_other_adapters(self, spec, config, targets)
         expected, base_copies = expected_tensors(self, spec, config, targets, files.tensors)
@@ -342,7 +345,16 @@ class AdaptedModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, names: str | list[str] | None = None) -> nn.Module:
-        """Merge adapters into the weights and return the plain base model (no adapter code left)."""
+        """Merge adapters into the weights and return the plain base model (no adapter code left).
+
+        A 4-bit base layer is first replaced by a dequantized copy (in its compute dtype), and the
+        adapter merges into that: re-quantizing would keep only a sliver of a small update."""
+        chosen = (
+            list(self.state.active) if names is None else [names] if isinstance(names, str) else list(names)
+        )
+        for _, layer in self.adapter_layers():
+            if is_quantized(layer.base_layer) and any(n in layer.specs for n in chosen):
+                layer.base_layer = dense_copy(layer.base_layer)
         self.merge(names)
         merged = self.merged_adapters
         for module_name, wrapper in list(self.wrappers()):
@@ -406,9 +418,10 @@ class AdaptedModel(nn.Module):
 
     def _generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         rows = self._prefix_rows(batch_rows(args, kwargs), generating=True)
-        if rows is None:
-            return self.model.generate(*args, **kwargs)
-        return generate_with_prefix(self.model, rows, **_as_kwargs(args, kwargs))
+        with fast_decoding(self.model):  # a 4-bit base decodes without dequantizing at every token
+            if rows is None:
+                return self.model.generate(*args, **kwargs)
+            return generate_with_prefix(self.model, rows, **_as_kwargs(args, kwargs))
 
     def _prefix_rows(self, batch: int | None, *, generating: bool = False) -> list[KV | None] | None:
         """Each row's key/value prefix from the whole-model adapters that apply (None: no prefix for

@@ -3,6 +3,7 @@ which tensors a file must hold, modules another adapter already claims, and the 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,3 +138,22 @@ def is_base_bias(param_name: str) -> bool:
     """A base layer's bias (not one inside a modules_to_save copy, whose copies train whole)."""
     copies = any(part in param_name for part in (".modules_to_save.", ".original_module."))
     return param_name.rsplit(".", 1)[-1] == "bias" and not copies
+
+
+def note_quantization(am: AdaptedModel, identity: AdapterIdentity, source: Path) -> None:
+    """An adapter trained on the 4-bit form of this base loads onto the full-precision one, and the
+    reverse (the fingerprint is the checkpoint's, before quantization), with a note that says so."""
+    if not identity.saved_by_peftkit:
+        return
+    trained, here = identity.base_quantization, getattr(am.model, "_peftkit_quantization", None)
+    if trained != here:
+        warnings.warn(
+            f"{source} was trained on the {_form(trained)} form of this base model and is loaded onto its "
+            f"{_form(here)} form: the same checkpoint, so it applies, but outputs differ by the "
+            "quantization error (small for NF4; measure it on your task if it matters)",
+            stacklevel=3,
+        )
+
+
+def _form(quantization: str | None) -> str:
+    return f"{quantization} (4-bit)" if quantization else "full-precision"

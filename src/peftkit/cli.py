@@ -253,6 +253,7 @@ def merge(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     overwrite: bool = False,
     check_base: bool = True,
+    quantize: Literal["nf4"] | None = None,
 ) -> None:
     """Fold an adapter into its base model and write a plain HF model directory (with its tokenizer).
 
@@ -269,10 +270,15 @@ def merge(
             or the working directory)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base merges it anyway; names and shapes are still checked)
+        quantize: nf4: merge a QLoRA adapter into the base as it trained on: the 4-bit base,
+            dequantized (the output is full precision; re-quantizing would lose the update). Prints
+            how far the merged model's logits are from the unmerged 4-bit model's
     """
     from .merge import merge_to_dir
 
-    merge_to_dir(base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite, check_base=check_base)
+    merge_to_dir(
+        base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite, check_base=check_base, quantize=quantize
+    )
 
 
 @command

@@ -76,6 +76,18 @@ def dense_copy(module: nn.Module) -> nn.Module:
     return module.to_linear() if is_quantized(module) else module
 
 
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantized layer of `model` by a plain float layer holding its dequantized weight,
+    in place; return how many. The model then saves and loads as an ordinary checkpoint."""
+    names = [n for n, m in model.named_modules() if is_quantized(m)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, child, dense_copy(getattr(holder, child)))
+    model.__dict__.pop("_peftkit_quantization", None)
+    return len(names)
+
+
 @contextmanager
 def fast_decoding(model: nn.Module) -> Iterator[None]:
     """Within the block, quantized layers keep a fast path for forwards without gradients (generation:
