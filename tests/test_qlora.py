@@ -155,3 +155,43 @@ def _metadata(adapter_dir) -> dict[str, str]:
 
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
         return dict(f.metadata())
+
+
+def test_an_hf_peft_lora_trained_on_a_bitsandbytes_4bit_base_loads_here_with_the_same_outputs(tmp_path):
+    """transformers + bitsandbytes quantize the checkpoint to the same bytes as load_base(quantize=
+    "nf4"), and an HF PEFT LoRA over that base gives the same outputs in peftkit."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
+    )
+    ours, _ = load_base(str(tmp_path / "base"), dtype=torch.float32, quantize="nf4", tokenizer="optional")
+    q_theirs = theirs.model.layers[1].mlp.down_proj.state_dict()
+    q_ours = ours.model.layers[1].mlp.down_proj.state_dict()
+    assert q_theirs.keys() == q_ours.keys()
+    assert all(torch.equal(q_theirs[k], q_ours[k]) for k in q_ours if q_ours[k].dtype != torch.float32)
+
+    torch.manual_seed(1)
+    pm = get_peft_model(
+        theirs, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
+    pm.train()  # bitsandbytes' training path (its eval kernel would repack the weights)
+    x = torch.arange(12).view(2, 6) * 5 % 64
+    with torch.no_grad():
+        expected = pm(input_ids=x).logits
+    pm.save_pretrained(tmp_path / "adapter")
+    am = AdaptedModel.from_pretrained(ours, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(am(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
