@@ -141,6 +141,19 @@ def test_train_with_quantize_nf4_records_it_and_the_adapter_moves_between_forms(
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, q(input_ids=x).logits, atol=1e-4, rtol=1e-4)
     assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+    # The commands that generate take the 4-bit base too.
+    report = tmp_path / "eval.json"
+    args = ["--base", str(tiny_model_dir), "--quantize", "nf4"]
+    assert (
+        main(["eval", str(data), *args, "--adapters", str(adapter), "--n", "4", "--json", str(report)]) == 0
+    )
+    rows = json.loads(report.read_text())
+    assert rows and "base" in json.dumps(rows)
+    assert (
+        main(["generate", *args, "--adapter", str(adapter), "--max-new-tokens", "3", "--prompt", "up abc"])
+        == 0
+    )
+    assert main(["generate", *args, "--max-new-tokens", "3", "--prompt", "up abc"]) == 0
 
 
 def test_full_fine_tuning_refuses_a_4bit_base(tiny_model_dir, tmp_path) -> None:

@@ -18,6 +18,7 @@ from peftkit.io import unwritable_reason
 from peftkit.terminal import printable
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["nf4"] | None
 MetricName = Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"]
 FILE_MAX_NEW_TOKENS = 512  # the cap of --max-new-tokens 0 (auto) for files: longest reference + 8
 
@@ -67,10 +68,16 @@ def dir_adapter_name(path: Path, taken: list[str]) -> str:
 
 
 def load_model(
-    base: str, adapters: list[tuple[str, Path]], dtype: str, *, check_base: bool = True
+    base: str,
+    adapters: list[tuple[str, Path]],
+    dtype: str,
+    *,
+    check_base: bool = True,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer): the base, wrapped in an AdaptedModel with each (name, directory) loaded when
-    adapters are given. check_base=False skips the base-fingerprint check (--no-check-base)."""
+    adapters are given (or the base is 4-bit: the adapted generate decodes it fast). check_base=False
+    skips the base-fingerprint check (--no-check-base)."""
     from transformers.utils import logging as hf_logging
 
     from peftkit.adapted import AdaptedModel
@@ -81,8 +88,8 @@ def load_model(
         read_adapter(d)
     hf_logging.disable_progress_bar()
     _log(f"loading base model {base} ...")
-    model, tokenizer = load_base(base, dtype=dtype)
-    if not adapters:
+    model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
+    if not adapters and not quantize:
         return model, tokenizer
     am = AdaptedModel(model)
     for name, d in adapters:
@@ -142,6 +149,7 @@ def eval(
     samples: int = 0,
     json: Path | None = None,
     check_base: bool = True,
+    quantize: Quantize = None,
 ) -> None:
     """Score the base model and each adapter on a dataset, side by side (greedy decoding).
 
@@ -166,6 +174,7 @@ def eval(
         json: also write the report (with every prediction) to this JSON file
         check_base: refuse adapters whose recorded base fingerprint differs from this base's
             (--no-check-base loads them anyway; names and shapes are still checked)
+        quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
     """
     from peftkit.data.source import load_data, parse_task_spec
     from peftkit.eval.metrics import check_references
@@ -188,7 +197,7 @@ def eval(
         raise DataError(f"data {data!r}: no examples to evaluate")
     metric = metric if metric != "auto" else task[0].metric if task else "exact_match"
     check_references(metric, [ex.answer for ex in examples])  # not after the model answered them all
-    model, tokenizer = load_model(base, named, dtype, check_base=check_base)
+    model, tokenizer = load_model(base, named, dtype, check_base=check_base, quantize=quantize)
     names = [name for name, _ in named]
     if max_new_tokens == 0:
         max_new_tokens = task[0].max_new_tokens if task else _longest_answer(tokenizer, examples) + 8
@@ -319,6 +328,7 @@ def generate(
     batch_size: int = 16,
     dtype: Dtype = "auto",
     check_base: bool = True,
+    quantize: Quantize = None,
 ) -> None:
     """Answer prompts with the base model or an adapter (greedy decoding) and print each answer.
 
@@ -333,6 +343,7 @@ def generate(
         dtype: the dtype to load the base in (auto: the checkpoint's own)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
+        quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
     """
     from peftkit.data.example import Message, with_system
     from peftkit.eval.generation import generate_answers
@@ -346,7 +357,7 @@ def generate(
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")
     named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
-    model, tokenizer = load_model(base, named, dtype, check_base=check_base)
+    model, tokenizer = load_model(base, named, dtype, check_base=check_base, quantize=quantize)
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
     for chat, answer in zip(chats, answers, strict=True):
         print(printable(f">>> {chat[-1].content}\n{answer}\n", keep="\n\t"), flush=True)
@@ -360,6 +371,7 @@ def chat(
     max_new_tokens: int = 256,
     dtype: Dtype = "auto",
     check_base: bool = True,
+    quantize: Quantize = None,
 ) -> None:
     """Talk to the base model or an adapter; the conversation so far is kept as context.
 
@@ -374,13 +386,14 @@ def chat(
         dtype: the dtype to load the base in (auto: the checkpoint's own)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
+        quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
     """
     from peftkit.data.example import Message
     from peftkit.eval.generation import generate_answers
 
     _at_least("max-new-tokens", max_new_tokens, 1)
     named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
-    model, tokenizer = load_model(base, named, dtype, check_base=check_base)
+    model, tokenizer = load_model(base, named, dtype, check_base=check_base, quantize=quantize)
     interactive = sys.stdin.isatty()
     start = [Message("system", system)] if system else []
     history = list(start)
