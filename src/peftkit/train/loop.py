@@ -253,6 +253,9 @@ def _save(
         "best_output": str(best) if has_best else None,
         "interrupted": interrupted,
         "precision": p.precision,
+        "method": p.config.method,
+        "quantize": p.config.quantize,
+        "trainable_parameters": trainable.numel(),
         **p.lineage,
         **pos.extra,
     }
