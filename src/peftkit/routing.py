@@ -68,6 +68,26 @@ class RowRouting:
         return first if all(n == first for n in self.names) else False
 
 
+def row_slots(
+    routing: RowRouting, names: list[str], batch: Tensor, cache: dict[str, tuple[tuple, object]]
+) -> tuple[Tensor, int | None]:
+    """Each row's slot in a layer whose adapters are `names` (in stack order; len(names) means "no
+    adapter on this layer"), and the slot every row shares, if they do (else None). Kept in `cache`
+    (the layer's) for the routing's lifetime: every forward of one mixed batch reuses it."""
+    key = (routing.uid, batch.device, batch.shape[0], torch.is_inference_mode_enabled())
+    hit = cache.get("rows")
+    if hit is not None and hit[0] == key:
+        return hit[1]  # type: ignore[return-value]
+    index = {n: i for i, n in enumerate(names)}
+    lut = [index.get(u, len(index)) for u in routing.unique] + [len(index)]
+    slots = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
+    slots = slots.repeat_interleave(routing.repeat_for(batch.shape[0]))  # beam search repeats each row
+    uniform = int(slots[0]) if bool((slots == slots[0]).all()) else None
+    value = (slots.to(batch.device), uniform)
+    cache["rows"] = (key, value)
+    return value
+
+
 @dataclass
 class AdapterState:
     """Shared by all adapter layers of one model: what is active, disabled or routed right now."""

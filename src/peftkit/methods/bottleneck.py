@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import AdapterStateError
 from ..layer_types import float_dtype, layer_type, weight_device, weight_shape
-from ..routing import AdapterState, RowRouting
+from ..routing import AdapterState, RowRouting, row_slots
 from .bottleneck_config import BottleneckConfig, config_from_file, config_to_file
 from .spec import MethodSpec
 
@@ -141,7 +141,9 @@ class BottleneckLayer(nn.Module):
 
     def _forward_mixed(self, y: Tensor, routing: RowRouting) -> Tensor:
         """Each row through its own adapter (or none): one gathered bmm per projection."""
-        slots, uniform = self._row_slots(routing, y)  # (N,) slot per row; len(specs) = no adapter
+        slots, uniform = row_slots(
+            routing, list(self.specs), y, self._cache
+        )  # (N,) slot per row; len(specs) = no adapter
         if uniform is not None:  # every row the same: the plain path
             return y if uniform == len(self.specs) else self._apply(list(self.specs)[uniform], y)
         dw, db, uw, ub, dropouts, act_ids, act_names = self._stacks()
@@ -157,21 +159,6 @@ class BottleneckLayer(nn.Module):
             ub.index_select(0, slots).unsqueeze(1), h, uw.index_select(0, slots)
         )  # (N, L, out)
         return y + delta.view(y.shape).to(y.dtype)
-
-    def _row_slots(self, routing: RowRouting, y: Tensor) -> tuple[Tensor, int | None]:
-        """Each row's slot in this layer's stack, and the slot if every row shares one (else None)."""
-        key = (routing.uid, y.device, y.shape[0], torch.is_inference_mode_enabled())
-        hit = self._cache.get("rows")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        index = {n: i for i, n in enumerate(self.specs)}
-        lut = [index.get(u, len(index)) for u in routing.unique] + [len(index)]
-        slots = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
-        slots = slots.repeat_interleave(routing.repeat_for(y.shape[0]))  # beam search repeats each row
-        uniform = int(slots[0]) if bool((slots == slots[0]).all()) else None
-        value = (slots.to(y.device), uniform)
-        self._cache["rows"] = (key, value)
-        return value
 
     def _stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[str]]:
         """Every adapter's projections stacked, plus an all-zero slot for rows without an adapter:

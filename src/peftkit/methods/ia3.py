@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer_types import dense_weight, float_dtype, layer_type, weight_device, weight_shape
-from ..routing import AdapterState, RowRouting
+from ..routing import AdapterState, RowRouting, row_slots
 from . import ia3_config
 from .ia3_config import KEY_SUFFIX, IA3Config
 from .spec import MethodSpec
@@ -172,7 +172,9 @@ class IA3Layer(nn.Module):
         return result
 
     def _forward_mixed(self, x: Tensor, routing: RowRouting, args: tuple, kwargs: dict) -> Tensor:
-        rows, uniform = self._local_rows(routing, x)  # (N,) slot per row; len(specs) means "no adapter"
+        rows, uniform = row_slots(
+            routing, list(self.specs), x, self._cache
+        )  # (N,) slot per row; len(specs) means "no adapter"
         if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
             names = list(self.specs)
             return self._scaled(x, names[uniform : uniform + 1], args, kwargs)
@@ -187,21 +189,6 @@ class IA3Layer(nn.Module):
         return result
 
     # -- per-row routing and stacked vectors ---------------------------------------------------------
-    def _local_rows(self, routing: RowRouting, x: Tensor) -> tuple[Tensor, int | None]:
-        """Each row's slot in this layer's stack, and the slot if every row shares one (else None)."""
-        key = (routing.uid, x.device, x.shape[0], torch.is_inference_mode_enabled())
-        hit = self._cache.get("rows")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        slots = {n: i for i, n in enumerate(self.specs)}
-        lut = [slots.get(u, len(slots)) for u in routing.unique] + [len(slots)]
-        rows = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
-        rows = rows.repeat_interleave(routing.repeat_for(x.shape[0]))  # beam search repeats each row
-        uniform = int(rows[0]) if bool((rows == rows[0]).all()) else None
-        value = (rows.to(x.device), uniform)
-        self._cache["rows"] = (key, value)
-        return value
-
     def _stacks(self) -> tuple[Tensor | None, Tensor | None]:
         """Every adapter's vector as a row of an input stack (feedforward adapters) and an output stack
         (the others), ones where an adapter does not scale that side, plus a ones row for base rows.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer_types import float_dtype, is_quantized, weight_device
-from ..routing import AdapterState, RowRouting
+from ..routing import AdapterState, RowRouting, row_slots
 from . import lora_info
 from .lora_config import LoraConfig, config_from_file, config_to_file, pattern_matches
 from .lora_kinds import SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
@@ -128,7 +128,9 @@ class LoraLayer(nn.Module):
         return result + ((f - 1) * y0 + f * delta).to(result.dtype)
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
-        rows, uniform = self._local_rows(routing, x)  # (N,) slot per row; len(specs) means "no adapter"
+        rows, uniform = row_slots(
+            routing, list(self.specs), x, self._cache
+        )  # (N,) slot per row; len(specs) means "no adapter"
         if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
             if uniform == len(self.specs):
                 return result
@@ -167,21 +169,6 @@ class LoraLayer(nn.Module):
         return F.dropout(x, p, training=True) if self.training and p > 0 else x
 
     # -- per-row routing and stacked factors --------------------------------------------------------
-    def _local_rows(self, routing: RowRouting, x: Tensor) -> tuple[Tensor, int | None]:
-        """Each row's slot in this layer's stack, and the slot if every row shares one (else None)."""
-        key = (routing.uid, x.device, x.shape[0], torch.is_inference_mode_enabled())
-        hit = self._cache.get("rows")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        slots = {n: i for i, n in enumerate(self.specs)}
-        lut = [slots.get(u, len(slots)) for u in routing.unique] + [len(slots)]
-        rows = torch.tensor(lut, dtype=torch.long)[routing.row_to_unique]
-        rows = rows.repeat_interleave(routing.repeat_for(x.shape[0]))  # beam search repeats each row
-        uniform = int(rows[0]) if bool((rows == rows[0]).all()) else None
-        value = (rows.to(x.device), uniform)
-        self._cache["rows"] = (key, value)
-        return value
-
     def _stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """All adapters' factors stacked (plus a zero slot for base rows), scaling folded into B.
 
