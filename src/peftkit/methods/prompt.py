@@ -1,0 +1,375 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"): P
+trainable embeddings, soft tokens, in front of every input; the base model is untouched.
+
+peftkit feeds the soft tokens as a key/value prefix (`peftkit.prefix`): once per call they run
+through the model at positions 0..P-1, and the real tokens attend to their keys and values. For the
+real tokens that is exactly HF PEFT's concatenation of embeddings (tests compare the logits); the
+logits cover the real tokens only, where PEFT's carry P extra positions in front.
+
+Field names and the file (one tensor, `prompt_embeddings` (P, hidden)) are HF PEFT's. The helpers
+for configs of virtual tokens (fields, checks, the model's geometry) are shared with prefix tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import (
+    AdapterFileError,
+    ConfigError,
+    PeftkitError,
+    RequestError,
+    ShapeMismatchError,
+    did_you_mean,
+)
+from ..prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
+from ..values import check_keys_are_text, short_repr
+from .spec import MethodSpec
+
+ROLE = "prompt_embeddings"  # the file key (bare, as HF PEFT stores it) and the tensor's role
+INIT_CHOICES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+GEOMETRY = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
+
+
+# -- config helpers shared with prefix tuning ------------------------------------------------------
+def config_field(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
+    return field(default=default, metadata={"help": help})
+
+
+def geometry_field(what: str) -> Any:
+    return config_field(
+        None, f"filled from the base model when the adapter is made ({what}); a file's value must match it"
+    )
+
+
+def check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_common(config: Any) -> None:
+    """The checks every virtual-token config shares: the prompt's length and the geometry fields."""
+    n = config.num_virtual_tokens
+    check(is_int(n) and n > 0, "num_virtual_tokens", n, "a positive integer, e.g. 20")
+    for key in GEOMETRY:
+        value = getattr(config, key)
+        check(
+            value is None or (is_int(value) and value > 0),
+            key,
+            value,
+            "a positive integer, or null (from the model)",
+        )
+
+
+def from_mapping(cls: type, data: Any, label: str) -> Any:
+    """A config of class `cls` from a dict, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {label} config must be a mapping of its fields, found {type(data).__name__}")
+    known = [f.name for f in fields(cls)]
+    check_keys_are_text(data, f"{label} config", sorted(known))
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown {label} config key {key!r}{did_you_mean(key, known)}; "
+            f"valid keys: {', '.join(sorted(known))}"
+        )
+    return cls(**data)
+
+
+def field_docs_of(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    return {
+        f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        for f in fields(cls)
+    }
+
+
+def check_geometry(config: Any, found: dict[str, int], model: nn.Module, label: str, error: type) -> None:
+    """Each geometry field the config sets must be the model's: else `error` naming field and fix."""
+    for key, value in found.items():
+        given = getattr(config, key)
+        if given is not None and given != value:
+            raise error(
+                f"the {label} adapter has {key}={given}, but this base model ({type(model).__name__}) has "
+                f"{key}={value}: it was made for another base model. Use the base model it was made for"
+                + (" (or leave the field unset: it is filled from the model)" if error is ConfigError else "")
+            )
+
+
+def from_file(
+    cls: type, data: dict[str, Any], source: Any, label: str, ignored: set[str], changes: dict[str, Any]
+) -> Any:
+    """A config from the method part of an adapter_config.json (peftkit's or HF PEFT's). Keys in
+    `ignored` only chose starting values (the file's tensors replace them); `changes` are applied."""
+    known = set(defaults_of(cls))
+    ours: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known:
+            ours[key] = value
+        elif key not in ignored and value not in (None, False, {}, [], ""):
+            raise AdapterFileError(
+                f"{source}: the {label} adapter uses {key}={value!r}, a PEFT feature peftkit does not "
+                "support; "
+                "load it with HF PEFT, or re-train without that option"
+            )
+    try:
+        return cls.from_dict({**ours, **changes})
+    except ConfigError as e:
+        raise AdapterFileError(f"{source}: {e}") from None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in (its token embeddings'): prompts and prefixes are cast to it."""
+    return model.get_input_embeddings().weight.dtype
+
+
+# -- the config -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    """Prompt tuning: P soft tokens (trainable embeddings) in front of every input.
+
+    Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    """
+
+    num_virtual_tokens: int = config_field(20, "soft tokens in front of every input (the prompt's length P)")
+    prompt_tuning_init: str = config_field(
+        "RANDOM",
+        "how the soft tokens start: 'RANDOM' (normal, std 1, as in HF PEFT), 'SAMPLE_VOCAB' (embeddings "
+        "of random vocabulary tokens) or 'TEXT' (embeddings of prompt_tuning_init_text's tokens, repeated "
+        "or cut to num_virtual_tokens)",
+    )
+    prompt_tuning_init_text: str | None = config_field(
+        None, "with prompt_tuning_init TEXT: the text whose token embeddings start the prompt"
+    )
+    tokenizer_name_or_path: str | None = config_field(
+        None,
+        "with prompt_tuning_init TEXT: the tokenizer for the text, a peftkit base model name (e.g. "
+        "'smollm2-135m') or a model or tokenizer directory; use the base model's own",
+    )
+    token_dim: int | None = geometry_field("the hidden size")
+    num_layers: int | None = geometry_field("its transformer layers")
+    num_attention_heads: int | None = geometry_field("its query heads")
+    num_transformer_submodules: int | None = geometry_field("1 for a decoder")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt_tuning_init, str):  # 'text' in a YAML file means TEXT
+            object.__setattr__(self, "prompt_tuning_init", self.prompt_tuning_init.upper())
+        check_common(self)
+        init = self.prompt_tuning_init
+        check(init in INIT_CHOICES, "prompt_tuning_init", init, f"one of {', '.join(INIT_CHOICES)}")
+        for key in ("prompt_tuning_init_text", "tokenizer_name_or_path"):
+            value = getattr(self, key)
+            check(value is None or isinstance(value, str), key, value, "a string, or null")
+        if init == "TEXT":
+            text, tok = self.prompt_tuning_init_text, self.tokenizer_name_or_path
+            words = (
+                "a non-empty text with prompt_tuning_init TEXT (the words whose embeddings start the prompt)"
+            )
+            check(bool(text and text.strip()), "prompt_tuning_init_text", text, words)
+            tokenizer = (
+                "the base model's name or directory with prompt_tuning_init TEXT (its tokenizer turns "
+                "prompt_tuning_init_text into token ids), e.g. 'smollm2-135m'"
+            )
+            check(bool(tok), "tokenizer_name_or_path", tok, tokenizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptTuningConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        return from_mapping(cls, data, "prompt tuning")
+
+    def replace(self, **changes: Any) -> PromptTuningConfig:
+        """A copy with some fields changed (validated again)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's one-line documentation (used by the CLI and the docs)."""
+        return field_docs_of(cls)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return defaults_of(cls)
+
+
+def prompt_geometry(g: Geometry) -> dict[str, int]:
+    """The geometry fields of a prompt-tuning file for a model (HF PEFT's values: query heads)."""
+    return {
+        "token_dim": g.hidden,
+        "num_layers": g.layers,
+        "num_attention_heads": g.heads,
+        "num_transformer_submodules": 1,
+    }
+
+
+# -- the adapter ------------------------------------------------------------------------------------
+class PromptEmbedding(nn.Module):
+    """P soft-token embeddings; their keys and values are what the model computes for them."""
+
+    def __init__(self, weight: Tensor, geometry: dict[str, int]) -> None:
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(weight)  # (P, H)
+        self.geometry = geometry  # the file's geometry fields, from the model it was made for
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        return {ROLE: self.prompt_embeddings}
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.prompt_embeddings.copy_(tensors[ROLE])
+
+    def prefix_kv(self, model: nn.Module) -> KV:
+        """Run the soft tokens through the model (positions 0..P-1, no mask) and keep each layer's keys
+        and values; with gradients, so training reaches the embeddings through them."""
+        check_no_checkpointing(model)
+        backbone = getattr(model, "base_model", model)  # the decoder without its head: no logits to compute
+        embeds = self.prompt_embeddings.to(model_dtype(model))[None]  # (1, P, H)
+        out = backbone(inputs_embeds=embeds, use_cache=True)
+        cache = getattr(out, cache_argument(backbone), None)  # outputs name the cache as the forward does
+        if cache is None:
+            raise RequestError(f"{type(backbone).__name__} returned no key/value cache for the soft prompt")
+        return [(keys[0], values[0]) for keys, values, *_ in cache]  # per layer (H_kv, P, D)
+
+
+def make_adapter(model: nn.Module, config: PromptTuningConfig) -> PromptEmbedding:
+    """A new prompt for `model`, initialised as `config.prompt_tuning_init` says."""
+    geometry = prompt_geometry(model_geometry(model))
+    check_geometry(config, geometry, model, "prompt tuning", ConfigError)
+    embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        weight = initial_prompt(config, embeddings, geometry["token_dim"])  # (P, H)
+    return PromptEmbedding(weight.detach().clone(), geometry)
+
+
+def initial_prompt(config: PromptTuningConfig, embeddings: nn.Module, hidden: int) -> Tensor:
+    """The starting soft tokens (P, H), in the embeddings' dtype and device (HF PEFT's rules)."""
+    n, weight = config.num_virtual_tokens, embeddings.weight
+    if config.prompt_tuning_init == "RANDOM":  # nn.Embedding's own init, as HF PEFT leaves it
+        return torch.randn(n, hidden).to(device=weight.device, dtype=weight.dtype)
+    if config.prompt_tuning_init == "SAMPLE_VOCAB":
+        ids = torch.randint(0, weight.shape[0], (n,))
+    else:
+        assert config.tokenizer_name_or_path is not None and config.prompt_tuning_init_text is not None
+        ids = torch.tensor(text_ids(config.prompt_tuning_init_text, config.tokenizer_name_or_path, n))
+    return embeddings(ids.to(weight.device))
+
+
+def text_ids(text: str, tokenizer_name: str, n: int) -> list[int]:
+    """The text's token ids (special tokens included, as HF PEFT tokenizes it) cut or repeated to n."""
+    ids = load_tokenizer(tokenizer_name)(text)["input_ids"]
+    if not ids:
+        raise ConfigError(f"prompt_tuning_init_text {text!r} gives no tokens with {tokenizer_name!r}")
+    return (ids * math.ceil(n / len(ids)))[:n]
+
+
+def load_tokenizer(name: str) -> Any:
+    """A tokenizer by peftkit base name, model or tokenizer directory, GGUF file or hub id."""
+    from ..base import load_base
+
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():  # a directory's tokenizer alone (a tokenizer-only directory, as HF PEFT accepts)
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+        return load_base(name, device="cpu")[1]
+    except (PeftkitError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"tokenizer_name_or_path {name!r} gives no tokenizer for prompt_tuning_init TEXT ({e}); set it "
+            "to the base model's name (e.g. 'smollm2-135m') or a directory with its tokenizer files"
+        ) from None
+
+
+def expected_shapes(model: nn.Module, config: PromptTuningConfig) -> dict[str, tuple[int, ...]]:
+    """The file's tensor shape for `model`, after checking the file's geometry against the model."""
+    geometry = prompt_geometry(model_geometry(model))
+    check_geometry(config, geometry, model, "prompt tuning", ShapeMismatchError)
+    return {ROLE: (config.num_virtual_tokens * geometry["num_transformer_submodules"], geometry["token_dim"])}
+
+
+# -- the file and `peftkit info` --------------------------------------------------------------------
+def config_to_file(config: PromptTuningConfig, adapter: PromptEmbedding | None = None) -> dict[str, Any]:
+    """The prompt-tuning part of adapter_config.json, with the model's geometry when the adapter is
+    given (HF PEFT fills geometry left null from the model it loads into)."""
+    data = {**config.to_dict(), "tokenizer_kwargs": None, "modules_to_save": None}
+    if adapter is not None:
+        data.update(adapter.geometry)
+    return data
+
+
+def config_from_file(data: dict[str, Any], source: Any) -> PromptTuningConfig:
+    """A PromptTuningConfig from an adapter_config.json. The initialisation only chose starting values,
+    which the file's tensor replaces: a loaded adapter is RANDOM-initialised and needs no tokenizer."""
+    init_only = {
+        "prompt_tuning_init",
+        "prompt_tuning_init_text",
+        "tokenizer_name_or_path",
+        "tokenizer_kwargs",
+    }
+    loaded = {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+    ignored = init_only | {"modules_to_save"}
+    return from_file(PromptTuningConfig, data, source, "prompt tuning", ignored, loaded)
+
+
+def describe(config: PromptTuningConfig, tensors: dict[str, Tensor], modules: list[str]) -> dict[str, Any]:
+    """Prompt tuning's facts: the prompt's length and width read from the tensor, geometry from the file."""
+    shape = tuple(tensors[ROLE].shape) if ROLE in tensors else (config.num_virtual_tokens, config.token_dim)
+    return {
+        "num_virtual_tokens": shape[0],
+        "token_dim": shape[1],
+        **{key: getattr(config, key) for key in GEOMETRY if key != "token_dim"},
+    }
+
+
+def info_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
+    """Prompt tuning's lines of the text report."""
+    return [
+        ("virtual tokens", f"{f['num_virtual_tokens']} soft tokens of width {f['token_dim']}"),
+        *geometry_rows(f),
+    ]
+
+
+def geometry_rows(f: dict[str, Any], heads: str = "attention heads") -> list[tuple[str, str]]:
+    """The model the file says it was made for (when it says: HF PEFT's files do, peftkit's may not)."""
+    if not f.get("num_layers"):
+        return []
+    return [("made for", f"{f['num_layers']} layers, {f['num_attention_heads']} {heads}")]
+
+
+SPEC = MethodSpec(
+    name="prompt",
+    label="prompt tuning",
+    description="P trainable soft-token embeddings in front of every input; nothing to merge into weights",
+    config_cls=PromptTuningConfig,
+    peft_type="PROMPT_TUNING",
+    supports_merge=False,
+    supports_mixed_batch=True,
+    # Two lengths, so the contract's mixed batches hold prompts of different lengths side by side.
+    variants={"prompt": {}, "short": {"num_virtual_tokens": 3}},
+    make_model_adapter=make_adapter,
+    model_expected_shapes=expected_shapes,
+    config_to_file=config_to_file,
+    config_from_file=config_from_file,
+    describe=describe,
+    info_rows=info_rows,
+    # transformers drops the cache of checkpointed layers while training (tests/test_prompt_prefix.py).
+    supports_gradient_checkpointing=False,
+)
