@@ -141,9 +141,8 @@ class BottleneckLayer(nn.Module):
 
     def _forward_mixed(self, y: Tensor, routing: RowRouting) -> Tensor:
         """Each row through its own adapter (or none): one gathered bmm per projection."""
-        slots, uniform = row_slots(
-            routing, list(self.specs), y, self._cache
-        )  # (N,) slot per row; len(specs) = no adapter
+        # (N,) slot per row; len(specs) means "no adapter on this layer"
+        slots, uniform = row_slots(routing, list(self.specs), y, self._cache)
         if uniform is not None:  # every row the same: the plain path
             return y if uniform == len(self.specs) else self._apply(list(self.specs)[uniform], y)
         dw, db, uw, ub, dropouts, act_ids, act_names = self._stacks()

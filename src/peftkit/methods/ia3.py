@@ -172,9 +172,8 @@ class IA3Layer(nn.Module):
         return result
 
     def _forward_mixed(self, x: Tensor, routing: RowRouting, args: tuple, kwargs: dict) -> Tensor:
-        rows, uniform = row_slots(
-            routing, list(self.specs), x, self._cache
-        )  # (N,) slot per row; len(specs) means "no adapter"
+        # (N,) slot per row; len(specs) means "no adapter on this layer"
+        rows, uniform = row_slots(routing, list(self.specs), x, self._cache)
         if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
             names = list(self.specs)
             return self._scaled(x, names[uniform : uniform + 1], args, kwargs)

@@ -128,9 +128,8 @@ class LoraLayer(nn.Module):
         return result + ((f - 1) * y0 + f * delta).to(result.dtype)
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
-        rows, uniform = row_slots(
-            routing, list(self.specs), x, self._cache
-        )  # (N,) slot per row; len(specs) means "no adapter"
+        # (N,) slot per row; len(specs) means "no adapter on this layer"
+        rows, uniform = row_slots(routing, list(self.specs), x, self._cache)
         if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
             if uniform == len(self.specs):
                 return result
