@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,25 @@ def test_text_init_equals_peft(tokenizer_only: bool, tiny_model_dir: Path, tmp_p
         assert torch.equal(am.model_adapters["default"].prompt_embeddings, expected)
 
 
+def test_a_text_initialised_file_loads_without_its_tokenizer(tmp_path: Path) -> None:
+    """The text only chose the starting values, which the file's tensor replaces (as in HF PEFT)."""
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    init = {"prompt_tuning_init_text": "to ISO:", "tokenizer_name_or_path": str(tmp_path / "tok")}
+    base = tiny_llama()
+    base.resize_token_embeddings(len(char_tokenizer()))
+    theirs = peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT", **init
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), theirs)
+    pm.save_pretrained(tmp_path / "peft")
+    shutil.rmtree(tmp_path / "tok")
+    am = AdaptedModel.from_pretrained(base, tmp_path / "peft")
+    assert torch.equal(
+        am.model_adapters["default"].prompt_embeddings, pm.prompt_encoder["default"].embedding.weight
+    )
+    assert am.adapter_config().prompt_tuning_init == "RANDOM"
+
+
 def test_text_init_names_what_is_missing() -> None:
     with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
         PromptTuningConfig(prompt_tuning_init="TEXT", prompt_tuning_init_text="Answer:")
@@ -273,6 +293,17 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(config) -> None:
     assert losses[-1] < losses[0] - 0.1
     assert all(torch.equal(before[k], v) for k, v in am.model.state_dict().items())
     assert all(not torch.equal(adapter[n], p) for n, p in am.model_adapters.named_parameters())
+
+
+@pytest.mark.parametrize("config", both(PrefixTuningConfig(num_virtual_tokens=4)))
+@torch.no_grad()
+def test_adapted_inputs_bring_the_prefix_to_the_backbone_alone(config) -> None:
+    """Training's fused loss runs the backbone alone with `adapted_inputs`: the same hidden states."""
+    am = AdaptedModel.attach(tiny_llama(), config)
+    ids, mask = batch()
+    kwargs = am.adapted_inputs({"input_ids": ids, "attention_mask": mask, "use_cache": False})
+    hidden = am.model.model(**kwargs).last_hidden_state  # (B, T, H)
+    torch.testing.assert_close(am.model.lm_head(hidden), am(input_ids=ids, attention_mask=mask).logits)
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
