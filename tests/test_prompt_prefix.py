@@ -183,11 +183,14 @@ def test_a_text_initialised_file_loads_without_its_tokenizer(tmp_path: Path) -> 
     assert am.adapter_config().prompt_tuning_init == "RANDOM"
 
 
-def test_text_init_names_what_is_missing() -> None:
+def test_text_init_names_what_is_missing(tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
         PromptTuningConfig(prompt_tuning_init="TEXT", prompt_tuning_init_text="Answer:")
     with pytest.raises(ConfigError, match="prompt_tuning_init_text"):
         PromptTuningConfig(prompt_tuning_init="TEXT", tokenizer_name_or_path="smollm2-135m")
+    other = {"prompt_tuning_init_text": "xyz", "tokenizer_name_or_path": str(tiny_model_dir)}
+    with pytest.raises(ConfigError, match="beyond this model's 64 embeddings"):  # another model's tokenizer
+        AdaptedModel.attach(tiny_llama(), PromptTuningConfig(prompt_tuning_init="TEXT", **other))
     bad = PromptTuningConfig(
         prompt_tuning_init="TEXT", prompt_tuning_init_text="Hi", tokenizer_name_or_path="./nowhere"
     )

@@ -269,6 +269,11 @@ def initial_prompt(config: PromptTuningConfig, embeddings: nn.Module, hidden: in
     else:
         assert config.tokenizer_name_or_path is not None and config.prompt_tuning_init_text is not None
         ids = torch.tensor(text_ids(config.prompt_tuning_init_text, config.tokenizer_name_or_path, n))
+        if int(ids.max()) >= weight.shape[0]:
+            raise ConfigError(
+                f"tokenizer_name_or_path {config.tokenizer_name_or_path!r} gives token id {int(ids.max())}, "
+                f"beyond this model's {weight.shape[0]} embeddings: use the base model's own tokenizer"
+            )
     return embeddings(ids.to(weight.device))
 
 
