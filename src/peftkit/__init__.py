@@ -21,6 +21,8 @@ from .errors import (  # noqa: E402
 from .methods import METHODS, LoraConfig  # noqa: E402
 from .methods.bottleneck_config import BottleneckConfig  # noqa: E402
 from .methods.ia3_config import IA3Config  # noqa: E402
+from .methods.prefix import PrefixTuningConfig  # noqa: E402
+from .methods.prompt import PromptTuningConfig  # noqa: E402
 
 
 def load_base(*args, **kwargs):  # noqa: ANN002, ANN003
@@ -45,6 +47,8 @@ __all__ = [
     "IA3Config",
     "LoraConfig",
     "PeftkitError",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "RequestError",
     "ShapeMismatchError",
     "TargetError",

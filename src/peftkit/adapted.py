@@ -93,6 +93,8 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         spec = method_for(config)
         targets = find_targets(self.model, config, spec, strict=True) if spec.wraps_layers else []
+        if spec.model_expected_shapes is not None:
+            spec.model_expected_shapes(self.model, config)  # a model it cannot act on fails here, unchanged
         find_modules_to_save(self.model, saved_modules_of(config))  # every entry must match something
         check_other_adapters(self, spec, config, targets)
         self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
@@ -149,7 +151,9 @@ class AdaptedModel(nn.Module):
         layers = [(n, m) for n, m in self.adapter_layers() if name in m.specs]
         config_json = fmt.config_to_peft(
             spec,
-            spec.config_to_file(config, layers) if spec.wraps_layers else spec.config_to_file(config),
+            spec.config_to_file(config, layers)
+            if spec.wraps_layers
+            else spec.config_to_file(config, self.model_adapters[name]),
             base_model=self.base_model_name(),
             task_type=fmt.task_type_of(self.model),
         )
@@ -201,7 +205,7 @@ class AdaptedModel(nn.Module):
                 set_module(self.model, t.name, layer)
             layer.add_adapter(name, config, t.name, dtype=dtype)
         if spec.make_model_adapter is not None:
-            self.model_adapters[name] = spec.make_model_adapter(self.model, config)
+            self.model_adapters[name] = spec.make_model_adapter(self.model, config).requires_grad_(trainable)
         for module_name, _ in find_modules_to_save(self.model, saved_modules_of(config), strict=False):
             wrapper = get_module(self.model, module_name)
             if not isinstance(wrapper, ModulesToSave):

@@ -218,6 +218,7 @@ SPEC = MethodSpec(
     peft_type="PREFIX_TUNING",
     supports_merge=False,
     supports_mixed_batch=True,
+    starts_unchanged=False,
     variants={"prefix": {}, "projection": {"prefix_projection": True, "num_virtual_tokens": 3}},
     make_model_adapter=make_adapter,
     model_expected_shapes=expected_shapes,

@@ -367,6 +367,7 @@ SPEC = MethodSpec(
     peft_type="PROMPT_TUNING",
     supports_merge=False,
     supports_mixed_batch=True,
+    starts_unchanged=False,
     # Two lengths, so the contract's mixed batches hold prompts of different lengths side by side.
     variants={"prompt": {}, "short": {"num_virtual_tokens": 3}},
     make_model_adapter=make_adapter,

@@ -87,6 +87,9 @@ class MethodSpec:
     supports_merge: bool  # can fold into the base weights (zero inference overhead)
     supports_mixed_batch: bool  # rows of one batch may use different adapters
     variants: dict[str, dict]  # named config presets the contract tests run (e.g. rsLoRA, DoRA)
+    # A new adapter leaves the outputs unchanged (LoRA's zero B). Soft prompts and prefixes cannot: even
+    # zero keys and values take a share of every attention softmax.
+    starts_unchanged: bool = True
     # -- layer methods -----------------------------------------------------------------------------
     layer_cls: type | None = None
     kind_of: Callable[[nn.Module], Any] | None = None  # a module's kind for this method, or None

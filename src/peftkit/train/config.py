@@ -26,6 +26,8 @@ from ..methods import METHODS
 from ..methods.bottleneck_config import BottleneckConfig
 from ..methods.ia3_config import IA3Config
 from ..methods.lora_config import LoraConfig
+from ..methods.prefix import PrefixTuningConfig
+from ..methods.prompt import PromptTuningConfig
 from ..values import check_keys_are_text, int_limit_problem, number_from_text, surrogate_problem
 from ..values import short_repr as _short
 
@@ -68,6 +70,13 @@ class TrainConfig:
     )
     ia3: IA3Config = _f(
         lambda: IA3Config(), "IA³ vectors (IA3Config fields: target_modules, feedforward_modules, ...)"
+    )
+    prompt: PromptTuningConfig = _f(
+        lambda: PromptTuningConfig(), "soft prompt (PromptTuningConfig fields: num_virtual_tokens, ...)"
+    )
+    prefix: PrefixTuningConfig = _f(
+        lambda: PrefixTuningConfig(),
+        "key/value prefixes (PrefixTuningConfig fields: num_virtual_tokens, ...)",
     )
     bottleneck: BottleneckConfig = _f(
         lambda: BottleneckConfig(),
