@@ -6,13 +6,12 @@ docs/formats.md): the fields below, `peft_type` "BOTTLENECK" and a `format_versi
 
 from __future__ import annotations
 
-import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from ..errors import AdapterFileError, ConfigError, did_you_mean
-from ..layer_types import ALL_LINEAR
 from ..values import check_keys_are_text, number_from_text, short_repr
+from .config_fields import check, check_names, config_field, is_int, is_num
 
 CONFIGS = ("houlsby", "pfeiffer")
 # Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
@@ -26,11 +25,6 @@ FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)  # the adapter_config.json format_version values this peftkit reads
 
 
-def _field(default: Any, help: str) -> Any:
-    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class BottleneckConfig:
     """Bottleneck adapters: y + scaling · up(act(down(dropout(y)))) on each target layer's output y.
@@ -41,42 +35,42 @@ class BottleneckConfig:
     set, `bottleneck_size` becomes 64. `replace()` re-derives them when what they depend on changes.
     """
 
-    config: str = _field(
+    config: str = config_field(
         "pfeiffer",
         "where adapters go: 'houlsby' (after the attention output and after the feed-forward output of "
         "each block) or 'pfeiffer' (after the feed-forward output only: half the adapters, about the "
         "same quality in Pfeiffer et al. 2020)",
     )
-    target_modules: tuple[str, ...] | str | None = _field(
+    target_modules: tuple[str, ...] | str | None = config_field(
         None,
         "layers whose output gets an adapter, matched like LoRA's (names or dotted suffixes, a regex, or "
         "'all-linear'); null: the placement's Llama-family layers (houlsby: o_proj and down_proj; "
         "pfeiffer: down_proj). Other architectures name theirs, e.g. GPT-2 ['attn.c_proj', 'mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = _field(
+    exclude_modules: tuple[str, ...] | str | None = config_field(
         None, "layers never to adapt, matched like target_modules"
     )
-    layers_to_transform: tuple[int, ...] | None = _field(
+    layers_to_transform: tuple[int, ...] | None = config_field(
         None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
     )
-    layers_pattern: tuple[str, ...] | None = _field(
+    layers_pattern: tuple[str, ...] | None = config_field(
         None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
     )
-    bottleneck_size: int | None = _field(
+    bottleneck_size: int | None = config_field(
         None, "the adapter's inner width (64 when neither this nor reduction_factor is set)"
     )
-    reduction_factor: float | None = _field(
+    reduction_factor: float | None = config_field(
         None, "instead of bottleneck_size: inner width = layer output width // reduction_factor (at least 1)"
     )
-    non_linearity: str = _field(
+    non_linearity: str = config_field(
         "relu", f"activation between down and up: one of {', '.join(NON_LINEARITIES)}"
     )
-    adapter_dropout: float = _field(0.0, "dropout probability on the adapter's input while training")
-    scaling: float = _field(1.0, "the adapter's output is multiplied by this before it is added")
-    init_weights: bool = _field(
+    adapter_dropout: float = config_field(0.0, "dropout probability on the adapter's input while training")
+    scaling: float = config_field(1.0, "the adapter's output is multiplied by this before it is added")
+    init_weights: bool = config_field(
         True, "true: zero up-projection, so the model starts unchanged; false: random (for tests)"
     )
-    modules_to_save: tuple[str, ...] | None = _field(
+    modules_to_save: tuple[str, ...] | None = config_field(
         None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
     )
 
@@ -87,13 +81,13 @@ class BottleneckConfig:
         if isinstance(self.layers_pattern, str):
             object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
         layers = self.layers_to_transform
-        if _is_int(layers):
+        if is_int(layers):
             object.__setattr__(self, "layers_to_transform", (layers,))
         elif isinstance(layers, list):
             object.__setattr__(self, "layers_to_transform", tuple(layers))
         for name in ("reduction_factor", "adapter_dropout", "scaling"):
             object.__setattr__(self, name, number_from_text(getattr(self, name)))
-        _check(self.config in CONFIGS, "config", self.config, f"one of {CONFIGS}")
+        check(self.config in CONFIGS, "config", self.config, f"one of {CONFIGS}")
         if self.target_modules is None:
             object.__setattr__(self, "target_modules", DEFAULT_TARGETS[self.config])
         if self.bottleneck_size is None and self.reduction_factor is None:
@@ -107,9 +101,9 @@ class BottleneckConfig:
                 f"({short_repr(self.reduction_factor)}) are both set; set one of the two (the other null)"
             )
         size, factor = self.bottleneck_size, self.reduction_factor
-        _check(size is None or (_is_int(size) and size > 0), "bottleneck_size", size, "a positive integer")
-        _check(
-            factor is None or (_is_num(factor) and factor > 0),
+        check(size is None or (is_int(size) and size > 0), "bottleneck_size", size, "a positive integer")
+        check(
+            factor is None or (is_num(factor) and factor > 0),
             "reduction_factor",
             factor,
             "a positive number",
@@ -118,22 +112,22 @@ class BottleneckConfig:
         hint = (
             f" ({act!r} is called {_ALIASES[act]!r} here)" if isinstance(act, str) and act in _ALIASES else ""
         )
-        _check(act in NON_LINEARITIES, "non_linearity", act, f"one of {NON_LINEARITIES}{hint}")
+        check(act in NON_LINEARITIES, "non_linearity", act, f"one of {NON_LINEARITIES}{hint}")
         p = self.adapter_dropout
-        _check(_is_num(p) and 0 <= p < 1, "adapter_dropout", p, "a number in [0, 1)")
-        _check(_is_num(self.scaling) and self.scaling > 0, "scaling", self.scaling, "a positive number")
-        _check(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "true or false")
-        _check_names("target_modules", self.target_modules, allow_none=False)
-        _check_names("exclude_modules", self.exclude_modules, allow_none=True)
-        _check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
+        check(is_num(p) and 0 <= p < 1, "adapter_dropout", p, "a number in [0, 1)")
+        check(is_num(self.scaling) and self.scaling > 0, "scaling", self.scaling, "a positive number")
+        check(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "true or false")
+        check_names("target_modules", self.target_modules, allow_none=False)
+        check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(_is_int(i) and i >= 0 for i in layers)
-            _check(ok, "layers_to_transform", layers, "a layer index or a list of them")
+            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
+            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
         if self.layers_pattern is not None:
             pattern = self.layers_pattern
             ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            _check(ok, "layers_pattern", pattern, "a module-list name like 'layers' or a list of them")
+            check(ok, "layers_pattern", pattern, "a module-list name like 'layers' or a list of them")
 
     # -- derived values -------------------------------------------------------------------------
     def size_for(self, width: int) -> int:
@@ -193,43 +187,6 @@ class BottleneckConfig:
         return {f.name: None if f.default is MISSING else f.default for f in fields(cls)}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond the float range
-        return False
-
-
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
-
-
-def _check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
-    """A name list, a regex string or (where allowed) None; the regex must compile."""
-    import re
-
-    if value is None:
-        _check(allow_none, key, value, "a module name, a list of names, or a regex")
-        return
-    if isinstance(value, str):
-        _check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
-        if value != ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ConfigError(f"{key} is not a valid regular expression: {e}") from None
-        return
-    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
-    _check(ok, key, value, "a non-empty list of module names")
-
-
 # -- the adapter_config.json of a bottleneck adapter ---------------------------------------------------
 def config_to_file(config: BottleneckConfig, targets: list[str]) -> dict[str, Any]:
     """The bottleneck part of adapter_config.json: `format_version`, then every resolved field, with
@@ -247,8 +204,8 @@ def config_from_file(data: dict[str, Any], source: Any) -> BottleneckConfig:
             f"{source}: a bottleneck adapter_config.json needs a format_version, and this one has none; "
             f"this peftkit reads format_version {readable} (docs/formats.md)"
         )
-    if not _is_int(version) or version not in READABLE_VERSIONS:
-        newer = _is_int(version) and version > max(READABLE_VERSIONS)
+    if not is_int(version) or version not in READABLE_VERSIONS:
+        newer = is_int(version) and version > max(READABLE_VERSIONS)
         fix = (
             "a newer peftkit wrote it: upgrade peftkit to load it"
             if newer

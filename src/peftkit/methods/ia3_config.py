@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import AdapterFileError, ConfigError, TargetError, did_you_mean
 from ..layer_types import ALL_LINEAR
-from ..values import check_keys_are_text, short_repr
+from ..values import check_keys_are_text
+from .config_fields import check, config_field, is_int
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
-
-
-def _field(default: Any, help: str) -> Any:
-    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -33,31 +29,31 @@ class IA3Config:
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
     """
 
-    target_modules: tuple[str, ...] | str = _field(
+    target_modules: tuple[str, ...] | str = config_field(
         ("k_proj", "v_proj", "down_proj"),
         "layers to scale: names matched exactly or as a dotted suffix, one regex string matched against "
         "the full name, or 'all-linear'. The default is for Llama-family models (the built-in model); "
         "GPT-2 style models use e.g. ['c_attn', 'mlp.c_proj']",
     )
-    feedforward_modules: tuple[str, ...] | str = _field(
+    feedforward_modules: tuple[str, ...] | str = config_field(
         ("down_proj",),
         "targets whose input is scaled instead of their output (the paper's feedforward rescaling): "
         "names that are also in target_modules, a regex over the full name, or [] for none. GPT-2 "
         "style models use e.g. ['mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = _field(
+    exclude_modules: tuple[str, ...] | str | None = config_field(
         None, "layers never to scale, matched like target_modules"
     )
-    layers_to_transform: tuple[int, ...] | None = _field(
+    layers_to_transform: tuple[int, ...] | None = config_field(
         None, "only scale layers with these indices (the number in e.g. 'model.layers.3.mlp')"
     )
-    layers_pattern: tuple[str, ...] | None = _field(
+    layers_pattern: tuple[str, ...] | None = config_field(
         None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
     )
-    modules_to_save: tuple[str, ...] | None = _field(
+    modules_to_save: tuple[str, ...] | None = config_field(
         None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
     )
-    init_ia3_weights: bool = _field(
+    init_ia3_weights: bool = config_field(
         True, "true: vectors start at 1 (the adapter is a no-op); false: random around 1 (for tests)"
     )
 
@@ -74,7 +70,7 @@ class IA3Config:
                 self, "layers_pattern", (pattern,) if isinstance(pattern, str) else tuple(pattern)
             )
         layers = self.layers_to_transform
-        if _is_int(layers):
+        if is_int(layers):
             object.__setattr__(self, "layers_to_transform", (layers,))
         elif isinstance(layers, list):
             object.__setattr__(self, "layers_to_transform", tuple(layers))
@@ -90,7 +86,7 @@ class IA3Config:
         _check_names("feedforward_modules", self.feedforward_modules, allow_none=False, allow_empty=True)
         _check_names("exclude_modules", self.exclude_modules, allow_none=True, allow_empty=False)
         _check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_empty=False, regex=False)
-        _check(
+        check(
             isinstance(self.init_ia3_weights, bool),
             "init_ia3_weights",
             self.init_ia3_weights,
@@ -98,12 +94,12 @@ class IA3Config:
         )
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(_is_int(i) and i >= 0 for i in layers)
-            _check(ok, "layers_to_transform", layers, "a layer index or a list of them")
+            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
+            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
         if self.layers_pattern is not None:
             pattern = self.layers_pattern
             ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            _check(
+            check(
                 ok,
                 "layers_pattern",
                 self.layers_pattern,
@@ -159,15 +155,6 @@ class IA3Config:
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
-
-
 def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, regex: bool = True) -> None:
     """A list of module names (tuple), or (with `regex`) one regex string; None only if allowed."""
     what = (
@@ -176,10 +163,10 @@ def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, r
         + (" or a regex" if regex else "")
     )
     if value is None:
-        _check(allow_none, key, value, what)
+        check(allow_none, key, value, what)
         return
     if isinstance(value, str):
-        _check(regex and bool(value), key, value, what)
+        check(regex and bool(value), key, value, what)
         if value != ALL_LINEAR:
             try:
                 re.compile(value)
@@ -187,7 +174,7 @@ def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, r
                 raise ConfigError(f"{key} is not a valid regular expression: {e}") from None
         return
     ok = isinstance(value, tuple) and (allow_empty or len(value) > 0)
-    _check(ok and all(isinstance(v, str) and v for v in value), key, value, what)
+    check(ok and all(isinstance(v, str) and v for v in value), key, value, what)
 
 
 def _matches(name: str, spec: tuple[str, ...] | str) -> bool:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError
 from ..layer_types import ALL_LINEAR
-from ..values import check_keys_are_text, number_from_text, short_repr
+from ..values import number_from_text
+from .config_fields import (
+    check,
+    check_names,
+    check_regex,
+    config_field,
+    defaults_of,
+    field_docs_of,
+    from_mapping,
+    is_int,
+    is_num,
+)
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-
-
-def _field(default: Any, help: str) -> Any:
-    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
-    if callable(default):
-        return field(default_factory=default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -28,40 +32,42 @@ class LoraConfig:
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
     """
 
-    r: int = _field(8, "rank of the update (the inner dimension of B·A)")
-    lora_alpha: float = _field(8, "scale numerator: the update is multiplied by lora_alpha / r")
-    lora_dropout: float = _field(0.0, "dropout probability on the adapter's input while training")
-    target_modules: tuple[str, ...] | str = _field(
+    r: int = config_field(8, "rank of the update (the inner dimension of B·A)")
+    lora_alpha: float = config_field(8, "scale numerator: the update is multiplied by lora_alpha / r")
+    lora_dropout: float = config_field(0.0, "dropout probability on the adapter's input while training")
+    target_modules: tuple[str, ...] | str = config_field(
         ALL_LINEAR,
         "layers to adapt: names matched exactly or as a dotted suffix ('q_proj' matches "
         "'model.layers.0.self_attn.q_proj'), one regex string matched against the full name (a plain "
         "name that matches no full name, like 'q_proj', means [q_proj]), or 'all-linear' (every "
         "linear layer except the output head)",
     )
-    exclude_modules: tuple[str, ...] | str | None = _field(
+    exclude_modules: tuple[str, ...] | str | None = config_field(
         None, "layers never to adapt, matched like target_modules"
     )
-    layers_to_transform: tuple[int, ...] | None = _field(
+    layers_to_transform: tuple[int, ...] | None = config_field(
         None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
     )
-    layers_pattern: tuple[str, ...] | None = _field(
+    layers_pattern: tuple[str, ...] | None = config_field(
         None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
     )
-    rank_pattern: dict[str, int] = _field(
+    rank_pattern: dict[str, int] = config_field(
         dict, "per-module rank overrides {regex matched as a name suffix: r}"
     )
-    alpha_pattern: dict[str, float] = _field(dict, "per-module alpha overrides {regex: lora_alpha}")
-    use_rslora: bool = _field(False, "rank-stabilised scaling lora_alpha / sqrt(r) instead of lora_alpha / r")
-    use_dora: bool = _field(
+    alpha_pattern: dict[str, float] = config_field(dict, "per-module alpha overrides {regex: lora_alpha}")
+    use_rslora: bool = config_field(
+        False, "rank-stabilised scaling lora_alpha / sqrt(r) instead of lora_alpha / r"
+    )
+    use_dora: bool = config_field(
         False, "DoRA: learn a magnitude per output feature, direction from W + dW (its norm detached)"
     )
-    init_lora_weights: bool | str = _field(
+    init_lora_weights: bool | str = config_field(
         True,
         "true: Kaiming-uniform A, zero B (embeddings: zero A, normal B); 'gaussian': normal A with "
         "std 1/r, zero B; false: random A and B, so the adapter is not a no-op (for tests)",
     )
-    bias: str = _field("none", "which biases train with the adapter: 'none', 'all' or 'lora_only'")
-    modules_to_save: tuple[str, ...] | None = _field(
+    bias: str = config_field("none", "which biases train with the adapter: 'none', 'all' or 'lora_only'")
+    modules_to_save: tuple[str, ...] | None = config_field(
         None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
     )
 
@@ -81,58 +87,58 @@ class LoraConfig:
             object.__setattr__(self, name, number_from_text(getattr(self, name)))
         for name in ("rank_pattern", "alpha_pattern"):
             patterns = getattr(self, name) or {}
-            _check(isinstance(patterns, dict), name, patterns, "a mapping {module regex: value}")
+            check(isinstance(patterns, dict), name, patterns, "a mapping {module regex: value}")
             object.__setattr__(self, name, dict(patterns))
         alphas = {key: number_from_text(value) for key, value in self.alpha_pattern.items()}
         object.__setattr__(self, "alpha_pattern", alphas)
         self._validate()
 
     def _validate(self) -> None:
-        _check(_is_int(self.r) and self.r > 0, "r", self.r, "a positive integer, e.g. 8 or 16")
-        _check(
-            _is_num(self.lora_alpha) and self.lora_alpha > 0,
+        check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer, e.g. 8 or 16")
+        check(
+            is_num(self.lora_alpha) and self.lora_alpha > 0,
             "lora_alpha",
             self.lora_alpha,
             "a positive number",
         )
-        _check(
-            _is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+        check(
+            is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1,
             "lora_dropout",
             self.lora_dropout,
             "a number in [0, 1)",
         )
-        _check(self.bias in BIAS_CHOICES, "bias", self.bias, f"one of {BIAS_CHOICES}")
+        check(self.bias in BIAS_CHOICES, "bias", self.bias, f"one of {BIAS_CHOICES}")
         init = self.init_lora_weights
-        _check(
+        check(
             init is True or init is False or init == "gaussian",
             "init_lora_weights",
             init,
             "true (Kaiming A, zero B), 'gaussian', or false (random, for tests)",
         )
-        _check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
-        _check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
-        _check_names("target_modules", self.target_modules, allow_none=False)
-        _check_names("exclude_modules", self.exclude_modules, allow_none=True)
-        _check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
+        check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
+        check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
+        check_names("target_modules", self.target_modules, allow_none=False)
+        check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(_is_int(i) and i >= 0 for i in layers)
-            _check(ok, "layers_to_transform", layers, "a layer index or a list of them")
+            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
+            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
         if self.layers_pattern is not None:
             pattern = self.layers_pattern
             ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            _check(
+            check(
                 ok,
                 "layers_pattern",
                 self.layers_pattern,
                 "a module-list name like 'layers' or a list of them",
             )
         for key, value in self.rank_pattern.items():
-            _check_regex(f"rank_pattern key {key!r}", key)
-            _check(_is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
+            check_regex(f"rank_pattern key {key!r}", key)
+            check(is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
         for key, value in self.alpha_pattern.items():
-            _check_regex(f"alpha_pattern key {key!r}", key)
-            _check(_is_num(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
+            check_regex(f"alpha_pattern key {key!r}", key)
+            check(is_num(value) and value > 0, f"alpha_pattern[{key!r}]", value, "a positive number")
 
     # -- derived values -------------------------------------------------------------------------
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -154,17 +160,7 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Build from a dict, rejecting unknown keys by name."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"a LoRA config must be a mapping of its fields, found {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        check_keys_are_text(data, "LoRA config", sorted(known))
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            key = unknown[0]
-            raise ConfigError(
-                f"unknown LoRA config key {key!r}{did_you_mean(key, known)}; valid keys: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        return from_mapping(cls, data, "LoRA")
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
@@ -173,54 +169,11 @@ class LoraConfig:
     @classmethod
     def field_docs(cls) -> dict[str, str]:
         """Each field's one-line documentation (used by the CLI and the docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+        return field_docs_of(cls)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        out = {}
-        for f in fields(cls):
-            out[f.name] = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
-        return out
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond the float range
-        return False
-
-
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
-
-
-def _check_regex(what: str, pattern: Any) -> None:
-    if not isinstance(pattern, str):
-        raise ConfigError(f"{what} ({type(pattern).__name__}) must be a regex string, e.g. 'q_proj'")
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"{what} is not a valid regular expression: {e}") from None
-
-
-def _check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
-    if value is None:
-        _check(allow_none, key, value, "a module name, a list of names, or a regex")
-        return
-    if isinstance(value, str):
-        _check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
-        if value != ALL_LINEAR:
-            _check_regex(key, value)
-        return
-    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
-    _check(ok, key, value, "a non-empty list of module names")
+        return defaults_of(cls)
 
 
 def pattern_matches(key: str, name: str) -> bool:

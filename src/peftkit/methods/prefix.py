@@ -19,19 +19,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeMismatchError
 from ..prefix import KV, Geometry, model_geometry
+from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
 from .prompt import (
     GEOMETRY,
-    check,
     check_common,
     check_geometry,
-    config_field,
-    defaults_of,
-    field_docs_of,
     from_file,
-    from_mapping,
     geometry_field,
     geometry_rows,
-    is_int,
     model_dtype,
 )
 from .spec import MethodSpec

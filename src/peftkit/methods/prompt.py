@@ -13,7 +13,7 @@ for configs of virtual tokens (fields, checks, the model's geometry) are shared 
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,9 @@ from ..errors import (
     PeftkitError,
     RequestError,
     ShapeMismatchError,
-    did_you_mean,
 )
 from ..prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
-from ..values import check_keys_are_text, short_repr
+from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
 from .spec import MethodSpec
 
 ROLE = "prompt_embeddings"  # the file key (bare, as HF PEFT stores it) and the tensor's role
@@ -38,24 +37,10 @@ GEOMETRY = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_s
 
 
 # -- config helpers shared with prefix tuning ------------------------------------------------------
-def config_field(default: Any, help: str) -> Any:
-    """A dataclass field with its one-line documentation (shown by the CLI and the docs)."""
-    return field(default=default, metadata={"help": help})
-
-
 def geometry_field(what: str) -> Any:
     return config_field(
         None, f"filled from the base model when the adapter is made ({what}); a file's value must match it"
     )
-
-
-def check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
-
-
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_common(config: Any) -> None:
@@ -70,33 +55,6 @@ def check_common(config: Any) -> None:
             value,
             "a positive integer, or null (from the model)",
         )
-
-
-def from_mapping(cls: type, data: Any, label: str) -> Any:
-    """A config of class `cls` from a dict, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"a {label} config must be a mapping of its fields, found {type(data).__name__}")
-    known = [f.name for f in fields(cls)]
-    check_keys_are_text(data, f"{label} config", sorted(known))
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        key = unknown[0]
-        raise ConfigError(
-            f"unknown {label} config key {key!r}{did_you_mean(key, known)}; "
-            f"valid keys: {', '.join(sorted(known))}"
-        )
-    return cls(**data)
-
-
-def field_docs_of(cls: type) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-
-def defaults_of(cls: type) -> dict[str, Any]:
-    return {
-        f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
-        for f in fields(cls)
-    }
 
 
 def check_geometry(config: Any, found: dict[str, int], model: nn.Module, label: str, error: type) -> None:

@@ -1,0 +1,91 @@
+"""What every method's config dataclass shares: documented fields, value checks that name the key and
+what would be valid, and building from a mapping that names unknown keys with a suggestion."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, field, fields
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from ..layer_types import ALL_LINEAR
+from ..values import check_keys_are_text, short_repr
+
+
+def config_field(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line documentation (shown by the CLI and the docs); a callable
+    default is a factory (for mutable values)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for {key}: {short_repr(value)}; expected {valid}")
+
+
+def check_regex(what: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} ({type(pattern).__name__}) must be a regex string, e.g. 'q_proj'")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what} is not a valid regular expression: {e}") from None
+
+
+def check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
+    """A non-empty list of module names (a tuple by now), one regex string (if allowed) or "all-linear",
+    or None (if allowed)."""
+    if value is None:
+        check(allow_none, key, value, "a module name, a list of names, or a regex")
+        return
+    if isinstance(value, str):
+        check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
+        if value != ALL_LINEAR:
+            check_regex(key, value)
+        return
+    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    check(ok, key, value, "a non-empty list of module names")
+
+
+def from_mapping(cls: type, data: Any, label: str) -> Any:
+    """A config of class `cls` from a dict, rejecting unknown keys by name (with a suggestion)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {label} config must be a mapping of its fields, found {type(data).__name__}")
+    known = [f.name for f in fields(cls)]
+    check_keys_are_text(data, f"{label} config", sorted(known))
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown {label} config key {key!r}{did_you_mean(key, known)}; valid keys: {', '.join(sorted(known))}"
+        )
+    return cls(**data)
+
+
+def field_docs_of(cls: type) -> dict[str, str]:
+    """Each field's one-line documentation (used by the CLI and the docs)."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    return {
+        f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        for f in fields(cls)
+    }
