@@ -16,8 +16,10 @@ from peftkit.base import load_base
 from peftkit.cli import main
 from peftkit.identity import AdapterIdentity
 from peftkit.info import adapter_info
+from peftkit.train import distributed
 from peftkit.train.config import load_config
 from peftkit.train.loop import train
+from peftkit.train.setup import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {name: ROOT / "examples" / f"dates_{name}.yaml" for name in METHODS}
@@ -47,8 +49,16 @@ def test_each_methods_example_trains_saves_loads_and_generates(method, tiny_mode
     assert example.is_file(), f"every method ships an example config: {example.name}"
     assert load_config(example).method == method
     data = make_data(tmp_path / "up.jsonl", n=16)
-    result = train(tiny_run(example, tiny_model_dir, data, tmp_path / "run"))
+    config = tiny_run(example, tiny_model_dir, data, tmp_path / "run")
+    start = prepare(config, distributed.Dist())  # the run's own start: same seed, same adapter
+    initial = {k: v.detach().clone() for k, v in start.net.adapter_state_dict("default").items()}
+    result = train(config)
     assert result.steps == 3 and result.adapter_dir is not None
+    trained = _tensors(result.adapter_dir)
+    assert trained.keys() == initial.keys()
+    assert any(not torch.allclose(trained[k].float(), initial[k].float()) for k in trained), (
+        "training moved it"
+    )
     files = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert files["peft_type"] == METHODS[method].peft_type
 
@@ -75,6 +85,12 @@ def test_full_fine_tuning_is_the_same_config_with_method_full(tiny_model_dir, tm
     data = make_data(tmp_path / "up.jsonl", n=16)
     result = train(tiny_run(EXAMPLES["lora"], tiny_model_dir, data, tmp_path / "run", method="full"))
     assert result.adapter_dir is None and (result.model_dir / "config.json").is_file()
+
+
+def _tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
 def _metadata(adapter_dir: Path) -> dict[str, str]:

@@ -22,6 +22,8 @@ from .adapter_checks import (
     bias_choice,
     check_base_copies,
     check_base_fingerprint,
+    check_can_share_a_batch,
+    check_mergeable,
     check_other_adapters,
     expected_tensors,
     is_base_bias,
@@ -40,8 +42,16 @@ from .inject import Target, find_modules_to_save, find_targets, get_module, set_
 from .layer_types import dense_copy, fast_decoding, is_quantized
 from .methods import MethodSpec, is_adapter_layer, method_for, method_of_layer
 from .naming import adapter_name_problem
-from .prefix import KV, generate_with_prefix, prefix_inputs
-from .routing import BASE_NAMES, AdapterState, RowRouting, batch_rows, generate_expansion
+from .prefix import generate_with_prefix, prefix_inputs, prefix_rows
+from .routing import (
+    BASE_NAMES,
+    AdapterState,
+    RowRouting,
+    as_kwargs,
+    batch_rows,
+    generate_expansion,
+    one_name_per_row,
+)
 from .saved_modules import ModulesToSave
 
 
@@ -192,6 +202,9 @@ class AdaptedModel(nn.Module):
         trainable: bool,
         dtype: torch.dtype | None,
     ) -> None:
+        # A whole-model adapter is made first: making it can still fail (a prompt's init text), and a
+        # refusal must leave the model as it was.
+        made = spec.make_model_adapter(self.model, config) if spec.make_model_adapter is not None else None
         if not self.configs:  # the first adapter freezes the base (after its targets were validated)
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -204,8 +217,8 @@ class AdaptedModel(nn.Module):
                 layer = spec.wrap(layer, t.kind, self.state).train(layer.training)
                 set_module(self.model, t.name, layer)
             layer.add_adapter(name, config, t.name, dtype=dtype)
-        if spec.make_model_adapter is not None:
-            self.model_adapters[name] = spec.make_model_adapter(self.model, config).requires_grad_(trainable)
+        if made is not None:
+            self.model_adapters[name] = made.requires_grad_(trainable)
         for module_name, _ in find_modules_to_save(self.model, saved_modules_of(config), strict=False):
             wrapper = get_module(self.model, module_name)
             if not isinstance(wrapper, ModulesToSave):
@@ -246,7 +259,7 @@ class AdaptedModel(nn.Module):
                 "`with am.disable_adapters():`"
             )
         for n in names:
-            self._check_exists(n)
+            self.check_exists(n)
         if len(set(names)) < len(names):
             raise RequestError(f"set_adapter({names}) names an adapter twice; name each once")
         self.state.active = tuple(names)
@@ -256,7 +269,7 @@ class AdaptedModel(nn.Module):
 
         Deleting the only active adapter makes the first remaining adapter active (as HF PEFT does),
         with a warning that says which: running the base model instead would go unnoticed."""
-        self._check_exists(name)
+        self.check_exists(name)
         if name in self.merged_adapters:
             raise AdapterStateError(
                 f"adapter {name!r} is merged into the weights; unmerge() before deleting it"
@@ -315,32 +328,16 @@ class AdaptedModel(nn.Module):
     def merge(self, names: str | list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights. Idempotent; `unmerge`
         restores the exact original weights."""
-        names = (
-            list(self.state.active) if names is None else [names] if isinstance(names, str) else list(names)
-        )
-        for n in names:
-            self._check_exists(n)
-            spec = method_for(self.configs[n])
-            if not spec.supports_merge:
-                raise AdapterStateError(
-                    f"adapter {n!r} ({spec.name}) cannot be merged into the weights: {spec.description}"
-                )
-        tied = self._tied_weights()
-        layers = [(mn, m) for mn, m in self.adapter_layers() if any(n in m.specs for n in names)]
-        for module_name, layer in layers:
-            if is_quantized(layer.base_layer):
+        names = check_mergeable(self, names)
+        layers = [m for _, m in self.adapter_layers() if any(n in m.specs for n in names)]
+        for module_name, layer in self.adapter_layers():
+            if layer in layers and is_quantized(layer.base_layer):
                 raise AdapterStateError(
                     f"{module_name}'s base weight is 4-bit; merging into it would mean re-quantizing, which "
                     "loses almost all of a small update. Use merge_and_unload(), which merges into a "
                     "dequantized copy, or `peftkit merge --quantize nf4`"
                 )
-            others = tied.get(layer.base_layer.weight.data_ptr(), [])
-            if len(others) > 1:
-                raise AdapterStateError(
-                    f"{module_name}'s weight is shared with {[o for o in others if not o.startswith(module_name)]}"
-                    " (tied weights); merging would change both. Keep the adapter unmerged, or untie the weights"
-                )
-        for _, layer in layers:
+        for layer in layers:
             layer.merge(names)
 
     def unmerge(self) -> None:
@@ -353,9 +350,7 @@ class AdaptedModel(nn.Module):
 
         A 4-bit base layer is first replaced by a dequantized copy (in its compute dtype), and the
         adapter merges into that: re-quantizing would keep only a sliver of a small update."""
-        chosen = (
-            list(self.state.active) if names is None else [names] if isinstance(names, str) else list(names)
-        )
+        chosen = check_mergeable(self, names)  # checked before the first layer changes
         for _, layer in self.adapter_layers():
             if is_quantized(layer.base_layer) and any(n in layer.specs for n in chosen):
                 layer.base_layer = dense_copy(layer.base_layer)
@@ -372,6 +367,7 @@ class AdaptedModel(nn.Module):
                 plain = wrapper.base_layer
             set_module(self.model, module_name, plain)
         self.configs.clear()
+        self.model_adapters.clear()
         self.state.active = ()
         if merged:  # the weights changed: this is no longer the base the fingerprint describes
             self.model.__dict__.pop("_peftkit_fingerprint", None)
@@ -383,6 +379,7 @@ class AdaptedModel(nn.Module):
         for module_name, wrapper in list(self.wrappers()):
             set_module(self.model, module_name, _inner(wrapper))
         self.configs.clear()
+        self.model_adapters.clear()
         self.state.active = ()
         return self.model
 
@@ -397,16 +394,16 @@ class AdaptedModel(nn.Module):
             return self._forward(args, kwargs)
 
     def _forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        rows = self._prefix_rows(batch_rows(args, kwargs))
+        rows = prefix_rows(self.state, self.model_adapters, self.model, batch_rows(args, kwargs))
         if rows is None:
             return self.model(*args, **kwargs)
-        return self.model(**prefix_inputs(self.model, _as_kwargs(args, kwargs), rows))
+        return self.model(**prefix_inputs(self.model, as_kwargs(args, kwargs), rows))
 
     def adapted_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The base model's keyword arguments with the whole-model adapters that apply right now (a
         prefix cache, the longer attention mask, shifted positions); `kwargs` itself if none does.
         Also for calls into part of the model (training's fused loss runs the backbone alone)."""
-        rows = self._prefix_rows(batch_rows((), kwargs))
+        rows = prefix_rows(self.state, self.model_adapters, self.model, batch_rows((), kwargs))
         return kwargs if rows is None else prefix_inputs(self.model, kwargs, rows)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
@@ -416,43 +413,18 @@ class AdaptedModel(nn.Module):
         expand, rows = generate_expansion(self.model, kwargs), batch_rows(args, kwargs)
         names = list(adapter_names)
         if expand > 1 and rows is not None and len(names) == rows * expand:
-            names = _one_name_per_row(names, expand)
+            names = one_name_per_row(names, expand)
         with self.mixed_batch(names, rows, expand=expand):
             return self._generate(args, kwargs)
 
     def _generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        rows = self._prefix_rows(batch_rows(args, kwargs), generating=True)
+        rows = prefix_rows(
+            self.state, self.model_adapters, self.model, batch_rows(args, kwargs), generating=True
+        )
         with fast_decoding(self.model):  # a 4-bit base decodes without dequantizing at every token
             if rows is None:
                 return self.model.generate(*args, **kwargs)
-            return generate_with_prefix(self.model, rows, **_as_kwargs(args, kwargs))
-
-    def _prefix_rows(self, batch: int | None, *, generating: bool = False) -> list[KV | None] | None:
-        """Each row's key/value prefix from the whole-model adapters that apply (None: no prefix for
-        that row), or None when none applies. Computed once per adapter per call, with gradients."""
-        if self.state.disabled or not len(self.model_adapters) or batch is None:
-            return None
-        routing = self.state.rows
-        if routing is None:
-            active = [n for n in self.state.active if n in self.model_adapters]
-            if len(active) > 1:
-                raise AdapterStateError(
-                    f"adapters {active} are all active, and each brings its own prompt or prefix; "
-                    "activate one of them (set_adapter), or give rows different ones (adapter_names)"
-                )
-            return [self.model_adapters[active[0]].prefix_kv(self.model)] * batch if active else None
-        wanted = [n for n in routing.unique if n in self.model_adapters]
-        if not wanted:
-            return None
-        before = self.state.rows, self.state.disabled
-        self.state.rows, self.state.disabled = None, True  # a row's prompt runs without layer adapters
-        try:
-            kv = {n: self.model_adapters[n].prefix_kv(self.model) for n in wanted}
-        finally:
-            self.state.rows, self.state.disabled = before
-        names = [kv.get(n) if n is not None else None for n in routing.names]
-        repeat = 1 if generating else routing.repeat_for(batch)
-        return [r for r in names for _ in range(repeat)]
+            return generate_with_prefix(self.model, rows, **as_kwargs(args, kwargs))
 
     @contextmanager
     def mixed_batch(
@@ -472,8 +444,8 @@ class AdaptedModel(nn.Module):
             )
         for n in adapter_names:
             if n not in BASE_NAMES:
-                self._check_exists(n)
-        self._check_can_share_a_batch([None if n in BASE_NAMES else n for n in adapter_names])
+                self.check_exists(n)
+        check_can_share_a_batch(self, [None if n in BASE_NAMES else n for n in adapter_names])
         if self.merged_adapters:
             raise AdapterStateError(
                 f"adapters {self.merged_adapters} are merged; a mixed batch needs unmerged adapters (unmerge() first)"
@@ -584,31 +556,14 @@ class AdaptedModel(nn.Module):
         module = get_module(self.model, bias_name.removesuffix(".base_layer.bias"))
         return is_adapter_layer(module) and adapter in module.specs
 
-    def _tied_weights(self) -> dict[int, list[str]]:
-        by_ptr: dict[int, list[str]] = {}
-        for pname, p in self.model.named_parameters(remove_duplicate=False):
-            by_ptr.setdefault(p.data_ptr(), []).append(pname)
-        return by_ptr
-
     def _check_new_name(self, name: str) -> None:
         problem = adapter_name_problem(name, self.configs)
         if problem:
             fix = f", or delete_adapter({name!r}) first" if name in self.configs else ""
             raise ConfigError(f"adapter name {name!r} {problem}{fix}")
 
-    def _check_can_share_a_batch(self, names: list[str | None]) -> None:
-        """Rows may use different adapters (or none) only if every method involved routes per row."""
-        if len(set(names)) < 2:
-            return
-        for n in dict.fromkeys(n for n in names if n is not None):
-            spec = method_for(self.configs[n])
-            if not spec.supports_mixed_batch:
-                raise RequestError(
-                    f"adapter {n!r} is a {spec.label} adapter, which cannot share a batch with other "
-                    "adapters; run its rows in a batch of their own"
-                )
-
-    def _check_exists(self, name: str) -> None:
+    def check_exists(self, name: str) -> None:
+        """Raise AdapterNotFoundError (naming the attached ones) unless adapter `name` is attached."""
         if name not in self.configs:
             raise AdapterNotFoundError(
                 f"no adapter named {name!r}; attached adapters: {self.adapters or 'none'}"
@@ -616,35 +571,13 @@ class AdaptedModel(nn.Module):
 
     def _one_adapter(self, name: str | None) -> str:
         if name is not None:
-            self._check_exists(name)
+            self.check_exists(name)
             return name
         if len(self.configs) == 1:
             return next(iter(self.configs))
         if self.state.active:
             return self.state.active[0]
         raise AdapterStateError(f"several adapters are attached ({self.adapters}); name the one you mean")
-
-
-def _as_kwargs(args: tuple, kwargs: dict[str, Any], first: str = "input_ids") -> dict[str, Any]:
-    """A call's arguments as keywords: a positional first argument is the input ids."""
-    if not args:
-        return kwargs
-    if len(args) > 1 or first in kwargs:
-        raise RequestError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
-    return {first: args[0], **kwargs}
-
-
-def _one_name_per_row(names: list[str | None], expand: int) -> list[str | None]:
-    """Names given per beam (rows x beams) as one per row. A row's beams share its adapter: beam
-    search reorders the beams of a row, so a different adapter per beam would have no meaning."""
-    groups = [names[i : i + expand] for i in range(0, len(names), expand)]
-    for row, group in enumerate(groups):
-        if len(set(group)) > 1:
-            raise RequestError(
-                f"adapter_names for the {expand} beams of row {row} differ ({group}); a row's beams share "
-                "one adapter: give one name per row, or the same name for each of its beams"
-            )
-    return [group[0] for group in groups]
 
 
 def _inner(wrapper: nn.Module) -> nn.Module:

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .errors import BaseModelMismatchError, TargetError, option
+from .errors import AdapterStateError, BaseModelMismatchError, RequestError, TargetError, option
 from .formats import peft as fmt
 from .identity import AdapterIdentity
 from .inject import Target, find_modules_to_save
-from .methods import MethodSpec, method_of_layer
+from .layer_types import is_quantized
+from .methods import MethodSpec, method_for, method_of_layer
 from .saved_modules import ModulesToSave
 
 if TYPE_CHECKING:
@@ -157,3 +158,48 @@ def note_quantization(am: AdaptedModel, identity: AdapterIdentity, source: Path)
 
 def _form(quantization: str | None) -> str:
     return f"{quantization} (4-bit)" if quantization else "full-precision"
+
+
+def check_can_share_a_batch(am: AdaptedModel, names: list[str | None]) -> None:
+    """Rows may use different adapters (or none) only if every method involved routes per row."""
+    if len(set(names)) < 2:
+        return
+    for n in dict.fromkeys(n for n in names if n is not None):
+        spec = method_for(am.configs[n])
+        if not spec.supports_mixed_batch:
+            raise RequestError(
+                f"adapter {n!r} is a {spec.label} adapter, which cannot share a batch with other "
+                "adapters; run its rows in a batch of their own"
+            )
+
+
+def check_mergeable(am: AdaptedModel, names: str | list[str] | None) -> list[str]:
+    """The adapters a merge means (default: the active ones), checked: each exists, its method can
+    merge, and no layer it would change shares its weight with another (tied weights)."""
+    names = list(am.state.active) if names is None else [names] if isinstance(names, str) else list(names)
+    for n in names:
+        am.check_exists(n)
+        spec = method_for(am.configs[n])
+        if not spec.supports_merge:
+            raise AdapterStateError(
+                f"adapter {n!r} ({spec.name}) cannot be merged into the weights: {spec.description}"
+            )
+    tied = _tied_weights(am.model)
+    for module_name, layer in am.adapter_layers():
+        if not any(n in layer.specs for n in names) or is_quantized(layer.base_layer):
+            continue
+        others = tied.get(layer.base_layer.weight.data_ptr(), [])
+        if len(others) > 1:
+            raise AdapterStateError(
+                f"{module_name}'s weight is shared with {[o for o in others if not o.startswith(module_name)]}"
+                " (tied weights); merging would change both. Keep the adapter unmerged, or untie the weights"
+            )
+    return names
+
+
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter names by storage: a storage with several names is a tied weight."""
+    by_ptr: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        by_ptr.setdefault(p.data_ptr(), []).append(pname)
+    return by_ptr

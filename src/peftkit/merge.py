@@ -93,8 +93,9 @@ def _probe_ids(model: object) -> object:
 def _logits(model: object, ids: object) -> object:
     import torch
 
+    device = next(model.parameters()).device  # the model may sit on a GPU; the probe is made on the CPU
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids.to(device)).logits.float().cpu()
 
 
 def check_out_dir(out_dir: Path, inputs: list[tuple[str, Path]]) -> None:

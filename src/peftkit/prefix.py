@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .errors import RequestError, TargetError
-from .routing import generate_expansion
+from .errors import AdapterStateError, RequestError, TargetError
+from .routing import AdapterState, generate_expansion
 
 KV = list[tuple[Tensor, Tensor]]  # per layer: key and value (H_kv, P, D) of one prefix
 
@@ -202,3 +203,38 @@ def _no_cache_error(model: nn.Module) -> TargetError:
         "prompt and prefix tuning cannot reach its attention; they need a decoder language model (e.g. "
         "LlamaForCausalLM, GPT2LMHeadModel); use a layer method such as LoRA for this model"
     )
+
+
+def prefix_rows(
+    state: AdapterState,
+    adapters: Mapping[str, nn.Module],
+    model: nn.Module,
+    batch: int | None,
+    *,
+    generating: bool = False,
+) -> list[KV | None] | None:
+    """Each row's key/value prefix from the whole-model adapters that apply (None: no prefix for
+    that row), or None when none applies. Computed once per adapter per call, with gradients."""
+    if state.disabled or not len(adapters) or batch is None:
+        return None
+    routing = state.rows
+    if routing is None:
+        active = [n for n in state.active if n in adapters]
+        if len(active) > 1:
+            raise AdapterStateError(
+                f"adapters {active} are all active, and each brings its own prompt or prefix; "
+                "activate one of them (set_adapter), or give rows different ones (adapter_names)"
+            )
+        return [adapters[active[0]].prefix_kv(model)] * batch if active else None
+    wanted = [n for n in routing.unique if n in adapters]
+    if not wanted:
+        return None
+    before = state.rows, state.disabled
+    state.rows, state.disabled = None, True  # a row's prompt runs without layer adapters
+    try:
+        kv = {n: adapters[n].prefix_kv(model) for n in wanted}
+    finally:
+        state.rows, state.disabled = before
+    names = [kv.get(n) if n is not None else None for n in routing.names]
+    repeat = 1 if generating else routing.repeat_for(batch)
+    return [r for r in names for _ in range(repeat)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,3 +115,25 @@ def generate_expansion(model: object, kwargs: dict) -> int:
     beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
     returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
     return max(beams, returns)
+
+
+def as_kwargs(args: tuple, kwargs: dict[str, Any], first: str = "input_ids") -> dict[str, Any]:
+    """A call's arguments as keywords: a positional first argument is the input ids."""
+    if not args:
+        return kwargs
+    if len(args) > 1 or first in kwargs:
+        raise RequestError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
+    return {first: args[0], **kwargs}
+
+
+def one_name_per_row(names: list[str | None], expand: int) -> list[str | None]:
+    """Names given per beam (rows x beams) as one per row. A row's beams share its adapter: beam
+    search reorders the beams of a row, so a different adapter per beam would have no meaning."""
+    groups = [names[i : i + expand] for i in range(0, len(names), expand)]
+    for row, group in enumerate(groups):
+        if len(set(group)) > 1:
+            raise RequestError(
+                f"adapter_names for the {expand} beams of row {row} differ ({group}); a row's beams share "
+                "one adapter: give one name per row, or the same name for each of its beams"
+            )
+    return [group[0] for group in groups]

@@ -434,7 +434,7 @@ class NF4Linear(nn.Module):
         1.81 s and 2.14 s, dequantizing at every step 2.16 s and 2.65 s; the bf16 model 1.51 s and 2.07 s.
         Training never takes this path (its forwards run with gradients)."""
         self.dense, self.__dict__["kernel"] = None, None
-        if hold:
+        if hold and self.weight.device.type == "cpu":  # on a GPU dequantizing is cheap; a copy is not
             self.__dict__["kernel"] = _inference_kernel(self)
             if self.kernel is None:
                 self.dense = self.dequantized_weight()

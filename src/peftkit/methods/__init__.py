@@ -6,28 +6,15 @@ method is one file under `methods/` plus one entry here.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
+from . import bottleneck, ia3, lora, prefix, prompt
 from .lora import LoraLayer
 from .lora_config import LoraConfig
 from .spec import AdapterLayer, MethodSpec, ModelAdapter, is_adapter_layer
 
-# The method modules, in the order `peftkit` lists them; each defines `SPEC: MethodSpec`.
-_MODULES = ("lora", "ia3", "prompt", "prefix", "bottleneck")
-
-
-def _registry() -> dict[str, MethodSpec]:
-    specs = {}
-    for module in _MODULES:
-        if importlib.util.find_spec(f"{__name__}.{module}") is None:
-            continue  # a method still being written (this check goes once all five have landed)
-        spec = importlib.import_module(f"{__name__}.{module}").SPEC
-        specs[spec.name] = spec
-    return specs
-
-
-METHODS: dict[str, MethodSpec] = _registry()
+# Each method module defines `SPEC: MethodSpec`; this is the order `peftkit` lists them in.
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (lora.SPEC, ia3.SPEC, prompt.SPEC, prefix.SPEC, bottleneck.SPEC)
+}
 
 
 def method_for(config: object) -> MethodSpec:

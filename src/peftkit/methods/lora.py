@@ -405,6 +405,7 @@ SPEC = MethodSpec(
     describe_method=lora_info.describe_method,
     describe=lora_info.describe,
     info_rows=lora_info.info_rows,
+    train_default=lambda: LoraConfig(r=16, lora_alpha=32),
     lr_scaled_roles=("lora_B",),
     no_decay_roles=("lora_magnitude",),
 )

@@ -27,6 +27,7 @@ from .prompt import (
     from_file,
     geometry_field,
     geometry_rows,
+    input_embeddings,
     model_dtype,
 )
 from .spec import MethodSpec
@@ -156,7 +157,7 @@ def make_adapter(model: nn.Module, config: PrefixTuningConfig) -> PrefixEncoder:
     """A new prefix for `model`, initialised at random (HF PEFT's init; prefixes have no no-op value)."""
     geometry = model_geometry(model)
     check_geometry(config, prefix_geometry(geometry), model, "prefix tuning", ConfigError)
-    weight = model.get_input_embeddings().weight
+    weight = input_embeddings(model).weight
     return PrefixEncoder(geometry, config, weight.dtype, weight.device)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import (
@@ -27,6 +28,7 @@ from ..errors import (
     RequestError,
     ShapeMismatchError,
 )
+from ..inject import unwrap
 from ..prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
 from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
 from .spec import MethodSpec
@@ -93,7 +95,13 @@ def from_file(
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in (its token embeddings'): prompts and prefixes are cast to it."""
-    return model.get_input_embeddings().weight.dtype
+    return input_embeddings(model).weight.dtype
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's own token-embedding table, seen through any adapter that wraps it (a LoRA on
+    embed_tokens must not leak into a soft prompt's starting values)."""
+    return unwrap(model.get_input_embeddings())
 
 
 # -- the config -------------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def make_adapter(model: nn.Module, config: PromptTuningConfig) -> PromptEmbeddin
     """A new prompt for `model`, initialised as `config.prompt_tuning_init` says."""
     geometry = prompt_geometry(model_geometry(model))
     check_geometry(config, geometry, model, "prompt tuning", ConfigError)
-    embeddings = model.get_input_embeddings()
+    embeddings = input_embeddings(model)
     with torch.no_grad():
         weight = initial_prompt(config, embeddings, geometry["token_dim"])  # (P, H)
     return PromptEmbedding(weight.detach().clone(), geometry)
@@ -232,7 +240,7 @@ def initial_prompt(config: PromptTuningConfig, embeddings: nn.Module, hidden: in
                 f"tokenizer_name_or_path {config.tokenizer_name_or_path!r} gives token id {int(ids.max())}, "
                 f"beyond this model's {weight.shape[0]} embeddings: use the base model's own tokenizer"
             )
-    return embeddings(ids.to(weight.device))
+    return F.embedding(ids.to(weight.device), weight)
 
 
 def text_ids(text: str, tokenizer_name: str, n: int) -> list[int]:

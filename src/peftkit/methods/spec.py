@@ -9,7 +9,7 @@ one file under `methods/` plus one entry in `METHODS`; no shared code names a me
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,10 @@ class MethodConfig(Protocol):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig: ...
     def replace(self, **changes: Any) -> MethodConfig: ...
+    @classmethod
+    def field_docs(cls) -> dict[str, str]: ...
+    @classmethod
+    def defaults(cls) -> dict[str, Any]: ...
 
 
 class AdapterLayer(Protocol):
@@ -39,6 +43,7 @@ class AdapterLayer(Protocol):
     specs: dict[str, Any]  # adapter name -> its per-layer hyper-parameters, in the order added
     merged: list[str]  # adapters folded into the base weight (empty if the method cannot merge)
     unmerged_weight: Tensor | None  # the exact base weight before any merge, else None
+    # (optional) unmerged_bias: the exact base bias before a merge that changes it (IA³), else None
 
     def add_adapter(
         self, name: str, config: Any, module_name: str, *, dtype: torch.dtype | None = None
@@ -103,7 +108,9 @@ class MethodSpec:
     make_model_adapter: Callable[[nn.Module, Any], nn.Module] | None = None  # (model, config)
     model_expected_shapes: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] | None = None
     # -- the file format -----------------------------------------------------------------------------
-    config_to_file: Callable[[Any], dict[str, Any]] = lambda config: config.to_dict()
+    # (config, where) -> the method's part of adapter_config.json; where: [(module name, layer)] for a
+    # layer method, the ModelAdapter for a whole-model one
+    config_to_file: Callable[[Any, Any], dict[str, Any]] = lambda config, where: config.to_dict()
     config_from_file: Callable[[dict[str, Any], Path], Any] | None = None
     # -- `peftkit info`: which modules a file's layer keys name, and the method's own facts and lines
     file_layers: Callable[[list[str]], list[str]] = lambda keys: []
@@ -114,7 +121,9 @@ class MethodSpec:
     lr_scaled_roles: tuple[str, ...] = ()  # roles trained at lr x lora_plus_ratio (LoRA+: lora_B)
     no_decay_roles: tuple[str, ...] = ()  # roles never weight-decayed (besides biases and 1-d tensors)
     supports_gradient_checkpointing: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    train_default: Callable[[], Any] | None = (
+        None  # the config a training run starts from (default: the class's)
+    )
 
     @property
     def wraps_layers(self) -> bool:
@@ -126,4 +135,4 @@ def is_adapter_layer(module: nn.Module) -> bool:
     return getattr(module, "is_adapter_wrapper", False) and hasattr(module, "adapter_tensors")
 
 
-__all__ = ["AdapterLayer", "MethodConfig", "MethodSpec", "ModelAdapter", "Tensor", "is_adapter_layer"]
+__all__ = ["AdapterLayer", "MethodConfig", "MethodSpec", "ModelAdapter", "is_adapter_layer"]

@@ -23,11 +23,7 @@ import yaml
 
 from ..errors import ConfigError, did_you_mean
 from ..methods import METHODS
-from ..methods.bottleneck_config import BottleneckConfig
-from ..methods.ia3_config import IA3Config
-from ..methods.lora_config import LoraConfig
-from ..methods.prefix import PrefixTuningConfig
-from ..methods.prompt import PromptTuningConfig
+from ..methods.spec import MethodSpec
 from ..values import check_keys_are_text, int_limit_problem, number_from_text, surrogate_problem
 from ..values import short_repr as _short
 
@@ -41,8 +37,9 @@ def _f(default: Any, help: str) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything `peftkit train` needs. Paths are relative to the working directory."""
+class _Settings:
+    """Everything `peftkit train` needs. Paths are relative to the working directory. Each registered
+    method adds a section of its own, named after it (`lora:`, `ia3:`, ...): see `TrainConfig`."""
 
     base: str = _f(
         "smollm2-135m", "base model: a built-in name, an HF model directory, a .gguf file or a hub id"
@@ -63,24 +60,6 @@ class TrainConfig:
     )
     quantize: Literal["nf4"] | None = _f(
         None, "nf4: keep the frozen base weights in 4-bit NormalFloat (QLoRA with method lora)"
-    )
-    lora: LoraConfig = _f(
-        lambda: LoraConfig(r=16, lora_alpha=32),
-        "the adapter (LoraConfig fields: r, lora_alpha, target_modules, ...)",
-    )
-    ia3: IA3Config = _f(
-        lambda: IA3Config(), "IA³ vectors (IA3Config fields: target_modules, feedforward_modules, ...)"
-    )
-    prompt: PromptTuningConfig = _f(
-        lambda: PromptTuningConfig(), "soft prompt (PromptTuningConfig fields: num_virtual_tokens, ...)"
-    )
-    prefix: PrefixTuningConfig = _f(
-        lambda: PrefixTuningConfig(),
-        "key/value prefixes (PrefixTuningConfig fields: num_virtual_tokens, ...)",
-    )
-    bottleneck: BottleneckConfig = _f(
-        lambda: BottleneckConfig(),
-        "bottleneck adapters (BottleneckConfig fields: config, bottleneck_size, ...)",
     )
     max_length: int = _f(512, "longest tokenized example; longer ones are truncated as `truncation` says")
     train_on: Literal["completion", "last", "all"] = _f(
@@ -176,8 +155,27 @@ class TrainConfig:
             out[f.name] = value.to_dict() if dataclasses.is_dataclass(value) else value
         return out
 
-    def replace(self, **changes: Any) -> TrainConfig:
+    def replace(self, **changes: Any) -> _Settings:
         return build(TrainConfig, {**self.to_dict(), **changes})
+
+
+def _section(name: str, spec: MethodSpec) -> tuple[str, type, Any]:
+    """A training config's section for one method: its config class, defaulting to what the method
+    suggests for training (LoRA: r=16, lora_alpha=32) or the class's own defaults."""
+    default = spec.train_default or spec.config_cls
+    help = f"{spec.label} settings, used with method: {name} ({spec.config_cls.__name__} fields)"
+    return name, spec.config_cls, field(default_factory=default, metadata={"help": help})
+
+
+# The settings plus one section per registered method, so a method added to the registry is
+# configurable here (YAML, --NAME.FIELD options, help) without an edit to this file.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [_section(name, spec) for name, spec in METHODS.items()],
+    bases=(_Settings,),
+    frozen=True,
+)
+TrainConfig.__module__, TrainConfig.__doc__ = __name__, _Settings.__doc__
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

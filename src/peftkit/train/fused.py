@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inject import unwrap
+from ..layer_types import float_dtype, is_quantized, weight_device
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -91,11 +92,16 @@ def fuse_for_training(model: nn.Module) -> int:
 
 def _same_outputs(module: nn.Module, forward) -> bool:
     weight = next(module.parameters(), None)
-    if weight is None:
+    quantized = next((m for m in module.modules() if is_quantized(m)), None)
+    if weight is not None:
+        device, dtype = weight.device, weight.dtype
+    elif quantized is not None:  # an MLP of 4-bit layers holds no parameter: they compute in this dtype
+        device, dtype = weight_device(quantized), float_dtype(quantized)
+    else:
         return False
     width = module.weight.shape[0] if forward is _fused_forward else unwrap(module.gate_proj).in_features
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(3, 5, width, generator=g).to(weight.device, weight.dtype)
+    x = torch.randn(3, 5, width, generator=g).to(device, dtype)
     try:
         with torch.no_grad():
             expected, ours = module(x), forward(module, x)
