@@ -79,6 +79,8 @@ def test_each_methods_example_trains_saves_loads_and_generates(method, tiny_mode
     facts = adapter_info(result.adapter_dir)
     assert facts["method_name"] == method and facts["parameters"] > 0
     assert main(["info", str(result.adapter_dir)]) == 0
+    args = ["--base", str(tiny_model_dir), "--adapter", str(result.adapter_dir), "--max-new-tokens", "2"]
+    assert main(["generate", *args, "--prompt", "up abc"]) == 0
 
 
 def test_full_fine_tuning_is_the_same_config_with_method_full(tiny_model_dir, tmp_path) -> None:
