@@ -151,7 +151,8 @@ def note_quantization(am: AdaptedModel, identity: AdapterIdentity, source: Path)
         warnings.warn(
             f"{source} was trained on the {_form(trained)} form of this base model and is loaded onto its "
             f"{_form(here)} form: the same checkpoint, so it applies, but outputs differ by the "
-            "quantization error (small for NF4; measure it on your task if it matters)",
+            "quantization error, which is not small on small models (measure it on your task, or load "
+            "the base in the form the adapter trained on)",
             stacklevel=3,
         )
 
