@@ -59,6 +59,14 @@ class TrainingDivergedError(PeftkitError, RuntimeError):
     """The loss, the gradient or the weights stopped being finite (NaN or inf)."""
 
 
+class RegistryError(PeftkitError, ValueError):
+    """The adapter registry refused a request: an unknown name or version, a database it cannot use."""
+
+
+class RegistryIntegrityError(RegistryError):
+    """A stored file does not match its recorded hash (tampered, truncated or missing)."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a training run after step `step`, saved as `checkpoint` to resume from.
 

@@ -1,0 +1,136 @@
+"""The registry's database: its schema, the migrations that reach it, and transactions.
+
+SQL here is plain and portable (`?` placeholders, TEXT/INTEGER columns), so the same statements run
+on SQLite (embedded, the default) and, later, on PostgreSQL. Every write is one transaction; SQLite
+takes the write lock at BEGIN (`BEGIN IMMEDIATE`), so concurrent writers queue (up to `timeout`)
+instead of failing half-way.
+
+The schema has a version (`meta.schema_version`). Opening a database applies the migrations above
+its version, in one transaction; a database written by a newer peftkit is refused, never changed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import RegistryError
+
+# Each entry takes the schema from version i to i + 1 (MIGRATIONS[0]: an empty database to version 1).
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE versions (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        method TEXT NOT NULL,
+        base_model TEXT,
+        base_fingerprint TEXT,
+        base_quantization TEXT,
+        dataset_hash TEXT,
+        parent TEXT,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        description TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        facts TEXT NOT NULL,
+        UNIQUE (name, number),
+        UNIQUE (name, digest)
+    );
+    CREATE TABLE version_files (
+        version_id INTEGER NOT NULL REFERENCES versions (id),
+        path TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        PRIMARY KEY (version_id, path)
+    );
+    CREATE INDEX version_files_by_sha ON version_files (sha256);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Database:
+    """A SQLite registry database; `transaction()` is the only way to read or write."""
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self.migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise RegistryError(f"cannot open the registry database {self.path}: {e}") from None
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    @contextmanager
+    def transaction(self, write: bool = False) -> Iterator[Transaction]:
+        """One transaction: committed when the block ends, rolled back on any error."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield Transaction(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"the registry database {self.path} failed: {e}") from None
+        finally:
+            conn.close()
+
+    def migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION (refusing a newer one); return the version found."""
+        with self.transaction(write=True) as tx:
+            found = schema_version(tx)
+            if found > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"the registry database {self.path} has schema version {found}, newer than this peftkit's "
+                    f"({SCHEMA_VERSION}); upgrade peftkit to use it (nothing was changed)"
+                )
+            for step in MIGRATIONS[found:]:
+                for statement in (s.strip() for s in step.split(";")):
+                    if statement:
+                        tx.execute(statement)
+            if found < SCHEMA_VERSION:
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(SCHEMA_VERSION),),
+                )
+        return found
+
+
+class Transaction:
+    """Statements within one open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        rows = self.execute(sql, params)
+        return rows[0] if rows else None
+
+
+def schema_version(tx: Transaction) -> int:
+    """The database's schema version: 0 for an empty database."""
+    tables = {r[0] for r in tx.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "meta" not in tables:
+        if tables:
+            raise RegistryError(f"the database holds tables {sorted(tables)} but is no peftkit registry")
+        return 0
+    row = tx.one("SELECT value FROM meta WHERE key = 'schema_version'")
+    return int(row[0]) if row else 0

@@ -1,0 +1,244 @@
+"""The adapter registry: immutable, content-addressed versions of named adapters.
+
+    reg = Registry.open("~/.peftkit/registry")           # or PEFTKIT_REGISTRY, or --registry
+    v = reg.register("support-bot", "runs/x/adapter-best", description="first try")
+    path = reg.resolve("support-bot@1")                 # a directory of verified files, for load_adapter
+
+Layout of a registry directory:
+
+    registry.db                 the SQLite database (schema in db.py)
+    files/sha256/<2>/<64>       every file once, by content hash (blobs.py)
+    checkouts/<digest>/         each resolved version's files under their own names (hard links)
+
+Registering writes the files first (atomically, by hash), then the version in one transaction: a crash
+at any point leaves no version pointing at a missing file. Registering identical files again returns
+the existing version.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import RegistryError, RegistryIntegrityError
+from ..io import building_dir
+from .blobs import BlobStore, file_sha256
+from .db import Database, Transaction
+from .refs import Ref, check_name, parse_ref
+
+DEFAULT_ROOT = "~/.peftkit/registry"
+_COLUMNS = (
+    "id, name, number, digest, stage, method, base_model, base_fingerprint, base_quantization, "
+    "dataset_hash, parent, created_by, created_at, description, tags, facts"
+)
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered version of a named adapter."""
+
+    name: str
+    number: int
+    digest: str  # sha256 over the sorted (path, file sha256) list: the version's identity
+    stage: str
+    method: str
+    base_model: str | None
+    base_fingerprint: str | None
+    base_quantization: str | None
+    dataset_hash: str | None
+    parent: str | None
+    created_by: str
+    created_at: str
+    description: str
+    tags: tuple[str, ...]
+    facts: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # path in the adapter directory -> sha256
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.number}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["tags"] = list(self.tags)
+        return out
+
+
+class Registry:
+    """A registry directory: the database and the file store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = BlobStore(root)
+        self.db = Database(root / "registry.db")
+
+    @classmethod
+    def open(cls, location: str | Path | None = None) -> Registry:
+        """The registry at `location`, else $PEFTKIT_REGISTRY, else ~/.peftkit/registry (created)."""
+        root = Path(os.path.expanduser(str(location or os.environ.get("PEFTKIT_REGISTRY") or DEFAULT_ROOT)))
+        if root.exists() and not root.is_dir():
+            raise RegistryError(
+                f"registry path {root} is a file; give a directory (it is created if missing)"
+            )
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create the registry directory {root}: {e.strerror}") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise RegistryError(f"registry directory {root} is not writable; choose another with --registry")
+        return cls(root)
+
+    # -- writing --------------------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        adapter_dir: str | Path,
+        *,
+        user: str | None = None,
+        description: str = "",
+        tags: tuple[str, ...] | list[str] = (),
+        parent: str | None = None,
+    ) -> Version:
+        """Register the adapter in `adapter_dir` as the next version of `name` (a draft), or return
+        the existing version when these exact files are registered under `name` already."""
+        check_name(name)
+        facts = adapter_facts(Path(adapter_dir))
+        files = {p.name: file_sha256(p) for p in _adapter_files(Path(adapter_dir))}
+        digest = manifest_digest(files)
+        parent_digest = self.resolve_version(parent).digest if parent else None
+        for path, sha in files.items():  # files first: a version never points at a missing file
+            self.blobs.put(Path(adapter_dir) / path, sha)
+        with self.db.transaction(write=True) as tx:
+            existing = _find(tx, "name = ? AND digest = ?", (name, digest))
+            if existing:
+                return existing[0]
+            row = tx.one("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE name = ?", (name,))
+            number = int(row[0]) if row else 1
+            tx.execute(
+                f"INSERT INTO versions ({_COLUMNS.removeprefix('id, ')}) VALUES ({', '.join('?' * 15)})",
+                (
+                    name, number, digest, "draft", facts["method"], facts["base_model"],
+                    facts["base_fingerprint"], facts["base_quantization"], facts["dataset_hash"],
+                    parent_digest, user or default_user(), _now(), description,
+                    json.dumps(sorted(tags)), json.dumps(facts["extra"], sort_keys=True),
+                ),
+            )  # fmt: skip
+            version_id = tx.one("SELECT id FROM versions WHERE name = ? AND number = ?", (name, number))[0]
+            for path, sha in sorted(files.items()):
+                size = self.blobs.path(sha).stat().st_size
+                tx.execute("INSERT INTO version_files VALUES (?, ?, ?, ?)", (version_id, path, sha, size))
+            return _find(tx, "versions.id = ?", (version_id,))[0]
+
+    # -- reading --------------------------------------------------------------------------------------
+    def versions(self, name: str | None = None) -> list[Version]:
+        """Every version (of `name`, if given), by name and number."""
+        with self.db.transaction() as tx:
+            if name is None:
+                return _find(tx, "1 = 1", ())
+            return _find(tx, "name = ?", (check_name(name),))
+
+    def resolve_version(self, ref: str | Ref) -> Version:
+        """The version a reference names; an unknown one is a RegistryError naming what exists."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        with self.db.transaction() as tx:
+            if ref.number is not None:
+                found = _find(tx, "name = ? AND number = ?", (ref.name, ref.number))
+            elif ref.digest is not None:
+                found = _find(tx, "name = ? AND digest LIKE ?", (ref.name, ref.digest + "%"))
+            else:
+                found = _find(tx, "name = ? AND stage = ?", (ref.name, ref.stage))[-1:]
+            known = [v.number for v in _find(tx, "name = ?", (ref.name,))]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise RegistryError(f"{ref} matches {len(found)} versions; give more digits of the digest")
+        if not known:
+            raise RegistryError(f"no adapter named {ref.name!r} in the registry {self.root}")
+        what = f"no {ref.stage} version" if ref.stage else "no such version"
+        raise RegistryError(
+            f"{ref}: {what}; {ref.name!r} has versions {known} (refer to one as {ref.name}@N)"
+        )
+
+    def resolve(self, ref: str | Ref) -> Path:
+        """A directory holding the version's files under their own names, each verified against its
+        hash: what load_adapter, eval, merge and info take."""
+        version = self.resolve_version(ref)
+        out = self.root / "checkouts" / version.digest
+        for path, sha in version.files.items():
+            self.blobs.verify(sha, f"{version.ref}: {path}")
+        if out.is_dir() and sorted(p.name for p in out.iterdir()) == sorted(version.files):
+            return out
+        with building_dir(out, if_exists="replace") as tmp:
+            for path, sha in version.files.items():
+                os.link(self.blobs.path(sha), tmp / path)  # the same bytes, no copy
+        return out
+
+    def check(self) -> list[str]:
+        """Every problem in the store: a version's file missing or not matching its hash. [] = sound."""
+        problems = []
+        for version in self.versions():
+            for path, sha in version.files.items():
+                try:
+                    self.blobs.verify(sha, f"{version.ref}: {path}")
+                except RegistryIntegrityError as e:
+                    problems.append(str(e))
+        return problems
+
+
+def adapter_facts(directory: Path) -> dict[str, Any]:
+    """What a version records about an adapter directory, read from its files (refused if it is none)."""
+    from ..formats import peft as fmt
+    from ..identity import AdapterIdentity
+
+    files = fmt.read_adapter(directory)  # an AdapterFileError for anything that is not an adapter
+    spec, _ = fmt.config_from_peft(files.config, files.directory)
+    identity = AdapterIdentity.from_metadata(files.metadata)
+    extra = {"peft_type": spec.peft_type, "training": identity.training}
+    for sidecar in ("training.json", "summary.json"):
+        if (directory / sidecar).is_file():
+            extra[sidecar.removesuffix(".json")] = json.loads((directory / sidecar).read_text())
+    return {
+        "method": spec.name,
+        "base_model": identity.base_model or files.config.get("base_model_name_or_path"),
+        "base_fingerprint": identity.base_fingerprint,
+        "base_quantization": identity.base_quantization,
+        "dataset_hash": identity.dataset_hash,
+        "extra": extra,
+    }
+
+
+def manifest_digest(files: dict[str, str]) -> str:
+    """sha256 over the sorted "path sha256" lines: equal for equal file sets, whatever their order."""
+    lines = "".join(f"{path}\t{sha}\n" for path, sha in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def default_user() -> str:
+    """Who registers: $PEFTKIT_USER, else the OS user."""
+    return os.environ.get("PEFTKIT_USER") or getpass.getuser()
+
+
+def _adapter_files(directory: Path) -> list[Path]:
+    """The regular files of an adapter directory (top level: an adapter has no subdirectories)."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _find(tx: Transaction, where: str, params: tuple[Any, ...]) -> list[Version]:
+    rows = tx.execute(f"SELECT {_COLUMNS} FROM versions WHERE {where} ORDER BY name, number", params)
+    out = []
+    for row in rows:
+        files = dict(tx.execute("SELECT path, sha256 FROM version_files WHERE version_id = ?", (row[0],)))
+        out.append(
+            Version(*row[1:14], tags=tuple(json.loads(row[14])), facts=json.loads(row[15]), files=files)
+        )
+    return out

@@ -1,0 +1,135 @@
+"""The adapter registry's store: versions are immutable and content-addressed, registering the same
+files twice is a no-op, references resolve to verified files that load, and a tampered or truncated
+file is refused by name."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from peftkit import AdaptedModel, AdapterFileError, IA3Config, LoraConfig, RequestError
+from peftkit.errors import RegistryError, RegistryIntegrityError
+from peftkit.registry import Registry, parse_ref
+from peftkit.registry.db import SCHEMA_VERSION
+
+
+def base():
+    """The same tiny base model every time (the adapters' recorded fingerprint must match)."""
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+def saved_adapter(path, config=None, seed=0):
+    model = base()
+    torch.manual_seed(seed)
+    am = AdaptedModel.attach(model, config or LoraConfig(r=2, init_lora_weights=False))
+    am.save_adapter(path)
+    return path
+
+
+def test_register_numbers_versions_and_identical_files_are_a_no_op(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    a, b = saved_adapter(tmp_path / "a"), saved_adapter(tmp_path / "b", seed=1)
+    v1 = reg.register("bot", a, user="ann", description="first", tags=["x", "a"])
+    assert (v1.number, v1.stage, v1.method, v1.created_by, v1.tags) == (1, "draft", "lora", "ann", ("a", "x"))
+    assert set(v1.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert reg.register("bot", a, user="bob") == v1  # the same files: the existing version
+    v2 = reg.register("bot", b, parent="bot@1")
+    assert v2.number == 2 and v2.parent == v1.digest and v2.digest != v1.digest
+    assert [v.number for v in reg.versions("bot")] == [1, 2]
+    assert reg.register("other", a).number == 1  # numbers are per name; the files are stored once
+    assert len(reg.blobs.all()) == 3  # a and b differ in their weights only: one config file for both
+
+
+def test_references_resolve_to_verified_files_that_load(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    source = saved_adapter(tmp_path / "a", IA3Config(init_ia3_weights=False))
+    v = reg.register("scaler", source)
+    for ref in ("scaler@1", f"scaler@sha256:{v.digest[:8]}", f"scaler@sha256:{v.digest}"):
+        assert reg.resolve_version(ref) == v
+    path = reg.resolve("scaler@1")
+    assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in source.iterdir())
+    x = torch.randint(0, 60, (2, 5))
+    expected = AdaptedModel.from_pretrained(base(), source)(input_ids=x).logits
+    got = AdaptedModel.from_pretrained(base(), path)(input_ids=x).logits
+    assert torch.equal(got, expected)
+    assert reg.resolve("scaler@1") == path  # resolved again: the same checkout
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("bot@0", "no stage, version or digest"), ("bot@sha256:12", "no stage"), ("a@b@c", "bad adapter"),
+     ("../x", "not valid"), ("bot@prod", "no stage")],
+)  # fmt: skip
+def test_bad_references_name_the_accepted_forms(text: str, fragment: str) -> None:
+    with pytest.raises(RequestError, match=fragment):
+        parse_ref(text)
+
+
+def test_unknown_names_versions_and_stages_say_what_exists(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    reg.register("bot", saved_adapter(tmp_path / "a"))
+    with pytest.raises(RegistryError, match="no adapter named 'nope'"):
+        reg.resolve_version("nope@1")
+    with pytest.raises(RegistryError, match=r"bot@7: no such version; 'bot' has versions \[1\]"):
+        reg.resolve_version("bot@7")
+    with pytest.raises(RegistryError, match="no production version"):
+        reg.resolve_version("bot")  # nothing promoted yet
+
+
+def test_a_tampered_or_truncated_file_is_refused_by_version_and_name(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    v = reg.register("bot", saved_adapter(tmp_path / "a"))
+    assert reg.check() == []
+    blob = reg.blobs.path(v.files["adapter_model.safetensors"])
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.truncate(blob.stat().st_size - 1)
+    with pytest.raises(
+        RegistryIntegrityError, match="bot@1: adapter_model.safetensors: .* changed or truncated"
+    ):
+        reg.resolve("bot@1")
+    assert len(reg.check()) == 1 and "bot@1" in reg.check()[0]
+    blob.unlink()
+    with pytest.raises(RegistryIntegrityError, match="missing"):
+        reg.resolve("bot@1")
+
+
+def test_what_is_not_an_adapter_or_a_registry_is_refused_and_nothing_changes(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("hi")
+    with pytest.raises(AdapterFileError):
+        reg.register("bot", tmp_path / "notes")
+    assert reg.versions() == [] and reg.blobs.all() == []
+    with pytest.raises(RequestError, match="not valid in the registry"):
+        reg.register("no/slash", saved_adapter(tmp_path / "a"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RegistryError, match="is a file"):
+        Registry.open(tmp_path / "file")
+
+
+def test_a_database_from_a_newer_schema_is_refused_unchanged(tmp_path) -> None:
+    Registry.open(tmp_path / "reg")
+    db = tmp_path / "reg" / "registry.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    before = db.read_bytes()
+    with pytest.raises(RegistryError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        Registry.open(tmp_path / "reg")
+    assert db.read_bytes() == before
+
+
+def test_the_default_location_and_user_come_from_the_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PEFTKIT_REGISTRY", str(tmp_path / "env-reg"))
+    monkeypatch.setenv("PEFTKIT_USER", "ci-bot")
+    reg = Registry.open()
+    assert reg.root == tmp_path / "env-reg"
+    assert reg.register("bot", saved_adapter(tmp_path / "a")).created_by == "ci-bot"
+    shutil.rmtree(tmp_path / "a")
+    assert reg.resolve("bot@1").is_dir()  # the registry keeps its own copy
