@@ -133,3 +133,87 @@ def test_the_default_location_and_user_come_from_the_environment(tmp_path, monke
     assert reg.register("bot", saved_adapter(tmp_path / "a")).created_by == "ci-bot"
     shutil.rmtree(tmp_path / "a")
     assert reg.resolve("bot@1").is_dir()  # the registry keeps its own copy
+
+
+def test_stages_promotion_rollback_and_their_audit_trail(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    for seed in range(3):
+        reg.register("bot", saved_adapter(tmp_path / f"a{seed}", seed=seed), user="ann")
+    reg.promote("bot@1", "staging", user="bob")
+    with pytest.raises(RegistryError, match="evaluation gate"):
+        reg.promote("bot@1", "production")  # no gate yet: only a forced, audited promotion
+    reg.promote("bot@1", "production", force=True, user="bob", reason="first release")
+    assert reg.resolve_version("bot").number == 1  # NAME is the production version
+    reg.promote("bot@2", "production", force=True)
+    assert [(v.number, v.stage) for v in reg.versions("bot")] == [
+        (1, "archived"),
+        (2, "production"),
+        (3, "draft"),
+    ]
+    assert reg.rollback("bot", user="carol").number == 1
+    assert (
+        reg.resolve_version("bot@production").number == 1 and reg.resolve_version("bot@2").stage == "archived"
+    )
+    with pytest.raises(RegistryError, match="only a draft version goes to staging"):
+        reg.promote("bot@1", "staging")
+    reg.demote("bot@1", "staging")
+    with pytest.raises(RegistryError, match="no production version"):
+        reg.resolve_version("bot")
+    log = reg.history("bot")
+    assert [(e.action, e.version, e.details.get("to")) for e in log] == [
+        ("register", 1, None), ("register", 2, None), ("register", 3, None), ("promote", 1, "staging"),
+        ("promote", 1, "production"), ("promote", 2, "production"), ("rollback", 1, "production"),
+        ("demote", 1, "staging"),
+    ]  # fmt: skip
+    assert (
+        log[4].who == "bob"
+        and log[4].details["force"] is True
+        and log[4].details["reason"] == "first release"
+    )
+    assert log[6].who == "carol" and log[6].details["replaced"] == 2
+    assert reg.check() == []
+
+
+def test_an_edited_or_removed_audit_entry_is_found(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    reg.register("bot", saved_adapter(tmp_path / "a"))
+    reg.promote("bot@1", "staging")
+    reg.promote("bot@1", "production", force=True)
+    db = tmp_path / "reg" / "registry.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit SET who = 'mallory' WHERE seq = 2")
+    assert any("entry 2 (promote bot) was changed" in p for p in reg.check())
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit SET who = (SELECT who FROM audit WHERE seq = 1) WHERE seq = 2")
+    assert reg.check() == []  # put back as it was: the chain holds again
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM audit WHERE seq = 3")
+    assert any("newest audit entries were removed" in p for p in reg.check())
+
+
+def test_a_version_moved_meanwhile_is_a_conflict_and_changes_nothing(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    reg.register("bot", saved_adapter(tmp_path / "a"))
+    seen = reg.resolve_version("bot@1")  # one process reads, another promotes first
+    reg.promote("bot@1", "staging")
+    with pytest.raises(RegistryError, match="changed while this promote ran"):
+        reg._move(seen, "staging", "promote", None, {})
+    assert [e.action for e in reg.history()] == ["register", "promote"]
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_versions(tmp_path) -> None:
+    from peftkit.registry.db import MIGRATIONS
+
+    (tmp_path / "reg").mkdir()
+    with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:  # what the first release wrote
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        conn.execute(
+            "INSERT INTO versions VALUES (1, 'bot', 1, 'ab', 'draft', 'lora', NULL, NULL, NULL, NULL, NULL, "
+            "'ann', '2026-11-29T00:00:00+00:00', '', '[]', '{}')"
+        )
+    reg = Registry.open(tmp_path / "reg")  # migrates to the current schema
+    assert [(v.ref, v.created_by) for v in reg.versions()] == [("bot@1", "ann")]
+    reg.promote("bot@1", "staging")
+    assert [e.action for e in reg.history()] == ["promote"]  # the log starts at the migration
+    assert reg.check() == []

@@ -52,6 +52,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX version_files_by_sha ON version_files (sha256);
     """,
+    # 2: the audit log, append-only, each entry chained to the one before by hash (audit.py)
+    """
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        who TEXT NOT NULL,
+        action TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -26,11 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryError, RegistryIntegrityError
+from ..errors import RegistryError, RegistryIntegrityError, RequestError
 from ..io import building_dir
+from . import audit
 from .blobs import BlobStore, file_sha256
 from .db import Database, Transaction
-from .refs import Ref, check_name, parse_ref
+from .refs import STAGES, Ref, check_name, parse_ref
 
 DEFAULT_ROOT = "~/.peftkit/registry"
 _COLUMNS = (
@@ -133,7 +134,104 @@ class Registry:
             for path, sha in sorted(files.items()):
                 size = self.blobs.path(sha).stat().st_size
                 tx.execute("INSERT INTO version_files VALUES (?, ?, ?, ?)", (version_id, path, sha, size))
-            return _find(tx, "versions.id = ?", (version_id,))[0]
+            version = _find(tx, "versions.id = ?", (version_id,))[0]
+            audit.append(
+                tx, version.created_at, version.created_by, "register", name, number, {"digest": digest}
+            )
+            return version
+
+    def promote(
+        self, ref: str, to: str, *, user: str | None = None, force: bool = False, reason: str = ""
+    ) -> Version:
+        """Move a version up a stage: draft -> staging -> production. The production version it
+        replaces is archived (rollback brings it back). Promotion to production needs the evaluation
+        gate, which is not built yet: until it is, `force=True` is required, and recorded."""
+        if to not in ("staging", "production"):
+            raise RequestError(
+                f"promote to 'staging' or 'production', not {to!r} (demote archives or drafts)"
+            )
+        version = self.resolve_version(ref)
+        allowed = {"staging": ("draft",), "production": ("draft", "staging")}[to]
+        if version.stage not in allowed:
+            raise RegistryError(
+                f"{version.ref} is in {version.stage}; only a {' or '.join(allowed)} version goes to {to}"
+            )
+        if to == "production" and not force:
+            raise RegistryError(
+                f"promoting {version.ref} to production needs its evaluation gate, which this peftkit does not "
+                "have yet; promote with force=True (--force), which the audit log records"
+            )
+        return self._move(
+            version, to, "promote", user, {"from": version.stage, "force": force, "reason": reason}
+        )
+
+    def demote(self, ref: str, to: str = "archived", *, user: str | None = None, reason: str = "") -> Version:
+        """Move a version down: to staging, draft, or out of use (archived)."""
+        if to not in ("draft", "staging", "archived"):
+            raise RequestError(f"demote to 'draft', 'staging' or 'archived', not {to!r}")
+        version = self.resolve_version(ref)
+        if to == version.stage:
+            raise RegistryError(f"{version.ref} is in {to} already")
+        if STAGES.index(to) >= STAGES.index(version.stage) and to != "archived":
+            raise RegistryError(f"{version.ref} is in {version.stage}: demoting it to {to} is no step down")
+        return self._move(version, to, "demote", user, {"from": version.stage, "reason": reason})
+
+    def rollback(self, name: str, *, user: str | None = None, reason: str = "") -> Version:
+        """Put the previous production version of `name` back in production (the current one is
+        archived), without re-running anything; returns the version now in production."""
+        with self.db.transaction() as tx:
+            promoted = [
+                e.version for e in audit.entries(tx, check_name(name)) if e.details.get("to") == "production"
+            ]
+        current = self.resolve_version(f"{name}@production")
+        earlier = [n for n in promoted if n != current.number]
+        if not earlier:
+            raise RegistryError(
+                f"{current.ref} is the only version of {name!r} ever in production: nothing to roll back to"
+            )
+        previous = self.resolve_version(f"{name}@{earlier[-1]}")
+        return self._move(
+            previous,
+            "production",
+            "rollback",
+            user,
+            {"from": previous.stage, "replaced": current.number, "reason": reason},
+        )
+
+    def _move(
+        self, version: Version, to: str, action: str, user: str | None, details: dict[str, Any]
+    ) -> Version:
+        """Set a version's stage in one transaction, archiving the version it displaces from production,
+        and record it. The version must still be where it was read: a concurrent change is a conflict."""
+        who = user or default_user()
+        with self.db.transaction(write=True) as tx:
+            now = tx.one(
+                "SELECT stage FROM versions WHERE name = ? AND number = ?", (version.name, version.number)
+            )
+            if now is None or now[0] != version.stage:
+                raise RegistryError(
+                    f"{version.ref} changed while this {action} ran (it is {now[0] if now else 'gone'} now, was "
+                    f"{version.stage}); look again with `peftkit registry show {version.ref}` and retry"
+                )
+            if to == "production":
+                for (number,) in tx.execute(
+                    "SELECT number FROM versions WHERE name = ? AND stage = 'production'", (version.name,)
+                ):
+                    tx.execute(
+                        "UPDATE versions SET stage = 'archived' WHERE name = ? AND number = ?",
+                        (version.name, number),
+                    )
+            tx.execute(
+                "UPDATE versions SET stage = ? WHERE name = ? AND number = ?",
+                (to, version.name, version.number),
+            )
+            audit.append(tx, _now(), who, action, version.name, version.number, {**details, "to": to})
+            return _find(tx, "name = ? AND number = ?", (version.name, version.number))[0]
+
+    def history(self, name: str | None = None) -> list[audit.Entry]:
+        """The audit log (of `name`, if given), oldest first."""
+        with self.db.transaction() as tx:
+            return audit.entries(tx, check_name(name) if name else None)
 
     # -- reading --------------------------------------------------------------------------------------
     def versions(self, name: str | None = None) -> list[Version]:
@@ -180,8 +278,10 @@ class Registry:
         return out
 
     def check(self) -> list[str]:
-        """Every problem in the store: a version's file missing or not matching its hash. [] = sound."""
-        problems = []
+        """Every problem in the store: a version's file missing or not matching its hash, an audit entry
+        changed or removed. [] = sound."""
+        with self.db.transaction() as tx:
+            problems = audit.broken_links(tx)
         for version in self.versions():
             for path, sha in version.files.items():
                 try:
