@@ -27,6 +27,8 @@ from .terminal import printable
 
 COMMANDS: dict[str, Callable[..., int | None]] = {}
 """Subcommand name -> the function that implements it."""
+GROUPS: dict[str, tuple[str, dict[str, Callable[..., int | None]]]] = {}
+"""Command group (`peftkit registry ...`) -> (its one-line help, {subcommand: function})."""
 
 # Errors caused by the user's input or the user's files: one `error:` line with exit code 2, no
 # traceback. Any OSError names a path the user gave or its filesystem (a name too long, a full disk).
@@ -35,7 +37,7 @@ USER_ERRORS = (PeftkitError, OSError)
 
 # Modules whose @command functions join the CLI; imported when the parser is built, so
 # `import peftkit.cli` stays light.
-COMMAND_MODULES = ("peftkit.train.commands", "peftkit.eval.commands")
+COMMAND_MODULES = ("peftkit.train.commands", "peftkit.eval.commands", "peftkit.registry.commands")
 
 
 class Positional:
@@ -53,6 +55,18 @@ class ConfigOptions:
 
     def __init__(self, keys: Callable[[], dict[str, str]]) -> None:
         self.keys = keys
+
+
+def group_command(group: str, help: str) -> Callable[[Callable[..., int | None]], Callable[..., int | None]]:
+    """Register a function as `peftkit GROUP NAME`, NAME being the function's name without the
+    `GROUP_` prefix (`registry_show` -> `peftkit registry show`)."""
+
+    def register(fn: Callable[..., int | None]) -> Callable[..., int | None]:
+        name = fn.__name__.removeprefix(f"{group}_").replace("_", "-")
+        GROUPS.setdefault(group, (help, {}))[1][name] = fn
+        return fn
+
+    return register
 
 
 def command(fn: Callable[..., int | None]) -> Callable[..., int | None]:
@@ -177,6 +191,11 @@ def build_parser(commands: dict[str, Callable] | None = None) -> argparse.Argume
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for name, fn in (COMMANDS if commands is None else commands).items():
         add_function(subparsers, name, fn)
+    for group, (summary, functions) in GROUPS.items() if commands is None else ():
+        sub = subparsers.add_parser(group, help=summary, description=summary)
+        inner = sub.add_subparsers(title=f"{group} commands", metavar="COMMAND", required=True)
+        for name, fn in functions.items():
+            add_function(inner, name, fn)
     return parser
 
 

@@ -23,8 +23,9 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
     from .formats import peft as fmt
     from .formats.files import dtype_name
     from .identity import AdapterIdentity
+    from .registry.store import adapter_path
 
-    files = fmt.read_adapter(adapter_dir)
+    files = fmt.read_adapter(adapter_path(adapter_dir))  # a directory, or a registry reference
     spec, config = fmt.config_from_peft(files.config, files.directory)
     identity = AdapterIdentity.from_metadata(files.metadata)
     modules = spec.file_layers(fmt.layer_keys(files.tensors)) if spec.wraps_layers else []

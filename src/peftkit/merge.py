@@ -53,8 +53,10 @@ def merge_to_dir(
     from .base.save import check_model_out_dir
     from .formats.peft import read_adapter
     from .layer_types import dequantize_model
+    from .registry.store import adapter_path
 
     out_dir = Path(out_dir)
+    adapter_dir = adapter_path(adapter_dir)  # a registry reference (NAME@3) names a directory too
     check_out_dir(out_dir, input_paths(base, [Path(adapter_dir)]))
     check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
     read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load

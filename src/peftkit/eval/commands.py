@@ -83,7 +83,9 @@ def load_model(
     from peftkit.adapted import AdaptedModel
     from peftkit.base import load_base
     from peftkit.formats.peft import read_adapter
+    from peftkit.registry.store import adapter_path
 
+    adapters = [(name, adapter_path(d)) for name, d in adapters]  # a registry reference names files too
     for _, d in adapters:  # fail on a bad adapter before the slow base-model load
         read_adapter(d)
     hf_logging.disable_progress_bar()

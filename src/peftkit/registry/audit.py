@@ -22,7 +22,7 @@ class Entry:
     """One audited change: who did what to which version, when, and the facts of it."""
 
     seq: int
-    at: str
+    when: str  # UTC, ISO 8601
     who: str
     action: str  # register, promote, demote, rollback, ...
     name: str

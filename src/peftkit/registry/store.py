@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryError, RegistryIntegrityError, RequestError
+from ..errors import AdapterFileError, RegistryError, RegistryIntegrityError, RequestError
 from ..io import building_dir
 from . import audit
 from .blobs import BlobStore, file_sha256
@@ -68,6 +68,7 @@ class Version:
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["tags"] = list(self.tags)
+        out["version"] = self.number
         return out
 
 
@@ -289,6 +290,28 @@ class Registry:
                 except RegistryIntegrityError as e:
                     problems.append(str(e))
         return problems
+
+
+def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
+    """What a command's adapter argument names: an existing path as it is, else a registry reference
+    (NAME@3, NAME@production, ...) resolved to a directory of verified files. Every command that takes
+    an adapter directory goes through here, so a reference works wherever a directory does."""
+    path = Path(text)
+    if path.exists():
+        return path
+    try:
+        ref = parse_ref(str(text))
+    except RequestError:
+        return path  # not a reference either: the caller's "not found" names the path
+    reg = Registry.open(registry)
+    try:
+        return reg.resolve(ref)
+    except RegistryError as e:
+        if "no adapter named" not in str(e):
+            raise
+        raise AdapterFileError(
+            f"no adapter directory {str(text)!r}, and the registry {reg.root} has no adapter named {ref.name!r}"
+        ) from None
 
 
 def adapter_facts(directory: Path) -> dict[str, Any]:

@@ -1,0 +1,190 @@
+"""`peftkit registry ...`: the adapter registry from the command line (tables for people, --json for scripts)."""
+
+from __future__ import annotations
+
+import json as _json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from ..cli import Positional, group_command
+from ..terminal import printable
+from .store import Registry, Version
+
+HELP = "the adapter registry: immutable versions, stages, rollback and an audit log"
+registry_command = group_command("registry", HELP)
+
+
+def _print_versions(versions: list[Version], json: bool) -> None:
+    if json:
+        print(_json.dumps([v.to_dict() for v in versions], indent=2))
+        return
+    rows = [("version", "stage", "method", "base", "by", "created", "digest")]
+    for v in versions:
+        base = (v.base_fingerprint or "")[7:19] or "unknown"
+        rows.append((v.ref, v.stage, v.method, base, v.created_by, v.created_at, v.digest[:12]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(printable("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()))
+
+
+@registry_command
+def registry_register(
+    name: str,
+    adapter_dir: Path,
+    description: str = "",
+    tag: list[str] | None = None,
+    parent: str | None = None,
+    user: str | None = None,
+    registry: str | None = None,
+    json: bool = False,
+) -> None:
+    """Register an adapter directory as the next version of NAME (a draft); identical files are a no-op.
+
+    Args:
+        name: the adapter's name in the registry (letters, digits, '.', '_', '-')
+        adapter_dir: the adapter directory (adapter_config.json + adapter_model.safetensors, and the
+            training files `peftkit train` writes beside them)
+        description: free text kept with the version
+        tag: a free-form tag (repeat the option for several)
+        parent: the version this one derives from (a reference: NAME@N)
+        user: who registers (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the version as JSON
+    """
+    reg = Registry.open(registry)
+    version = reg.register(
+        name, adapter_dir, user=user, description=description, tags=tag or [], parent=parent
+    )
+    _print_versions([version], json)
+
+
+@registry_command
+def registry_list(
+    name: Annotated[str | None, Positional()] = None, registry: str | None = None, json: bool = False
+) -> None:
+    """List the registered versions (of one adapter, if NAME is given).
+
+    Args:
+        name: only this adapter's versions
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print JSON instead of a table
+    """
+    _print_versions(Registry.open(registry).versions(name), json)
+
+
+@registry_command
+def registry_show(ref: str, registry: str | None = None, json: bool = False) -> None:
+    """Everything a version records: stage, method, base fingerprint, files, facts.
+
+    Args:
+        ref: NAME (its production version), NAME@STAGE, NAME@N or NAME@sha256:PREFIX
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print JSON
+    """
+    version = Registry.open(registry).resolve_version(ref)
+    if json:
+        print(_json.dumps(version.to_dict(), indent=2))
+        return
+    for key, value in version.to_dict().items():
+        text = ", ".join(f"{k} ({s[:12]})" for k, s in value.items()) if key == "files" else value
+        if key != "facts":
+            print(printable(f"{key:<18}{text}"))
+
+
+@registry_command
+def registry_promote(
+    ref: str,
+    to: Literal["staging", "production"] = "staging",
+    force: bool = False,
+    reason: str = "",
+    user: str | None = None,
+    registry: str | None = None,
+) -> None:
+    """Promote a version: draft -> staging -> production (the production version it replaces is archived).
+
+    Args:
+        ref: the version (NAME@N, NAME@staging, ...)
+        to: staging or production
+        force: skip the evaluation gate (recorded in the audit log)
+        reason: why, for the audit log
+        user: who promotes (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    version = Registry.open(registry).promote(ref, to, force=force, reason=reason, user=user)
+    print(printable(f"{version.ref} is in {version.stage}"))
+
+
+@registry_command
+def registry_demote(
+    ref: str,
+    to: Literal["draft", "staging", "archived"] = "archived",
+    reason: str = "",
+    user: str | None = None,
+    registry: str | None = None,
+) -> None:
+    """Demote a version: to staging, to draft, or out of use (archived).
+
+    Args:
+        ref: the version (NAME@N, NAME@production, ...)
+        to: staging, draft or archived
+        reason: why, for the audit log
+        user: who demotes (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    version = Registry.open(registry).demote(ref, to, reason=reason, user=user)
+    print(printable(f"{version.ref} is in {version.stage}"))
+
+
+@registry_command
+def registry_rollback(
+    name: str, reason: str = "", user: str | None = None, registry: str | None = None
+) -> None:
+    """Put the previous production version of NAME back in production, in one step.
+
+    Args:
+        name: the adapter
+        reason: why, for the audit log
+        user: who rolls back (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    version = Registry.open(registry).rollback(name, reason=reason, user=user)
+    print(printable(f"{version.ref} is in production again"))
+
+
+@registry_command
+def registry_history(
+    name: Annotated[str | None, Positional()] = None, registry: str | None = None, json: bool = False
+) -> None:
+    """The audit log: every change, who made it and when (of one adapter, if NAME is given).
+
+    Args:
+        name: only this adapter's entries
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print JSON lines, one entry each (an export of the log)
+    """
+    for entry in Registry.open(registry).history(name):
+        if json:
+            print(_json.dumps(entry.to_dict()))
+        else:
+            version = f"{entry.name}@{entry.version}" if entry.version else entry.name
+            details = {k: v for k, v in entry.details.items() if v not in ("", None)}
+            print(printable(f"{entry.when}  {entry.who:<12} {entry.action:<9} {version:<20} {details}"))
+
+
+@registry_command
+def registry_check(registry: str | None = None) -> int:
+    """Verify the whole registry: every version's files against their hashes, and the audit chain.
+
+    Exits 1 (listing each problem) if anything is wrong, 0 if the registry is sound.
+
+    Args:
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    reg = Registry.open(registry)
+    problems = reg.check()
+    for problem in problems:
+        print(printable(f"problem: {problem}"))
+    print(
+        f"{len(reg.versions())} versions checked: " + (f"{len(problems)} problem(s)" if problems else "sound")
+    )
+    return 1 if problems else 0

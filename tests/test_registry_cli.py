@@ -1,0 +1,94 @@
+"""`peftkit registry ...` end to end on a tiny saved model, and registry references (NAME@N) wherever a
+command takes an adapter directory: info, generate, eval, merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import make_data
+
+from peftkit import AdaptedModel, IA3Config
+from peftkit.base import load_base
+from peftkit.cli import main
+
+
+@pytest.fixture
+def registry_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_REGISTRY", str(tmp_path / "reg"))
+    monkeypatch.setenv("PEFTKIT_USER", "ci")
+    return tmp_path / "reg"
+
+
+def adapter_for(model_dir, out, seed):
+    model, _ = load_base(str(model_dir), dtype=torch.float32, tokenizer="optional")
+    torch.manual_seed(seed)
+    AdaptedModel.attach(
+        model, IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[], init_ia3_weights=False)
+    ).save_adapter(out)
+    return out
+
+
+def test_register_promote_rollback_history_and_check(tiny_model_dir, tmp_path, registry_env, capsys) -> None:
+    for seed in (1, 2):
+        assert (
+            main(
+                [
+                    "registry",
+                    "register",
+                    "bot",
+                    str(adapter_for(tiny_model_dir, tmp_path / f"a{seed}", seed)),
+                    "--tag",
+                    "t",
+                ]
+            )
+            == 0
+        )
+    capsys.readouterr()
+    assert main(["registry", "list", "bot", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(v["name"], v["version"], v["stage"], v["method"]) for v in listed] == [
+        ("bot", 1, "draft", "ia3"),
+        ("bot", 2, "draft", "ia3"),
+    ]
+    assert main(["registry", "promote", "bot@1", "--to", "production"]) == 2  # the gate is not built: --force
+    assert "evaluation gate" in capsys.readouterr().err
+    assert main(["registry", "promote", "bot@1", "--to", "production", "--force", "--reason", "v1"]) == 0
+    assert main(["registry", "promote", "bot@2", "--to", "production", "--force"]) == 0
+    assert main(["registry", "rollback", "bot"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "show", "bot", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["name"], shown["version"], shown["stage"]) == ("bot", 1, "production")
+    assert shown["base_fingerprint"].startswith("sha256:") and set(shown["files"]) >= {
+        "adapter_model.safetensors"
+    }
+    assert main(["registry", "history", "bot", "--json"]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["action"] for e in entries] == ["register", "register", "promote", "promote", "rollback"]
+    assert all(e["who"] == "ci" and e["when"] for e in entries) and entries[-1]["version"] == 1
+    assert main(["registry", "check"]) == 0
+    blob = next((registry_env / "files" / "sha256").glob("*/*"))
+    blob.chmod(0o644)
+    blob.write_bytes(b"tampered")
+    assert main(["registry", "check"]) == 1
+    assert "problem:" in capsys.readouterr().out
+
+
+def test_a_registry_reference_works_wherever_a_directory_does(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    source = adapter_for(tiny_model_dir, tmp_path / "a", seed=3)
+    assert main(["registry", "register", "bot", str(source)]) == 0
+    capsys.readouterr()
+    assert main(["info", "bot@1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method_name"] == "ia3"
+    base = ["--base", str(tiny_model_dir)]
+    assert main(["generate", *base, "--adapter", "bot@1", "--max-new-tokens", "2", "--prompt", "up abc"]) == 0
+    data = make_data(tmp_path / "up.jsonl", n=4)
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(data), *base, "--adapters", "bot@1", "--n", "2", "--json", str(report)]) == 0
+    assert main(["merge", str(tiny_model_dir), "bot@1", str(tmp_path / "merged")]) == 0
+    assert main(["info", "nobody@1"]) == 2
+    assert "no adapter named 'nobody'" in capsys.readouterr().err
