@@ -178,3 +178,6 @@ def read_only_dir(tmp_path: Path):
         if immutable:
             subprocess.run(["chattr", "-i", str(path)], check=True)
         path.chmod(0o755)
+
+
+from postgres import postgres_server, postgres_url  # noqa: E402,F401
