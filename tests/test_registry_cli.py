@@ -92,3 +92,41 @@ def test_a_registry_reference_works_wherever_a_directory_does(
     assert main(["merge", str(tiny_model_dir), "bot@1", str(tmp_path / "merged")]) == 0
     assert main(["info", "nobody@1"]) == 2
     assert "no adapter named 'nobody'" in capsys.readouterr().err
+
+
+def no_op_adapter(model_dir, out):
+    """An IA³ adapter at its initial value (every scale 1): it loads and changes nothing."""
+    model, _ = load_base(str(model_dir), dtype=torch.float32, tokenizer="optional")
+    AdaptedModel.attach(model, IA3Config(target_modules=["k_proj"], feedforward_modules=[])).save_adapter(out)
+    return out
+
+
+def test_promotion_to_production_runs_the_evaluation_gate(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    data = make_data(tmp_path / "up.jsonl", n=6)
+    assert (
+        main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=4))]) == 0
+    )
+    assert main(["registry", "register", "bot", str(no_op_adapter(tiny_model_dir, tmp_path / "noop"))]) == 0
+    assert main(["registry", "promote", "bot@1", "--to", "production"]) == 2  # no gate set: refused
+    assert "no evaluation gate" in capsys.readouterr().err
+    gate = ["registry", "gate", "bot", str(data), "--n", "4", "--base", str(tiny_model_dir)]
+    assert main([*gate, "--min-score", "1.01"]) == 0  # unreachable: exact match is at most 1
+    data.unlink()  # the registry keeps its own copy of the eval file
+    assert main(["registry", "promote", "bot@1", "--to", "production"]) == 2
+    assert "failed its evaluation gate (exact_match >= 1.01)" in capsys.readouterr().err
+    assert main([*gate[:3], "task:dates", "--n", "2", "--base", str(tiny_model_dir)]) == 0
+    assert main(["registry", "promote", "bot@2", "--to", "production"]) == 2  # a no-op adapter never passes
+    assert "changes_the_base_model" in capsys.readouterr().err
+    assert main(["registry", "promote", "bot@1", "--to", "production"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "history", "bot", "--json"]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["action"] for e in entries] == ["register", "register", "gate", "gate", "promote"]
+    result = entries[-1]["details"]["gate"]
+    assert result["passed"] and result["checks"]["changes_the_base_model"] and result["n"] == 2
+    assert set(result["scores"]) == {"base", "candidate"}
+    assert main(["registry", "list", "bot", "--json"]) == 0
+    stages = [v["stage"] for v in json.loads(capsys.readouterr().out)]
+    assert stages == ["production", "draft"]  # the refused promotions changed nothing

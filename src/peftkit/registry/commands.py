@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from ..cli import Positional, group_command
 from ..terminal import printable
+from .gate import Gate
 from .store import Registry, Version
 
 HELP = "the adapter registry: immutable versions, stages, rollback and an audit log"
@@ -112,6 +113,42 @@ def registry_promote(
     """
     version = Registry.open(registry).promote(ref, to, force=force, reason=reason, user=user)
     print(printable(f"{version.ref} is in {version.stage}"))
+
+
+@registry_command
+def registry_gate(
+    name: str,
+    data: str,
+    metric: Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"] = "auto",
+    n: int = 100,
+    min_score: float | None = None,
+    max_perplexity: float | None = None,
+    margin: float = 0.0,
+    base: str | None = None,
+    user: str | None = None,
+    registry: str | None = None,
+) -> None:
+    """Set the evaluation gate NAME's versions pass on their way to production.
+
+    The gate evaluates the candidate next to the base model and the current production version (in the
+    same mixed batches) and passes when the candidate changes the base model's outputs, meets the
+    thresholds, and scores no more than --margin below the production version.
+
+    Args:
+        name: the adapter
+        data: the eval set: a built-in task (task:dates) or a data file, which the registry stores by hash
+        metric: the metric (auto: the task's own, exact_match for files)
+        n: how many examples
+        min_score: the candidate's score must be at least this
+        max_perplexity: the candidate's perplexity of the reference answers must be at most this
+        margin: how far below the production version's score the candidate may be
+        base: the base model to evaluate on (default: the one each version records)
+        user: who sets it (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    gate = Gate(data, metric, n, min_score, max_perplexity, margin, base)
+    stored = Registry.open(registry).set_gate(name, gate, user=user)
+    print(printable(f"gate for {name}: {stored.to_dict()}"))
 
 
 @registry_command

@@ -66,6 +66,10 @@ MIGRATIONS: list[str] = [
         hash TEXT NOT NULL
     );
     """,
+    # 3: each adapter name's evaluation gate (gate.py), as JSON
+    """
+    CREATE TABLE gates (name TEXT PRIMARY KEY, config TEXT NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

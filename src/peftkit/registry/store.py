@@ -21,7 +21,7 @@ import getpass
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,11 @@ from ..io import building_dir
 from . import audit
 from .blobs import BlobStore, file_sha256
 from .db import Database, Transaction
+from .gate import Gate, run_gate
 from .refs import STAGES, Ref, check_name, parse_ref
 
 DEFAULT_ROOT = "~/.peftkit/registry"
+_STORED = "stored:sha256:"  # a gate's eval file, kept in the registry by hash
 _COLUMNS = (
     "id, name, number, digest, stage, method, base_model, base_fingerprint, base_quantization, "
     "dataset_hash, parent, created_by, created_at, description, tags, facts"
@@ -145,8 +147,9 @@ class Registry:
         self, ref: str, to: str, *, user: str | None = None, force: bool = False, reason: str = ""
     ) -> Version:
         """Move a version up a stage: draft -> staging -> production. The production version it
-        replaces is archived (rollback brings it back). Promotion to production needs the evaluation
-        gate, which is not built yet: until it is, `force=True` is required, and recorded."""
+        replaces is archived (rollback brings it back). Promotion to production runs the name's
+        evaluation gate (`set_gate`) and stores its result with the promotion; `force=True` skips it,
+        and the audit log records that."""
         if to not in ("staging", "production"):
             raise RequestError(
                 f"promote to 'staging' or 'production', not {to!r} (demote archives or drafts)"
@@ -157,14 +160,76 @@ class Registry:
             raise RegistryError(
                 f"{version.ref} is in {version.stage}; only a {' or '.join(allowed)} version goes to {to}"
             )
+        details: dict[str, Any] = {"from": version.stage, "force": force, "reason": reason}
         if to == "production" and not force:
-            raise RegistryError(
-                f"promoting {version.ref} to production needs its evaluation gate, which this peftkit does not "
-                "have yet; promote with force=True (--force), which the audit log records"
+            details["gate"] = self._pass_gate(version)
+        return self._move(version, to, "promote", user, details)
+
+    def set_gate(self, name: str, gate: Gate, *, user: str | None = None) -> Gate:
+        """Set the evaluation gate of `name`'s promotions to production. An eval file (not a built-in
+        task) is stored in the registry by hash, so the gate keeps evaluating on the same data."""
+        check_name(name)
+        if not gate.data.startswith("task:"):
+            source = Path(gate.data)
+            if not source.is_file():
+                raise RequestError(
+                    f"gate data {gate.data!r} is neither a built-in task (task:NAME) nor a file"
+                )
+            sha = self.blobs.put(source)
+            gate = replace(gate, data=f"{_STORED}{sha}/{source.name}")
+        with self.db.transaction(write=True) as tx:
+            tx.execute(
+                "INSERT INTO gates (name, config) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+                (name, json.dumps(gate.to_dict(), sort_keys=True)),
             )
-        return self._move(
-            version, to, "promote", user, {"from": version.stage, "force": force, "reason": reason}
-        )
+            audit.append(tx, _now(), user or default_user(), "gate", name, None, gate.to_dict())
+        return gate
+
+    def gate(self, name: str) -> Gate | None:
+        """The evaluation gate set for `name`, if any."""
+        with self.db.transaction() as tx:
+            row = tx.one("SELECT config FROM gates WHERE name = ?", (check_name(name),))
+        return Gate(**json.loads(row[0])) if row else None
+
+    def _pass_gate(self, version: Version) -> dict[str, Any]:
+        """Run `version`'s gate against the base and the current production version; the result, or a
+        RegistryError listing what failed (nothing changes)."""
+        gate = self.gate(version.name)
+        if gate is None:
+            raise RegistryError(
+                f"{version.name!r} has no evaluation gate, which promotion to production runs: set one with "
+                f"`peftkit registry gate {version.name} task:NAME --min-score X`, or promote with --force "
+                "(recorded in the audit log)"
+            )
+        base = gate.base or version.base_model
+        if not base:
+            raise RegistryError(f"{version.ref} does not record its base model: give the gate one (--base)")
+        data = gate.data
+        if data.startswith(_STORED):
+            sha, _, filename = data.removeprefix(_STORED).partition("/")
+            data = str(self._checkout_file(sha, filename, f"{version.name}'s gate data"))
+        try:
+            production = self.resolve(f"{version.name}@production")
+        except RegistryError:
+            production = None
+        result = run_gate(replace(gate, data=data), base, self.resolve(version.ref), production)
+        if not result["passed"]:
+            failed = [check for check, ok in result["checks"].items() if not ok]
+            raise RegistryError(
+                f"{version.ref} failed its evaluation gate ({'; '.join(failed)}); scores: {result['scores']}. "
+                "Nothing changed; --force promotes anyway (recorded in the audit log)"
+            )
+        return result
+
+    def _checkout_file(self, sha: str, filename: str, what: str) -> Path:
+        """A stored file under its own name (formats are read from the suffix), verified."""
+        out = self.root / "checkouts" / "files" / sha / filename
+        self.blobs.verify(sha, f"{what}: {filename}")
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.blobs.path(sha), out)
+        return out
 
     def demote(self, ref: str, to: str = "archived", *, user: str | None = None, reason: str = "") -> Version:
         """Move a version down: to staging, draft, or out of use (archived)."""

@@ -1,0 +1,85 @@
+"""The evaluation gate a version passes on its way to production.
+
+Each adapter name has one gate (`Registry.set_gate`): an eval set (a built-in task, or a file the
+registry stores by hash), a metric, thresholds (score at least `min_score`, perplexity at most
+`max_perplexity`), and a `margin` the candidate may fall behind the current production version by.
+Running it evaluates the base model, the candidate and the production version in the same mixed
+batches (peftkit's eval code), and also checks that the candidate changes the base model's outputs
+at all: an adapter that loads but does nothing (a no-op) fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RequestError
+
+NO_OP_TOLERANCE = 1e-6  # relative perplexity change below which identical answers mean "no effect"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a version must meet to reach production."""
+
+    data: str  # task:NAME[:SPLIT], or the path of the stored eval file
+    metric: str = "auto"
+    n: int = 100
+    min_score: float | None = None
+    max_perplexity: float | None = None
+    margin: float = 0.0  # how far below the production version's score the candidate may be
+    base: str | None = None  # the base model to evaluate on (default: the one the version records)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise RequestError(f"gate n must be at least 1, not {self.n}")
+        if self.margin < 0:
+            raise RequestError(
+                f"gate margin must be >= 0 (how far the candidate may fall behind), not {self.margin}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) -> dict[str, Any]:
+    """Evaluate and decide. Returns the result (stored with the promotion): each model's score and
+    perplexity, the checks with their outcome, and `passed`."""
+    from ..data.source import load_data, parse_task_spec
+    from ..eval.commands import load_model
+    from ..eval.run import evaluate
+
+    task = parse_task_spec(gate.data, "test")
+    examples = load_data(gate.data, split="test", n=gate.n)
+    metric = gate.metric if gate.metric != "auto" else task[0].metric if task else "exact_match"
+    adapters = [("candidate", candidate)] + ([("production", production)] if production else [])
+    model, tokenizer = load_model(base, adapters, "auto")
+    max_new = task[0].max_new_tokens if task else 32
+    report = evaluate(
+        model, tokenizer, examples, metric=metric, adapters=[None, *(n for n, _ in adapters)],
+        max_new_tokens=max_new, with_perplexity=True, samples=0,
+    )  # fmt: skip
+    scores = {r.adapter: {"score": r.score, "perplexity": r.perplexity} for r in report.results}
+    cand, plain = report["candidate"], report["base"]
+    changed = (
+        cand.predictions != plain.predictions
+        or abs(cand.perplexity - plain.perplexity) > NO_OP_TOLERANCE * plain.perplexity
+    )
+    checks = {"changes_the_base_model": changed}
+    if gate.min_score is not None:
+        checks[f"{metric} >= {gate.min_score:g}"] = cand.score >= gate.min_score
+    if gate.max_perplexity is not None:
+        checks[f"perplexity <= {gate.max_perplexity:g}"] = cand.perplexity <= gate.max_perplexity
+    if production is not None:
+        floor = report["production"].score - gate.margin
+        checks[f"{metric} >= production's {report['production'].score:.4g} - margin {gate.margin:g}"] = (
+            cand.score >= floor
+        )
+    return {
+        "metric": metric,
+        "n": len(examples),
+        "scores": scores,
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
