@@ -30,7 +30,7 @@ from ..errors import AdapterFileError, RegistryError, RegistryIntegrityError, Re
 from ..io import building_dir
 from . import audit
 from .blobs import BlobStore, file_sha256
-from .db import Database, Transaction
+from .db import Transaction, open_database
 from .gate import Gate, run_gate
 from .refs import STAGES, Ref, check_name, parse_ref
 
@@ -77,26 +77,22 @@ class Version:
 class Registry:
     """A registry directory: the database and the file store."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, database: str | None = None) -> None:
         self.root = root
         self.blobs = BlobStore(root)
-        self.db = Database(root / "registry.db")
+        self.db = open_database(database or root / "registry.db")
 
     @classmethod
     def open(cls, location: str | Path | None = None) -> Registry:
-        """The registry at `location`, else $PEFTKIT_REGISTRY, else ~/.peftkit/registry (created)."""
-        root = Path(os.path.expanduser(str(location or os.environ.get("PEFTKIT_REGISTRY") or DEFAULT_ROOT)))
-        if root.exists() and not root.is_dir():
-            raise RegistryError(
-                f"registry path {root} is a file; give a directory (it is created if missing)"
-            )
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RegistryError(f"cannot create the registry directory {root}: {e.strerror}") from None
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise RegistryError(f"registry directory {root} is not writable; choose another with --registry")
-        return cls(root)
+        """The registry at `location`, else $PEFTKIT_REGISTRY, else ~/.peftkit/registry (created): a
+        directory (SQLite database and files inside), or a `postgresql://` URL whose files live in the
+        shared directory its `files` parameter names (`postgresql://host/db?files=/shared/peftkit`),
+        else in $PEFTKIT_REGISTRY_FILES."""
+        text = str(location or os.environ.get("PEFTKIT_REGISTRY") or DEFAULT_ROOT)
+        if text.startswith(("postgresql://", "postgres://")):
+            url, files = _split_files(text)
+            return cls(_usable_dir(Path(os.path.expanduser(files))), url)
+        return cls(_usable_dir(Path(os.path.expanduser(text))))
 
     # -- writing --------------------------------------------------------------------------------------
     def register(
@@ -355,6 +351,35 @@ class Registry:
                 except RegistryIntegrityError as e:
                     problems.append(str(e))
         return problems
+
+
+def _usable_dir(root: Path) -> Path:
+    """`root`, created if missing; a file or an unwritable directory is a RegistryError."""
+    if root.exists() and not root.is_dir():
+        raise RegistryError(f"registry path {root} is a file; give a directory (it is created if missing)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RegistryError(f"cannot create the registry directory {root}: {e.strerror}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RegistryError(f"registry directory {root} is not writable; choose another with --registry")
+    return root
+
+
+def _split_files(url: str) -> tuple[str, str]:
+    """A PostgreSQL URL without its `files` parameter, and the file store directory it names."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    files = [v for k, v in query if k == "files"] or [os.environ.get("PEFTKIT_REGISTRY_FILES", "")]
+    if not files[-1]:
+        raise RegistryError(
+            "a PostgreSQL registry keeps its files in a directory every user of it can reach: add "
+            "?files=/shared/dir to the URL, or set PEFTKIT_REGISTRY_FILES"
+        )
+    rest = urlencode([(k, v) for k, v in query if k != "files"])
+    return urlunsplit(parts._replace(query=rest)), files[-1]
 
 
 def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
