@@ -231,3 +231,28 @@ def test_a_version_1_database_is_migrated_and_keeps_its_versions(tmp_path) -> No
     reg.promote("bot@1", "staging")
     assert [e.action for e in reg.history()] == ["promote"]  # the log starts at the migration
     assert reg.check() == []
+
+
+def _register_all(location: str, name: str, dirs: list[str], start) -> list[int]:
+    """One writer process: wait for the others, then register its adapters one after another."""
+    start.wait()
+    reg = Registry.open(location)
+    return [reg.register(name, d, user=f"w{os.getpid()}").number for d in dirs]
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path, location) -> None:
+    import multiprocessing
+
+    dirs = [str(saved_adapter(tmp_path / f"a{i}", seed=i)) for i in range(8)]
+    batches = [dirs[0:3], dirs[3:6], dirs[6:8] + dirs[0:1]]  # dirs[0] twice: registered once
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Barrier(len(batches))
+    with ctx.Pool(len(batches)) as pool:
+        results = pool.starmap(_register_all, [(location, "bot", b, start) for b in batches])
+    reg = Registry.open(location)
+    versions = reg.versions("bot")
+    assert [v.number for v in versions] == list(range(1, 9))  # 8 distinct adapters, numbers 1..8, no gap
+    assert len({v.digest for v in versions}) == 8
+    assert results[0][0] == results[2][-1]  # the same files got the same version in both writers
+    assert reg.check() == []
+    assert [e.action for e in reg.history()].count("register") == 8
