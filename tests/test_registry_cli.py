@@ -130,3 +130,28 @@ def test_promotion_to_production_runs_the_evaluation_gate(
     assert main(["registry", "list", "bot", "--json"]) == 0
     stages = [v["stage"] for v in json.loads(capsys.readouterr().out)]
     assert stages == ["production", "draft"]  # the refused promotions changed nothing
+
+
+def test_train_register_files_the_adapter_with_its_training_facts(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    data = make_data(tmp_path / "up.jsonl", n=8)
+    args = [
+        "train",
+        "--base",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    args += ["--max_steps", "2", "--batch_size", "4", "--precision", "fp32", "--progress", "false"]
+    args += ["--tensorboard", "false", "--lora.r", "2", "--val_fraction", "0.25", "--eval_every", "2"]
+    assert main([*args, "--register", "bad/name"]) == 2  # refused before the run
+    assert not (tmp_path / "run").exists()
+    assert main([*args, "--register", "up"]) == 0
+    assert "registered up@1 (draft)" in capsys.readouterr().out
+    assert main(["registry", "show", "up@1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["method"] == "lora" and shown["dataset_hash"] and shown["facts"]["training"]["step"] == 2
+    assert "training_config.yaml" in shown["files"]

@@ -412,7 +412,7 @@ def adapter_facts(directory: Path) -> dict[str, Any]:
     files = fmt.read_adapter(directory)  # an AdapterFileError for anything that is not an adapter
     spec, _ = fmt.config_from_peft(files.config, files.directory)
     identity = AdapterIdentity.from_metadata(files.metadata)
-    extra = {"peft_type": spec.peft_type, "training": identity.training}
+    extra = {"peft_type": spec.peft_type, "identity": identity.training}
     for sidecar in ("training.json", "summary.json"):
         if (directory / sidecar).is_file():
             extra[sidecar.removesuffix(".json")] = json.loads((directory / sidecar).read_text())

@@ -15,6 +15,8 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     allow_changed_inputs: bool = False,
+    register: str | None = None,
+    registry: str | None = None,
     overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
 ) -> int:
     """Fine-tune a base model on a dataset (LoRA by default) and save the adapter.
@@ -33,19 +35,34 @@ def train(
         overwrite: delete the previous run's files in output_dir first (other files are kept)
         allow_changed_inputs: resume even though the data or the base model differ from the
             checkpoint's (the change is recorded in the adapter's training.json)
+        register: register the resulting adapter (adapter-best, else adapter-last) in the adapter
+            registry under this name, as its next draft version
+        registry: the registry for --register (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         overrides: config keys set on the command line
     """
-    from .config import load_config
+    from ..errors import ConfigError
+    from .config import FULL, load_config
     from .loop import train as run_training
 
+    resolved = load_config(config, overrides or {})
+    reg = None
+    if register is not None:  # checked before the run: a bad name or registry must not waste it
+        from ..registry import Registry
+        from ..registry.refs import check_name
+
+        if resolved.method == FULL:
+            raise ConfigError("--register keeps adapters; method full saves a whole model (drop --register)")
+        check_name(register)
+        reg = Registry.open(registry)
     result = run_training(
-        load_config(config, overrides or {}),
-        resume=resume,
-        overwrite=overwrite,
-        allow_changed_inputs=allow_changed_inputs,
+        resolved, resume=resume, overwrite=overwrite, allow_changed_inputs=allow_changed_inputs
     )
     where = result.adapter_dir or result.model_dir
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); saved {where}"
     )
+    if reg is not None and result.adapter_dir is not None:
+        about = f"{resolved.method} on {resolved.data}, {result.steps} steps, from {result.output_dir}"
+        version = reg.register(register, result.adapter_dir, description=about)
+        print(f"registered {version.ref} ({version.stage}) in {reg.root}")
     return 0
