@@ -155,3 +155,25 @@ def test_train_register_files_the_adapter_with_its_training_facts(
     shown = json.loads(capsys.readouterr().out)
     assert shown["method"] == "lora" and shown["dataset_hash"] and shown["facts"]["training"]["step"] == 2
     assert "training_config.yaml" in shown["files"]
+
+
+def test_another_base_is_refused_with_both_fingerprints_and_an_override_is_audited(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    other, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)  # the same architecture, other weights: another base
+    other.save_pretrained(tmp_path / "other")
+    assert (
+        main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=5))]) == 0
+    )
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "other"), "bot@1", str(tmp_path / "m1")]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint" in err and err.count("fingerprint") >= 2 and not (tmp_path / "m1").exists()
+    assert main(["merge", str(tmp_path / "other"), "bot@1", str(tmp_path / "m2"), "--no-check-base"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "history", "bot", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["action"] == "override" and last["version"] == 1
+    assert last["details"]["base_fingerprint"] != last["details"]["recorded"]

@@ -53,9 +53,10 @@ def merge_to_dir(
     from .base.save import check_model_out_dir
     from .formats.peft import read_adapter
     from .layer_types import dequantize_model
-    from .registry.store import adapter_path
+    from .registry.store import adapter_path, audit_base_override
 
     out_dir = Path(out_dir)
+    registry_ref = not Path(adapter_dir).exists()
     adapter_dir = adapter_path(adapter_dir)  # a registry reference (NAME@3) names a directory too
     check_out_dir(out_dir, input_paths(base, [Path(adapter_dir)]))
     check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
@@ -65,6 +66,8 @@ def merge_to_dir(
     model, tokenizer = load_base(base, dtype=dtype, tokenizer="optional", quantize=quantize)
     log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
     am = AdaptedModel.from_pretrained(model, adapter_dir, check_base=check_base)
+    if not check_base and registry_ref:  # loading a registered version onto another base is audited
+        audit_base_override(Path(adapter_dir), base, am.base_fingerprint())
     probe = _probe_ids(model) if quantize else None
     before = _logits(am, probe) if probe is not None else None
     merged = am.merge_and_unload()

@@ -83,8 +83,9 @@ def load_model(
     from peftkit.adapted import AdaptedModel
     from peftkit.base import load_base
     from peftkit.formats.peft import read_adapter
-    from peftkit.registry.store import adapter_path
+    from peftkit.registry.store import adapter_path, audit_base_override
 
+    registry_refs = {name: not Path(d).exists() for name, d in adapters}
     adapters = [(name, adapter_path(d)) for name, d in adapters]  # a registry reference names files too
     for _, d in adapters:  # fail on a bad adapter before the slow base-model load
         read_adapter(d)
@@ -97,6 +98,8 @@ def load_model(
     for name, d in adapters:
         _log(f"loading adapter {d} as {name!r} ...")
         am.load_adapter(d, name, check_base=check_base)
+        if not check_base and registry_refs.get(name):  # the override of a registered version is audited
+            audit_base_override(d, base, am.base_fingerprint())
     return am, tokenizer
 
 

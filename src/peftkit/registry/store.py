@@ -339,6 +339,25 @@ class Registry:
                 os.link(self.blobs.path(sha), tmp / path)  # the same bytes, no copy
         return out
 
+    def version_of_checkout(self, directory: Path) -> Version | None:
+        """The version whose resolved files `directory` is, or None for any other directory."""
+        directory = Path(directory).resolve()
+        if directory.parent != (self.root / "checkouts").resolve():
+            return None
+        with self.db.transaction() as tx:
+            found = _find(tx, "digest = ?", (directory.name,))
+        return found[0] if found else None
+
+    def record_override(
+        self, version: Version, base: str, fingerprint: str, *, user: str | None = None
+    ) -> None:
+        """Audit a version loaded onto a base model other than the one it records (--no-check-base)."""
+        with self.db.transaction(write=True) as tx:
+            details = {"base": base, "base_fingerprint": fingerprint, "recorded": version.base_fingerprint}
+            audit.append(
+                tx, _now(), user or default_user(), "override", version.name, version.number, details
+            )
+
     def check(self) -> list[str]:
         """Every problem in the store: a version's file missing or not matching its hash, an audit entry
         changed or removed. [] = sound."""
@@ -380,6 +399,15 @@ def _split_files(url: str) -> tuple[str, str]:
         )
     rest = urlencode([(k, v) for k, v in query if k != "files"])
     return urlunsplit(parts._replace(query=rest)), files[-1]
+
+
+def audit_base_override(directory: Path, base: str, fingerprint: str) -> None:
+    """When `directory` was resolved from the registry and its version records another base fingerprint
+    than `fingerprint` (the adapter was loaded anyway, --no-check-base), say so in the audit log."""
+    reg = Registry.open()
+    version = reg.version_of_checkout(directory)
+    if version is not None and version.base_fingerprint and version.base_fingerprint != fingerprint:
+        reg.record_override(version, base, fingerprint)
 
 
 def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
