@@ -300,3 +300,27 @@ def test_a_writer_killed_at_any_point_leaves_the_registry_sound(tmp_path, locati
             numbers.setdefault(v.name, []).append(v.number)
         assert all(ns == list(range(1, len(ns) + 1)) for ns in numbers.values())  # no gaps, no duplicates
     assert committed, "some writer committed something before its kill"
+
+
+def test_delete_refuses_production_and_parents_and_gc_frees_only_unreferenced_files(
+    tmp_path, location
+) -> None:
+    reg = Registry.open(location)
+    a, b, c = (saved_adapter(tmp_path / n, seed=i) for i, n in enumerate("abc"))
+    reg.register("bot", a)
+    reg.register("bot", b, parent="bot@1")
+    v3 = reg.register("bot", c)
+    reg.promote("bot@3", "production", force=True)
+    with pytest.raises(RegistryError, match="is in production"):
+        reg.delete("bot@3")
+    with pytest.raises(RegistryError, match="parent of bot@2"):
+        reg.delete("bot@1")
+    checkout = reg.resolve("bot@2")  # a checkout, which gc removes with its version
+    weights_2 = reg.resolve_version("bot@2").files["adapter_model.safetensors"]
+    assert reg.gc(grace=0) == []  # everything is referenced
+    reg.delete("bot@2", reason="bad run")
+    assert reg.gc(grace=3600) == []  # too young to collect
+    assert reg.gc(grace=0) == [weights_2]  # its weights only: the config file is shared with 1 and 3
+    assert not checkout.exists() and v3.files["adapter_model.safetensors"] in reg.blobs.all()
+    assert reg.check() == [] and [v.number for v in reg.versions("bot")] == [1, 3]
+    assert reg.history("bot")[-1].action == "delete" and reg.history("bot")[-1].details["reason"] == "bad run"

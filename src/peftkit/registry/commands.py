@@ -189,6 +189,33 @@ def registry_rollback(
 
 
 @registry_command
+def registry_delete(ref: str, reason: str = "", user: str | None = None, registry: str | None = None) -> None:
+    """Delete a version (not one in production, nor the parent of another); `gc` then frees its files.
+
+    Args:
+        ref: the version (NAME@N)
+        reason: why, for the audit log
+        user: who deletes (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    version = Registry.open(registry).delete(ref, reason=reason, user=user)
+    print(printable(f"deleted {version.ref} (its files stay until `peftkit registry gc`)"))
+
+
+@registry_command
+def registry_gc(grace: float = 3600.0, registry: str | None = None) -> None:
+    """Remove stored files that no version refers to any more.
+
+    Args:
+        grace: keep unreferenced files younger than this many seconds (a registration in progress
+            stores its files before it records the version)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    removed = Registry.open(registry).gc(grace=grace)
+    print(f"removed {len(removed)} unreferenced file(s)")
+
+
+@registry_command
 def registry_history(
     name: Annotated[str | None, Positional()] = None, registry: str | None = None, json: bool = False
 ) -> None:

@@ -21,6 +21,7 @@ import getpass
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -289,6 +290,61 @@ class Registry:
             )
             audit.append(tx, _now(), who, action, version.name, version.number, {**details, "to": to})
             return _find(tx, "name = ? AND number = ?", (version.name, version.number))[0]
+
+    def delete(self, ref: str, *, user: str | None = None, reason: str = "") -> Version:
+        """Remove a version from the registry (its files stay until `gc`). A version in production, or
+        the parent of another version, is refused: demote it, or delete its children, first."""
+        version = self.resolve_version(ref)
+        with self.db.transaction(write=True) as tx:
+            now = tx.one(
+                "SELECT id, stage FROM versions WHERE name = ? AND number = ?", (version.name, version.number)
+            )
+            if now is None:
+                raise RegistryError(f"{version.ref} was deleted meanwhile")
+            if now[1] == "production":
+                raise RegistryError(
+                    f"{version.ref} is in production; demote it (or roll back) before deleting it"
+                )
+            children = [
+                f"{n}@{k}"
+                for n, k in tx.execute(
+                    "SELECT name, number FROM versions WHERE parent = ?", (version.digest,)
+                )
+            ]
+            if children:
+                raise RegistryError(
+                    f"{version.ref} is the parent of {', '.join(children)}; delete those first"
+                )
+            tx.execute("DELETE FROM version_files WHERE version_id = ?", (now[0],))
+            tx.execute("DELETE FROM versions WHERE id = ?", (now[0],))
+            audit.append(tx, _now(), user or default_user(), "delete", version.name, version.number,
+                         {"digest": version.digest, "stage": version.stage, "reason": reason})  # fmt: skip
+        return version
+
+    def gc(self, *, grace: float = 3600.0) -> list[str]:
+        """Remove stored files no version (nor gate) refers to, and checkouts of deleted versions;
+        return the hashes removed. Files younger than `grace` seconds are kept: a registration in
+        progress stores its files before its transaction refers to them."""
+        import time
+
+        with self.db.transaction(write=True) as tx:
+            used = {r[0] for r in tx.execute("SELECT sha256 FROM version_files")}
+            used |= {
+                json.loads(r[0])["data"].removeprefix(_STORED).partition("/")[0]
+                for r in tx.execute("SELECT config FROM gates")
+            }
+            digests = {r[0] for r in tx.execute("SELECT digest FROM versions")}
+            removed = []
+            for sha in self.blobs.all():
+                path = self.blobs.path(sha)
+                if sha not in used and time.time() - path.stat().st_mtime >= grace:
+                    path.unlink()
+                    removed.append(sha)
+            checkouts = self.root / "checkouts"
+            for old in checkouts.iterdir() if checkouts.is_dir() else ():
+                if old.name != "files" and old.name not in digests:
+                    shutil.rmtree(old, ignore_errors=True)
+        return removed
 
     def history(self, name: str | None = None) -> list[audit.Entry]:
         """The audit log (of `name`, if given), oldest first."""
