@@ -324,3 +324,82 @@ def test_delete_refuses_production_and_parents_and_gc_frees_only_unreferenced_fi
     assert not checkout.exists() and v3.files["adapter_model.safetensors"] in reg.blobs.all()
     assert reg.check() == [] and [v.number for v in reg.versions("bot")] == [1, 3]
     assert reg.history("bot")[-1].action == "delete" and reg.history("bot")[-1].details["reason"] == "bad run"
+
+
+def test_a_bundle_moves_a_version_between_registries(tmp_path, location) -> None:
+    from peftkit.registry.bundle import export_bundle, import_bundle
+
+    source = Registry.open(tmp_path / "source")
+    v = source.register("bot", saved_adapter(tmp_path / "a"), description="from the lab", tags=["x"])
+    source.promote("bot@1", "staging")
+    bundle = export_bundle(source, "bot@1", tmp_path / "bot.tar")
+    target = Registry.open(location)
+    imported = import_bundle(target, bundle, user="ops")
+    assert (imported.ref, imported.digest, imported.description, imported.tags) == (
+        "bot@1",
+        v.digest,
+        "from the lab",
+        ("x",),
+    )
+    assert import_bundle(target, bundle) == imported  # the same files again: no new version
+    entry = [e for e in target.history("bot") if e.action == "import"][0]
+    assert (
+        entry.who == "ops"
+        and entry.details["source_audit_entries"] == 2
+        and entry.details["source"] == "bot@1"
+    )
+    assert target.check() == []
+
+
+def _tar(path, members: list[tuple[str, bytes | None, str]]) -> None:
+    """A hand-made tar: (name, bytes, kind) with kind 'file', 'symlink' or 'dir'."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+
+
+def test_a_malicious_truncated_or_tampered_bundle_is_refused_and_nothing_is_imported(
+    tmp_path, monkeypatch
+) -> None:
+    import hashlib
+    import json
+
+    from peftkit.registry import bundle as bundle_mod
+    from peftkit.registry.bundle import export_bundle, import_bundle
+
+    source = Registry.open(tmp_path / "source")
+    source.register("bot", saved_adapter(tmp_path / "a"))
+    good = export_bundle(source, "bot@1", tmp_path / "good.tar").read_bytes()
+    target = Registry.open(tmp_path / "target")
+    manifest = json.dumps({"format": "peftkit-bundle", "format_version": 1, "version": {"name": "bot", "number": 1},
+                           "files": {"adapter_config.json": hashlib.sha256(b"{}").hexdigest()}}).encode()  # fmt: skip
+    cases = {
+        "traversal": ([("manifest.json", manifest, "file"), ("../../evil", b"x", "file")], "unexpected member"),
+        "symlink": ([("manifest.json", manifest, "file"), ("files/" + "a" * 64, None, "symlink")], "not a regular"),
+        "directory": ([("files", None, "dir")], "not a regular"),
+        "twice": ([("manifest.json", manifest, "file"), ("manifest.json", manifest, "file")], "appears twice"),
+        "missing file": ([("manifest.json", manifest, "file")], "is missing"),
+        "tampered": ([("manifest.json", manifest, "file"), ("files/" + hashlib.sha256(b"{}").hexdigest(), b"{ }", "file")], "does not match"),
+        "no manifest": ([("audit.jsonl", b"", "file")], "no manifest"),
+    }  # fmt: skip
+    for case, (members, fragment) in cases.items():
+        _tar(tmp_path / f"{case}.tar", members)
+        with pytest.raises(RegistryError, match=fragment):
+            import_bundle(target, tmp_path / f"{case}.tar")
+    (tmp_path / "truncated.tar").write_bytes(good[: len(good) // 2])
+    with pytest.raises(RegistryError, match="truncated|missing|not a readable"):
+        import_bundle(target, tmp_path / "truncated.tar")
+    monkeypatch.setattr(bundle_mod, "MAX_BYTES", 100)
+    with pytest.raises(RegistryError, match="over the 100 limit"):
+        import_bundle(target, tmp_path / "good.tar")
+    assert target.versions() == [] and target.blobs.all() == [] and target.history() == []

@@ -216,6 +216,38 @@ def registry_gc(grace: float = 3600.0, registry: str | None = None) -> None:
 
 
 @registry_command
+def registry_export(ref: str, out: Path, registry: str | None = None) -> None:
+    """Write one version, its metadata and its adapter's audit entries to a self-contained .tar bundle.
+
+    Args:
+        ref: the version (NAME@N, NAME@production, ...)
+        out: the bundle file to write (replaced atomically if it exists)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    from .bundle import export_bundle
+
+    export_bundle(Registry.open(registry), ref, out)
+    print(printable(f"wrote {out}"))
+
+
+@registry_command
+def registry_import(
+    bundle: Path, user: str | None = None, registry: str | None = None, json: bool = False
+) -> None:
+    """Register the version in a bundle (checked whole before anything is written) as a new draft.
+
+    Args:
+        bundle: a .tar written by `peftkit registry export`
+        user: who imports (default: $PEFTKIT_USER, else the OS user)
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the version as JSON
+    """
+    from .bundle import import_bundle
+
+    _print_versions([import_bundle(Registry.open(registry), bundle, user=user)], json)
+
+
+@registry_command
 def registry_history(
     name: Annotated[str | None, Positional()] = None, registry: str | None = None, json: bool = False
 ) -> None:
