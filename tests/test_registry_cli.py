@@ -177,3 +177,32 @@ def test_another_base_is_refused_with_both_fingerprints_and_an_override_is_audit
     last = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert last["action"] == "override" and last["version"] == 1
     assert last["details"]["base_fingerprint"] != last["details"]["recorded"]
+
+
+def test_the_documented_ci_cd_flow_runs_end_to_end(tiny_model_dir, tmp_path, registry_env) -> None:
+    """examples/ci_cd_flow.sh on the tiny model: train twice with --register, set a gate, promote
+    through staging to production (gated), replace, roll back; then the registry says so."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_data(tmp_path / "up.jsonl", n=16)
+    env = {**os.environ, "BASE": str(tiny_model_dir), "DATA": str(data), "STEPS": "2", "OUT": str(tmp_path / "out"),
+           "PEFTKIT": f"{sys.executable} -m peftkit", "GATE_N": "4", "MIN_SCORE": "0", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(
+        ["bash", "examples/ci_cd_flow.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from peftkit.registry import Registry
+
+    reg = Registry.open()
+    assert reg.resolve_version("dates").number == 1  # rolled back to version 1
+    actions = [(e.action, e.version) for e in reg.history("dates")]
+    assert actions == [("register", 1), ("register", 2), ("gate", None), ("promote", 1), ("promote", 1),
+                       ("promote", 2), ("rollback", 1)]  # fmt: skip
+    gated = reg.history("dates")[4]
+    assert gated.details["gate"]["passed"] and not gated.details["force"]
+    assert reg.history("dates")[5].details["force"] is True
+    assert "sound" in done.stdout
