@@ -403,3 +403,10 @@ def test_a_malicious_truncated_or_tampered_bundle_is_refused_and_nothing_is_impo
     with pytest.raises(RegistryError, match="over the 100 limit"):
         import_bundle(target, tmp_path / "good.tar")
     assert target.versions() == [] and target.blobs.all() == [] and target.history() == []
+
+
+def test_an_unwritable_registry_location_is_a_clear_error(read_only_dir) -> None:
+    with pytest.raises(RegistryError, match="cannot create the registry directory"):
+        Registry.open(read_only_dir / "reg")
+    with pytest.raises(RegistryError, match=r"not writable|cannot open the registry database|failed"):
+        Registry.open(read_only_dir)
