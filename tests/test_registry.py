@@ -229,8 +229,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_versions(tmp_path) -> No
     reg = Registry.open(location)  # migrates to the current schema
     assert [(v.ref, v.created_by) for v in reg.versions()] == [("bot@1", "ann")]
     reg.promote("bot@1", "staging")
-    assert [e.action for e in reg.history()] == ["promote"]  # the log starts at the migration
-    assert reg.check() == []
+    assert [e.action for e in reg.history()] == ["register", "promote"]  # the migration logged bot@1
+    assert reg.history()[0].details["migrated"] is True
 
 
 def _register_all(location: str, name: str, dirs: list[str], start) -> list[int]:
@@ -342,6 +342,7 @@ def test_a_bundle_moves_a_version_between_registries(tmp_path, location) -> None
         ("x",),
     )
     assert import_bundle(target, bundle) == imported  # the same files again: no new version
+    assert [e.action for e in target.history("bot")].count("import") == 1  # and no second record
     entry = [e for e in target.history("bot") if e.action == "import"][0]
     assert (
         entry.who == "ops"
@@ -349,6 +350,14 @@ def test_a_bundle_moves_a_version_between_registries(tmp_path, location) -> None
         and entry.details["source"] == "bot@1"
     )
     assert target.check() == []
+
+
+def tarfile_member(data: bytes, name: str) -> bytes:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.extractfile(name).read()
 
 
 def _tar(path, members: list[tuple[str, bytes | None, str]]) -> None:
@@ -381,8 +390,13 @@ def test_a_malicious_truncated_or_tampered_bundle_is_refused_and_nothing_is_impo
     source.register("bot", saved_adapter(tmp_path / "a"))
     good = export_bundle(source, "bot@1", tmp_path / "good.tar").read_bytes()
     target = Registry.open(tmp_path / "target")
-    manifest = json.dumps({"format": "peftkit-bundle", "format_version": 1, "version": {"name": "bot", "number": 1},
-                           "files": {"adapter_config.json": hashlib.sha256(b"{}").hexdigest()}}).encode()  # fmt: skip
+    from peftkit.registry.store import manifest_digest
+
+    listed = {"adapter_config.json": hashlib.sha256(b"{}").hexdigest()}
+    manifest = json.dumps({"format": "peftkit-bundle", "format_version": 1, "files": listed,
+                           "version": {"name": "bot", "number": 1, "digest": manifest_digest(listed)}}).encode()  # fmt: skip
+    edited = json.loads(tarfile_member(good, "manifest.json"))
+    edited["version"]["digest"] = "0" * 64
     cases = {
         "traversal": ([("manifest.json", manifest, "file"), ("../../evil", b"x", "file")], "unexpected member"),
         "symlink": ([("manifest.json", manifest, "file"), ("files/" + "a" * 64, None, "symlink")], "not a regular"),
@@ -391,6 +405,10 @@ def test_a_malicious_truncated_or_tampered_bundle_is_refused_and_nothing_is_impo
         "missing file": ([("manifest.json", manifest, "file")], "is missing"),
         "tampered": ([("manifest.json", manifest, "file"), ("files/" + hashlib.sha256(b"{}").hexdigest(), b"{ }", "file")], "does not match"),
         "no manifest": ([("audit.jsonl", b"", "file")], "no manifest"),
+        "dot name": ([("manifest.json", manifest.replace(b"adapter_config.json", b".."), "file")], "malformed"),
+        "edited digest": ([("manifest.json", json.dumps(edited).encode(), "file")], "digest does not match"),
+        "unlisted": ([("manifest.json", manifest, "file"), ("files/" + hashlib.sha256(b"{}").hexdigest(), b"{}", "file"),
+                      ("files/" + "b" * 64, b"x", "file")], "does not list"),
     }  # fmt: skip
     for case, (members, fragment) in cases.items():
         _tar(tmp_path / f"{case}.tar", members)
@@ -410,3 +428,42 @@ def test_an_unwritable_registry_location_is_a_clear_error(read_only_dir) -> None
         Registry.open(read_only_dir / "reg")
     with pytest.raises(RegistryError, match=r"not writable|cannot open the registry database|failed"):
         Registry.open(read_only_dir)
+
+
+def test_numbers_are_never_reused_and_rollback_finds_the_right_version(tmp_path, location) -> None:
+    reg = Registry.open(location)
+    for i in range(2):
+        reg.register("bot", saved_adapter(tmp_path / f"a{i}", seed=i))
+    reg.promote("bot@1", "production", force=True)
+    reg.promote("bot@2", "production", force=True)
+    reg.rollback("bot")
+    reg.delete("bot@2")
+    assert reg.register("bot", saved_adapter(tmp_path / "a2", seed=2)).number == 3  # not a second bot@2
+    with pytest.raises(RegistryError, match="no such version"):
+        reg.rollback("bot")  # its previous production version was deleted: no stand-in takes its place
+    assert reg.resolve_version("bot").number == 1
+
+
+def test_what_was_changed_behind_the_registrys_back_is_found(tmp_path, location) -> None:
+    reg = Registry.open(location)
+    a = reg.register("bot", saved_adapter(tmp_path / "a", seed=0))
+    b = reg.register("bot", saved_adapter(tmp_path / "b", seed=1))
+    checkout = reg.resolve("bot@1")
+    weights = checkout / "adapter_model.safetensors"
+    weights.unlink()  # another adapter's weights put in the checkout
+    shutil.copy(reg.blobs.path(b.files["adapter_model.safetensors"]), weights)
+    assert reg.resolve("bot@1") == checkout  # rebuilt from the verified files
+    assert os.path.samefile(weights, reg.blobs.path(a.files["adapter_model.safetensors"]))
+    raw(reg, "UPDATE version_files SET sha256 = ? WHERE path = 'adapter_model.safetensors' AND sha256 = ?",
+        (b.files["adapter_model.safetensors"], a.files["adapter_model.safetensors"]))  # fmt: skip
+    with pytest.raises(RegistryIntegrityError, match="no longer gives its digest"):
+        reg.resolve("bot@1")
+    assert any("no longer gives its digest" in p for p in reg.check())
+
+
+def test_a_wiped_audit_log_is_found(tmp_path, location) -> None:
+    reg = Registry.open(location)
+    reg.register("bot", saved_adapter(tmp_path / "a"))
+    raw(reg, "DELETE FROM audit")
+    raw(reg, "DELETE FROM meta WHERE key = 'audit_head'")
+    assert any("no matching 'register' entry" in p for p in reg.check())

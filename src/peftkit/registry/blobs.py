@@ -46,6 +46,7 @@ class BlobStore:
         sha = sha or file_sha256(source)
         target = self.path(sha)
         if target.is_file():
+            os.utime(target)  # fresh again: gc's grace period protects a registration that reuses it
             return sha
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{sha[:12]}.", suffix=".tmp", dir=target.parent)

@@ -6,8 +6,9 @@ that share no network (air-gapped training and serving).
     files/<sha256>   each file's bytes, named by their hash
 
 Import reads and checks everything before it writes anything: only those member names, regular files
-only (no links, devices or directories), no member twice, no member larger than the manifest says or
-than `MAX_BYTES`, every file's hash as recorded, and a manifest that describes an adapter.
+only (no links, devices or directories), no member twice, none larger than `MAX_BYTES`, a manifest
+whose digest matches its file list, no unlisted file, every file's hash as recorded, audit entries
+that match their own hashes.
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def import_bundle(reg: Registry, bundle: Path, *, user: str | None = None) -> Ve
         for path, sha in manifest["files"].items():
             (adapter / path).write_bytes(files[sha].read_bytes())
         source = manifest["version"]
+        known = {v.digest for v in reg.versions(source["name"])} if reg.versions() else set()
         version = reg.register(
             source["name"], adapter, user=user, description=source.get("description", ""),
             tags=source.get("tags", []),
         )  # fmt: skip
+    if version.digest in known:
+        return version  # imported before: nothing new, nothing to record
     details = {"bundle": str(bundle), "source": f"{source['name']}@{source['number']}",
                "source_audit_entries": len(entries), "source_audit_head": entries[-1]["hash"] if entries else None}  # fmt: skip
     with reg.db.transaction(write=True) as tx:
@@ -118,6 +122,19 @@ def _read_checked(
             raise bad(f"it is truncated or corrupt ({e})") from None
     if manifest is None:
         raise bad("it has no manifest.json")
+    listed = set(manifest["files"].values())
+    unlisted = sorted(set(files) - listed)
+    if unlisted:
+        raise bad(f"it carries a file its manifest does not list (files/{unlisted[0]})")
+    from .store import manifest_digest
+
+    if manifest["version"].get("digest") != manifest_digest(manifest["files"]):
+        raise bad("the version's digest does not match its file list (the manifest was edited)")
+    for e in entries:  # one adapter's entries, so not contiguous: each must match its own hash
+        fields = (e.get("when"), e.get("who"), e.get("action"), e.get("name"), e.get("version"))
+        text = json.dumps(e.get("details"), sort_keys=True, ensure_ascii=False)
+        if audit.entry_hash(str(e.get("prev_hash")), *fields, text) != e.get("hash"):
+            raise bad(f"audit entry {e.get('seq')} does not match its hash (the audit entries were edited)")
     for path, sha in manifest["files"].items():
         if sha not in files:
             raise bad(f"the file {path!r} it lists is missing")
@@ -145,9 +162,16 @@ def _manifest(data: bytes, bad: Any) -> dict[str, Any]:
         raise bad("manifest.json is not a peftkit bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise bad(f"format_version {manifest.get('format_version')!r}; this peftkit reads {FORMAT_VERSION}")
+    version = manifest.get("version")
+    if (
+        not isinstance(version, dict)
+        or not isinstance(version.get("name"), str)
+        or not isinstance(version.get("number"), int)
+    ):
+        raise bad("manifest.json's version is malformed (a name and a number at least)")
     files = manifest.get("files")
     ok = isinstance(files, dict) and files and all(
-        isinstance(p, str) and re.fullmatch(r"[\w.\-]{1,200}", p) and isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)
+        isinstance(p, str) and re.fullmatch(r"[\w.\-]{1,200}", p) and p.strip(".") != "" and isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)
         for p, s in files.items()
     )  # fmt: skip
     if not ok:

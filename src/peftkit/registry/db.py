@@ -138,12 +138,16 @@ class PostgresDatabase:
         self.migrate()
 
     def __str__(self) -> str:
-        return self.url.split("@")[-1]  # no user or password in messages
+        return self.url.split("@")[-1].split("?")[0]  # no user, password or parameters in messages
 
     @contextmanager
     def transaction(self, write: bool = False) -> Iterator[Transaction]:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            raise RegistryError(
+                "a PostgreSQL registry needs the psycopg package: pip install 'psycopg[binary]'"
+            ) from None
         try:
             conn = psycopg.connect(self.url)
         except psycopg.Error as e:
@@ -185,6 +189,13 @@ def migrate(db: Database | PostgresDatabase) -> int:
             for statement in (s.strip() for s in step.split(";")):
                 if statement:
                     tx.execute(db.ddl(statement))
+        if 0 < found < 2 <= SCHEMA_VERSION:  # versions from before the audit log get their entries now
+            from . import audit
+
+            for name, number, digest, who, when in tx.execute(
+                "SELECT name, number, digest, created_by, created_at FROM versions ORDER BY id"
+            ):
+                audit.append(tx, when, who, "register", name, number, {"digest": digest, "migrated": True})
         if found < SCHEMA_VERSION:
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "

@@ -84,12 +84,15 @@ class Registry:
         self.db = open_database(database or root / "registry.db")
 
     @classmethod
-    def open(cls, location: str | Path | None = None) -> Registry:
+    def open(cls, location: str | Path | None = None, *, create: bool = True) -> Registry:
         """The registry at `location`, else $PEFTKIT_REGISTRY, else ~/.peftkit/registry (created): a
         directory (SQLite database and files inside), or a `postgresql://` URL whose files live in the
         shared directory its `files` parameter names (`postgresql://host/db?files=/shared/peftkit`),
         else in $PEFTKIT_REGISTRY_FILES."""
         text = str(location or os.environ.get("PEFTKIT_REGISTRY") or DEFAULT_ROOT)
+        remote = text.startswith(("postgresql://", "postgres://"))
+        if not create and not remote and not (Path(os.path.expanduser(text)) / "registry.db").is_file():
+            raise RegistryError(f"there is no registry at {text} (register an adapter to create one)")
         if text.startswith(("postgresql://", "postgres://")):
             url, files = _split_files(text)
             return cls(_usable_dir(Path(os.path.expanduser(files))), url)
@@ -119,8 +122,13 @@ class Registry:
             existing = _find(tx, "name = ? AND digest = ?", (name, digest))
             if existing:
                 return existing[0]
-            row = tx.one("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE name = ?", (name,))
-            number = int(row[0]) if row else 1
+            # Numbers are never reused, also after a delete: the log remembers every one ever given.
+            row = tx.one(
+                "SELECT MAX(n) FROM (SELECT MAX(number) AS n FROM versions WHERE name = ? "
+                "UNION ALL SELECT MAX(version) AS n FROM audit WHERE name = ? AND action = 'register') AS t",
+                (name, name),
+            )
+            number = int(row[0] or 0) + 1 if row else 1
             tx.execute(
                 f"INSERT INTO versions ({_COLUMNS.removeprefix('id, ')}) VALUES ({', '.join('?' * 15)})",
                 (
@@ -206,10 +214,10 @@ class Registry:
         if data.startswith(_STORED):
             sha, _, filename = data.removeprefix(_STORED).partition("/")
             data = str(self._checkout_file(sha, filename, f"{version.name}'s gate data"))
-        try:
-            production = self.resolve(f"{version.name}@production")
-        except RegistryError:
-            production = None
+        current = [v for v in self.versions(version.name) if v.stage == "production"]
+        production = (
+            self.resolve(current[0].ref) if current else None
+        )  # a damaged one is an error, not "none"
         result = run_gate(replace(gate, data=data), base, self.resolve(version.ref), production)
         if not result["passed"]:
             failed = [check for check, ok in result["checks"].items() if not ok]
@@ -288,7 +296,8 @@ class Registry:
                 "UPDATE versions SET stage = ? WHERE name = ? AND number = ?",
                 (to, version.name, version.number),
             )
-            audit.append(tx, _now(), who, action, version.name, version.number, {**details, "to": to})
+            details = {**details, "to": to, "digest": version.digest}
+            audit.append(tx, _now(), who, action, version.name, version.number, details)
             return _find(tx, "name = ? AND number = ?", (version.name, version.number))[0]
 
     def delete(self, ref: str, *, user: str | None = None, reason: str = "") -> Version:
@@ -386,10 +395,13 @@ class Registry:
         hash: what load_adapter, eval, merge and info take."""
         version = self.resolve_version(ref)
         out = self.root / "checkouts" / version.digest
-        for path, sha in version.files.items():
-            self.blobs.verify(sha, f"{version.ref}: {path}")
-        if out.is_dir() and sorted(p.name for p in out.iterdir()) == sorted(version.files):
-            return out
+        self._verify(version)
+        if (
+            out.is_dir()
+            and sorted(p.name for p in out.iterdir()) == sorted(version.files)
+            and all(os.path.samefile(out / path, self.blobs.path(sha)) for path, sha in version.files.items())
+        ):
+            return out  # the same inodes as the verified files: nothing in between was swapped
         with building_dir(out, if_exists="replace") as tmp:
             for path, sha in version.files.items():
                 os.link(self.blobs.path(sha), tmp / path)  # the same bytes, no copy
@@ -414,17 +426,33 @@ class Registry:
                 tx, _now(), user or default_user(), "override", version.name, version.number, details
             )
 
+    def _verify(self, version: Version) -> None:
+        """The version's file list still gives its digest, and each file its hash."""
+        if manifest_digest(version.files) != version.digest:
+            raise RegistryIntegrityError(
+                f"{version.ref}: its recorded file list no longer gives its digest {version.digest[:12]}...: the "
+                "database was changed behind the registry's back; restore it from a backup or a bundle"
+            )
+        for path, sha in version.files.items():
+            self.blobs.verify(sha, f"{version.ref}: {path}")
+
     def check(self) -> list[str]:
         """Every problem in the store: a version's file missing or not matching its hash, an audit entry
         changed or removed. [] = sound."""
         with self.db.transaction() as tx:
             problems = audit.broken_links(tx)
+            registered = {
+                (e.name, e.version): e.details.get("digest")
+                for e in audit.entries(tx)
+                if e.action == "register"
+            }
         for version in self.versions():
-            for path, sha in version.files.items():
-                try:
-                    self.blobs.verify(sha, f"{version.ref}: {path}")
-                except RegistryIntegrityError as e:
-                    problems.append(str(e))
+            try:
+                self._verify(version)
+            except RegistryIntegrityError as e:
+                problems.append(str(e))
+            if registered.get((version.name, version.number)) != version.digest:
+                problems.append(f"{version.ref} has no matching 'register' entry in the audit log")
         return problems
 
 
@@ -460,7 +488,7 @@ def _split_files(url: str) -> tuple[str, str]:
 def audit_base_override(directory: Path, base: str, fingerprint: str) -> None:
     """When `directory` was resolved from the registry and its version records another base fingerprint
     than `fingerprint` (the adapter was loaded anyway, --no-check-base), say so in the audit log."""
-    reg = Registry.open()
+    reg = Registry.open(create=False)
     version = reg.version_of_checkout(directory)
     if version is not None and version.base_fingerprint and version.base_fingerprint != fingerprint:
         reg.record_override(version, base, fingerprint)
@@ -477,7 +505,10 @@ def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
         ref = parse_ref(str(text))
     except RequestError:
         return path  # not a reference either: the caller's "not found" names the path
-    reg = Registry.open(registry)
+    try:
+        reg = Registry.open(registry, create=False)
+    except RegistryError:
+        return path  # no registry: the caller's "not found" names the path
     try:
         return reg.resolve(ref)
     except RegistryError as e:
