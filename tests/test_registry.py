@@ -467,3 +467,18 @@ def test_a_wiped_audit_log_is_found(tmp_path, location) -> None:
     raw(reg, "DELETE FROM audit")
     raw(reg, "DELETE FROM meta WHERE key = 'audit_head'")
     assert any("no matching 'register' entry" in p for p in reg.check())
+
+
+def test_a_gate_result_for_a_production_version_that_changed_meanwhile_is_a_conflict(
+    tmp_path, location
+) -> None:
+    reg = Registry.open(location)
+    for i in range(3):
+        reg.register("bot", saved_adapter(tmp_path / f"a{i}", seed=i))
+    reg.promote("bot@1", "production", force=True)
+    candidate = reg.resolve_version("bot@3")
+    gate_result = {"passed": True, "production": 1}  # what a gate for bot@3 saw while it ran...
+    reg.promote("bot@2", "production", force=True)  # ...while another promotion landed
+    with pytest.raises(RegistryError, match="changed while bot@3's gate ran"):
+        reg._move(candidate, "production", "promote", None, {"gate": gate_result})
+    assert reg.resolve_version("bot").number == 2

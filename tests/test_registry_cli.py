@@ -206,3 +206,21 @@ def test_the_documented_ci_cd_flow_runs_end_to_end(tiny_model_dir, tmp_path, reg
     assert gated.details["gate"]["passed"] and not gated.details["force"]
     assert reg.history("dates")[5].details["force"] is True
     assert "sound" in done.stdout
+
+
+def test_every_command_takes_the_registry_as_an_option(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("PEFTKIT_REGISTRY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default registry would be here: must stay unused
+    reg = ["--registry", str(tmp_path / "team-reg")]
+    assert (
+        main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=6)), *reg])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["info", "bot@1", "--json", *reg]) == 0
+    assert json.loads(capsys.readouterr().out)["method_name"] == "ia3"
+    args = ["--base", str(tiny_model_dir), "--adapter", "bot@1", "--max-new-tokens", "2", "--prompt", "up"]
+    assert main(["generate", *args, *reg]) == 0
+    assert main(["info", "bot@1"]) == 2  # without it: the default registry, which does not exist
+    assert "not found: bot@1" in capsys.readouterr().err
+    assert not (tmp_path / "home" / ".peftkit").exists()  # and reading did not create one

@@ -248,7 +248,7 @@ def _yaml_value(text: str) -> Any:
 
 # -- commands ------------------------------------------------------------------------------------
 @command
-def info(adapter_dir: Path, json: bool = False) -> None:
+def info(adapter_dir: Path, json: bool = False, registry: str | None = None) -> None:
     """Describe a saved adapter: method, rank, alpha, targets, size, dtype and the base it was trained on.
 
     Reads the files only (no base model is loaded); works on adapters saved by peftkit and by HF PEFT.
@@ -257,10 +257,12 @@ def info(adapter_dir: Path, json: bool = False) -> None:
     Args:
         adapter_dir: the adapter directory (adapter_config.json + adapter_model.safetensors)
         json: print the facts as one JSON object instead of text
+        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from .info import adapter_info, format_info
 
-    facts = adapter_info(adapter_dir)
+    facts = adapter_info(adapter_dir, registry)
     print(_json.dumps(facts, indent=2) if json else format_info(facts))
 
 
@@ -273,6 +275,7 @@ def merge(
     overwrite: bool = False,
     check_base: bool = True,
     quantize: Literal["nf4"] | None = None,
+    registry: str | None = None,
 ) -> None:
     """Fold an adapter into its base model and write a plain HF model directory (with its tokenizer).
 
@@ -292,11 +295,20 @@ def merge(
         quantize: nf4: merge a QLoRA adapter into the base as it trained on: the 4-bit base,
             dequantized (the output is full precision; re-quantizing would lose the update). Prints
             how far the merged model's logits are from the unmerged 4-bit model's
+        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from .merge import merge_to_dir
 
     merge_to_dir(
-        base, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite, check_base=check_base, quantize=quantize
+        base,
+        adapter_dir,
+        out_dir,
+        dtype=dtype,
+        overwrite=overwrite,
+        check_base=check_base,
+        quantize=quantize,
+        registry=registry,
     )
 
 

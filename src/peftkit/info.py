@@ -15,7 +15,7 @@ from .terminal import printable
 _ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
+def adapter_info(adapter_dir: str | Path, registry: str | None = None) -> dict[str, Any]:
     """What `peftkit info` reports, as a JSON-ready dict: the facts every adapter has, then its
     method's own (for LoRA: `r` read from the tensors, `config_r` from adapter_config.json, and
     `rank_mismatches` where the two disagree, which keeps such an adapter from loading)."""
@@ -25,7 +25,7 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
     from .identity import AdapterIdentity
     from .registry.store import adapter_path
 
-    files = fmt.read_adapter(adapter_path(adapter_dir))  # a directory, or a registry reference
+    files = fmt.read_adapter(adapter_path(adapter_dir, registry))  # a directory, or a registry reference
     spec, config = fmt.config_from_peft(files.config, files.directory)
     identity = AdapterIdentity.from_metadata(files.metadata)
     modules = spec.file_layers(fmt.layer_keys(files.tensors)) if spec.wraps_layers else []

@@ -29,6 +29,7 @@ def merge_to_dir(
     overwrite: bool = False,
     check_base: bool = True,
     quantize: str | None = None,
+    registry: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Merge the adapter in `adapter_dir` into `base` and write the result to `out_dir`; return it.
@@ -57,7 +58,7 @@ def merge_to_dir(
 
     out_dir = Path(out_dir)
     registry_ref = not Path(adapter_dir).exists()
-    adapter_dir = adapter_path(adapter_dir)  # a registry reference (NAME@3) names a directory too
+    adapter_dir = adapter_path(adapter_dir, registry)  # a registry reference (NAME@3) names a directory too
     check_out_dir(out_dir, input_paths(base, [Path(adapter_dir)]))
     check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
     read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
@@ -67,7 +68,7 @@ def merge_to_dir(
     log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
     am = AdaptedModel.from_pretrained(model, adapter_dir, check_base=check_base)
     if not check_base and registry_ref:  # loading a registered version onto another base is audited
-        audit_base_override(Path(adapter_dir), base, am.base_fingerprint())
+        audit_base_override(Path(adapter_dir), base, am.base_fingerprint(), registry)
     probe = _probe_ids(model) if quantize else None
     before = _logits(am, probe) if probe is not None else None
     merged = am.merge_and_unload()

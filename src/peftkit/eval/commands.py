@@ -74,6 +74,7 @@ def load_model(
     *,
     check_base: bool = True,
     quantize: str | None = None,
+    registry: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer): the base, wrapped in an AdaptedModel with each (name, directory) loaded when
     adapters are given (or the base is 4-bit: the adapted generate decodes it fast). check_base=False
@@ -86,7 +87,9 @@ def load_model(
     from peftkit.registry.store import adapter_path, audit_base_override
 
     registry_refs = {name: not Path(d).exists() for name, d in adapters}
-    adapters = [(name, adapter_path(d)) for name, d in adapters]  # a registry reference names files too
+    adapters = [
+        (name, adapter_path(d, registry)) for name, d in adapters
+    ]  # a registry reference names files too
     for _, d in adapters:  # fail on a bad adapter before the slow base-model load
         read_adapter(d)
     hf_logging.disable_progress_bar()
@@ -99,7 +102,7 @@ def load_model(
         _log(f"loading adapter {d} as {name!r} ...")
         am.load_adapter(d, name, check_base=check_base)
         if not check_base and registry_refs.get(name):  # the override of a registered version is audited
-            audit_base_override(d, base, am.base_fingerprint())
+            audit_base_override(d, base, am.base_fingerprint(), registry)
     return am, tokenizer
 
 
@@ -155,6 +158,7 @@ def eval(
     json: Path | None = None,
     check_base: bool = True,
     quantize: Quantize = None,
+    registry: str | None = None,
 ) -> None:
     """Score the base model and each adapter on a dataset, side by side (greedy decoding).
 
@@ -180,6 +184,8 @@ def eval(
         check_base: refuse adapters whose recorded base fingerprint differs from this base's
             (--no-check-base loads them anyway; names and shapes are still checked)
         quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
+        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.source import load_data, parse_task_spec
     from peftkit.eval.metrics import check_references
@@ -202,7 +208,9 @@ def eval(
         raise DataError(f"data {data!r}: no examples to evaluate")
     metric = metric if metric != "auto" else task[0].metric if task else "exact_match"
     check_references(metric, [ex.answer for ex in examples])  # not after the model answered them all
-    model, tokenizer = load_model(base, named, dtype, check_base=check_base, quantize=quantize)
+    model, tokenizer = load_model(
+        base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
+    )
     names = [name for name, _ in named]
     if max_new_tokens == 0:
         max_new_tokens = task[0].max_new_tokens if task else _longest_answer(tokenizer, examples) + 8
@@ -334,6 +342,7 @@ def generate(
     dtype: Dtype = "auto",
     check_base: bool = True,
     quantize: Quantize = None,
+    registry: str | None = None,
 ) -> None:
     """Answer prompts with the base model or an adapter (greedy decoding) and print each answer.
 
@@ -349,6 +358,8 @@ def generate(
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
         quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
+        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.example import Message, with_system
     from peftkit.eval.generation import generate_answers
@@ -362,7 +373,9 @@ def generate(
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")
     named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
-    model, tokenizer = load_model(base, named, dtype, check_base=check_base, quantize=quantize)
+    model, tokenizer = load_model(
+        base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
+    )
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
     for chat, answer in zip(chats, answers, strict=True):
         print(printable(f">>> {chat[-1].content}\n{answer}\n", keep="\n\t"), flush=True)
@@ -377,6 +390,7 @@ def chat(
     dtype: Dtype = "auto",
     check_base: bool = True,
     quantize: Quantize = None,
+    registry: str | None = None,
 ) -> None:
     """Talk to the base model or an adapter; the conversation so far is kept as context.
 
@@ -392,13 +406,17 @@ def chat(
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
         quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
+        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.example import Message
     from peftkit.eval.generation import generate_answers
 
     _at_least("max-new-tokens", max_new_tokens, 1)
     named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
-    model, tokenizer = load_model(base, named, dtype, check_base=check_base, quantize=quantize)
+    model, tokenizer = load_model(
+        base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
+    )
     interactive = sys.stdin.isatty()
     start = [Message("system", system)] if system else []
     history = list(start)

@@ -215,10 +215,9 @@ class Registry:
             sha, _, filename = data.removeprefix(_STORED).partition("/")
             data = str(self._checkout_file(sha, filename, f"{version.name}'s gate data"))
         current = [v for v in self.versions(version.name) if v.stage == "production"]
-        production = (
-            self.resolve(current[0].ref) if current else None
-        )  # a damaged one is an error, not "none"
+        production = self.resolve(current[0].ref) if current else None  # damaged: an error, not "none"
         result = run_gate(replace(gate, data=data), base, self.resolve(version.ref), production)
+        result["production"] = current[0].number if current else None  # _move checks it is still so
         if not result["passed"]:
             failed = [check for check, ok in result["checks"].items() if not ok]
             raise RegistryError(
@@ -285,9 +284,17 @@ class Registry:
                     f"{version.stage}); look again with `peftkit registry show {version.ref}` and retry"
                 )
             if to == "production":
-                for (number,) in tx.execute(
+                current = [n for (n,) in tx.execute(
                     "SELECT number FROM versions WHERE name = ? AND stage = 'production'", (version.name,)
-                ):
+                )]  # fmt: skip
+                gate = details.get("gate")
+                if gate and gate.get("production") != (current[0] if current else None):
+                    raise RegistryError(
+                        f"the production version of {version.name!r} changed while {version.ref}'s gate ran "
+                        f"(it compared with {gate.get('production')}, it is {current[0] if current else None} "
+                        "now): promote again, so the gate compares with the new one"
+                    )
+                for number in current:
                     tx.execute(
                         "UPDATE versions SET stage = 'archived' WHERE name = ? AND number = ?",
                         (version.name, number),
@@ -485,10 +492,12 @@ def _split_files(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), files[-1]
 
 
-def audit_base_override(directory: Path, base: str, fingerprint: str) -> None:
+def audit_base_override(
+    directory: Path, base: str, fingerprint: str, registry: str | Path | None = None
+) -> None:
     """When `directory` was resolved from the registry and its version records another base fingerprint
     than `fingerprint` (the adapter was loaded anyway, --no-check-base), say so in the audit log."""
-    reg = Registry.open(create=False)
+    reg = Registry.open(registry, create=False)
     version = reg.version_of_checkout(directory)
     if version is not None and version.base_fingerprint and version.base_fingerprint != fingerprint:
         reg.record_override(version, base, fingerprint)
