@@ -17,11 +17,14 @@ import copy
 import os
 import platform
 import statistics
-import time
+import sys
 import warnings
 
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward_throughput import run as time_rounds  # noqa: E402  (interleaved rounds after a warm-up)
 
 import peftkit
 from peftkit.base import nf4
@@ -39,18 +42,6 @@ def model_bytes(model: nn.Module) -> int:
 
 def nf4_layers(model: nn.Module) -> list[NF4Linear]:
     return [m for m in model.modules() if isinstance(m, NF4Linear)]
-
-
-def time_rounds(cases: dict[str, callable], rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up: allocator, cached level tables
-        fn()
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
