@@ -63,6 +63,10 @@ class RegistryError(PeftkitError, ValueError):
     """The adapter registry refused a request: an unknown name or version, a database it cannot use."""
 
 
+class UnknownAdapterError(RegistryError):
+    """The registry holds no adapter of that name."""
+
+
 class RegistryIntegrityError(RegistryError):
     """A stored file does not match its recorded hash (tampered, truncated or missing)."""
 

@@ -23,7 +23,7 @@ def adapter_info(adapter_dir: str | Path, registry: str | None = None) -> dict[s
     from .formats import peft as fmt
     from .formats.files import dtype_name
     from .identity import AdapterIdentity
-    from .registry.store import adapter_path
+    from .registry.paths import adapter_path
 
     files = fmt.read_adapter(adapter_path(adapter_dir, registry))  # a directory, or a registry reference
     spec, config = fmt.config_from_peft(files.config, files.directory)

@@ -54,7 +54,7 @@ def merge_to_dir(
     from .base.save import check_model_out_dir
     from .formats.peft import read_adapter
     from .layer_types import dequantize_model
-    from .registry.store import adapter_path, audit_base_override
+    from .registry.paths import adapter_path, audit_base_override
 
     out_dir = Path(out_dir)
     registry_ref = not Path(adapter_dir).exists()

@@ -84,7 +84,7 @@ def load_model(
     from peftkit.adapted import AdaptedModel
     from peftkit.base import load_base
     from peftkit.formats.peft import read_adapter
-    from peftkit.registry.store import adapter_path, audit_base_override
+    from peftkit.registry.paths import adapter_path, audit_base_override
 
     registry_refs = {name: not Path(d).exists() for name, d in adapters}
     adapters = [

@@ -51,13 +51,15 @@ def append(
     text = json.dumps(details, sort_keys=True, ensure_ascii=False)
     digest = entry_hash(prev, at, who, action, name, version, text)
     tx.execute(
-        "INSERT INTO audit (at, who, action, name, version, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit (at, who, action, name, version, details, prev_hash, hash) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (at, who, action, name, version, text, prev, digest),
     )
     seq = tx.one("SELECT seq FROM audit WHERE hash = ?", (digest,))[0]
     # The head is kept apart from the chain, so removing the newest entries is found too.
     tx.execute(
-        "INSERT INTO meta (key, value) VALUES ('audit_head', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        "INSERT INTO meta (key, value) VALUES ('audit_head', ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (digest,),
     )
     return Entry(seq, at, who, action, name, version, details, prev, digest)

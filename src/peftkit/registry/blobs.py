@@ -85,6 +85,10 @@ class BlobStore:
             return []
         return sorted(p.name for p in self.root.glob("*/*") if not p.name.startswith("."))
 
+    def partial(self) -> list[Path]:
+        """Temporary files of copies that never finished (a writer crashed before its rename)."""
+        return sorted(self.root.glob("*/.*.tmp")) if self.root.is_dir() else []
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

@@ -6,16 +6,20 @@ that share no network (air-gapped training and serving).
     files/<sha256>   each file's bytes, named by their hash
 
 Import reads and checks everything before it writes anything: only those member names, regular files
-only (no links, devices or directories), no member twice, none larger than `MAX_BYTES`, a manifest
-whose digest matches its file list, no unlisted file, every file's hash as recorded, audit entries
-that match their own hashes.
+only (no links, devices or directories), no member twice, none larger than `MAX_BYTES` (the JSON
+members: `MAX_JSON_BYTES`), a manifest whose digest matches its file list, no unlisted file, every
+file's hash as recorded, audit entries that match their own hashes. The version and its `import`
+audit entry are then written in one transaction; the source's author, time and parent are kept in
+that entry (and the parent as the version's parent when this registry holds it too).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -24,14 +28,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RegistryError
 from ..io import atomic_file
 from . import audit
-from .blobs import file_sha256
-from .store import _now, default_user
+from .blobs import CHUNK, file_sha256
+from .versions import manifest_digest
 
 if TYPE_CHECKING:
     from .store import Registry, Version
 
 FORMAT, FORMAT_VERSION = "peftkit-bundle", 1
 MAX_BYTES = 16 << 30  # no adapter file is anywhere near 16 GiB; a bigger member is an attack or an error
+MAX_JSON_BYTES = 64 << 20  # the manifest and the audit entries are read whole: 64 MiB is ample
 _FILE_MEMBER = re.compile(r"files/([0-9a-f]{64})")
 
 
@@ -57,20 +62,24 @@ def import_bundle(reg: Registry, bundle: Path, *, user: str | None = None) -> Ve
         adapter = Path(scratch) / "adapter"
         adapter.mkdir()
         for path, sha in manifest["files"].items():
-            (adapter / path).write_bytes(files[sha].read_bytes())
+            os.link(files[sha], adapter / path)
         source = manifest["version"]
-        known = {v.digest for v in reg.versions(source["name"])} if reg.versions() else set()
-        version = reg.register(
+        parent = source.get("parent")
+        known = {v.digest for v in reg.versions(source["name"])} if parent else set()
+        details = {
+            "bundle": str(bundle),
+            "source": f"{source['name']}@{source['number']}",
+            "source_created_by": source.get("created_by"),
+            "source_created_at": source.get("created_at"),
+            "source_parent": parent,
+            "source_audit_entries": len(entries),
+            "source_audit_head": entries[-1]["hash"] if entries else None,
+        }
+        return reg.register(
             source["name"], adapter, user=user, description=source.get("description", ""),
-            tags=source.get("tags", []),
+            tags=source.get("tags", []), parent=f"{source['name']}@sha256:{parent}" if parent in known else None,
+            imported=details,
         )  # fmt: skip
-    if version.digest in known:
-        return version  # imported before: nothing new, nothing to record
-    details = {"bundle": str(bundle), "source": f"{source['name']}@{source['number']}",
-               "source_audit_entries": len(entries), "source_audit_head": entries[-1]["hash"] if entries else None}  # fmt: skip
-    with reg.db.transaction(write=True) as tx:
-        audit.append(tx, _now(), user or default_user(), "import", version.name, version.number, details)
-    return version
 
 
 def _read_checked(
@@ -100,8 +109,9 @@ def _read_checked(
                     raise bad(
                         f"member {member.name!r} is not a regular file (links and directories are refused)"
                     )
-                if member.size > MAX_BYTES:
-                    raise bad(f"member {member.name!r} is {member.size} bytes, over the {MAX_BYTES} limit")
+                limit = MAX_JSON_BYTES if member.name in ("manifest.json", "audit.jsonl") else MAX_BYTES
+                if member.size > limit:
+                    raise bad(f"member {member.name!r} is {member.size} bytes, over the {limit} limit")
                 match = _FILE_MEMBER.fullmatch(member.name)
                 if member.name in ("manifest.json", "audit.jsonl"):
                     data = tar.extractfile(member).read()
@@ -112,7 +122,7 @@ def _read_checked(
                 elif match:
                     target = scratch / match.group(1)
                     with tar.extractfile(member) as src, open(target, "wb") as out:
-                        out.write(src.read())
+                        shutil.copyfileobj(src, out, CHUNK)
                     files[match.group(1)] = target
                 else:
                     raise bad(
@@ -126,8 +136,6 @@ def _read_checked(
     unlisted = sorted(set(files) - listed)
     if unlisted:
         raise bad(f"it carries a file its manifest does not list (files/{unlisted[0]})")
-    from .store import manifest_digest
-
     if manifest["version"].get("digest") != manifest_digest(manifest["files"]):
         raise bad("the version's digest does not match its file list (the manifest was edited)")
     for e in entries:  # one adapter's entries, so not contiguous: each must match its own hash
@@ -170,13 +178,21 @@ def _manifest(data: bytes, bad: Any) -> dict[str, Any]:
     ):
         raise bad("manifest.json's version is malformed (a name and a number at least)")
     files = manifest.get("files")
-    ok = isinstance(files, dict) and files and all(
-        isinstance(p, str) and re.fullmatch(r"[\w.\-]{1,200}", p) and p.strip(".") != "" and isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)
-        for p, s in files.items()
-    )  # fmt: skip
+    ok = isinstance(files, dict) and files and all(_file_entry(p, s) for p, s in files.items())
     if not ok:
         raise bad("manifest.json's file list is malformed (plain file names and sha256 hashes only)")
     return manifest
+
+
+def _file_entry(path: Any, sha: Any) -> bool:
+    """A plain file name (no directory, not only dots) with a sha256: all a manifest may list."""
+    return (
+        isinstance(path, str)
+        and re.fullmatch(r"[\w.\-]{1,200}", path) is not None
+        and path.strip(".") != ""
+        and isinstance(sha, str)
+        and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
+    )
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

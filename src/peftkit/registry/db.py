@@ -12,7 +12,7 @@ its version, in one transaction; a database written by a newer peftkit is refuse
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,10 @@ class Database:
 
 
 class PostgresDatabase:
-    """The same registry database on PostgreSQL (psycopg 3): the same statements, `?` becoming `%s`."""
+    """The same registry database on PostgreSQL (psycopg 3): the same statements, `?` becoming `%s`.
+
+    Each transaction opens its own connection (a few milliseconds): nothing is shared between
+    threads or with a forked child, whose inherited socket would otherwise end the parent's session."""
 
     LOCK = 0x70656674  # the advisory lock every writer takes ("peft")
 
@@ -154,7 +157,7 @@ class PostgresDatabase:
             raise RegistryError(f"cannot connect to the registry database {self}: {e}") from None
         try:
             with conn.transaction():
-                tx = _PostgresTransaction(conn)
+                tx = Transaction(conn, _postgres_sql)
                 if write:
                     tx.execute(f"SELECT pg_advisory_xact_lock({self.LOCK})")
                 yield tx
@@ -177,14 +180,16 @@ class PostgresDatabase:
 
 
 def migrate(db: Database | PostgresDatabase) -> int:
-    """Bring the schema to SCHEMA_VERSION (refusing a newer one); return the version found."""
-    with db.transaction(write=True) as tx:
+    """Bring the schema to SCHEMA_VERSION (refusing a newer one); return the version found. A database
+    already current is only read: opening a registry takes no writer lock."""
+    with db.transaction() as tx:
         found = schema_version(tx, db.tables(tx))
-        if found > SCHEMA_VERSION:
-            raise RegistryError(
-                f"the registry database {db} has schema version {found}, newer than this peftkit's "
-                f"({SCHEMA_VERSION}); upgrade peftkit to use it (nothing was changed)"
-            )
+    _refuse_newer(db, found)
+    if found == SCHEMA_VERSION:
+        return found
+    with db.transaction(write=True) as tx:
+        found = schema_version(tx, db.tables(tx))  # again, under the lock: another process may have done it
+        _refuse_newer(db, found)
         for step in MIGRATIONS[found:]:
             for statement in (s.strip() for s in step.split(";")):
                 if statement:
@@ -205,24 +210,33 @@ def migrate(db: Database | PostgresDatabase) -> int:
     return found
 
 
-class Transaction:
-    """Statements within one open transaction."""
+def _refuse_newer(db: Database | PostgresDatabase, found: int) -> None:
+    if found > SCHEMA_VERSION:
+        raise RegistryError(
+            f"the registry database {db} has schema version {found}, newer than this peftkit's "
+            f"({SCHEMA_VERSION}); upgrade peftkit to use it (nothing was changed)"
+        )
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+
+class Transaction:
+    """Statements within one open transaction. `translate` turns the portable SQL into the driver's
+    dialect (PostgreSQL: `%s` placeholders)."""
+
+    def __init__(self, conn: Any, translate: Callable[[str], str] | None = None) -> None:
         self.conn = conn
+        self.translate = translate
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return self.conn.execute(sql, params).fetchall()
+        cursor = self.conn.execute(self.translate(sql) if self.translate else sql, params)
+        return cursor.fetchall() if cursor.description else []
 
     def one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         rows = self.execute(sql, params)
         return rows[0] if rows else None
 
 
-class _PostgresTransaction(Transaction):
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        cursor = self.conn.execute(sql.replace("%", "%%").replace("?", "%s"), params)
-        return cursor.fetchall() if cursor.description else []
+def _postgres_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 def schema_version(tx: Transaction, tables: set[str]) -> int:

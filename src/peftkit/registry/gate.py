@@ -10,13 +10,19 @@ at all: an adapter that loads but does nothing (a no-op) fails.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import RequestError
+from ..errors import RegistryError, RequestError
+
+if TYPE_CHECKING:
+    from .store import Registry
+    from .versions import Version
 
 NO_OP_TOLERANCE = 1e-6  # relative perplexity change below which identical answers mean "no effect"
+STORED = "stored:sha256:"  # a gate's eval file, kept in the registry by hash: stored:sha256:<hex>/<name>
 
 
 @dataclass(frozen=True)
@@ -83,3 +89,43 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
         "checks": checks,
         "passed": all(checks.values()),
     }
+
+
+def pass_gate(reg: Registry, version: Version) -> dict[str, Any]:
+    """Run `version`'s gate against the base model and the current production version: the result, or a
+    RegistryError listing what failed (nothing changes)."""
+    gate = reg.gate(version.name)
+    if gate is None:
+        raise RegistryError(
+            f"{version.name!r} has no evaluation gate, which promotion to production runs: set one with "
+            f"`peftkit registry gate {version.name} task:NAME --min-score X`, or promote with --force "
+            "(recorded in the audit log)"
+        )
+    base = gate.base or version.base_model
+    if not base:
+        raise RegistryError(f"{version.ref} does not record its base model: give the gate one (--base)")
+    data = gate.data
+    if data.startswith(STORED):
+        sha, _, filename = data.removeprefix(STORED).partition("/")
+        data = str(_stored_file(reg, sha, filename, f"{version.name}'s gate data"))
+    current = [v for v in reg.versions(version.name) if v.stage == "production"]
+    production = reg.resolve(current[0].ref) if current else None  # damaged: an error, not "none"
+    result = run_gate(replace(gate, data=data), base, reg.resolve(version.ref), production)
+    result["production"] = current[0].number if current else None  # the promotion checks it is still so
+    if not result["passed"]:
+        failed = [check for check, ok in result["checks"].items() if not ok]
+        raise RegistryError(
+            f"{version.ref} failed its evaluation gate ({'; '.join(failed)}); scores: {result['scores']}. "
+            "Nothing changed; --force promotes anyway (recorded in the audit log)"
+        )
+    return result
+
+
+def _stored_file(reg: Registry, sha: str, filename: str, what: str) -> Path:
+    """A stored file under its own name (data formats are read from the suffix), verified."""
+    out = reg.root / "checkouts" / "files" / sha / filename
+    reg.blobs.verify(sha, f"{what}: {filename}")
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.link(reg.blobs.path(sha), out)
+    return out

@@ -50,9 +50,9 @@ def parse_ref(text: str) -> Ref:
     forms = "NAME, NAME@production, NAME@staging, NAME@3 or NAME@sha256:<8+ hex digits>"
     if not isinstance(text, str) or text.count("@") > 1:
         raise RequestError(f"bad adapter reference {text!r}; write {forms}")
-    name, _, selector = text.partition("@")
+    name, at, selector = text.partition("@")
     check_name(name)
-    if not _:
+    if not at:
         return Ref(name, stage="production")
     if selector in STAGES:
         return Ref(name, stage=selector)

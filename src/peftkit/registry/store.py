@@ -17,62 +17,25 @@ the existing version.
 
 from __future__ import annotations
 
-import getpass
-import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterFileError, RegistryError, RegistryIntegrityError, RequestError
+from ..errors import RegistryError, RegistryIntegrityError, RequestError, UnknownAdapterError
 from ..io import building_dir
 from . import audit
 from .blobs import BlobStore, file_sha256
-from .db import Transaction, open_database
-from .gate import Gate, run_gate
+from .db import open_database
+from .gate import STORED, Gate, pass_gate
 from .refs import STAGES, Ref, check_name, parse_ref
+from .versions import Version, adapter_facts, adapter_files, default_user, find, insert, manifest_digest, now
 
 DEFAULT_ROOT = "~/.peftkit/registry"
-_STORED = "stored:sha256:"  # a gate's eval file, kept in the registry by hash
-_COLUMNS = (
-    "id, name, number, digest, stage, method, base_model, base_fingerprint, base_quantization, "
-    "dataset_hash, parent, created_by, created_at, description, tags, facts"
-)
-
-
-@dataclass(frozen=True)
-class Version:
-    """One registered version of a named adapter."""
-
-    name: str
-    number: int
-    digest: str  # sha256 over the sorted (path, file sha256) list: the version's identity
-    stage: str
-    method: str
-    base_model: str | None
-    base_fingerprint: str | None
-    base_quantization: str | None
-    dataset_hash: str | None
-    parent: str | None
-    created_by: str
-    created_at: str
-    description: str
-    tags: tuple[str, ...]
-    facts: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)  # path in the adapter directory -> sha256
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.number}"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["tags"] = list(self.tags)
-        out["version"] = self.number
-        return out
+__all__ = ["DEFAULT_ROOT", "Registry", "Version"]
 
 
 class Registry:
@@ -108,44 +71,31 @@ class Registry:
         description: str = "",
         tags: tuple[str, ...] | list[str] = (),
         parent: str | None = None,
+        imported: dict[str, Any] | None = None,
     ) -> Version:
         """Register the adapter in `adapter_dir` as the next version of `name` (a draft), or return
-        the existing version when these exact files are registered under `name` already."""
+        the existing version when these exact files are registered under `name` already. `imported`
+        (bundle import) is the import's audit record, written in the same transaction."""
         check_name(name)
-        facts = adapter_facts(Path(adapter_dir))
-        files = {p.name: file_sha256(p) for p in _adapter_files(Path(adapter_dir))}
-        digest = manifest_digest(files)
+        adapter_dir = Path(adapter_dir)
+        facts = adapter_facts(adapter_dir)
+        files = {p.name: file_sha256(p) for p in adapter_files(adapter_dir)}
         parent_digest = self.resolve_version(parent).digest if parent else None
         for path, sha in files.items():  # files first: a version never points at a missing file
-            self.blobs.put(Path(adapter_dir) / path, sha)
+            self.blobs.put(adapter_dir / path, sha)
+        sized = {path: (sha, self.blobs.path(sha).stat().st_size) for path, sha in files.items()}
+        who, when = user or default_user(), now()
         with self.db.transaction(write=True) as tx:
-            existing = _find(tx, "name = ? AND digest = ?", (name, digest))
+            existing = find(tx, "name = ? AND digest = ?", (name, manifest_digest(files)))
             if existing:
                 return existing[0]
-            # Numbers are never reused, also after a delete: the log remembers every one ever given.
-            row = tx.one(
-                "SELECT MAX(n) FROM (SELECT MAX(number) AS n FROM versions WHERE name = ? "
-                "UNION ALL SELECT MAX(version) AS n FROM audit WHERE name = ? AND action = 'register') AS t",
-                (name, name),
-            )
-            number = int(row[0] or 0) + 1 if row else 1
-            tx.execute(
-                f"INSERT INTO versions ({_COLUMNS.removeprefix('id, ')}) VALUES ({', '.join('?' * 15)})",
-                (
-                    name, number, digest, "draft", facts["method"], facts["base_model"],
-                    facts["base_fingerprint"], facts["base_quantization"], facts["dataset_hash"],
-                    parent_digest, user or default_user(), _now(), description,
-                    json.dumps(sorted(tags)), json.dumps(facts["extra"], sort_keys=True),
-                ),
+            version = insert(
+                tx, name, facts, sized, parent=parent_digest, created_by=who, created_at=when,
+                description=description, tags=tags,
             )  # fmt: skip
-            version_id = tx.one("SELECT id FROM versions WHERE name = ? AND number = ?", (name, number))[0]
-            for path, sha in sorted(files.items()):
-                size = self.blobs.path(sha).stat().st_size
-                tx.execute("INSERT INTO version_files VALUES (?, ?, ?, ?)", (version_id, path, sha, size))
-            version = _find(tx, "versions.id = ?", (version_id,))[0]
-            audit.append(
-                tx, version.created_at, version.created_by, "register", name, number, {"digest": digest}
-            )
+            audit.append(tx, when, who, "register", name, version.number, {"digest": version.digest})
+            if imported is not None:
+                audit.append(tx, when, who, "import", name, version.number, imported)
             return version
 
     def promote(
@@ -167,7 +117,7 @@ class Registry:
             )
         details: dict[str, Any] = {"from": version.stage, "force": force, "reason": reason}
         if to == "production" and not force:
-            details["gate"] = self._pass_gate(version)
+            details["gate"] = pass_gate(self, version)
         return self._move(version, to, "promote", user, details)
 
     def set_gate(self, name: str, gate: Gate, *, user: str | None = None) -> Gate:
@@ -181,14 +131,14 @@ class Registry:
                     f"gate data {gate.data!r} is neither a built-in task (task:NAME) nor a file"
                 )
             sha = self.blobs.put(source)
-            gate = replace(gate, data=f"{_STORED}{sha}/{source.name}")
+            gate = replace(gate, data=f"{STORED}{sha}/{source.name}")
         with self.db.transaction(write=True) as tx:
             tx.execute(
                 "INSERT INTO gates (name, config) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
                 (name, json.dumps(gate.to_dict(), sort_keys=True)),
             )
-            audit.append(tx, _now(), user or default_user(), "gate", name, None, gate.to_dict())
+            audit.append(tx, now(), user or default_user(), "gate", name, None, gate.to_dict())
         return gate
 
     def gate(self, name: str) -> Gate | None:
@@ -196,44 +146,6 @@ class Registry:
         with self.db.transaction() as tx:
             row = tx.one("SELECT config FROM gates WHERE name = ?", (check_name(name),))
         return Gate(**json.loads(row[0])) if row else None
-
-    def _pass_gate(self, version: Version) -> dict[str, Any]:
-        """Run `version`'s gate against the base and the current production version; the result, or a
-        RegistryError listing what failed (nothing changes)."""
-        gate = self.gate(version.name)
-        if gate is None:
-            raise RegistryError(
-                f"{version.name!r} has no evaluation gate, which promotion to production runs: set one with "
-                f"`peftkit registry gate {version.name} task:NAME --min-score X`, or promote with --force "
-                "(recorded in the audit log)"
-            )
-        base = gate.base or version.base_model
-        if not base:
-            raise RegistryError(f"{version.ref} does not record its base model: give the gate one (--base)")
-        data = gate.data
-        if data.startswith(_STORED):
-            sha, _, filename = data.removeprefix(_STORED).partition("/")
-            data = str(self._checkout_file(sha, filename, f"{version.name}'s gate data"))
-        current = [v for v in self.versions(version.name) if v.stage == "production"]
-        production = self.resolve(current[0].ref) if current else None  # damaged: an error, not "none"
-        result = run_gate(replace(gate, data=data), base, self.resolve(version.ref), production)
-        result["production"] = current[0].number if current else None  # _move checks it is still so
-        if not result["passed"]:
-            failed = [check for check, ok in result["checks"].items() if not ok]
-            raise RegistryError(
-                f"{version.ref} failed its evaluation gate ({'; '.join(failed)}); scores: {result['scores']}. "
-                "Nothing changed; --force promotes anyway (recorded in the audit log)"
-            )
-        return result
-
-    def _checkout_file(self, sha: str, filename: str, what: str) -> Path:
-        """A stored file under its own name (formats are read from the suffix), verified."""
-        out = self.root / "checkouts" / "files" / sha / filename
-        self.blobs.verify(sha, f"{what}: {filename}")
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.link(self.blobs.path(sha), out)
-        return out
 
     def demote(self, ref: str, to: str = "archived", *, user: str | None = None, reason: str = "") -> Version:
         """Move a version down: to staging, draft, or out of use (archived)."""
@@ -275,12 +187,12 @@ class Registry:
         and record it. The version must still be where it was read: a concurrent change is a conflict."""
         who = user or default_user()
         with self.db.transaction(write=True) as tx:
-            now = tx.one(
+            row = tx.one(
                 "SELECT stage FROM versions WHERE name = ? AND number = ?", (version.name, version.number)
             )
-            if now is None or now[0] != version.stage:
+            if row is None or row[0] != version.stage:
                 raise RegistryError(
-                    f"{version.ref} changed while this {action} ran (it is {now[0] if now else 'gone'} now, was "
+                    f"{version.ref} changed while this {action} ran (it is {row[0] if row else 'gone'} now, was "
                     f"{version.stage}); look again with `peftkit registry show {version.ref}` and retry"
                 )
             if to == "production":
@@ -304,20 +216,20 @@ class Registry:
                 (to, version.name, version.number),
             )
             details = {**details, "to": to, "digest": version.digest}
-            audit.append(tx, _now(), who, action, version.name, version.number, details)
-            return _find(tx, "name = ? AND number = ?", (version.name, version.number))[0]
+            audit.append(tx, now(), who, action, version.name, version.number, details)
+            return find(tx, "name = ? AND number = ?", (version.name, version.number))[0]
 
     def delete(self, ref: str, *, user: str | None = None, reason: str = "") -> Version:
         """Remove a version from the registry (its files stay until `gc`). A version in production, or
         the parent of another version, is refused: demote it, or delete its children, first."""
         version = self.resolve_version(ref)
         with self.db.transaction(write=True) as tx:
-            now = tx.one(
+            row = tx.one(
                 "SELECT id, stage FROM versions WHERE name = ? AND number = ?", (version.name, version.number)
             )
-            if now is None:
+            if row is None:
                 raise RegistryError(f"{version.ref} was deleted meanwhile")
-            if now[1] == "production":
+            if row[1] == "production":
                 raise RegistryError(
                     f"{version.ref} is in production; demote it (or roll back) before deleting it"
                 )
@@ -331,9 +243,9 @@ class Registry:
                 raise RegistryError(
                     f"{version.ref} is the parent of {', '.join(children)}; delete those first"
                 )
-            tx.execute("DELETE FROM version_files WHERE version_id = ?", (now[0],))
-            tx.execute("DELETE FROM versions WHERE id = ?", (now[0],))
-            audit.append(tx, _now(), user or default_user(), "delete", version.name, version.number,
+            tx.execute("DELETE FROM version_files WHERE version_id = ?", (row[0],))
+            tx.execute("DELETE FROM versions WHERE id = ?", (row[0],))
+            audit.append(tx, now(), user or default_user(), "delete", version.name, version.number,
                          {"digest": version.digest, "stage": version.stage, "reason": reason})  # fmt: skip
         return version
 
@@ -341,12 +253,10 @@ class Registry:
         """Remove stored files no version (nor gate) refers to, and checkouts of deleted versions;
         return the hashes removed. Files younger than `grace` seconds are kept: a registration in
         progress stores its files before its transaction refers to them."""
-        import time
-
         with self.db.transaction(write=True) as tx:
             used = {r[0] for r in tx.execute("SELECT sha256 FROM version_files")}
             used |= {
-                json.loads(r[0])["data"].removeprefix(_STORED).partition("/")[0]
+                json.loads(r[0])["data"].removeprefix(STORED).partition("/")[0]
                 for r in tx.execute("SELECT config FROM gates")
             }
             digests = {r[0] for r in tx.execute("SELECT digest FROM versions")}
@@ -356,10 +266,14 @@ class Registry:
                 if sha not in used and time.time() - path.stat().st_mtime >= grace:
                     path.unlink()
                     removed.append(sha)
+            for tmp in self.blobs.partial():  # a copy a crashed writer left behind
+                if time.time() - tmp.stat().st_mtime >= grace:
+                    tmp.unlink(missing_ok=True)
             checkouts = self.root / "checkouts"
-            for old in checkouts.iterdir() if checkouts.is_dir() else ():
-                if old.name != "files" and old.name not in digests:
-                    shutil.rmtree(old, ignore_errors=True)
+            stale = [p for p in checkouts.glob("*") if p.name != "files" and p.name not in digests]
+            stale += [p for p in checkouts.glob("files/*") if p.name not in used]
+            for old in stale:
+                shutil.rmtree(old, ignore_errors=True)
         return removed
 
     def history(self, name: str | None = None) -> list[audit.Entry]:
@@ -372,35 +286,52 @@ class Registry:
         """Every version (of `name`, if given), by name and number."""
         with self.db.transaction() as tx:
             if name is None:
-                return _find(tx, "1 = 1", ())
-            return _find(tx, "name = ?", (check_name(name),))
+                return find(tx, "1 = 1", ())
+            return find(tx, "name = ?", (check_name(name),))
 
     def resolve_version(self, ref: str | Ref) -> Version:
         """The version a reference names; an unknown one is a RegistryError naming what exists."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         with self.db.transaction() as tx:
             if ref.number is not None:
-                found = _find(tx, "name = ? AND number = ?", (ref.name, ref.number))
+                found = find(tx, "name = ? AND number = ?", (ref.name, ref.number))
             elif ref.digest is not None:
-                found = _find(tx, "name = ? AND digest LIKE ?", (ref.name, ref.digest + "%"))
+                found = find(tx, "name = ? AND digest LIKE ?", (ref.name, ref.digest + "%"))
             else:
-                found = _find(tx, "name = ? AND stage = ?", (ref.name, ref.stage))[-1:]
-            known = [v.number for v in _find(tx, "name = ?", (ref.name,))]
+                found = find(tx, "name = ? AND stage = ?", (ref.name, ref.stage))[-1:]
+            known = [v.number for v in find(tx, "name = ?", (ref.name,))]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             raise RegistryError(f"{ref} matches {len(found)} versions; give more digits of the digest")
         if not known:
-            raise RegistryError(f"no adapter named {ref.name!r} in the registry {self.root}")
+            raise UnknownAdapterError(f"no adapter named {ref.name!r} in the registry {self.root}")
         what = f"no {ref.stage} version" if ref.stage else "no such version"
         raise RegistryError(
             f"{ref}: {what}; {ref.name!r} has versions {known} (refer to one as {ref.name}@N)"
         )
 
-    def resolve(self, ref: str | Ref) -> Path:
+    def resolve(
+        self,
+        ref: str | Ref,
+        *,
+        base_fingerprint: str | None = None,
+        allow_other_base: bool = False,
+        user: str | None = None,
+    ) -> Path:
         """A directory holding the version's files under their own names, each verified against its
-        hash: what load_adapter, eval, merge and info take."""
+        hash: what load_adapter, eval, merge and info take. Given the `base_fingerprint` of the model
+        it is for (`AdaptedModel.base_fingerprint()`), a version recorded for another base is refused
+        with both fingerprints named, unless `allow_other_base`, which the audit log records."""
         version = self.resolve_version(ref)
+        if base_fingerprint and version.base_fingerprint and version.base_fingerprint != base_fingerprint:
+            if not allow_other_base:
+                raise RegistryError(
+                    f"{version.ref} was trained on a base model with fingerprint {version.base_fingerprint}, "
+                    f"not this one ({base_fingerprint}); use a version for this base, or override with "
+                    "allow_other_base=True (recorded in the audit log)"
+                )
+            self.record_override(version, "", base_fingerprint, user=user)
         out = self.root / "checkouts" / version.digest
         self._verify(version)
         if (
@@ -420,7 +351,7 @@ class Registry:
         if directory.parent != (self.root / "checkouts").resolve():
             return None
         with self.db.transaction() as tx:
-            found = _find(tx, "digest = ?", (directory.name,))
+            found = find(tx, "digest = ?", (directory.name,))
         return found[0] if found else None
 
     def record_override(
@@ -429,9 +360,7 @@ class Registry:
         """Audit a version loaded onto a base model other than the one it records (--no-check-base)."""
         with self.db.transaction(write=True) as tx:
             details = {"base": base, "base_fingerprint": fingerprint, "recorded": version.base_fingerprint}
-            audit.append(
-                tx, _now(), user or default_user(), "override", version.name, version.number, details
-            )
+            audit.append(tx, now(), user or default_user(), "override", version.name, version.number, details)
 
     def _verify(self, version: Version) -> None:
         """The version's file list still gives its digest, and each file its hash."""
@@ -490,92 +419,3 @@ def _split_files(url: str) -> tuple[str, str]:
         )
     rest = urlencode([(k, v) for k, v in query if k != "files"])
     return urlunsplit(parts._replace(query=rest)), files[-1]
-
-
-def audit_base_override(
-    directory: Path, base: str, fingerprint: str, registry: str | Path | None = None
-) -> None:
-    """When `directory` was resolved from the registry and its version records another base fingerprint
-    than `fingerprint` (the adapter was loaded anyway, --no-check-base), say so in the audit log."""
-    reg = Registry.open(registry, create=False)
-    version = reg.version_of_checkout(directory)
-    if version is not None and version.base_fingerprint and version.base_fingerprint != fingerprint:
-        reg.record_override(version, base, fingerprint)
-
-
-def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
-    """What a command's adapter argument names: an existing path as it is, else a registry reference
-    (NAME@3, NAME@production, ...) resolved to a directory of verified files. Every command that takes
-    an adapter directory goes through here, so a reference works wherever a directory does."""
-    path = Path(text)
-    if path.exists():
-        return path
-    try:
-        ref = parse_ref(str(text))
-    except RequestError:
-        return path  # not a reference either: the caller's "not found" names the path
-    try:
-        reg = Registry.open(registry, create=False)
-    except RegistryError:
-        return path  # no registry: the caller's "not found" names the path
-    try:
-        return reg.resolve(ref)
-    except RegistryError as e:
-        if "no adapter named" not in str(e):
-            raise
-        raise AdapterFileError(
-            f"no adapter directory {str(text)!r}, and the registry {reg.root} has no adapter named {ref.name!r}"
-        ) from None
-
-
-def adapter_facts(directory: Path) -> dict[str, Any]:
-    """What a version records about an adapter directory, read from its files (refused if it is none)."""
-    from ..formats import peft as fmt
-    from ..identity import AdapterIdentity
-
-    files = fmt.read_adapter(directory)  # an AdapterFileError for anything that is not an adapter
-    spec, _ = fmt.config_from_peft(files.config, files.directory)
-    identity = AdapterIdentity.from_metadata(files.metadata)
-    extra = {"peft_type": spec.peft_type, "identity": identity.training}
-    for sidecar in ("training.json", "summary.json"):
-        if (directory / sidecar).is_file():
-            extra[sidecar.removesuffix(".json")] = json.loads((directory / sidecar).read_text())
-    return {
-        "method": spec.name,
-        "base_model": identity.base_model or files.config.get("base_model_name_or_path"),
-        "base_fingerprint": identity.base_fingerprint,
-        "base_quantization": identity.base_quantization,
-        "dataset_hash": identity.dataset_hash,
-        "extra": extra,
-    }
-
-
-def manifest_digest(files: dict[str, str]) -> str:
-    """sha256 over the sorted "path sha256" lines: equal for equal file sets, whatever their order."""
-    lines = "".join(f"{path}\t{sha}\n" for path, sha in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def default_user() -> str:
-    """Who registers: $PEFTKIT_USER, else the OS user."""
-    return os.environ.get("PEFTKIT_USER") or getpass.getuser()
-
-
-def _adapter_files(directory: Path) -> list[Path]:
-    """The regular files of an adapter directory (top level: an adapter has no subdirectories)."""
-    return sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink())
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _find(tx: Transaction, where: str, params: tuple[Any, ...]) -> list[Version]:
-    rows = tx.execute(f"SELECT {_COLUMNS} FROM versions WHERE {where} ORDER BY name, number", params)
-    out = []
-    for row in rows:
-        files = dict(tx.execute("SELECT path, sha256 FROM version_files WHERE version_id = ?", (row[0],)))
-        out.append(
-            Version(*row[1:14], tags=tuple(json.loads(row[14])), facts=json.loads(row[15]), files=files)
-        )
-    return out
