@@ -224,3 +224,170 @@ def test_every_command_takes_the_registry_as_an_option(tiny_model_dir, tmp_path,
     assert main(["info", "bot@1"]) == 2  # without it: the default registry, which does not exist
     assert "not found: bot@1" in capsys.readouterr().err
     assert not (tmp_path / "home" / ".peftkit").exists()  # and reading did not create one
+
+
+def run_json(capsys, *args: str) -> object:
+    """Run `peftkit registry ARGS --json`, which must succeed, and return its output parsed."""
+    capsys.readouterr()
+    assert main(["registry", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def stored_file(root, sha: str):
+    return root / "files" / "sha256" / sha[:2] / sha
+
+
+def test_every_stage_change_prints_the_version_as_json(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    for seed in (11, 12):
+        adapter = adapter_for(tiny_model_dir, tmp_path / f"a{seed}", seed)
+        [registered] = run_json(capsys, "register", "bot", str(adapter), "--tag", "x", "--description", "d")
+        assert (registered["version"], registered["stage"], registered["tags"]) == (seed - 10, "draft", ["x"])
+    staged = run_json(capsys, "promote", "bot@1", "--to", "staging")
+    assert (staged["name"], staged["version"], staged["stage"]) == ("bot", 1, "staging")
+    assert "gate" not in staged  # no gate ran
+    assert run_json(capsys, "promote", "bot@1", "--to", "production", "--force")["stage"] == "production"
+    second = run_json(capsys, "promote", "bot@2", "--to", "production", "--force")
+    assert (second["version"], second["stage"], "gate" in second) == (2, "production", False)
+    back = run_json(capsys, "rollback", "bot", "--reason", "bad")
+    assert (back["version"], back["stage"]) == (1, "production")
+    demoted = run_json(capsys, "demote", "bot@1", "--to", "staging")
+    assert (demoted["version"], demoted["stage"]) == (1, "staging")
+    v1, v2 = run_json(capsys, "list", "bot")
+    assert (v1["stage"], v2["stage"]) == ("staging", "archived")
+    deleted = run_json(capsys, "delete", "bot@2")
+    assert (deleted["version"], deleted["digest"]) == (2, v2["digest"])
+    assert [v["version"] for v in run_json(capsys, "list")] == [1]
+    only_v2 = set(v2["files"].values()) - set(v1["files"].values())  # the config file is the same in both
+    assert only_v2 and run_json(capsys, "gc", "--grace", "3600") == {"removed": []}  # too young to go
+    assert all(stored_file(registry_env, sha).is_file() for sha in only_v2)
+    removed = run_json(capsys, "gc", "--grace", "0")["removed"]
+    assert sorted(removed) == sorted(only_v2)
+    assert not any(stored_file(registry_env, sha).exists() for sha in only_v2)
+    assert run_json(capsys, "gc", "--grace", "0") == {"removed": []}
+    capsys.readouterr()
+    assert main(["registry", "history", "bot", "--json"]) == 0
+    actions = [(e["action"], e["version"]) for e in map(json.loads, capsys.readouterr().out.splitlines())]
+    assert actions[-4:] == [("promote", 2), ("rollback", 1), ("demote", 1), ("delete", 2)]
+
+
+def test_gate_export_import_and_check_print_json(tiny_model_dir, tmp_path, registry_env, capsys) -> None:
+    adapter = adapter_for(tiny_model_dir, tmp_path / "a", seed=13)
+    [version] = run_json(capsys, "register", "bot", str(adapter))
+    data = make_data(tmp_path / "up.jsonl", n=4)
+    gate = run_json(capsys, "gate", "bot", str(data), "--n", "3", "--min-score", "0.5", "--margin", "0.25")
+    assert (gate["n"], gate["min_score"], gate["margin"], gate["metric"]) == (3, 0.5, 0.25, "auto")
+    assert gate["data"] != str(data) and gate["data"].endswith("/up.jsonl")  # the registry's own copy
+    bundle = tmp_path / "bot-1.tar"
+    exported = run_json(capsys, "export", "bot@1", str(bundle))
+    assert exported["bundle"] == str(bundle) and bundle.is_file()
+    assert (exported["version"]["version"], exported["version"]["digest"]) == (1, version["digest"])
+    other = tmp_path / "other-reg"
+    [imported] = run_json(capsys, "import", str(bundle), "--registry", str(other))
+    assert (imported["name"], imported["version"], imported["digest"]) == ("bot", 1, version["digest"])
+    assert imported["stage"] == "draft"
+    assert run_json(capsys, "check") == {"sound": True, "versions": 1, "problems": []}
+    blob = stored_file(registry_env, version["files"]["adapter_model.safetensors"])
+    blob.chmod(0o644)
+    blob.write_bytes(b"tampered")
+    capsys.readouterr()
+    assert main(["registry", "check", "--json"]) == 1  # still a failing exit code for scripts
+    report = json.loads(capsys.readouterr().out)
+    assert (report["sound"], report["versions"]) == (False, 1)
+    assert len(report["problems"]) == 1 and "bot@1" in report["problems"][0]
+    assert run_json(capsys, "check", "--registry", str(other))["sound"] is True  # the copy is intact
+
+
+def test_every_registry_command_takes_json() -> None:
+    import inspect
+
+    from peftkit.cli import GROUPS, build_parser
+
+    build_parser()  # imports the command modules
+    commands = GROUPS["registry"][1]
+    assert set(commands) == {"list", "show", "register", "promote", "demote", "rollback", "delete",
+                             "gate", "history", "export", "import", "check", "gc"}  # fmt: skip
+    assert [c for c, fn in commands.items() if "json" not in inspect.signature(fn).parameters] == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"], ["show", "bot"], ["history"], ["check"], ["export", "bot@1", "OUT"],
+        ["promote", "bot@1"], ["demote", "bot@1"], ["rollback", "bot"], ["delete", "bot@1"], ["gc"],
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_command_on_a_missing_registry_creates_nothing(tmp_path, capsys, command, json_flag) -> None:
+    """Reading (and changing versions, which needs some) never creates a registry: a mistyped
+    --registry is one clear error, and nothing appears on disk."""
+    missing = tmp_path / "no" / "reg"
+    args = [str(tmp_path / "out.tar") if a == "OUT" else a for a in command]
+    assert main(["registry", *args, "--registry", str(missing), *json_flag]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: there is no registry at {missing} (register an adapter to create one)\n"
+    assert list(tmp_path.iterdir()) == []  # no registry, no parent directory, no bundle
+
+
+def test_a_registry_path_that_is_a_file_is_refused_and_left_alone(tiny_model_dir, tmp_path, capsys) -> None:
+    adapter = adapter_for(tiny_model_dir, tmp_path / "a", seed=14)
+    path = tmp_path / "reg.txt"
+    path.write_text("notes\n")
+    capsys.readouterr()
+    assert main(["registry", "register", "bot", str(adapter), "--registry", str(path), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: registry path ") and f"{path} is a file" in err
+    assert main(["registry", "list", "--registry", str(path)]) == 2  # reading: there is no registry there
+    assert "error: there is no registry at" in capsys.readouterr().err
+    assert path.read_text() == "notes\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "reg.txt"]
+
+
+def test_the_gate_refuses_a_candidate_below_production_unless_the_margin_allows_it(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    """The gate's production check, with a real score gap: the eval file's answers are the production
+    version's own greedy answers, so production scores 1 and another adapter less."""
+    from peftkit.eval.metrics import exact_match
+
+    for seed in (21, 22):
+        adapter = adapter_for(tiny_model_dir, tmp_path / f"a{seed}", seed)
+        assert main(["registry", "register", "bot", str(adapter)]) == 0
+    prompts = make_data(tmp_path / "up.jsonl", n=4)
+    report = tmp_path / "eval.json"
+    # The gate's own rows: base, candidate and production in one mixed batch, 32 new tokens (a file's).
+    models = ["--base", str(tiny_model_dir), "--adapters", "candidate=bot@2", "production=bot@1"]
+    assert main(["eval", str(prompts), *models, "--max-new-tokens", "32", "--json", str(report)]) == 0
+    answers = {r["adapter"]: r["predictions"] for r in json.loads(report.read_text())["results"]}
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    data = tmp_path / "production-answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": a}) + "\n"
+                            for r, a in zip(rows, answers["production"], strict=True)))  # fmt: skip
+    expected = sum(map(exact_match, answers["candidate"], answers["production"])) / len(rows)
+    assert expected < 1  # the two adapters answer differently: a gap the gate can see
+    assert main(["registry", "promote", "bot@1", "--to", "production", "--force"]) == 0
+    gate = ["registry", "gate", "bot", str(data), "--n", "4", "--base", str(tiny_model_dir), "--margin"]
+    assert main([*gate, "0"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "promote", "bot@2", "--to", "production"]) == 2
+    err = capsys.readouterr().err  # the only failed check is the production one
+    assert "bot@2 failed its evaluation gate (exact_match >= production's 1 - margin 0);" in err
+    assert [v["stage"] for v in run_json(capsys, "list", "bot")] == ["production", "draft"]  # unchanged
+    margin = 1 - expected  # exactly the gap (quarters are exact in binary)
+    assert main([*gate, f"{margin - 0.25:g}"]) == 0  # a quarter short of it: still refused
+    assert main(["registry", "promote", "bot@2", "--to", "production"]) == 2
+    assert f"production's 1 - margin {margin - 0.25:g});" in capsys.readouterr().err
+    assert main([*gate, f"{margin:g}"]) == 0
+    promoted = run_json(capsys, "promote", "bot@2", "--to", "production")
+    assert (promoted["version"], promoted["stage"]) == (2, "production")
+    result = promoted["gate"]
+    assert result["scores"]["production"]["score"] == 1.0
+    assert result["scores"]["candidate"]["score"] == expected
+    assert result["checks"] == {
+        "changes_the_base_model": True,
+        f"exact_match >= production's 1 - margin {margin:g}": True,
+    }
+    assert result["passed"] and result["production"] == 1 and result["n"] == 4
+    assert [v["stage"] for v in run_json(capsys, "list", "bot")] == ["archived", "production"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json as _json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from ..cli import Positional, group_command
 from ..terminal import printable
@@ -15,9 +15,13 @@ HELP = "the adapter registry: immutable versions, stages, rollback and an audit 
 registry_command = group_command("registry", HELP)
 
 
+def _print_json(value: Any) -> None:
+    print(_json.dumps(value, indent=2))
+
+
 def _print_versions(versions: list[Version], json: bool) -> None:
     if json:
-        print(_json.dumps([v.to_dict() for v in versions], indent=2))
+        _print_json([v.to_dict() for v in versions])
         return
     rows = [("version", "stage", "method", "base", "by", "created", "digest")]
     for v in versions:
@@ -70,7 +74,7 @@ def registry_list(
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         json: print JSON instead of a table
     """
-    _print_versions(Registry.open(registry).versions(name), json)
+    _print_versions(Registry.open(registry, create=False).versions(name), json)
 
 
 @registry_command
@@ -82,9 +86,9 @@ def registry_show(ref: str, registry: str | None = None, json: bool = False) -> 
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         json: print JSON
     """
-    version = Registry.open(registry).resolve_version(ref)
+    version = Registry.open(registry, create=False).resolve_version(ref)
     if json:
-        print(_json.dumps(version.to_dict(), indent=2))
+        _print_json(version.to_dict())
         return
     for key, value in version.to_dict().items():
         text = ", ".join(f"{k} ({s[:12]})" for k, s in value.items()) if key == "files" else value
@@ -100,6 +104,7 @@ def registry_promote(
     reason: str = "",
     user: str | None = None,
     registry: str | None = None,
+    json: bool = False,
 ) -> None:
     """Promote a version: draft -> staging -> production (the production version it replaces is archived).
 
@@ -110,9 +115,17 @@ def registry_promote(
         reason: why, for the audit log
         user: who promotes (default: $PEFTKIT_USER, else the OS user)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the version as JSON, with the gate's result ("gate") when the gate ran
     """
-    version = Registry.open(registry).promote(ref, to, force=force, reason=reason, user=user)
-    print(printable(f"{version.ref} is in {version.stage}"))
+    reg = Registry.open(registry, create=False)
+    version = reg.promote(ref, to, force=force, reason=reason, user=user)
+    if not json:
+        print(printable(f"{version.ref} is in {version.stage}"))
+        return
+    # The gate's result is stored with the promotion: the newest promote entry of this version.
+    entries = [e for e in reg.history(version.name) if e.action == "promote" and e.version == version.number]
+    gate = entries[-1].details.get("gate") if entries else None
+    _print_json(version.to_dict() | ({"gate": gate} if gate is not None else {}))
 
 
 @registry_command
@@ -127,6 +140,7 @@ def registry_gate(
     base: str | None = None,
     user: str | None = None,
     registry: str | None = None,
+    json: bool = False,
 ) -> None:
     """Set the evaluation gate NAME's versions pass on their way to production.
 
@@ -145,10 +159,14 @@ def registry_gate(
         base: the base model to evaluate on (default: the one each version records)
         user: who sets it (default: $PEFTKIT_USER, else the OS user)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the stored gate as JSON (a data file's path is then the registry's copy)
     """
     gate = Gate(data, metric, n, min_score, max_perplexity, margin, base)
     stored = Registry.open(registry).set_gate(name, gate, user=user)
-    print(printable(f"gate for {name}: {stored.to_dict()}"))
+    if json:
+        _print_json(stored.to_dict())
+    else:
+        print(printable(f"gate for {name}: {stored.to_dict()}"))
 
 
 @registry_command
@@ -158,6 +176,7 @@ def registry_demote(
     reason: str = "",
     user: str | None = None,
     registry: str | None = None,
+    json: bool = False,
 ) -> None:
     """Demote a version: to staging, to draft, or out of use (archived).
 
@@ -167,14 +186,18 @@ def registry_demote(
         reason: why, for the audit log
         user: who demotes (default: $PEFTKIT_USER, else the OS user)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the version as JSON
     """
-    version = Registry.open(registry).demote(ref, to, reason=reason, user=user)
-    print(printable(f"{version.ref} is in {version.stage}"))
+    version = Registry.open(registry, create=False).demote(ref, to, reason=reason, user=user)
+    if json:
+        _print_json(version.to_dict())
+    else:
+        print(printable(f"{version.ref} is in {version.stage}"))
 
 
 @registry_command
 def registry_rollback(
-    name: str, reason: str = "", user: str | None = None, registry: str | None = None
+    name: str, reason: str = "", user: str | None = None, registry: str | None = None, json: bool = False
 ) -> None:
     """Put the previous production version of NAME back in production, in one step.
 
@@ -183,13 +206,19 @@ def registry_rollback(
         reason: why, for the audit log
         user: who rolls back (default: $PEFTKIT_USER, else the OS user)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the version now in production as JSON
     """
-    version = Registry.open(registry).rollback(name, reason=reason, user=user)
-    print(printable(f"{version.ref} is in production again"))
+    version = Registry.open(registry, create=False).rollback(name, reason=reason, user=user)
+    if json:
+        _print_json(version.to_dict())
+    else:
+        print(printable(f"{version.ref} is in production again"))
 
 
 @registry_command
-def registry_delete(ref: str, reason: str = "", user: str | None = None, registry: str | None = None) -> None:
+def registry_delete(
+    ref: str, reason: str = "", user: str | None = None, registry: str | None = None, json: bool = False
+) -> None:
     """Delete a version (not one in production, nor the parent of another); `gc` then frees its files.
 
     Args:
@@ -197,37 +226,51 @@ def registry_delete(ref: str, reason: str = "", user: str | None = None, registr
         reason: why, for the audit log
         user: who deletes (default: $PEFTKIT_USER, else the OS user)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print the deleted version as JSON
     """
-    version = Registry.open(registry).delete(ref, reason=reason, user=user)
-    print(printable(f"deleted {version.ref} (its files stay until `peftkit registry gc`)"))
+    version = Registry.open(registry, create=False).delete(ref, reason=reason, user=user)
+    if json:
+        _print_json(version.to_dict())
+    else:
+        print(printable(f"deleted {version.ref} (its files stay until `peftkit registry gc`)"))
 
 
 @registry_command
-def registry_gc(grace: float = 3600.0, registry: str | None = None) -> None:
+def registry_gc(grace: float = 3600.0, registry: str | None = None, json: bool = False) -> None:
     """Remove stored files that no version refers to any more.
 
     Args:
         grace: keep unreferenced files younger than this many seconds (a registration in progress
             stores its files before it records the version)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print {"removed": [the sha256 of each file removed]}
     """
-    removed = Registry.open(registry).gc(grace=grace)
-    print(f"removed {len(removed)} unreferenced file(s)")
+    removed = Registry.open(registry, create=False).gc(grace=grace)
+    if json:
+        _print_json({"removed": removed})
+    else:
+        print(f"removed {len(removed)} unreferenced file(s)")
 
 
 @registry_command
-def registry_export(ref: str, out: Path, registry: str | None = None) -> None:
+def registry_export(ref: str, out: Path, registry: str | None = None, json: bool = False) -> None:
     """Write one version, its metadata and its adapter's audit entries to a self-contained .tar bundle.
 
     Args:
         ref: the version (NAME@N, NAME@production, ...)
         out: the bundle file to write (replaced atomically if it exists)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print {"bundle": the file written, "version": the version exported}
     """
     from .bundle import export_bundle
 
-    export_bundle(Registry.open(registry), ref, out)
-    print(printable(f"wrote {out}"))
+    reg = Registry.open(registry, create=False)
+    version = reg.resolve_version(ref)  # NAME@N from here on: the bundle and the output name one version
+    bundle = export_bundle(reg, version.ref, out)
+    if json:
+        _print_json({"bundle": str(bundle), "version": version.to_dict()})
+    else:
+        print(printable(f"wrote {out}"))
 
 
 @registry_command
@@ -258,7 +301,7 @@ def registry_history(
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         json: print JSON lines, one entry each (an export of the log)
     """
-    for entry in Registry.open(registry).history(name):
+    for entry in Registry.open(registry, create=False).history(name):
         if json:
             print(_json.dumps(entry.to_dict()))
         else:
@@ -268,16 +311,20 @@ def registry_history(
 
 
 @registry_command
-def registry_check(registry: str | None = None) -> int:
+def registry_check(registry: str | None = None, json: bool = False) -> int:
     """Verify the whole registry: every version's files against their hashes, and the audit chain.
 
     Exits 1 (listing each problem) if anything is wrong, 0 if the registry is sound.
 
     Args:
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print {"sound": true or false, "versions": how many were checked, "problems": [...]}
     """
-    reg = Registry.open(registry)
+    reg = Registry.open(registry, create=False)
     problems = reg.check()
+    if json:
+        _print_json({"sound": not problems, "versions": len(reg.versions()), "problems": problems})
+        return 1 if problems else 0
     for problem in problems:
         print(printable(f"problem: {problem}"))
     print(
