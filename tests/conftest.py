@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -158,14 +159,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return path
 
 
-@pytest.fixture
-def read_only_dir(tmp_path: Path):
-    """A directory no one can write into, root included (CI runs as root, who ignores mode bits): mode
-    0555, and for root also the immutable attribute (`chattr +i`), removed again afterwards."""
+@contextmanager
+def read_only(path: Path):
+    """`path`, an existing directory, made one no one can write into for the block, root included (CI
+    runs as root, who ignores mode bits): mode 0555, and for root also the immutable attribute
+    (`chattr +i`); put back afterwards."""
     import subprocess
 
-    path = tmp_path / "read-only"
-    path.mkdir(mode=0o555)
+    path.chmod(0o555)
     immutable = os.geteuid() == 0
     if immutable:
         subprocess.run(["chattr", "+i", str(path)], check=True)
@@ -178,6 +179,15 @@ def read_only_dir(tmp_path: Path):
         if immutable:
             subprocess.run(["chattr", "-i", str(path)], check=True)
         path.chmod(0o755)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """An empty directory no one can write into (see `read_only`)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    with read_only(path):
+        yield path
 
 
 from postgres import postgres_server, postgres_url  # noqa: E402,F401

@@ -444,6 +444,26 @@ def test_an_unwritable_registry_location_is_a_clear_error(read_only_dir) -> None
         Registry.open(read_only_dir)
 
 
+def test_a_read_only_registry_can_be_read_and_refuses_changes_clearly(tmp_path) -> None:
+    """A registry on a read-only mount (SQLite): list, show, history and check work; a change or a
+    resolve that would write is one clear RegistryError, and nothing changes."""
+    from conftest import read_only
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register("bot", saved_adapter(tmp_path / "a"))
+    with read_only(tmp_path / "reg"):
+        ro = Registry.open(tmp_path / "reg", create=False)
+        assert [v.ref for v in ro.versions()] == ["bot@1"] and ro.check() == []
+        assert [e.action for e in ro.history("bot")] == ["register"]
+        with pytest.raises(RegistryError, match="failed"):
+            ro.promote("bot@1", "staging")
+        with pytest.raises(RegistryError, match="needs a writable registry"):
+            ro.resolve("bot@1")
+        with pytest.raises(RegistryError, match="not writable"):
+            Registry.open(tmp_path / "reg")  # opened to write: refused up front
+    assert [v.stage for v in reg.versions()] == ["draft"] and reg.check() == []
+
+
 def test_numbers_are_never_reused_and_rollback_finds_the_right_version(tmp_path, location) -> None:
     reg = Registry.open(location)
     for i in range(2):

@@ -357,7 +357,7 @@ def test_the_gate_refuses_a_candidate_below_production_unless_the_margin_allows_
         assert main(["registry", "register", "bot", str(adapter)]) == 0
     prompts = make_data(tmp_path / "up.jsonl", n=4)
     report = tmp_path / "eval.json"
-    # The gate's own rows: base, candidate and production in one mixed batch, 32 new tokens (a file's).
+    # The gate's own rows: base, candidate and production in one mixed batch, 32 new tokens (as set below).
     models = ["--base", str(tiny_model_dir), "--adapters", "candidate=bot@2", "production=bot@1"]
     assert main(["eval", str(prompts), *models, "--max-new-tokens", "32", "--json", str(report)]) == 0
     answers = {r["adapter"]: r["predictions"] for r in json.loads(report.read_text())["results"]}
@@ -368,7 +368,8 @@ def test_the_gate_refuses_a_candidate_below_production_unless_the_margin_allows_
     expected = sum(map(exact_match, answers["candidate"], answers["production"])) / len(rows)
     assert expected < 1  # the two adapters answer differently: a gap the gate can see
     assert main(["registry", "promote", "bot@1", "--to", "production", "--force"]) == 0
-    gate = ["registry", "gate", "bot", str(data), "--n", "4", "--base", str(tiny_model_dir), "--margin"]
+    gate = ["registry", "gate", "bot", str(data), "--n", "4", "--base", str(tiny_model_dir),
+            "--max-new-tokens", "32", "--margin"]  # fmt: skip
     assert main([*gate, "0"]) == 0
     capsys.readouterr()
     assert main(["registry", "promote", "bot@2", "--to", "production"]) == 2
@@ -389,5 +390,7 @@ def test_the_gate_refuses_a_candidate_below_production_unless_the_margin_allows_
         "changes_the_base_model": True,
         f"exact_match >= production's 1 - margin {margin:g}": True,
     }
-    assert result["passed"] and result["production"] == 1 and result["n"] == 4
+    assert (
+        result["passed"] and result["production"] == 1 and (result["n"], result["max_new_tokens"]) == (4, 32)
+    )
     assert [v["stage"] for v in run_json(capsys, "list", "bot")] == ["archived", "production"]

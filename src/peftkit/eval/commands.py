@@ -213,7 +213,7 @@ def eval(
     )
     names = [name for name, _ in named]
     if max_new_tokens == 0:
-        max_new_tokens = task[0].max_new_tokens if task else _longest_answer(tokenizer, examples) + 8
+        max_new_tokens = task[0].max_new_tokens if task else longest_answer(tokenizer, examples) + 8
     rows = len(examples) * (len(names) + 1)
     _log(f"evaluating {len(examples)} examples x {len(names) + 1} models ({rows} rows), {metric} ...")
     report = evaluate(
@@ -269,7 +269,8 @@ def _write_report(path: Path, settings: dict[str, Any], report: Any) -> None:
     _log(f"wrote {path}")
 
 
-def _longest_answer(tokenizer: Any, examples: list) -> int:
+def longest_answer(tokenizer: Any, examples: list) -> int:
+    """The longest reference answer in tokens (capped): generation for a data file stops 8 past it."""
     longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
     return min(longest, FILE_MAX_NEW_TOKENS - 8)
 

@@ -138,6 +138,7 @@ def registry_gate(
     max_perplexity: float | None = None,
     margin: float = 0.0,
     base: str | None = None,
+    max_new_tokens: int = 0,
     user: str | None = None,
     registry: str | None = None,
     json: bool = False,
@@ -157,11 +158,13 @@ def registry_gate(
         max_perplexity: the candidate's perplexity of the reference answers must be at most this
         margin: how far below the production version's score the candidate may be
         base: the base model to evaluate on (default: the one each version records)
+        max_new_tokens: tokens to generate per answer; 0 = auto, as `peftkit eval` (the task's, or
+            the longest reference answer + 8)
         user: who sets it (default: $PEFTKIT_USER, else the OS user)
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         json: print the stored gate as JSON (a data file's path is then the registry's copy)
     """
-    gate = Gate(data, metric, n, min_score, max_perplexity, margin, base)
+    gate = Gate(data, metric, n, min_score, max_perplexity, margin, base, max_new_tokens)
     stored = Registry.open(registry).set_gate(name, gate, user=user)
     if json:
         _print_json(stored.to_dict())

@@ -36,10 +36,13 @@ class Gate:
     max_perplexity: float | None = None
     margin: float = 0.0  # how far below the production version's score the candidate may be
     base: str | None = None  # the base model to evaluate on (default: the one the version records)
+    max_new_tokens: int = 0  # per answer; 0 = as `peftkit eval` does: the task's, or the longest answer + 8
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise RequestError(f"gate n must be at least 1, not {self.n}")
+        if self.max_new_tokens < 0:
+            raise RequestError(f"gate max_new_tokens must be >= 0 (0 = auto), not {self.max_new_tokens}")
         if self.margin < 0:
             raise RequestError(
                 f"gate margin must be >= 0 (how far the candidate may fall behind), not {self.margin}"
@@ -53,7 +56,7 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
     """Evaluate and decide. Returns the result (stored with the promotion): each model's score and
     perplexity, the checks with their outcome, and `passed`."""
     from ..data.source import load_data, parse_task_spec
-    from ..eval.commands import load_model
+    from ..eval.commands import load_model, longest_answer
     from ..eval.run import evaluate
 
     task = parse_task_spec(gate.data, "test")
@@ -61,7 +64,9 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
     metric = gate.metric if gate.metric != "auto" else task[0].metric if task else "exact_match"
     adapters = [("candidate", candidate)] + ([("production", production)] if production else [])
     model, tokenizer = load_model(base, adapters, "auto")
-    max_new = task[0].max_new_tokens if task else 32
+    max_new = gate.max_new_tokens or (
+        task[0].max_new_tokens if task else longest_answer(tokenizer, examples) + 8
+    )  # the same rule as `peftkit eval`, so both score a file alike
     report = evaluate(
         model, tokenizer, examples, metric=metric, adapters=[None, *(n for n, _ in adapters)],
         max_new_tokens=max_new, with_perplexity=True, samples=0,
@@ -85,6 +90,7 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
     return {
         "metric": metric,
         "n": len(examples),
+        "max_new_tokens": max_new,
         "scores": scores,
         "checks": checks,
         "passed": all(checks.values()),

@@ -53,13 +53,13 @@ class Registry:
         shared directory its `files` parameter names (`postgresql://host/db?files=/shared/peftkit`),
         else in $PEFTKIT_REGISTRY_FILES."""
         text = str(location or os.environ.get("PEFTKIT_REGISTRY") or DEFAULT_ROOT)
-        remote = text.startswith(("postgresql://", "postgres://"))
-        if not create and not remote and not (Path(os.path.expanduser(text)) / "registry.db").is_file():
-            raise RegistryError(f"there is no registry at {text} (register an adapter to create one)")
         if text.startswith(("postgresql://", "postgres://")):
             url, files = _split_files(text)
-            return cls(_usable_dir(Path(os.path.expanduser(files))), url)
-        return cls(_usable_dir(Path(os.path.expanduser(text))))
+            return cls(_usable_dir(Path(os.path.expanduser(files)), create), url)
+        root = Path(os.path.expanduser(text))
+        if not create and not (root / "registry.db").is_file():
+            raise RegistryError(f"there is no registry at {text} (register an adapter to create one)")
+        return cls(_usable_dir(root, create))
 
     # -- writing --------------------------------------------------------------------------------------
     def register(
@@ -340,9 +340,15 @@ class Registry:
             and all(os.path.samefile(out / path, self.blobs.path(sha)) for path, sha in version.files.items())
         ):
             return out  # the same inodes as the verified files: nothing in between was swapped
-        with building_dir(out, if_exists="replace") as tmp:
-            for path, sha in version.files.items():
-                os.link(self.blobs.path(sha), tmp / path)  # the same bytes, no copy
+        try:
+            with building_dir(out, if_exists="replace") as tmp:
+                for path, sha in version.files.items():
+                    os.link(self.blobs.path(sha), tmp / path)  # the same bytes, no copy
+        except OSError as e:
+            raise RegistryError(
+                f"cannot write {version.ref}'s files to {out.parent}: {e.strerror}; resolving needs a "
+                "writable registry directory (a read-only one can be listed, shown and checked)"
+            ) from None
         return out
 
     def version_of_checkout(self, directory: Path) -> Version | None:
@@ -392,10 +398,16 @@ class Registry:
         return problems
 
 
-def _usable_dir(root: Path) -> Path:
-    """`root`, created if missing; a file or an unwritable directory is a RegistryError."""
+def _usable_dir(root: Path, create: bool) -> Path:
+    """`root`, created if missing (`create`); a file or an unwritable directory is a RegistryError. An
+    existing registry opened only to read (`create=False`) may be read-only: listing, showing and
+    checking work, changes are refused by the database."""
     if root.exists() and not root.is_dir():
         raise RegistryError(f"registry path {root} is a file; give a directory (it is created if missing)")
+    if not create:
+        if not root.is_dir():
+            raise RegistryError(f"the registry's file store {root} does not exist")
+        return root
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
