@@ -386,10 +386,10 @@ def _register_reusing(location: str, adapter: Path, decided: Any, reused: Any) -
 def test_gc_racing_a_register_that_reuses_an_old_file_leaves_no_version_without_it(
     location, adapters
 ) -> None:
-    """BUG (fails on both backends): gc (default grace) finds the weights of a version deleted hours ago
-    unreferenced and old; a register of those same weights refreshes the file (BlobStore.put: exists,
-    os.utime) outside the writer lock; gc removes it anyway, and the register then commits a version
-    whose file is gone. A register that reuses a file must either keep it or fail, never commit without it."""
+    """gc (default grace) finds the weights of a version deleted hours ago unreferenced and old; a
+    register of those same weights refreshes the file (BlobStore.put: exists, os.utime) outside the
+    writer lock, and gc removes it anyway. The register must then store it again under the lock (or
+    fail), never commit a version whose file is gone."""
     reg = Registry.open(location)
     reg.register("bot", adapters[0])
     weights = reg.register("bot", adapters[1]).files["adapter_model.safetensors"]
@@ -405,9 +405,9 @@ def test_gc_racing_a_register_that_reuses_an_old_file_leaves_no_version_without_
 
 
 def test_gc_removes_the_scratch_copy_a_killed_import_left(location, bundles) -> None:
-    """BUG (fails on both backends): an import killed after unpacking the bundle leaves its scratch copy
-    (`<registry>/.bundle-*`, every file of the bundle) behind for good: gc removes the partial copies a
-    killed register leaves, but not these, and nothing else does."""
+    """An import killed after unpacking the bundle leaves its scratch copy (`<registry>/.bundle-*`,
+    every file of the bundle) behind; gc removes it, as it removes the partial copies a killed
+    register leaves."""
     code, _ = _write(location, lambda reg: import_bundle(reg, bundles[0][0]), kill_at=3)  # at its 1st link
     reg = Registry.open(location)
     assert code == -signal.SIGKILL and list(reg.root.glob(".bundle-*/adapter"))  # killed, unpacked

@@ -89,6 +89,9 @@ class Registry:
             existing = find(tx, "name = ? AND digest = ?", (name, manifest_digest(files)))
             if existing:
                 return existing[0]
+            for path, sha in files.items():  # gc (under this lock) may have removed a reused old file
+                if not self.blobs.has(sha):
+                    self.blobs.put(adapter_dir / path, sha)
             version = insert(
                 tx, name, facts, sized, parent=parent_digest, created_by=who, created_at=when,
                 description=description, tags=tags,
@@ -133,6 +136,8 @@ class Registry:
             sha = self.blobs.put(source)
             gate = replace(gate, data=f"{STORED}{sha}/{source.name}")
         with self.db.transaction(write=True) as tx:
+            if gate.data.startswith(STORED) and not self.blobs.has(sha):
+                self.blobs.put(source, sha)  # gc (under this lock) removed it meanwhile
             tx.execute(
                 "INSERT INTO gates (name, config) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
@@ -269,6 +274,9 @@ class Registry:
             for tmp in self.blobs.partial():  # a copy a crashed writer left behind
                 if time.time() - tmp.stat().st_mtime >= grace:
                     tmp.unlink(missing_ok=True)
+            for scratch in self.root.glob(".bundle-*"):  # what a killed import had unpacked
+                if time.time() - scratch.stat().st_mtime >= grace:
+                    shutil.rmtree(scratch, ignore_errors=True)
             checkouts = self.root / "checkouts"
             stale = [p for p in checkouts.glob("*") if p.name != "files" and p.name not in digests]
             stale += [p for p in checkouts.glob("files/*") if p.name not in used]
