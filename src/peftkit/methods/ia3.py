@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import RequestError
 from ..layer_types import dense_weight, float_dtype, layer_type, weight_device, weight_shape
 from ..routing import AdapterState, RowRouting, row_slots
 from . import ia3_config
@@ -272,6 +273,17 @@ def expected_shapes(
     return {KEY_SUFFIX: kind.vector_shape(base, config.is_feedforward(module_name))}
 
 
+def slot_tensors(layer: IA3Layer, name: str) -> dict[str, Tensor]:
+    """One adapter of a linear layer as the serving engine's slot tensors: the vector as in_scale
+    (feedforward targets) or as out_scale and bias_scale (PEFT scales the whole output, bias too)."""
+    if layer.kind.nd or layer.kind.transposed:
+        raise RequestError(f"the server serves IA³ on nn.Linear layers, not {layer.kind.name}")
+    vector = layer.ia3_l[name].detach().reshape(-1)
+    if layer.specs[name].feedforward:
+        return {"in_scale": vector}
+    return {"out_scale": vector, "bias_scale": vector}
+
+
 def wrap(module: nn.Module, kind: IA3Kind, state: AdapterState) -> IA3Layer:
     return IA3Layer(module, kind, state)
 
@@ -302,4 +314,5 @@ SPEC = MethodSpec(
     # The vectors start at 1 and mean "keep the activation as it is"; weight decay would pull them to 0,
     # switching the layers off, so they are never decayed.
     no_decay_roles=(KEY_SUFFIX,),
+    slot_tensors=slot_tensors,
 )

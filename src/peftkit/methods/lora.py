@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RequestError
 from ..layer_types import float_dtype, is_quantized, weight_device
 from ..routing import AdapterState, RowRouting, row_slots
 from . import lora_info
@@ -336,6 +337,18 @@ def key_suffix(role: str, kind: LayerKind) -> str:
     return _EMBEDDING_SUFFIX[role] if embedding else _SUFFIX[role]
 
 
+def slot_tensors(layer: LoraLayer, name: str) -> dict[str, Tensor]:
+    """One adapter of a linear layer as the serving engine's slot tensors: A (r, in), B·scaling
+    (out, r), and for DoRA its per-output factor m/‖W + s·B·A‖ as out_scale (the bias stays unscaled)."""
+    if layer.kind.name != "linear":
+        raise RequestError(f"the server serves LoRA on nn.Linear layers, not {layer.kind.name}")
+    with torch.no_grad():
+        out = {"A": layer.lora_A[name].detach(), "B": layer.lora_B[name].detach() * layer.specs[name].scaling}
+        if layer.specs[name].use_dora:
+            out["out_scale"] = layer._dora_factor(name).detach().reshape(-1)
+    return out
+
+
 def wrap(module: nn.Module, kind: LayerKind, state: AdapterState) -> LoraLayer:
     return LoraLayer(module, kind, state)
 
@@ -406,6 +419,7 @@ SPEC = MethodSpec(
     describe=lora_info.describe,
     info_rows=lora_info.info_rows,
     train_default=lambda: LoraConfig(r=16, lora_alpha=32),
+    slot_tensors=slot_tensors,
     lr_scaled_roles=("lora_B",),
     no_decay_roles=("lora_magnitude",),
 )

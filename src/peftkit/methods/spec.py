@@ -117,6 +117,12 @@ class MethodSpec:
     describe_method: Callable[[Any], str] | None = None  # e.g. "DoRA" for a LoRA config with use_dora
     describe: Callable[[Any, dict[str, Tensor], list[str]], dict[str, Any]] | None = None
     info_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    # -- serving -------------------------------------------------------------------------------------
+    # (adapter layer, adapter name) -> the adapter's effect on one nn.Linear as slot tensors for the
+    # server's engine: any of A (r, in), B (out, r) with the scaling folded in, in_scale (in,),
+    # out_scale (out,), bias_scale (out,); y = ((W·(x·in_scale) + B·A·x)·out_scale + bias·bias_scale.
+    # None: the engine does not serve the method's layers.
+    slot_tensors: Callable[[nn.Module, str], dict[str, Tensor]] | None = None
     # -- training ------------------------------------------------------------------------------------
     lr_scaled_roles: tuple[str, ...] = ()  # roles trained at lr x lora_plus_ratio (LoRA+: lora_B)
     no_decay_roles: tuple[str, ...] = ()  # roles never weight-decayed (besides biases and 1-d tensors)

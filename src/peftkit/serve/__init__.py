@@ -1,0 +1,2 @@
+"""Serving many adapters on one base model: the engine (continuous batching over token ids, adapters
+in fixed slots) and, on top of it, the OpenAI-compatible HTTP server (`peftkit serve`)."""

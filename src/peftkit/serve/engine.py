@@ -1,0 +1,214 @@
+"""The serving engine on its own thread, for asyncio callers (the HTTP server):
+
+    engine = Engine.start(model, tokenizer, loader, EngineConfig())
+    async for out in engine.generate(prompt_ids, "bot@3", SamplingParams(max_tokens=32)):
+        ...                                   # a TokenOutput per token; the last has finish_reason
+    engine.stop(deadline=10.0)               # in-flight requests finish (or are aborted at the deadline)
+
+The thread owns the `EngineCore` (scheduler.py); other threads talk to it only through a command
+inbox, and it answers each request through its asyncio loop (`call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from torch import nn
+
+from ..errors import RequestError
+from .scheduler import EngineConfig, EngineCore, Loader, Sequence
+from .types import SamplingParams, TokenOutput
+
+__all__ = ["Engine", "EngineConfig"]
+
+_request_ids = itertools.count()
+
+
+class ShuttingDownError(RequestError):
+    """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+class Engine:
+    """An `EngineCore` stepping on a background thread while there is work."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()  # held by the thread while it changes the core; readers take it too
+        self.thread = threading.Thread(target=self._loop, name="peftkit-engine", daemon=True)
+
+    @classmethod
+    def start(cls, model: nn.Module, tokenizer: Any, loader: Loader | None, config: EngineConfig) -> Engine:
+        engine = cls(EngineCore(model, tokenizer, loader, config))
+        engine.thread.start()
+        return engine
+
+    @property
+    def max_len(self) -> int:
+        return self.core.config.max_len
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.core.eos_ids
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    # -- requests -------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> AsyncIterator[TokenOutput]:
+        """The request's tokens as they are generated. Errors (a bad adapter, a full queue, a prompt
+        too long) are raised here, for this request only. Closing the iterator early aborts it."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[TokenOutput | Exception] = asyncio.Queue()
+        seq_id = request_id or f"req-{next(_request_ids)}"
+        seq = Sequence(
+            seq_id,
+            list(prompt_ids),
+            adapter,
+            params,
+            lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+        )
+        accepted: asyncio.Future[None] = loop.create_future()
+        if self.stopping:
+            raise ShuttingDownError("the server is shutting down; retry on another instance")
+
+        def add() -> None:
+            try:
+                self.core.add(seq)
+            except Exception as e:  # noqa: BLE001 (handed to the caller)
+                loop.call_soon_threadsafe(_settle, accepted, e)
+            else:
+                loop.call_soon_threadsafe(_settle, accepted, None)
+
+        self._send(add)
+        await accepted
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(seq_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(lambda: self.core.abort(request_id))
+
+    async def load(self, key: str) -> None:
+        """Load an adapter into a slot now (AdapterLoadError if it cannot be served)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._send(
+            lambda: self.core.preload(key, lambda error: loop.call_soon_threadsafe(_settle, done, error))
+        )
+        await done
+
+    async def unload(self, key: str) -> None:
+        """Drop an idle adapter from its slot (RequestError when requests still use it, or it is not loaded)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def drop() -> None:
+            error = None
+            if self.core.slots.refs.get(key, 0):
+                error = RequestError(f"adapter {key!r} has requests in flight; unload it when they finish")
+            elif self.core.slots.drop(key) is None:
+                error = RequestError(f"adapter {key!r} is not loaded")
+            loop.call_soon_threadsafe(_settle, done, error)
+
+        self._send(drop)
+        await done
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Each resident adapter: its key, slot and requests in flight (least recently used first)."""
+        slots = self.core.slots
+        with self.lock:
+            return [{"key": k, "slot": s, "requests": slots.refs.get(k, 0)} for k, s in slots.keys.items()]
+
+    def stats(self) -> dict[str, Any]:
+        core = self.core
+        with self.lock:
+            return self._stats(core)
+
+    @staticmethod
+    def _stats(core: EngineCore) -> dict[str, Any]:
+        return {
+            "running": len(core.running),
+            "waiting": len(core.waiting),
+            "loading": len(core.loads),
+            "steps": core.steps,
+            "rows": core.config.max_batch,
+            "adapter_slots": core.config.adapter_slots,
+        }
+
+    def stop(self, deadline: float = 10.0) -> None:
+        """Take no new requests, let in-flight ones finish for up to `deadline` seconds, abort the
+        rest, and end the thread."""
+        self.stopping = True
+        self.wake.set()
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and self.thread.is_alive() and not self.core.idle:
+            time.sleep(0.01)
+        self.stopped.set()
+        self.wake.set()
+        self.thread.join(timeout=max(1.0, end - time.monotonic()))
+        self.core.close()
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _send(self, command: Callable[[], None]) -> None:
+        if not self.thread.is_alive():
+            raise RequestError(f"the engine is not running ({self.error or 'stopped'})")
+        self.inbox.put(command)
+        self.wake.set()
+
+    def _loop(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                with self.lock:
+                    while not self.inbox.empty():
+                        self.inbox.get()()
+                    busy = not self.core.idle or self.core.loads or self.core.ready
+                    if busy:
+                        self.core.step()
+                if not busy:
+                    self.wake.wait(timeout=0.5)
+                    self.wake.clear()
+            for seq in [*self.core.waiting, *self.core.running]:
+                self.core.abort(seq.id)
+        except BaseException as e:  # the engine died: every request in flight gets the error
+            self.error = e
+            for seq in [*self.core.waiting, *self.core.running]:
+                seq.sink(RequestError(f"the engine failed: {e}"))
+            raise
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

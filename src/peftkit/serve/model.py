@@ -1,0 +1,157 @@
+"""The base model as the engine runs it: one forward over a step's tokens (decode tokens of many
+sequences plus one prefill chunk), a preallocated KV cache with one row per running sequence, and
+served linear layers that route each token to its adapter's slot.
+
+It reuses the HF model's weights and modules (embeddings, norms, rotary embedding, MLP activation)
+but not its forward: no HF cache objects, no padding, no per-step Python beyond one call per layer.
+Llama-family decoders (llama, mistral, qwen2: pre-norm, rotary, grouped-query attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..errors import RequestError
+from .slots import Routing, ServedLinear
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+PROJECTIONS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass
+class StepLayout:
+    """Where a step's tokens go: `decode_rows[i]` is decode token i's cache row and `decode_lens[i]`
+    its sequence length including that token; the prefill chunk fills row `prefill_row` from
+    position `prefill_start`."""
+
+    decode_rows: Tensor  # (d,) long
+    decode_lens: Tensor  # (d,) long
+    prefill_row: int | None = None
+    prefill_start: int = 0
+    chunk: int = 0
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ServedModel(nn.Module):
+    """A causal LM's decoder layers with served linears and a KV cache of `rows` sequences of up
+    to `max_len` tokens."""
+
+    def __init__(self, model: nn.Module, rows: int, max_len: int, capacity: int, max_rank: int) -> None:
+        super().__init__()
+        config = model.config
+        if getattr(config, "model_type", None) not in SUPPORTED:
+            raise RequestError(
+                f"the server's engine runs {', '.join(SUPPORTED)} models, not {config.model_type!r}"
+            )
+        inner = model.model
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.linears: dict[str, ServedLinear] = {}  # module name in the HF model -> served layer
+        self.layers = []
+        for i, layer in enumerate(inner.layers):
+            served = {}
+            for block, names in PROJECTIONS.items():
+                for name in names:
+                    linear = ServedLinear(getattr(getattr(layer, block), name), capacity, max_rank)
+                    self.linears[f"model.layers.{i}.{block}.{name}"] = served[name] = linear
+            self.layers.append(
+                (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn, served)
+            )
+        attn = inner.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attn.scaling
+        self.max_len = max_len
+        weight = self.lm_head.weight
+        shape = (len(self.layers), rows, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+    @staticmethod
+    def kv_bytes_per_token(model: nn.Module) -> int:
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return (
+            2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.lm_head.weight.element_size()
+        )
+
+    def forward(
+        self, ids: Tensor, positions: Tensor, rt: Routing, layout: StepLayout, last: Tensor
+    ) -> Tensor:
+        """Logits (M, vocab) in fp32 at the tokens `last` indexes, after writing every token's keys and
+        values to the cache. ids, positions: (N,)."""
+        h = self.embed(ids)  # (N, hidden)
+        cos, sin = self.rotary(h, positions[None])  # (1, N, D) each
+        cos, sin = cos[0][:, None], sin[0][:, None]  # (N, 1, D): broadcast over heads
+        rows = self._token_rows(layout)
+        masks = self._masks(layout, h.device)
+        for index, (norm1, norm2, act, p) in enumerate(self.layers):
+            x = norm1(h)
+            q = p["q_proj"](x, rt).view(-1, self.heads, self.head_dim)  # (N, H, D)
+            k = p["k_proj"](x, rt).view(-1, self.kv_heads, self.head_dim)  # (N, KVH, D)
+            v = p["v_proj"](x, rt).view(-1, self.kv_heads, self.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            self.k_cache[index, rows, :, positions] = k
+            self.v_cache[index, rows, :, positions] = v
+            attn = self._attention(index, q, layout, masks)  # (N, H·D)
+            h = h + p["o_proj"](attn, rt)
+            x = norm2(h)
+            h = h + p["down_proj"](act(p["gate_proj"](x, rt)) * p["up_proj"](x, rt), rt)
+        return self.lm_head(self.norm(h[last])).float()
+
+    def _token_rows(self, layout: StepLayout) -> Tensor:
+        rows = layout.decode_rows
+        if layout.chunk:
+            rows = torch.cat([rows, torch.full((layout.chunk,), layout.prefill_row, dtype=torch.long)])
+        return rows
+
+    def _masks(self, layout: StepLayout, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean attention masks: decode (d, 1, 1, L) over each row's length; prefill (C, start + C), causal."""
+        decode = None
+        if len(layout.decode_rows):
+            span = int(layout.decode_lens.max())
+            decode = (torch.arange(span) < layout.decode_lens[:, None])[:, None, None].to(device)
+        prefill = None
+        if layout.chunk:
+            end = layout.prefill_start + layout.chunk
+            query_pos = torch.arange(layout.prefill_start, end)
+            prefill = (torch.arange(end)[None] <= query_pos[:, None]).to(device)
+        return decode, prefill
+
+    def _attention(self, index: int, q: Tensor, layout: StepLayout, masks: tuple) -> Tensor:
+        d = len(layout.decode_rows)
+        outs = []
+        if d:
+            span = masks[0].shape[-1]
+            rows = layout.decode_rows
+            k = self.k_cache[index, rows, :, :span]  # (d, KVH, L, D)
+            v = self.v_cache[index, rows, :, :span]
+            qd = q[:d, :, None]  # (d, H, 1, D)
+            out = F.scaled_dot_product_attention(
+                qd, k, v, attn_mask=masks[0], scale=self.scaling, enable_gqa=True
+            )
+            outs.append(out.reshape(d, -1))
+        if layout.chunk:
+            end = layout.prefill_start + layout.chunk
+            row = layout.prefill_row
+            k = self.k_cache[index, row : row + 1, :, :end]  # (1, KVH, L, D): a view
+            v = self.v_cache[index, row : row + 1, :, :end]
+            qp = q[d:].transpose(0, 1)[None]  # (1, H, C, D)
+            out = F.scaled_dot_product_attention(
+                qp, k, v, attn_mask=masks[1], scale=self.scaling, enable_gqa=True
+            )
+            outs.append(out[0].transpose(0, 1).reshape(layout.chunk, -1))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -1,0 +1,319 @@
+"""The engine's scheduler and step: continuous batching over token ids, many adapters in every step.
+
+Each step decodes one token for every running sequence and, when one is still reading its prompt,
+prefills one chunk of it (at most `chunk` tokens), so a long prompt never stalls the others.
+Sequences join between steps as cache rows free up, and leave when they finish. Each token is routed
+to its adapter's slot (slots.py); an adapter a request names is loaded on a worker thread while the
+engine keeps stepping, then written into a free slot (or the least recently used idle one).
+
+    core = EngineCore(model, tokenizer, loader, EngineConfig())   # synchronous: tests, benchmarks
+    outputs = core.run([(prompt_ids, "bot@3", SamplingParams(temperature=0))])
+
+`engine.Engine` runs a core on its own thread for the HTTP server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PeftkitError, RequestError
+from .model import ServedModel, StepLayout
+from .sampling import sample
+from .slots import Routing, SlotTable
+from .types import AdapterLoadError, QueueFullError, SamplingParams, TokenOutput
+
+Loader = Callable[[str], Path]  # adapter key -> its directory (PEFT format)
+Sink = Callable[[TokenOutput | Exception], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How big the engine is. The KV cache holds `max_batch` sequences of up to `max_len` tokens."""
+
+    max_batch: int = 16  # sequences decoded together (KV cache rows)
+    max_len: int = 2048  # prompt + output tokens per sequence
+    chunk: int = 256  # prompt tokens prefilled per step
+    adapter_slots: int = 16  # adapters resident at once (LRU beyond that)
+    max_rank: int = 16  # the largest LoRA rank a slot holds
+    max_queue: int = 256  # waiting requests before new ones get QueueFullError
+
+    def __post_init__(self) -> None:
+        for key in ("max_batch", "max_len", "chunk", "adapter_slots", "max_rank", "max_queue"):
+            if getattr(self, key) < 1:
+                raise RequestError(f"engine {key} must be at least 1, not {getattr(self, key)}")
+
+
+@dataclass
+class Sequence:
+    id: str
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    sink: Sink
+    generator: torch.Generator | None = None
+    row: int | None = None
+    slot: int | None = None
+    cached: int = 0  # tokens whose keys and values are in the cache
+    output: list[int] = field(default_factory=list)
+    arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+
+class EngineCore:
+    """The scheduler and the step loop, single-threaded: `add`, then `step` until `idle`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, loader: Loader | None, config: EngineConfig) -> None:
+        self.config = config
+        self.served = ServedModel(
+            model, config.max_batch, config.max_len, config.adapter_slots, config.max_rank
+        )
+        self.model, self.loader = model, loader
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.slots = SlotTable(config.adapter_slots)
+        self.base_slot = config.adapter_slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_rows = list(range(config.max_batch))
+        self.loads: dict[str, Future] = {}  # adapter key -> its load on the worker thread
+        self.ready: dict[str, dict] = {}  # loaded adapters waiting for a free slot
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="peftkit-adapter-load")
+        self.staging: Any = None  # the AdaptedModel adapters are loaded through, made on first use
+        self.waiters: dict[str, list[Callable[[Exception | None], None]]] = {}  # preload callbacks
+        self.steps = 0
+        self.dtype = model.lm_head.weight.dtype
+
+    # -- requests -------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if len(seq.prompt) == 0:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(seq.prompt) >= self.config.max_len:
+            raise RequestError(
+                f"the prompt has {len(seq.prompt)} tokens; this server takes at most {self.config.max_len - 1}"
+            )
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"the server's queue is full ({self.config.max_queue} waiting); retry later")
+        if seq.adapter is not None:
+            if self.loader is None:
+                raise AdapterLoadError(f"this server has no adapters; {seq.adapter!r} is unknown")
+            self.slots.refs[seq.adapter] = self.slots.refs.get(seq.adapter, 0) + 1
+            if (
+                self.slots.get(seq.adapter) is None
+                and seq.adapter not in self.loads
+                and seq.adapter not in self.ready
+            ):
+                self.loads[seq.adapter] = self.worker.submit(self._load, seq.adapter)
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        self.waiting.append(seq)
+
+    def preload(self, key: str, done: Callable[[Exception | None], None]) -> None:
+        """Load an adapter into a slot without a request; `done(None)` once it is there, else
+        `done(error)`."""
+        if self.loader is None:
+            done(AdapterLoadError(f"this server has no adapters; {key!r} is unknown"))
+            return
+        if self.slots.get(key) is not None:
+            done(None)
+            return
+        self.waiters.setdefault(key, []).append(done)
+        if key not in self.loads and key not in self.ready:
+            self.loads[key] = self.worker.submit(self._load, key)
+
+    def abort(self, seq_id: str) -> None:
+        for seq in [*self.waiting, *self.running]:
+            if seq.id == seq_id:
+                self._finish(seq, "abort")
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    # -- adapters -------------------------------------------------------------------------------
+    def _load(self, key: str) -> dict[str, dict[str, torch.Tensor]]:
+        """On the worker thread: the adapter's slot tensors per served layer, checked."""
+        from ..adapted import AdaptedModel
+        from ..methods import method_for
+
+        try:
+            if self.staging is None:
+                self.staging = AdaptedModel(self.model)
+            path = self.loader(key)
+            self.staging.load_adapter(path, key, dtype=self.dtype)
+        except PeftkitError as e:
+            raise AdapterLoadError(f"adapter {key!r} cannot be served: {e}") from None
+        try:
+            spec = method_for(self.staging.configs[key])
+            if spec.slot_tensors is None or not spec.wraps_layers:
+                raise AdapterLoadError(
+                    f"adapter {key!r} is {spec.label}, which the server does not serve yet"
+                )
+            tensors = {}
+            for name, layer in self.staging.adapter_layers():
+                if key not in layer.specs:
+                    continue
+                if name not in self.served.linears:
+                    raise AdapterLoadError(f"adapter {key!r} adapts {name}, which the server does not serve")
+                tensors[name] = {r: t.clone() for r, t in spec.slot_tensors(layer, key).items()}
+                self.served.linears[name].check(tensors[name], f"adapter {key!r}, layer {name}")
+            return tensors
+        except RequestError as e:
+            raise AdapterLoadError(str(e)) from None
+        finally:
+            if key in self.staging.configs:
+                self.staging.delete_adapter(key)
+
+    def _place_loaded(self) -> None:
+        """Adapters the worker finished: into slots (or their requests fail with the load's error)."""
+        for key, future in list(self.loads.items()):
+            if future.done():
+                del self.loads[key]
+                try:
+                    self.ready[key] = future.result()
+                except Exception as e:  # noqa: BLE001 (any failure fails only this adapter's requests)
+                    error = (
+                        e if isinstance(e, AdapterLoadError) else AdapterLoadError(f"adapter {key!r}: {e}")
+                    )
+                    for seq in [s for s in self.waiting if s.adapter == key]:
+                        self._finish(seq, error)
+                    for done in self.waiters.pop(key, []):
+                        done(error)
+        for key in list(self.ready):
+            taken = self.slots.take()
+            if taken is None:
+                return  # every slot is busy: wait for one to go idle
+            slot, evicted = taken
+            for layer_name, linear in self.served.linears.items():
+                tensors = self.ready[key].get(layer_name)
+                if tensors is None:
+                    linear.clear(slot)
+                else:
+                    linear.write(slot, tensors)
+            self.slots.put(key, slot)
+            del self.ready[key]
+            for done in self.waiters.pop(key, []):
+                done(None)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit what fits, run one forward (decode tokens + one prefill chunk), sample, emit."""
+        self._place_loaded()
+        self._admit()
+        if not self.running:
+            if self.loads:
+                time.sleep(0.001)  # only adapter loads in flight
+            return
+        decode = [s for s in self.running if not s.prefilling]
+        prefill = next((s for s in self.running if s.prefilling), None)
+        chunk = min(self.config.chunk, len(prefill.prompt) - prefill.cached) if prefill else 0
+        ids = [s.output[-1] for s in decode]
+        positions = [s.cached for s in decode]
+        if prefill:
+            ids += prefill.prompt[prefill.cached : prefill.cached + chunk]
+            positions += list(range(prefill.cached, prefill.cached + chunk))
+        layout = StepLayout(
+            torch.tensor([s.row for s in decode], dtype=torch.long),
+            torch.tensor([s.cached + 1 for s in decode], dtype=torch.long),
+            prefill.row if prefill else None,
+            prefill.cached if prefill else 0,
+            chunk,
+        )
+        rt = Routing.build([s.slot for s in decode], prefill.slot if prefill else None, chunk, self.dtype)
+        done_prefill = prefill is not None and prefill.cached + chunk == len(prefill.prompt)
+        last = list(range(len(decode))) + ([len(ids) - 1] if done_prefill else [])
+        device = self.served.lm_head.weight.device
+        with torch.inference_mode():
+            logits = self.served(
+                torch.tensor(ids, device=device),
+                torch.tensor(positions, device=device),
+                rt,
+                layout,
+                torch.tensor(last, dtype=torch.long, device=device),
+            )
+        self.steps += 1
+        for seq in decode:
+            seq.cached += 1
+        if prefill:
+            prefill.cached += chunk
+        sampled = [*decode, prefill] if done_prefill else decode
+        for seq, out in zip(
+            sampled, sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        ):
+            self._emit(seq, out)
+
+    def _admit(self) -> None:
+        blocked = []
+        while self.waiting and self.free_rows:
+            seq = self.waiting.popleft()
+            if seq.adapter is not None:
+                seq.slot = self.slots.get(seq.adapter)
+                if seq.slot is None:
+                    blocked.append(seq)  # its adapter is still loading
+                    continue
+            else:
+                seq.slot = self.base_slot
+            seq.row = self.free_rows.pop(0)
+            self.running.append(seq)
+        self.waiting.extendleft(reversed(blocked))
+
+    def _emit(self, seq: Sequence, out: tuple[int, float | None, dict[int, float]]) -> None:
+        token, logprob, top = out
+        seq.output.append(token)
+        reason = None
+        if not seq.params.ignore_eos and (token in self.eos_ids or token in seq.params.stop_token_ids):
+            reason = "stop"
+        elif len(seq.output) >= seq.params.max_tokens or seq.cached + 1 >= self.config.max_len:
+            reason = "length"
+        seq.sink(TokenOutput(token, logprob, top, reason))
+        if reason:
+            self._finish(seq, None)
+
+    def _finish(self, seq: Sequence, reason: str | Exception | None) -> None:
+        """Take a sequence out, free its row, and tell its sink when it ends otherwise than by a token."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_rows.append(seq.row)
+            self.free_rows.sort()
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            return
+        if seq.adapter is not None:
+            self.slots.refs[seq.adapter] -= 1
+        if isinstance(reason, Exception):
+            seq.sink(reason)
+        elif reason:
+            seq.sink(TokenOutput(-1, finish_reason=reason))
+
+    # -- synchronous use --------------------------------------------------------------------------
+    def run(self, requests: list[tuple[list[int], str | None, SamplingParams]]) -> list[list[TokenOutput]]:
+        """Serve `requests` together to completion: each one's outputs, the last an exception when it
+        failed (which fails only that request)."""
+        results: list[list[Any]] = [[] for _ in requests]
+        for i, (prompt, adapter, params) in enumerate(requests):
+            self.add(Sequence(str(i), list(prompt), adapter, params, results[i].append))
+        while not self.idle:
+            self.step()
+        return results
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
