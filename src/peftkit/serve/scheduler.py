@@ -131,6 +131,20 @@ class EngineCore:
         if key not in self.loads and key not in self.ready:
             self.loads[key] = self.worker.submit(self._load, key)
 
+    def add_request(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> list[Any]:
+        """Queue one request; its outputs (TokenOutputs, or a final exception) collect in the list returned."""
+        outputs: list[Any] = []
+        self.add(
+            Sequence(
+                f"r{self.steps}-{len(self.waiting)}-{id(outputs)}",
+                list(prompt),
+                adapter,
+                params,
+                outputs.append,
+            )
+        )
+        return outputs
+
     def abort(self, seq_id: str) -> None:
         for seq in [*self.waiting, *self.running]:
             if seq.id == seq_id:
@@ -300,9 +314,7 @@ class EngineCore:
     def run(self, requests: list[tuple[list[int], str | None, SamplingParams]]) -> list[list[TokenOutput]]:
         """Serve `requests` together to completion: each one's outputs, the last an exception when it
         failed (which fails only that request)."""
-        results: list[list[Any]] = [[] for _ in requests]
-        for i, (prompt, adapter, params) in enumerate(requests):
-            self.add(Sequence(str(i), list(prompt), adapter, params, results[i].append))
+        results = [self.add_request(prompt, adapter, params) for prompt, adapter, params in requests]
         while not self.idle:
             self.step()
         return results

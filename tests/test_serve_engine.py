@@ -1,0 +1,200 @@
+"""The serving engine on tiny models: greedy decoding gives exactly the tokens of offline generation
+for every request, with many adapters (LoRA, rsLoRA, DoRA, IA³) interleaved in the same steps,
+through chunked prefill and slot eviction; a bad adapter fails only its own requests; sampling
+follows its parameters; the threaded front loads, unloads and stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama
+
+from peftkit import AdaptedModel, IA3Config, LoraConfig, PromptTuningConfig, RequestError
+from peftkit.serve.engine import Engine
+from peftkit.serve.scheduler import EngineConfig, EngineCore
+from peftkit.serve.types import AdapterLoadError, QueueFullError, SamplingParams
+
+CONFIGS = {
+    "lora": LoraConfig(r=4, init_lora_weights=False),
+    "rslora": LoraConfig(r=2, use_rslora=True, init_lora_weights=False, target_modules="all-linear"),
+    "dora": LoraConfig(r=4, use_dora=True, init_lora_weights=False, target_modules=["q_proj", "down_proj"]),
+    "ia3": IA3Config(init_ia3_weights=False),
+}
+
+
+def base():
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, str]:
+    """Saved adapters, strong enough that each changes the tokens it generates."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for i, (name, config) in enumerate(CONFIGS.items()):
+        torch.manual_seed(10 + i)
+        am = AdaptedModel.attach(base(), config)
+        with torch.no_grad():
+            for key, p in am.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p)) if "ia3" in key else p.mul_(3.0)
+        out[name] = str(am.save_adapter(root / name))
+    return out
+
+
+def offline(prompt: list[int], adapter: str | None, n: int) -> list[int]:
+    """What `generate` gives for one request alone (HF's loop over peftkit's adapted model)."""
+    model = base()
+    am = AdaptedModel.from_pretrained(model, adapter) if adapter else model
+    out = am.generate(
+        input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def core(adapters: dict[str, str], **config) -> EngineCore:
+    engine = EngineCore(base(), None, adapters.get, EngineConfig(**({"max_len": 64} | config)))
+    engine.eos_ids = set()  # a random model's end-of-sequence token would end requests at random
+    return engine
+
+
+def requests(
+    count: int, names: list[str | None], seed: int = 0
+) -> list[tuple[list[int], str | None, SamplingParams]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        prompt = torch.randint(
+            1, VOCAB, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g
+        ).tolist()
+        tokens = int(torch.randint(1, 12, (1,), generator=g))
+        out.append((prompt, names[i % len(names)], SamplingParams(max_tokens=tokens, temperature=0)))
+    return out
+
+
+def test_greedy_tokens_equal_offline_generation_with_many_adapters_interleaved(adapters) -> None:
+    """40 requests over the base and four adapters of three methods, 4 rows, 2 adapter slots (so
+    adapters are evicted and reloaded), 5-token prefill chunks beside the decode tokens."""
+    engine = core(adapters, max_batch=4, chunk=5, adapter_slots=2, max_rank=4)
+    reqs = requests(40, [None, *CONFIGS])
+    results = engine.run(reqs)
+    for (prompt, adapter, params), outputs in zip(reqs, results, strict=True):
+        assert [o.token_id for o in outputs] == offline(
+            prompt, adapter and adapters[adapter], params.max_tokens
+        )
+        assert [o.finish_reason for o in outputs] == [None] * (params.max_tokens - 1) + ["length"]
+    assert engine.steps < sum(len(p) + s.max_tokens for p, _, s in reqs)  # batched, not one by one
+    assert engine.free_rows == [0, 1, 2, 3] and engine.idle  # every row given back
+
+
+def test_the_adapters_change_the_tokens(adapters) -> None:
+    """So the test above could fail: each adapter's tokens differ from the base model's somewhere."""
+    reqs = requests(10, [None])
+    for name in CONFIGS:
+        assert any(
+            offline(p, adapters[name], s.max_tokens) != offline(p, None, s.max_tokens) for p, _, s in reqs
+        ), name
+
+
+def test_a_bad_adapter_fails_only_its_requests(adapters, tmp_path) -> None:
+    """50 requests naming a missing or broken adapter, between good ones: each fails with
+    AdapterLoadError naming the adapter; every other request gets its offline tokens."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    bad = {**adapters, "missing": str(tmp_path / "nowhere"), "broken": str(broken)}
+    engine = core(bad, max_batch=4, chunk=8, adapter_slots=2, max_rank=4)
+    reqs = requests(75, ["lora", "missing", "broken", None, "ia3"], seed=1)
+    reqs = [r for i, r in enumerate(reqs) if i % 5 in (1, 2)][:50] + [
+        r for i, r in enumerate(reqs) if i % 5 not in (1, 2)
+    ]
+    results = engine.run(reqs)
+    for (prompt, adapter, params), outputs in zip(reqs, results, strict=True):
+        if adapter in ("missing", "broken"):
+            assert (
+                len(outputs) == 1 and isinstance(outputs[0], AdapterLoadError) and adapter in str(outputs[0])
+            )
+        else:
+            assert [o.token_id for o in outputs] == offline(
+                prompt, adapter and bad[adapter], params.max_tokens
+            )
+
+
+def test_what_the_engine_cannot_serve_is_refused_clearly(adapters, tmp_path) -> None:
+    am = AdaptedModel.attach(base(), PromptTuningConfig(num_virtual_tokens=2))
+    prompt_dir = str(am.save_adapter(tmp_path / "prompt"))
+    other = tiny_llama()  # another random base: another fingerprint
+    other_dir = str(AdaptedModel.attach(other, LoraConfig(r=2)).save_adapter(tmp_path / "other"))
+    engine = core({**adapters, "prompt": prompt_dir, "other": other_dir}, max_rank=2)
+    results = engine.run([([1, 2], "prompt", SamplingParams()), ([1, 2], "other", SamplingParams()),
+                          ([1, 2], "lora", SamplingParams())])  # fmt: skip
+    messages = [str(r[0]) for r in results]
+    assert "prompt tuning" in messages[0].lower() and "does not serve" in messages[0]
+    assert "fingerprint" in messages[1]
+    assert "rank 4 is over the server's max_rank 2" in messages[2]
+    with pytest.raises(RequestError, match="at most 63"):
+        engine.add_request([1] * 64, None, SamplingParams())
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request([], None, SamplingParams())
+    small = core(adapters, max_queue=2)
+    small.add_request([1], None, SamplingParams())
+    small.add_request([1], None, SamplingParams())
+    with pytest.raises(QueueFullError):
+        small.add_request([1], None, SamplingParams())
+
+
+def test_sampling_follows_seed_top_p_and_logprobs(adapters) -> None:
+    engine = core(adapters)
+    prompt = [5, 6, 7]
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=42)
+    first, second, other = engine.run([(prompt, "lora", seeded), (prompt, "lora", seeded),
+                                       (prompt, "lora", SamplingParams(max_tokens=8, temperature=1.0, seed=7))])  # fmt: skip
+    assert [o.token_id for o in first] == [o.token_id for o in second] != [o.token_id for o in other]
+    narrow = engine.run(
+        [(prompt, None, SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6, seed=s)) for s in range(3)]
+    )
+    greedy = offline(prompt, None, 6)
+    assert all([o.token_id for o in out] == greedy for out in narrow)  # top_p ~0 keeps only the top token
+    (scored,) = engine.run([(prompt, None, SamplingParams(max_tokens=1, temperature=0, logprobs=3))])
+    with torch.no_grad():
+        expected = torch.log_softmax(base()(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    out = scored[0]
+    assert out.logprob == pytest.approx(float(expected.max()), abs=1e-4)
+    assert list(out.top_logprobs) == expected.topk(3).indices.tolist()
+
+
+def test_the_threaded_engine_serves_loads_unloads_and_stops(adapters) -> None:
+    engine = Engine.start(
+        base(), None, adapters.get, EngineConfig(max_len=64, max_batch=4, adapter_slots=2, max_rank=4)
+    )
+    engine.core.eos_ids = set()
+    reqs = requests(12, [None, *CONFIGS], seed=2)
+
+    async def one(prompt, adapter, params):
+        return [o.token_id async for o in engine.generate(prompt, adapter, params)]
+
+    async def main():
+        results = await asyncio.gather(*(one(*r) for r in reqs))
+        for (prompt, adapter, params), tokens in zip(reqs, results, strict=True):
+            assert tokens == offline(prompt, adapter and adapters[adapter], params.max_tokens)
+        await engine.load("lora")
+        assert "lora" in [a["key"] for a in engine.adapters()]
+        await engine.unload("lora")
+        assert "lora" not in [a["key"] for a in engine.adapters()]
+        with pytest.raises(AdapterLoadError, match="nowhere"):
+            await engine.load("nowhere")
+        stream = engine.generate([1, 2, 3], "dora", SamplingParams(max_tokens=50, temperature=0))
+        await stream.__anext__()  # one token in, then the client goes away
+        await stream.aclose()
+        for _ in range(100):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["running"] == 0  # the abort freed its row
+
+    asyncio.run(main())
+    engine.stop(deadline=5)
+    assert not engine.thread.is_alive()
