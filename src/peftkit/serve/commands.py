@@ -1,0 +1,236 @@
+"""`peftkit serve`: one base model, many adapters, an OpenAI-compatible API (registered with the CLI
+when the parser is built). Everything the command is given is checked before the base model loads:
+the config keys, the adapter directories, the registry and the port.
+
+    peftkit serve --base smollm2-135m --adapters bot=runs/bot/adapter-best --config serve.yaml
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from ..base.catalog import DEFAULT_BASE
+from ..cli import ConfigOptions, command
+from ..errors import ConfigError, RegistryError, RequestError
+from ..terminal import printable
+from .choices import Limits
+
+
+def _f(default: Any, help: str) -> Any:
+    if default in (tuple, dict):  # a factory for an empty one
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServeConfig(Limits):
+    """The server's settings: the request limits (`Limits`), how the base loads, and the engine's
+    settings under `engine:` (its own keys and defaults, `peftkit.serve.engine.EngineConfig`)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "the dtype to load the base in")
+    shutdown_deadline: float = _f(
+        10.0, "seconds requests in flight may take to finish on SIGTERM before they are aborted"
+    )
+    preload: tuple[str, ...] = _f(tuple, "registry references to load at start (the --adapters always are)")
+    engine: Any = _f(dict, "engine settings: max_batch, max_len, chunk, adapter_slots, max_rank, max_queue")
+
+    def __post_init__(self) -> None:
+        for key in ("max_prompt_tokens", "max_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"invalid value for {key}: {value}; expected at least 1 or null")
+        for key in ("default_max_tokens", "max_n", "max_prompts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"invalid value for {key}: {getattr(self, key)}; expected at least 1")
+        if not (math.isfinite(self.shutdown_deadline) and self.shutdown_deadline >= 0):
+            raise ConfigError(f"invalid value for shutdown_deadline: {self.shutdown_deadline}; expected >= 0")
+        if not isinstance(self.preload, (list, tuple)) or not all(isinstance(r, str) for r in self.preload):
+            raise ConfigError(f"invalid value for preload: {self.preload!r}; expected a list of references")
+        object.__setattr__(self, "preload", tuple(self.preload))
+        if not isinstance(self.engine, dict):
+            raise ConfigError(f"engine must be a mapping of engine settings, found {self.engine!r}")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+
+def field_help() -> dict[str, str]:
+    """{key: help} for every config key (the `--KEY VALUE` options), engine keys as engine.KEY."""
+    out = {f.name: f.metadata["help"] for f in dataclasses.fields(ServeConfig) if f.name != "engine"}
+    for key in ("max_batch", "max_len", "chunk", "adapter_slots", "max_rank", "max_queue"):
+        out[f"engine.{key}"] = f"engine setting {key} (see docs/serve.md)"
+    return out
+
+
+def load_serve_config(path: Path | None, overrides: dict[str, Any] | None = None) -> tuple[ServeConfig, Any]:
+    """(ServeConfig, EngineConfig) from a YAML file (optional) and `--KEY VALUE` overrides; unknown or
+    invalid keys are named. Nothing heavy is loaded."""
+    from ..train.config import _read_yaml, build
+    from .engine import EngineConfig
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = _read_yaml(Path(path))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
+        data = dict(loaded or {})
+    for key, value in (overrides or {}).items():
+        section, dot, leaf = key.partition(".")
+        if dot:
+            data[section] = {**(data.get(section) or {}), leaf: value}
+        else:
+            data[key] = value
+    config = build(ServeConfig, data)
+    try:
+        engine = build(EngineConfig, config.engine, "engine.")
+    except RequestError as e:
+        raise ConfigError(str(e)) from None
+    return config, engine
+
+
+def served_names(base: str) -> list[str]:
+    """The names the base model answers to: a short one first (a built-in name, or the last part of
+    a path, without .gguf), then the text given to --base."""
+    path = Path(base)
+    short = path.stem if path.suffix == ".gguf" else path.name
+    return list(dict.fromkeys([short or base, base]))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before the model loads when the address is taken or cannot be bound."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {e.strerror}; choose another --port or --host"
+        ) from None
+
+
+@dataclass
+class Server:
+    """A prepared server: the app over a started engine."""
+
+    app: Any
+    engine: Any
+    catalog: Any
+    config: ServeConfig
+
+
+def open_registry(location: str | None, explicit: bool) -> Any:
+    """The registry requests may name versions from: --registry (must exist), else $PEFTKIT_REGISTRY or
+    the default location when a registry is there; None otherwise."""
+    from ..registry import Registry
+
+    try:
+        return Registry.open(location, create=False)
+    except RegistryError:
+        if explicit:
+            raise
+        return None
+
+
+def prepare(
+    base: str,
+    adapters: list[str] | None = None,
+    registry: str | None = None,
+    config: ServeConfig | None = None,
+    engine_config: Any | None = None,
+) -> Server:
+    """Check every input, load the base, start the engine with the adapters preloaded, build the app."""
+    from ..base import load_base, model_fingerprint
+    from ..eval.commands import adapter_specs
+    from ..formats.peft import read_adapter
+    from ..registry.refs import parse_ref
+    from .catalog import Catalog
+    from .engine import Engine, EngineConfig
+    from .http import create_app
+
+    config = config or ServeConfig()
+    engine_config = engine_config or EngineConfig()
+    named = adapter_specs(adapters or [])
+    for name, directory in named:  # the files are checked before the slow base load
+        if not directory.is_dir():
+            raise ConfigError(f"--adapters {name}={directory}: no such adapter directory")
+        read_adapter(directory)
+    reg = open_registry(registry, registry is not None)
+    if config.preload and reg is None:
+        raise ConfigError("preload names registry versions, but no registry is open (give --registry)")
+    for ref in config.preload:
+        reg.resolve_version(parse_ref(ref))
+    model, tokenizer = load_base(base, dtype=config.dtype)
+    catalog = Catalog(served_names(base), dict(named), reg, model_fingerprint(model))
+    engine = Engine.start(model, tokenizer, catalog.loader, engine_config)
+    try:
+        keys = [name for name, _ in named] + [catalog.resolve(ref).key for ref in config.preload]
+        for key in keys:
+            asyncio.run(engine.load(key))
+    except BaseException:
+        engine.stop(0)
+        raise
+    app = create_app(engine, tokenizer, catalog, config.limits, deadline=config.shutdown_deadline)
+    return Server(app, engine, catalog, config)
+
+
+@command
+def serve(
+    base: str = DEFAULT_BASE,
+    adapters: list[str] | None = None,
+    registry: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: Path | None = None,
+    overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
+) -> int:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API.
+
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with "stream": true),
+    /health and /ready. A request's "model" names the base model, an adapter given with --adapters,
+    or a registry version (NAME, NAME@production, NAME@staging, NAME@3, NAME@sha256:...), resolved on
+    every request so promotions and rollbacks apply at once. No API keys are configured: any key is
+    accepted, so listen on 127.0.0.1 (the default) unless the network is trusted. SIGTERM or Ctrl-C
+    lets requests in flight finish within shutdown_deadline seconds. See docs/serve.md.
+
+    Args:
+        base: the base model: a built-in name (smollm2-135m), an HF model directory or a .gguf file
+        adapters: adapter directories to serve, as NAME=DIR (or DIR: named after the directory)
+        registry: the adapter registry requests may name versions from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry when one is there; a directory or a postgresql:// URL)
+        host: the address to listen on
+        port: the port to listen on
+        config: a YAML file of server settings (see the options below for every key)
+        overrides: config keys set on the command line
+    """
+    import uvicorn
+
+    settings, engine_config = load_serve_config(config, overrides)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    _check_port(host, port)
+    server = prepare(base, adapters, registry, settings, engine_config)
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    models = ", ".join(m["id"] for m in server.catalog.models())
+    print(printable(f"peftkit serve: listening on {where} (OpenAI API: {where}/v1)"), flush=True)
+    print(printable(f"peftkit serve: models: {models}"), flush=True)
+    print("peftkit serve: no API keys are configured: any key is accepted (local use)", flush=True)
+    uv = uvicorn.Config(
+        server.app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_deadline)),
+        log_level="warning",
+    )
+    uvicorn.Server(uv).run()
+    print("peftkit serve: stopped", file=sys.stderr, flush=True)
+    return 0
