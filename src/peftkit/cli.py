@@ -37,7 +37,12 @@ USER_ERRORS = (PeftkitError, OSError)
 
 # Modules whose @command functions join the CLI; imported when the parser is built, so
 # `import peftkit.cli` stays light.
-COMMAND_MODULES = ("peftkit.train.commands", "peftkit.eval.commands", "peftkit.registry.commands")
+COMMAND_MODULES = (
+    "peftkit.train.commands",
+    "peftkit.eval.commands",
+    "peftkit.registry.commands",
+    "peftkit.serve.commands",
+)
 
 
 class Positional:

@@ -149,6 +149,8 @@ def prepare(
     engine_config: Any | None = None,
 ) -> Server:
     """Check every input, load the base, start the engine with the adapters preloaded, build the app."""
+    from transformers.utils import logging as hf_logging
+
     from ..base import load_base, model_fingerprint
     from ..eval.commands import adapter_specs
     from ..formats.peft import read_adapter
@@ -169,6 +171,8 @@ def prepare(
         raise ConfigError("preload names registry versions, but no registry is open (give --registry)")
     for ref in config.preload:
         reg.resolve_version(parse_ref(ref))
+    hf_logging.disable_progress_bar()
+    print(printable(f"peftkit serve: loading base model {base} ..."), file=sys.stderr, flush=True)
     model, tokenizer = load_base(base, dtype=config.dtype)
     catalog = Catalog(served_names(base), dict(named), reg, model_fingerprint(model))
     engine = Engine.start(model, tokenizer, catalog.loader, engine_config)
