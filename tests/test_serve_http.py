@@ -390,3 +390,18 @@ def test_peftkit_serve_runs_and_finishes_requests_in_flight_on_sigterm(setup) ->
         proc.wait(20)
     finally:
         proc.kill()
+
+
+def test_the_documented_config_loads_and_names_every_key(tmp_path) -> None:
+    from peftkit.serve.commands import ServeConfig, field_help, load_serve_config
+
+    doc = (Path(__file__).parents[1] / "docs" / "serve.md").read_text(encoding="utf-8")
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "serve.yaml").write_text(block)
+    config, engine = load_serve_config(tmp_path / "serve.yaml", {"max_n": 2, "engine.max_batch": 4})
+    assert (config.max_n, config.max_tokens, config.preload) == (2, 1024, ("support-bot@production",))
+    assert (engine.max_batch, engine.max_len) == (4, 2048)
+    documented = {line.split(":")[0].strip() for line in block.splitlines() if ":" in line}
+    keys = {k.removeprefix("engine.") for k in field_help()}
+    assert keys <= documented and documented - keys == {"engine"}
+    assert isinstance(config, ServeConfig)

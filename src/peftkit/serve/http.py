@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from ..errors import PeftkitError, RequestError
 from .catalog import Catalog, ModelNotFoundError, Target
 from .choices import Choice, Fanout, Limits, ParamError, plan_max_tokens
+from .engine import ShuttingDownError
 from .text import chat_prompt_ids, check_stop
 from .types import AdapterLoadError, QueueFullError, SamplingParams
 
@@ -127,6 +128,8 @@ def as_api_error(e: BaseException) -> ApiError:
         return ApiError(404, str(e), param="model", code="model_not_found")
     if isinstance(e, QueueFullError):
         return ApiError(429, str(e), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, ShuttingDownError):
+        return ApiError(503, str(e), kind="server_error", code="shutting_down", headers={"Retry-After": "1"})
     if isinstance(e, ParamError):
         return ApiError(400, str(e), param=e.param)
     if isinstance(e, AdapterLoadError):
@@ -194,7 +197,7 @@ def create_app(
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        if not request.app.state.ready:
+        if not (request.app.state.ready and engine.running):
             raise ApiError(503, "the server is starting or stopping", kind="server_error", code="not_ready")
         return JSONResponse({"status": "ready", **engine.stats()})
 
