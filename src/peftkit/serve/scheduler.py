@@ -31,6 +31,9 @@ from .sampling import sample
 from .slots import Routing, SlotTable
 from .types import AdapterLoadError, QueueFullError, SamplingParams, TokenOutput
 
+STAGED = (
+    "staged"  # the name an adapter has in the loading AdaptedModel (keys like name@3 are no adapter names)
+)
 Loader = Callable[[str], Path]  # adapter key -> its directory (PEFT format)
 Sink = Callable[[TokenOutput | Exception], None]
 
@@ -164,29 +167,29 @@ class EngineCore:
             if self.staging is None:
                 self.staging = AdaptedModel(self.model)
             path = self.loader(key)
-            self.staging.load_adapter(path, key, dtype=self.dtype)
+            self.staging.load_adapter(path, STAGED, dtype=self.dtype)
         except PeftkitError as e:
             raise AdapterLoadError(f"adapter {key!r} cannot be served: {e}") from None
         try:
-            spec = method_for(self.staging.configs[key])
+            spec = method_for(self.staging.configs[STAGED])
             if spec.slot_tensors is None or not spec.wraps_layers:
                 raise AdapterLoadError(
                     f"adapter {key!r} is {spec.label}, which the server does not serve yet"
                 )
             tensors = {}
             for name, layer in self.staging.adapter_layers():
-                if key not in layer.specs:
+                if STAGED not in layer.specs:
                     continue
                 if name not in self.served.linears:
                     raise AdapterLoadError(f"adapter {key!r} adapts {name}, which the server does not serve")
-                tensors[name] = {r: t.clone() for r, t in spec.slot_tensors(layer, key).items()}
+                tensors[name] = {r: t.clone() for r, t in spec.slot_tensors(layer, STAGED).items()}
                 self.served.linears[name].check(tensors[name], f"adapter {key!r}, layer {name}")
             return tensors
         except RequestError as e:
             raise AdapterLoadError(str(e)) from None
         finally:
-            if key in self.staging.configs:
-                self.staging.delete_adapter(key)
+            if STAGED in self.staging.configs:
+                self.staging.delete_adapter(STAGED)
 
     def _place_loaded(self) -> None:
         """Adapters the worker finished: into slots (or their requests fail with the load's error)."""
