@@ -23,15 +23,11 @@ from torch import nn
 
 from ..errors import RequestError
 from .scheduler import EngineConfig, EngineCore, Loader, Sequence
-from .types import SamplingParams, TokenOutput
+from .types import SamplingParams, ShuttingDownError, TokenOutput
 
 __all__ = ["Engine", "EngineConfig"]
 
 _request_ids = itertools.count()
-
-
-class ShuttingDownError(RequestError):
-    """The server is stopping and takes no new requests (HTTP 503)."""
 
 
 class Engine:

@@ -34,6 +34,14 @@ from .types import AdapterLoadError, QueueFullError, SamplingParams, TokenOutput
 STAGED = (
     "staged"  # the name an adapter has in the loading AdaptedModel (keys like name@3 are no adapter names)
 )
+EVENTS = {
+    "step": "one forward: decode (tokens), prefill (tokens), batch (sequences), seconds",
+    "admit": "a request starts running: adapter (key or None), queue_seconds",
+    "finish": "a request ends: adapter, reason (stop/length/abort/error), prompt_tokens, output_tokens",
+    "adapter_hit": "a request's adapter is resident already: adapter",
+    "adapter_load": "an adapter was loaded (ok) or failed: adapter, seconds, ok",
+    "adapter_evict": "an idle adapter left its slot for another: adapter",
+}
 Loader = Callable[[str], Path]  # adapter key -> its directory (PEFT format)
 Sink = Callable[[TokenOutput | Exception], None]
 
@@ -68,6 +76,7 @@ class Sequence:
     cached: int = 0  # tokens whose keys and values are in the cache
     output: list[int] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
+    ending: str | None = None  # how it finished: stop, length
 
     @property
     def prefilling(self) -> bool:
@@ -95,6 +104,9 @@ class EngineCore:
         self.staging: Any = None  # the AdaptedModel adapters are loaded through, made on first use
         self.waiters: dict[str, list[Callable[[Exception | None], None]]] = {}  # preload callbacks
         self.steps = 0
+        # Observers of what happens (metrics): each is called on the engine's thread as
+        # listener(event, data); events and their data are listed in EVENTS.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.dtype = model.lm_head.weight.dtype
 
     # -- requests -------------------------------------------------------------------------------
@@ -111,12 +123,14 @@ class EngineCore:
             if self.loader is None:
                 raise AdapterLoadError(f"this server has no adapters; {seq.adapter!r} is unknown")
             self.slots.refs[seq.adapter] = self.slots.refs.get(seq.adapter, 0) + 1
+            if self.slots.get(seq.adapter) is not None:
+                self._event("adapter_hit", adapter=seq.adapter)
             if (
                 self.slots.get(seq.adapter) is None
                 and seq.adapter not in self.loads
                 and seq.adapter not in self.ready
             ):
-                self.loads[seq.adapter] = self.worker.submit(self._load, seq.adapter)
+                self.loads[seq.adapter] = self.worker.submit(self._timed_load, seq.adapter)
         if seq.params.seed is not None:
             seq.generator = torch.Generator().manual_seed(seq.params.seed)
         self.waiting.append(seq)
@@ -132,7 +146,7 @@ class EngineCore:
             return
         self.waiters.setdefault(key, []).append(done)
         if key not in self.loads and key not in self.ready:
-            self.loads[key] = self.worker.submit(self._load, key)
+            self.loads[key] = self.worker.submit(self._timed_load, key)
 
     def add_request(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> list[Any]:
         """Queue one request; its outputs (TokenOutputs, or a final exception) collect in the list returned."""
@@ -158,6 +172,13 @@ class EngineCore:
         return not self.waiting and not self.running
 
     # -- adapters -------------------------------------------------------------------------------
+    def _timed_load(self, key: str) -> tuple[float, Any]:
+        start = time.perf_counter()
+        try:
+            return time.perf_counter() - start, self._load(key)
+        except Exception as e:  # noqa: BLE001 (the error and the time both go to the engine thread)
+            return time.perf_counter() - start, e
+
     def _load(self, key: str) -> dict[str, dict[str, torch.Tensor]]:
         """On the worker thread: the adapter's slot tensors per served layer, checked."""
         from ..adapted import AdaptedModel
@@ -196,9 +217,14 @@ class EngineCore:
         for key, future in list(self.loads.items()):
             if future.done():
                 del self.loads[key]
-                try:
-                    self.ready[key] = future.result()
-                except Exception as e:  # noqa: BLE001 (any failure fails only this adapter's requests)
+                seconds, result = future.result()
+                self._event(
+                    "adapter_load", adapter=key, seconds=seconds, ok=not isinstance(result, Exception)
+                )
+                if not isinstance(result, Exception):
+                    self.ready[key] = result
+                else:  # the failure fails only this adapter's requests
+                    e = result
                     error = (
                         e if isinstance(e, AdapterLoadError) else AdapterLoadError(f"adapter {key!r}: {e}")
                     )
@@ -211,6 +237,8 @@ class EngineCore:
             if taken is None:
                 return  # every slot is busy: wait for one to go idle
             slot, evicted = taken
+            if evicted is not None:
+                self._event("adapter_evict", adapter=evicted)
             for layer_name, linear in self.served.linears.items():
                 tensors = self.ready[key].get(layer_name)
                 if tensors is None:
@@ -250,6 +278,7 @@ class EngineCore:
         done_prefill = prefill is not None and prefill.cached + chunk == len(prefill.prompt)
         last = list(range(len(decode))) + ([len(ids) - 1] if done_prefill else [])
         device = self.served.lm_head.weight.device
+        start = time.perf_counter()
         with torch.inference_mode():
             logits = self.served(
                 torch.tensor(ids, device=device),
@@ -259,6 +288,8 @@ class EngineCore:
                 torch.tensor(last, dtype=torch.long, device=device),
             )
         self.steps += 1
+        self._event("step", decode=len(decode), prefill=chunk, batch=len(self.running),
+                    seconds=time.perf_counter() - start)  # fmt: skip
         for seq in decode:
             seq.cached += 1
         if prefill:
@@ -282,6 +313,7 @@ class EngineCore:
                 seq.slot = self.base_slot
             seq.row = self.free_rows.pop(0)
             self.running.append(seq)
+            self._event("admit", adapter=seq.adapter, queue_seconds=time.perf_counter() - seq.arrived)
         self.waiting.extendleft(reversed(blocked))
 
     def _emit(self, seq: Sequence, out: tuple[int, float | None, dict[int, float]]) -> None:
@@ -294,6 +326,7 @@ class EngineCore:
             reason = "length"
         seq.sink(TokenOutput(token, logprob, top, reason))
         if reason:
+            seq.ending = reason
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, reason: str | Exception | None) -> None:
@@ -308,10 +341,17 @@ class EngineCore:
             return
         if seq.adapter is not None:
             self.slots.refs[seq.adapter] -= 1
+        ending = "error" if isinstance(reason, Exception) else reason or seq.ending
+        self._event("finish", adapter=seq.adapter, reason=ending, prompt_tokens=len(seq.prompt),
+                    output_tokens=len(seq.output))  # fmt: skip
         if isinstance(reason, Exception):
             seq.sink(reason)
         elif reason:
             seq.sink(TokenOutput(-1, finish_reason=reason))
+
+    def _event(self, name: str, **data: Any) -> None:
+        for listener in self.listeners:
+            listener(name, data)
 
     # -- synchronous use --------------------------------------------------------------------------
     def run(self, requests: list[tuple[list[int], str | None, SamplingParams]]) -> list[list[TokenOutput]]:

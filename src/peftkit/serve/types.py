@@ -53,3 +53,7 @@ class AdapterLoadError(RequestError):
 
 class QueueFullError(RequestError):
     """The engine's waiting queue is at its limit; retry later (HTTP 429)."""
+
+
+class ShuttingDownError(RequestError):
+    """The server is stopping and takes no new requests (HTTP 503)."""
