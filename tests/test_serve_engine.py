@@ -11,7 +11,15 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama
 
-from peftkit import AdaptedModel, IA3Config, LoraConfig, PromptTuningConfig, RequestError
+from peftkit import (
+    AdaptedModel,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    RequestError,
+)
 from peftkit.serve.engine import Engine
 from peftkit.serve.scheduler import EngineConfig, EngineCore
 from peftkit.serve.types import AdapterLoadError, QueueFullError, SamplingParams
@@ -124,15 +132,15 @@ def test_a_bad_adapter_fails_only_its_requests(adapters, tmp_path) -> None:
 
 
 def test_what_the_engine_cannot_serve_is_refused_clearly(adapters, tmp_path) -> None:
-    am = AdaptedModel.attach(base(), PromptTuningConfig(num_virtual_tokens=2))
-    prompt_dir = str(am.save_adapter(tmp_path / "prompt"))
+    am = AdaptedModel.attach(base(), BottleneckConfig(bottleneck_size=4))
+    bottleneck_dir = str(am.save_adapter(tmp_path / "bottleneck"))
     other = tiny_llama()  # another random base: another fingerprint
     other_dir = str(AdaptedModel.attach(other, LoraConfig(r=2)).save_adapter(tmp_path / "other"))
-    engine = core({**adapters, "prompt": prompt_dir, "other": other_dir}, max_rank=2)
-    results = engine.run([([1, 2], "prompt", SamplingParams()), ([1, 2], "other", SamplingParams()),
+    engine = core({**adapters, "bottleneck": bottleneck_dir, "other": other_dir}, max_rank=2)
+    results = engine.run([([1, 2], "bottleneck", SamplingParams()), ([1, 2], "other", SamplingParams()),
                           ([1, 2], "lora", SamplingParams())])  # fmt: skip
     messages = [str(r[0]) for r in results]
-    assert "prompt tuning" in messages[0].lower() and "does not serve" in messages[0]
+    assert "bottleneck" in messages[0].lower() and "does not serve" in messages[0]
     assert "fingerprint" in messages[1]
     assert "rank 4 is over the server's max_rank 2" in messages[2]
     with pytest.raises(RequestError, match="at most 63"):
@@ -198,3 +206,35 @@ def test_the_threaded_engine_serves_loads_unloads_and_stops(adapters) -> None:
     asyncio.run(main())
     engine.stop(deadline=5)
     assert not engine.thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PromptTuningConfig(num_virtual_tokens=3),
+        PrefixTuningConfig(num_virtual_tokens=4),
+        PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8),
+    ],
+    ids=["prompt", "prefix", "prefix-projected"],
+)
+def test_prompt_and_prefix_tuned_adapters_are_served_as_prefixes(adapters, tmp_path, config) -> None:
+    """A whole-model adapter is a key/value prefix computed once at load and put in front of each of
+    its sequences: greedy tokens equal offline generation, beside layer adapters and the base."""
+    torch.manual_seed(3)
+    am = AdaptedModel.attach(base(), config)
+    with torch.no_grad():
+        for p in am.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    served = {**adapters, "whole": str(am.save_adapter(tmp_path / "whole"))}
+    engine = core(served, max_batch=3, chunk=4, adapter_slots=2, max_rank=4)
+    reqs = requests(12, ["whole", None, "lora", "whole"], seed=5)
+    for (prompt, adapter, params), outputs in zip(reqs, engine.run(reqs), strict=True):
+        assert [o.token_id for o in outputs] == offline(
+            prompt, adapter and served[adapter], params.max_tokens
+        )
+    assert any(
+        offline(p, served["whole"], s.max_tokens) != offline(p, None, s.max_tokens) for p, _, s in reqs
+    )
+    (too_long,) = engine.run([([1] * 62, "whole", SamplingParams())])
+    assert isinstance(too_long[0], RequestError) and "puts" in str(too_long[0])

@@ -133,6 +133,7 @@ class Engine:
                 error = RequestError(f"adapter {key!r} has requests in flight; unload it when they finish")
             elif self.core.slots.drop(key) is None:
                 error = RequestError(f"adapter {key!r} is not loaded")
+            self.core.prefixes.pop(key, None)
             loop.call_soon_threadsafe(_settle, done, error)
 
         self._send(drop)

@@ -119,11 +119,17 @@ class ServedModel(nn.Module):
         return rows
 
     def _masks(self, layout: StepLayout, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """Boolean attention masks: decode (d, 1, 1, L) over each row's length; prefill (C, start + C), causal."""
+        """Boolean attention masks. Decode (R, 1, 1, L) over the rows [lo, lo + R) the decode tokens'
+        rows span (a row without a decode token sees its position 0 only, and is dropped after);
+        prefill (C, start + C), causal."""
         decode = None
         if len(layout.decode_rows):
+            rows = layout.decode_rows
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            lens = torch.ones(hi - lo, dtype=torch.long)
+            lens[rows - lo] = layout.decode_lens
             span = int(layout.decode_lens.max())
-            decode = (torch.arange(span) < layout.decode_lens[:, None])[:, None, None].to(device)
+            decode = (torch.arange(span) < lens[:, None])[:, None, None].to(device)
         prefill = None
         if layout.chunk:
             end = layout.prefill_start + layout.chunk
@@ -135,15 +141,7 @@ class ServedModel(nn.Module):
         d = len(layout.decode_rows)
         outs = []
         if d:
-            span = masks[0].shape[-1]
-            rows = layout.decode_rows
-            k = self.k_cache[index, rows, :, :span]  # (d, KVH, L, D)
-            v = self.v_cache[index, rows, :, :span]
-            qd = q[:d, :, None]  # (d, H, 1, D)
-            out = F.scaled_dot_product_attention(
-                qd, k, v, attn_mask=masks[0], scale=self.scaling, enable_gqa=True
-            )
-            outs.append(out.reshape(d, -1))
+            outs.append(self._decode_attention(index, q[:d], layout.decode_rows, masks[0]))
         if layout.chunk:
             end = layout.prefill_start + layout.chunk
             row = layout.prefill_row
@@ -155,3 +153,20 @@ class ServedModel(nn.Module):
             )
             outs.append(out[0].transpose(0, 1).reshape(layout.chunk, -1))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _decode_attention(self, index: int, q: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
+        """One query per sequence against its cached keys: plain matmuls over a view of the rows the
+        decode tokens span (no copy of the cache), which beats a fused kernel at query length 1."""
+        lo, span = int(rows.min()), mask.shape[-1]
+        count = mask.shape[0]
+        k = self.k_cache[index, lo : lo + count, :, :span]  # (R, KVH, L, D)
+        v = self.v_cache[index, lo : lo + count, :, :span]
+        group = self.heads // self.kv_heads
+        full = q.new_zeros(count, self.heads, self.head_dim)
+        full[rows - lo] = q
+        full = full.view(count, self.kv_heads, group, self.head_dim)  # (R, KVH, G, D)
+        scores = torch.matmul(full, k.transpose(-1, -2)).float() * self.scaling  # (R, KVH, G, L)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)  # (R, KVH, G, D)
+        return out.reshape(count, -1)[rows - lo]  # (d, H·D)

@@ -42,6 +42,7 @@ EVENTS = {
     "adapter_load": "an adapter was loaded (ok) or failed: adapter, seconds, ok",
     "adapter_evict": "an idle adapter left its slot for another: adapter",
 }
+PREFIX = "prefix"  # a loaded whole-model adapter: its (keys, values) instead of slot tensors
 Loader = Callable[[str], Path]  # adapter key -> its directory (PEFT format)
 Sink = Callable[[TokenOutput | Exception], None]
 
@@ -73,14 +74,15 @@ class Sequence:
     generator: torch.Generator | None = None
     row: int | None = None
     slot: int | None = None
-    cached: int = 0  # tokens whose keys and values are in the cache
+    cached: int = 0  # tokens whose keys and values are in the cache (its adapter's prefix included)
+    start: int = 0  # the prompt's first position: after the adapter's key/value prefix, if it has one
     output: list[int] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
     ending: str | None = None  # how it finished: stop, length
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
+        return self.cached < self.start + len(self.prompt)
 
 
 class EngineCore:
@@ -103,6 +105,7 @@ class EngineCore:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="peftkit-adapter-load")
         self.staging: Any = None  # the AdaptedModel adapters are loaded through, made on first use
         self.waiters: dict[str, list[Callable[[Exception | None], None]]] = {}  # preload callbacks
+        self.prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # resident keys' K/V prefixes
         self.steps = 0
         # Observers of what happens (metrics): each is called on the engine's thread as
         # listener(event, data); events and their data are listed in EVENTS.
@@ -193,7 +196,9 @@ class EngineCore:
             raise AdapterLoadError(f"adapter {key!r} cannot be served: {e}") from None
         try:
             spec = method_for(self.staging.configs[STAGED])
-            if spec.slot_tensors is None or not spec.wraps_layers:
+            if not spec.wraps_layers:
+                return {PREFIX: self._prefix(spec)}
+            if spec.slot_tensors is None:
                 raise AdapterLoadError(
                     f"adapter {key!r} is {spec.label}, which the server does not serve yet"
                 )
@@ -211,6 +216,20 @@ class EngineCore:
         finally:
             if STAGED in self.staging.configs:
                 self.staging.delete_adapter(STAGED)
+
+    def _prefix(self, spec: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole-model adapter's key/value prefix (layers, KVH, P, D), computed once (prompt tuning
+        runs its soft tokens through the base model here)."""
+        adapter = self.staging.model_adapters[STAGED]
+        if not hasattr(adapter, "prefix_kv"):
+            raise AdapterLoadError(f"{spec.label} adapters are not served yet")
+        with torch.inference_mode():
+            kv = adapter.prefix_kv(self.model)
+        keys = torch.stack([k for k, _ in kv]).to(self.dtype)
+        values = torch.stack([v for _, v in kv]).to(self.dtype)
+        if keys.shape[2] >= self.config.max_len:
+            raise AdapterLoadError(f"its prefix of {keys.shape[2]} tokens fills the server's max_len")
+        return keys.clone(), values.clone()
 
     def _place_loaded(self) -> None:
         """Adapters the worker finished: into slots (or their requests fail with the load's error)."""
@@ -238,7 +257,10 @@ class EngineCore:
                 return  # every slot is busy: wait for one to go idle
             slot, evicted = taken
             if evicted is not None:
+                self.prefixes.pop(evicted, None)
                 self._event("adapter_evict", adapter=evicted)
+            if PREFIX in self.ready[key]:
+                self.prefixes[key] = self.ready[key][PREFIX]
             for layer_name, linear in self.served.linears.items():
                 tensors = self.ready[key].get(layer_name)
                 if tensors is None:
@@ -261,11 +283,12 @@ class EngineCore:
             return
         decode = [s for s in self.running if not s.prefilling]
         prefill = next((s for s in self.running if s.prefilling), None)
-        chunk = min(self.config.chunk, len(prefill.prompt) - prefill.cached) if prefill else 0
+        chunk = min(self.config.chunk, prefill.start + len(prefill.prompt) - prefill.cached) if prefill else 0
         ids = [s.output[-1] for s in decode]
         positions = [s.cached for s in decode]
         if prefill:
-            ids += prefill.prompt[prefill.cached : prefill.cached + chunk]
+            read = prefill.cached - prefill.start
+            ids += prefill.prompt[read : read + chunk]
             positions += list(range(prefill.cached, prefill.cached + chunk))
         layout = StepLayout(
             torch.tensor([s.row for s in decode], dtype=torch.long),
@@ -275,7 +298,7 @@ class EngineCore:
             chunk,
         )
         rt = Routing.build([s.slot for s in decode], prefill.slot if prefill else None, chunk, self.dtype)
-        done_prefill = prefill is not None and prefill.cached + chunk == len(prefill.prompt)
+        done_prefill = prefill is not None and prefill.cached + chunk == prefill.start + len(prefill.prompt)
         last = list(range(len(decode))) + ([len(ids) - 1] if done_prefill else [])
         device = self.served.lm_head.weight.device
         start = time.perf_counter()
@@ -311,7 +334,20 @@ class EngineCore:
                     continue
             else:
                 seq.slot = self.base_slot
+            prefix = self.prefixes.get(seq.adapter)
+            if prefix is not None and prefix[0].shape[2] + len(seq.prompt) >= self.config.max_len:
+                self.waiting.appendleft(seq)  # _finish takes it from the queue and tells its sink
+                self._finish(seq, RequestError(
+                    f"the prompt has {len(seq.prompt)} tokens and adapter {seq.adapter!r} puts {prefix[0].shape[2]} "
+                    f"before them; this server takes at most {self.config.max_len - 1} in all"
+                ))  # fmt: skip
+                continue
             seq.row = self.free_rows.pop(0)
+            if prefix is not None:  # a prompt- or prefix-tuned adapter: its keys and values come first
+                keys, values = prefix  # (layers, KVH, P, D)
+                seq.start = seq.cached = keys.shape[2]
+                self.served.k_cache[:, seq.row, :, : seq.start] = keys
+                self.served.v_cache[:, seq.row, :, : seq.start] = values
             self.running.append(seq)
             self._event("admit", adapter=seq.adapter, queue_seconds=time.perf_counter() - seq.arrived)
         self.waiting.extendleft(reversed(blocked))
