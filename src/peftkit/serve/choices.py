@@ -105,9 +105,17 @@ class Fanout:
     """The choices of one request, run concurrently through the engine."""
 
     def __init__(
-        self, engine: Any, tokenizer: Any, key: str | None, choices: list[Choice], prefix: str
+        self,
+        engine: Any,
+        tokenizer: Any,
+        key: str | None,
+        choices: list[Choice],
+        prefix: str,
+        *,
+        tenant: str = "",
     ) -> None:
         self.engine, self.tokenizer, self.key, self.choices = engine, tokenizer, key, choices
+        self.tenant = tenant  # the metrics' tenant label ("" when the server has no tenants)
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -155,13 +163,19 @@ class Fanout:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _pump(self, choice: Choice) -> None:
+        # prometheus_client loads with the first request, not with every CLI command
+        from .metrics import request_timer
+
         request_id = f"{self.id}-{choice.index}"
         text = TextStream(self.tokenizer, choice.stops)
         ends = set(self.engine.eos_ids) | set(choice.params.stop_token_ids)
+        timer = request_timer(self.engine, self.key, self.tenant, len(choice.prompt_ids))
         outputs = self.engine.generate(choice.prompt_ids, self.key, choice.params, request_id)
         finished = False
+        ended: str | BaseException = "abort"  # cancelled: the client left, or a sibling choice failed
         try:
             async for out in outputs:
+                timer.token()
                 choice.count += 1
                 finished = out.finish_reason is not None
                 hidden = out.finish_reason == "stop" and out.token_id in ends
@@ -178,8 +192,10 @@ class Fanout:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 (handed to the request's handler)
+            ended = e
             self.queue.put_nowait(e)
         finally:
+            timer.end(choice.finish_reason or ended, choice.count)
             if not finished:
                 self.engine.abort(request_id)
             await outputs.aclose()
