@@ -37,7 +37,7 @@ REQUEST_LABELS = ("adapter", "version", "tenant")
 ADAPTER_LABELS = ("adapter", "version")
 # The dashboard is one file with its script inline: it may fetch only from this server.
 DASHBOARD_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
 )
 _HELP = {
     "requests": "sequences served, by how they ended (a request with n choices counts n)",
