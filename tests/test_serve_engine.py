@@ -238,3 +238,19 @@ def test_prompt_and_prefix_tuned_adapters_are_served_as_prefixes(adapters, tmp_p
     )
     (too_long,) = engine.run([([1] * 62, "whole", SamplingParams())])
     assert isinstance(too_long[0], RequestError) and "puts" in str(too_long[0])
+
+
+def test_memory_budgets_size_the_kv_cache_and_the_adapter_slots(adapters) -> None:
+    model = base()
+    per_token = 2 * 2 * 1 * 8 * 4  # keys and values x 2 layers x 1 KV head x head_dim 8 x fp32
+    sized = EngineConfig(max_len=64, kv_cache_mb=1, adapter_cache_mb=1, max_rank=4).sized(model)
+    assert sized.max_batch == 2**20 // (per_token * 64)
+    engine = core(adapters, kv_cache_mb=1, adapter_cache_mb=1, max_rank=4)
+    assert (
+        engine.served.k_cache.numel() * 4 * 2 <= 2**20 < (engine.served.k_cache.numel() + 64 * 2 * 8) * 4 * 2
+    )
+    assert engine.slots.capacity == sized.adapter_slots > 16  # a tiny model's slots are small
+    with pytest.raises(RequestError, match="kv_cache_mb 1 MB is less than one sequence of max_len needs"):
+        EngineConfig(max_len=10**6, kv_cache_mb=1).sized(model)
+    with pytest.raises(RequestError, match="max_batch must be a whole number of at least 1"):
+        EngineConfig(max_batch=0)

@@ -87,6 +87,18 @@ class ServedModel(nn.Module):
             2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.lm_head.weight.element_size()
         )
 
+    @staticmethod
+    def slot_bytes(model: nn.Module, max_rank: int) -> int:
+        """The memory one adapter slot takes over every served linear: A and B at max_rank, and the
+        per-channel scales (allocated only when an adapter uses them; counted here)."""
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        h, m = c.hidden_size, c.intermediate_size
+        shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]  # (in, out) per projection
+        per_layer = sum(max_rank * (i + o) + i + 2 * o for i, o in shapes)
+        return per_layer * c.num_hidden_layers * model.lm_head.weight.element_size()
+
     def forward(
         self, ids: Tensor, positions: Tensor, rt: Routing, layout: StepLayout, last: Tensor
     ) -> Tensor:

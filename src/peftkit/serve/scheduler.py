@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +47,57 @@ Loader = Callable[[str], Path]  # adapter key -> its directory (PEFT format)
 Sink = Callable[[TokenOutput | Exception], None]
 
 
+def _setting(default: int, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """How big the engine is. The KV cache holds `max_batch` sequences of up to `max_len` tokens."""
+    """How big the engine is: KV cache rows (sequences at once) of `max_len` tokens, and adapter slots.
+    Each size is given directly or as a memory budget (MB), which then decides it."""
 
-    max_batch: int = 16  # sequences decoded together (KV cache rows)
-    max_len: int = 2048  # prompt + output tokens per sequence
-    chunk: int = 256  # prompt tokens prefilled per step
-    adapter_slots: int = 16  # adapters resident at once (LRU beyond that)
-    max_rank: int = 16  # the largest LoRA rank a slot holds
-    max_queue: int = 256  # waiting requests before new ones get QueueFullError
+    max_batch: int = _setting(16, "sequences decoded together: the KV cache's rows")
+    max_len: int = _setting(2048, "prompt + output tokens per sequence (an adapter's prefix included)")
+    kv_cache_mb: int = _setting(0, "the KV cache's memory in MB; sets max_batch (0: use max_batch)")
+    chunk: int = _setting(256, "prompt tokens prefilled per step, beside the running decodes")
+    adapter_slots: int = _setting(16, "adapters resident at once; the least recently used idle one goes")
+    adapter_cache_mb: int = _setting(
+        0, "the adapter slots' memory in MB; sets adapter_slots (0: use adapter_slots)"
+    )
+    max_rank: int = _setting(16, "the largest LoRA rank an adapter slot holds")
+    max_queue: int = _setting(256, "waiting requests before new ones are refused (HTTP 429)")
 
     def __post_init__(self) -> None:
-        for key in ("max_batch", "max_len", "chunk", "adapter_slots", "max_rank", "max_queue"):
-            if getattr(self, key) < 1:
-                raise RequestError(f"engine {key} must be at least 1, not {getattr(self, key)}")
+        for f in fields(self):
+            value, least = getattr(self, f.name), 0 if f.name.endswith("_mb") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise RequestError(
+                    f"engine {f.name} must be a whole number of at least {least}, not {value!r}"
+                )
+
+    def sized(self, model: nn.Module) -> EngineConfig:
+        """This config with max_batch and adapter_slots from the memory budgets, where given."""
+        changes = {}
+        if self.kv_cache_mb:
+            per_row = ServedModel.kv_bytes_per_token(model) * self.max_len
+            changes["max_batch"] = self._fit(
+                self.kv_cache_mb, per_row, "kv_cache_mb", "one sequence of max_len"
+            )
+        if self.adapter_cache_mb:
+            per_slot = ServedModel.slot_bytes(model, self.max_rank)
+            changes["adapter_slots"] = self._fit(
+                self.adapter_cache_mb, per_slot, "adapter_cache_mb", "one adapter slot"
+            )
+        return replace(self, **changes)
+
+    @staticmethod
+    def _fit(budget_mb: int, each: int, key: str, what: str) -> int:
+        count = budget_mb * 2**20 // each
+        if count < 1:
+            raise RequestError(
+                f"engine {key} {budget_mb} MB is less than {what} needs ({each / 2**20:.1f} MB)"
+            )
+        return int(count)
 
 
 @dataclass
@@ -89,7 +125,7 @@ class EngineCore:
     """The scheduler and the step loop, single-threaded: `add`, then `step` until `idle`."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, loader: Loader | None, config: EngineConfig) -> None:
-        self.config = config
+        self.config = config = config.sized(model)
         self.served = ServedModel(
             model, config.max_batch, config.max_len, config.adapter_slots, config.max_rank
         )
