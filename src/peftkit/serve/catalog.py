@@ -27,6 +27,11 @@ class ModelNotFoundError(RequestError):
     """A request names no model this server serves (HTTP 404, code model_not_found)."""
 
 
+def not_found(model: str) -> str:
+    """The one message for every name not served (missing, malformed, or another tenant's)."""
+    return f"The model `{model}` does not exist."
+
+
 @dataclass(frozen=True)
 class Target:
     """What one request runs on: `key` None is the base model, else the engine's adapter key."""
@@ -71,7 +76,7 @@ class Catalog:
                 pass
             else:
                 return Target(model, version.ref)
-        raise ModelNotFoundError(f"The model `{model}` does not exist.")
+        raise ModelNotFoundError(not_found(model))
 
     def loader(self, key: str) -> Path:
         """The adapter directory for an engine key: a configured name's directory, or a registered

@@ -40,6 +40,15 @@ class ServeConfig(Limits):
     )
     preload: tuple[str, ...] = _f(tuple, "registry references to load at start (the --adapters always are)")
     engine: Any = _f(dict, "engine settings: max_batch, max_len, chunk, adapter_slots, max_rank, max_queue")
+    admin_key: str | None = field(
+        default=None,
+        repr=False,  # never printed
+        metadata={"help": "the admin API's key, or its hash (sha256:...); null: the admin API is off"},
+    )
+    tenants: Any = _f(dict, "tenants: NAME: {keys: [sha256:...], models: [...], default, rate_limit}")
+    routes: Any = _f(dict, "routes: NAME: TARGET (an alias) or {stable, canary, canary_percent}")
+    default_aliases: tuple[str, ...] = _f(tuple, "model names that mean the caller's default adapter")
+    rate_limit: Any = _f(None, "every key's rate limit: {requests_per_minute: N, burst: M}; null: none")
 
     def __post_init__(self) -> None:
         for key in ("max_prompt_tokens", "max_tokens"):
@@ -56,6 +65,14 @@ class ServeConfig(Limits):
         object.__setattr__(self, "preload", tuple(self.preload))
         if not isinstance(self.engine, dict):
             raise ConfigError(f"engine must be a mapping of engine settings, found {self.engine!r}")
+        self.access_and_routes()  # checked now, before anything loads
+
+    def access_and_routes(self) -> tuple[Any, Any]:
+        """(tenants.Access, tenants.Routes) from the keys, tenants, routes and rate limit."""
+        from .tenants import Access, Routes
+
+        access = Access.from_config(self.admin_key, self.tenants, self.rate_limit)
+        return access, Routes.from_config(self.routes, list(self.default_aliases))
 
     @property
     def limits(self) -> Limits:
@@ -126,6 +143,8 @@ class Server:
     engine: Any
     catalog: Any
     config: ServeConfig
+    access: Any = None
+    routes: Any = None
 
 
 def open_registry(location: str | None, explicit: bool) -> Any:
@@ -171,10 +190,13 @@ def prepare(
         raise ConfigError("preload names registry versions, but no registry is open (give --registry)")
     for ref in config.preload:
         reg.resolve_version(parse_ref(ref))
+    catalog = Catalog(served_names(base), dict(named), reg)
+    access, routes = config.access_and_routes()
+    routes.check(catalog)  # every route's versions exist
     hf_logging.disable_progress_bar()
     print(printable(f"peftkit serve: loading base model {base} ..."), file=sys.stderr, flush=True)
     model, tokenizer = load_base(base, dtype=config.dtype)
-    catalog = Catalog(served_names(base), dict(named), reg, model_fingerprint(model))
+    catalog.base_fingerprint = model_fingerprint(model)
     engine = Engine.start(model, tokenizer, catalog.loader, engine_config)
     try:
         keys = [name for name, _ in named] + [catalog.resolve(ref).key for ref in config.preload]
@@ -183,8 +205,16 @@ def prepare(
     except BaseException:
         engine.stop(0)
         raise
-    app = create_app(engine, tokenizer, catalog, config.limits, deadline=config.shutdown_deadline)
-    return Server(app, engine, catalog, config)
+    app = create_app(
+        engine,
+        tokenizer,
+        catalog,
+        config.limits,
+        access=access,
+        routes=routes,
+        deadline=config.shutdown_deadline,
+    )
+    return Server(app, engine, catalog, config, access, routes)
 
 
 @command
@@ -195,16 +225,19 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     config: Path | None = None,
+    hash_key: bool = False,
     overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
 ) -> int:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with "stream": true),
-    /health and /ready. A request's "model" names the base model, an adapter given with --adapters,
-    or a registry version (NAME, NAME@production, NAME@staging, NAME@3, NAME@sha256:...), resolved on
-    every request so promotions and rollbacks apply at once. No API keys are configured: any key is
-    accepted, so listen on 127.0.0.1 (the default) unless the network is trusted. SIGTERM or Ctrl-C
-    lets requests in flight finish within shutdown_deadline seconds. See docs/serve.md.
+    /health and /ready, and the admin API under /admin (with admin_key set). A request's "model" names
+    the base model, an adapter given with --adapters, a route, or a registry version (NAME,
+    NAME@production, NAME@staging, NAME@3, NAME@sha256:...), resolved on every request so promotions
+    and rollbacks apply at once. Without tenants in the config any key is accepted, so listen on
+    127.0.0.1 (the default) unless the network is trusted; with tenants, each key (stored as its
+    sha256 hash: --hash-key prints it) may use only its tenant's models. SIGTERM or Ctrl-C lets
+    requests in flight finish within shutdown_deadline seconds. See docs/serve.md.
 
     Args:
         base: the base model: a built-in name (smollm2-135m), an HF model directory or a .gguf file
@@ -214,9 +247,14 @@ def serve(
         host: the address to listen on
         port: the port to listen on
         config: a YAML file of server settings (see the options below for every key)
+        hash_key: print the hash (sha256:...) of the key given on stdin, for serve.yaml, and exit
         overrides: config keys set on the command line
     """
     import uvicorn
+
+    if hash_key:
+        print(key_hash_from_stdin())
+        return 0
 
     settings, engine_config = load_serve_config(config, overrides)
     if not 0 <= port <= 65535:
@@ -227,7 +265,14 @@ def serve(
     models = ", ".join(m["id"] for m in server.catalog.models())
     print(printable(f"peftkit serve: listening on {where} (OpenAI API: {where}/v1)"), flush=True)
     print(printable(f"peftkit serve: models: {models}"), flush=True)
-    print("peftkit serve: no API keys are configured: any key is accepted (local use)", flush=True)
+    access = server.access
+    if access.enabled:
+        names = ", ".join(t.name for t in access.tenants)
+        print(printable(f"peftkit serve: API keys of {len(access.tenants)} tenants ({names})"), flush=True)
+    else:
+        print("peftkit serve: no API keys are configured: any key is accepted (local use)", flush=True)
+    admin = "on (/admin, with the admin key)" if access.admin else "off (no admin_key)"
+    print(f"peftkit serve: admin API {admin}", flush=True)
     uv = uvicorn.Config(
         server.app,
         host=host,
@@ -238,3 +283,19 @@ def serve(
     uvicorn.Server(uv).run()
     print("peftkit serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def key_hash_from_stdin() -> str:
+    """The sha256:... hash of the key on stdin (asked for without echo on a terminal); the key itself
+    is never printed. One trailing newline is not part of the key."""
+    from .tenants import hash_key
+
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key (not shown): ")
+    else:
+        key = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not key.strip():
+        raise ConfigError("--hash-key reads the key from stdin, and it was empty")
+    return hash_key(key)

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API over the engine: /v1/models, /v1/completions, /v1/chat/completions
-(streaming over SSE), /health and /ready. Text and chat templates are handled here (`text.py`); the
-engine sees token ids, an adapter key and SamplingParams. Every refused request gets an OpenAI-style
-error, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status, never a traceback.
+(streaming over SSE), /health and /ready, and the admin API under /admin (adapters and routes). Text and
+chat templates are handled here (`text.py`), keys, tenants and routes in `tenants.py`; the engine sees
+token ids, an adapter key and SamplingParams. Every refused request gets an OpenAI-style error,
+`{"error": {"message", "type", "param", "code"}}`, with a 4xx status, never a traceback.
 
-    app = create_app(engine, tokenizer, catalog, Limits())
+    app = create_app(engine, tokenizer, catalog, Limits(), access=access, routes=routes)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
@@ -26,6 +27,16 @@ from ..errors import PeftkitError, RequestError
 from .catalog import Catalog, ModelNotFoundError, Target
 from .choices import Choice, Fanout, Limits, ParamError, plan_max_tokens
 from .engine import ShuttingDownError
+from .tenants import (
+    Access,
+    AdminDisabledError,
+    AuthError,
+    Caller,
+    RateLimitedError,
+    Routes,
+    models_for,
+    route,
+)
 from .text import chat_prompt_ids, check_stop
 from .types import AdapterLoadError, QueueFullError, SamplingParams
 
@@ -126,6 +137,14 @@ def as_api_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, ModelNotFoundError):
         return ApiError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, AuthError):
+        code = "invalid_admin_key" if e.admin else "invalid_api_key"
+        return ApiError(401, str(e), code=code, headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(e, AdminDisabledError):
+        return ApiError(403, str(e), kind="permission_error", code="admin_disabled")
+    if isinstance(e, RateLimitedError):
+        headers = {"Retry-After": str(e.retry_after)}
+        return ApiError(429, str(e), kind="rate_limit_error", code="rate_limit_exceeded", headers=headers)
     if isinstance(e, QueueFullError):
         return ApiError(429, str(e), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, ShuttingDownError):
@@ -164,20 +183,39 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 # -- access ---------------------------------------------------------------------------------------
-async def authenticate(request: Request) -> str | None:
-    """The caller's API key (the bearer token), or None. No keys are configured yet, so every key,
-    and none, is accepted (local use, as vLLM does); tenants will check the key here."""
-    header = request.headers.get("authorization", "")
-    return header.removeprefix("Bearer ").strip() or None
+def _authenticator(access: Access):
+    """The dependency that names the caller (401 for a missing or wrong key when keys are configured)
+    and leaves its tenant on `request.state.tenant` for logs and metrics."""
+
+    async def caller(request: Request) -> Caller:
+        who = access.authenticate(request.headers.get("authorization", ""))
+        request.state.tenant = who.tenant.name if who.tenant else None
+        return who
+
+    return caller
+
+
+def _tenant(who: Caller) -> str:
+    return who.tenant.name if who.tenant else ""  # the metrics' tenant label
 
 
 # -- the app ----------------------------------------------------------------------------------------
 def create_app(
-    engine: Any, tokenizer: Any, catalog: Catalog, limits: Limits | None = None, *, deadline: float = 10.0
+    engine: Any,
+    tokenizer: Any,
+    catalog: Catalog,
+    limits: Limits | None = None,
+    *,
+    access: Access | None = None,
+    routes: Routes | None = None,
+    deadline: float = 10.0,
 ) -> FastAPI:
     """The FastAPI app over a started engine. On shutdown it stops the engine, letting requests in
-    flight finish within `deadline` seconds (uvicorn first waits for open connections)."""
+    flight finish within `deadline` seconds (uvicorn first waits for open connections). Without
+    `access`, any key is accepted and the admin API is disabled."""
     limits = limits or Limits()
+    access = access or Access([], None, None)
+    routes = routes or Routes()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,7 +227,15 @@ def create_app(
     app = FastAPI(title="peftkit serve", lifespan=lifespan)
     app.state.ready = False
     _install_error_handlers(app)
-    api = _Api(engine, tokenizer, catalog, limits)
+    api = _Api(engine, tokenizer, catalog, limits, routes)
+    # (Depends as a default: with postponed annotations FastAPI cannot see an Annotated alias made here)
+    caller = Depends(_authenticator(access))
+
+    async def admit(who: Caller = caller) -> Caller:
+        access.admit(who)  # generation requests count against the key's rate limit
+        return who
+
+    admitted = Depends(admit)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -202,18 +248,45 @@ def create_app(
         return JSONResponse({"status": "ready", **engine.stats()})
 
     @app.get("/v1/models")
-    async def models(key: str | None = Depends(authenticate)) -> dict[str, Any]:
-        return {"object": "list", "data": await run_in_threadpool(catalog.models)}
+    async def models(who: Caller = caller) -> dict[str, Any]:
+        return {"object": "list", "data": await run_in_threadpool(models_for, who, routes, catalog)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, key: str | None = Depends(authenticate)) -> Any:
-        return await api.completions(req)
+    async def completions(req: CompletionRequest, request: Request, who: Caller = admitted) -> Any:
+        return await api.completions(req, who, request)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, key: str | None = Depends(authenticate)) -> Any:
-        return await api.chat(req)
+    async def chat(req: ChatRequest, request: Request, who: Caller = admitted) -> Any:
+        return await api.chat(req, who, request)
 
+    from .admin import install_admin  # (admin.py imports ApiError from here)
+    from .metrics import install_metrics
+
+    install_admin(app, engine, catalog, access, routes)
+    metrics = install_metrics(app, engine)
+    metrics.views["splits"] = lambda: (
+        [{"route": n, **s.to_dict()} for n, s in list(routes.splits.items())] or None
+    )
+    if access.enabled:  # the metrics name every tenant and adapter: with tenants, only for the admin
+        app.add_middleware(_AdminOnly, access=access, paths=("/metrics", "/metrics.json"))
     return app
+
+
+class _AdminOnly:
+    """ASGI middleware: `paths` answer only requests with the admin key (401/403 otherwise)."""
+
+    def __init__(self, app: Any, access: Access, paths: tuple[str, ...]) -> None:
+        self.app, self.access, self.paths = app, access, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            headers = dict(scope.get("headers") or [])
+            try:
+                self.access.check_admin(headers.get(b"authorization", b"").decode("latin-1"))
+            except PeftkitError as e:
+                await as_api_error(e).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -222,9 +295,13 @@ class _Api:
     tokenizer: Any
     catalog: Catalog
     limits: Limits
+    routes: Routes
 
-    async def _target(self, model: str) -> Target:
-        return await run_in_threadpool(self.catalog.resolve, model)  # the registry is a database
+    async def _target(self, req: _Sampling, who: Caller, request: Request) -> Target:
+        # On the thread pool: resolving a registry reference reads the database.
+        target = await run_in_threadpool(route, req.model, who, self.routes, self.catalog, req.user)
+        request.state.adapter = target.key or self.catalog.base_names[0]
+        return target
 
     def _check(self, req: _Sampling) -> tuple[str, ...]:
         _unsupported(req)
@@ -270,9 +347,9 @@ class _Api:
             rows.append(ids)
         return rows
 
-    async def completions(self, req: CompletionRequest) -> Any:
+    async def completions(self, req: CompletionRequest, who: Caller, request: Request) -> Any:
         stops = self._check(req)
-        target = await self._target(req.model)
+        target = await self._target(req, who, request)
         prompts = self._prompt_ids(req.prompt)
         default = self.limits.default_max_tokens
         choices = [
@@ -282,13 +359,13 @@ class _Api:
             for p, ids in enumerate(prompts)
             for i in range(req.n)
         ]
-        run = Fanout(self.engine, self.tokenizer, target.key, choices, "cmpl")
+        run = Fanout(self.engine, self.tokenizer, target.key, choices, "cmpl", tenant=_tenant(who))
         await run.start()
         return await self._respond(run, req, target, "text_completion", [len(p) for p in prompts])
 
-    async def chat(self, req: ChatRequest) -> Any:
+    async def chat(self, req: ChatRequest, who: Caller, request: Request) -> Any:
         stops = self._check(req)
-        target = await self._target(req.model)
+        target = await self._target(req, who, request)
         try:
             ids = chat_prompt_ids(self.tokenizer, [m.model_dump() for m in req.messages])
         except RequestError as e:
@@ -298,7 +375,7 @@ class _Api:
         choices = [
             Choice(i, ids, self._params(req, ids, max_tokens, logprobs, i), stops) for i in range(req.n)
         ]
-        run = Fanout(self.engine, self.tokenizer, target.key, choices, "chatcmpl")
+        run = Fanout(self.engine, self.tokenizer, target.key, choices, "chatcmpl", tenant=_tenant(who))
         await run.start()
         return await self._respond(run, req, target, "chat.completion", [len(ids)])
 
@@ -306,10 +383,10 @@ class _Api:
         self, run: Fanout, req: _Sampling, target: Target, kind: str, prompt_lengths: list[int]
     ) -> Any:
         chat = kind == "chat.completion"
+        headers = {"x-peftkit-adapter": target.key or self.catalog.base_names[0]}  # what served it
         if not req.stream:
             await run.wait()
-            return run.response(kind, target.model, sum(prompt_lengths), chat)
+            return JSONResponse(run.response(kind, target.model, sum(prompt_lengths), chat), headers=headers)
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(
-            run.sse(kind, target.model, sum(prompt_lengths), chat, usage), media_type="text/event-stream"
-        )
+        stream = run.sse(kind, target.model, sum(prompt_lengths), chat, usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

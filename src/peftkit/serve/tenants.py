@@ -1,0 +1,412 @@
+"""Who may call the server and what their requests run on: API keys (stored as sha256 hashes), tenants
+and the models each may use, routing rules (a default adapter per key, aliases, canary splits sticky per
+user) and per-key rate limits. Everything here is parsed from serve.yaml and checked before the model
+loads; a wrong value names its place (`tenants.acme.keys[0]`).
+
+    access = Access.from_config(admin_key, tenants, rate_limit)
+    caller = access.authenticate(request.headers.get("authorization", ""))  # AuthError: 401
+    access.admit(caller)                                  # RateLimitedError: 429 with Retry-After
+    target = route("support-bot", caller, routes, catalog, user="u-17")
+    target.model                                          # "support-bot@4" for a user in the canary
+
+A tenant's permission is checked on the name alone, before any lookup, so a name the tenant may not use
+gets the very 404 a missing one gets, in the same time whether it exists or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import random
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import ConfigError, PeftkitError, RequestError
+from .catalog import Catalog, ModelNotFoundError, Target, not_found
+
+HASHED = re.compile(r"sha256:[0-9a-f]{64}")
+BUCKETS = 10_000  # a user's canary bucket: percentages have two decimals
+MAX_RATE_KEYS = 100_000  # token buckets kept (least recently used dropped): any key is one when none are set
+
+
+def hash_key(key: str) -> str:
+    """How a key is written in serve.yaml: "sha256:" and the hex digest of its UTF-8 bytes
+    (`peftkit serve --hash-key` prints it)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class AuthError(PeftkitError):
+    """A missing or wrong API key (HTTP 401); `admin` for the admin API's key."""
+
+    def __init__(self, message: str, admin: bool = False) -> None:
+        super().__init__(message)
+        self.admin = admin
+
+
+class AdminDisabledError(PeftkitError):
+    """The admin API is called, but no admin_key is configured (HTTP 403)."""
+
+
+class RateLimitedError(PeftkitError):
+    """The key sent more requests than its rate limit (HTTP 429); `retry_after` in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# -- configuration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: up to `burst` requests at once, refilled at requests_per_minute / 60 a second."""
+
+    requests_per_minute: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One customer: the model names its keys may use (adapter or route names; any version of an
+    adapter name), its default adapter, and its rate limit (else the server's)."""
+
+    name: str
+    models: frozenset[str]
+    default: str | None = None
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: their tenant (None when no keys are configured), the id of their rate
+    bucket (the key's hash) and their default adapter (the key's own, else the tenant's)."""
+
+    tenant: Tenant | None
+    bucket: str
+    default: str | None = None
+
+    def may_use(self, name: str) -> bool:
+        tenant = self.tenant
+        return tenant is None or name in tenant.models or name == self.default
+
+
+def _mapping(value: Any, where: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{where} must be a mapping with text keys, found {value!r:.60}")
+    extra = set(value) - set(allowed) if allowed is not None else set()
+    if extra:
+        raise ConfigError(f"unknown key {where}.{sorted(extra)[0]}; valid keys: {', '.join(allowed or ())}")
+    return dict(value)
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise ConfigError(
+            f"{where} must be a model name (text without surrounding spaces), found {value!r:.60}"
+        )
+    return value
+
+
+def parse_rate_limit(value: Any, where: str) -> RateLimit | None:
+    """`{requests_per_minute: N, burst: M}` (burst defaults to N, at least 1); None for null."""
+    if value is None:
+        return None
+    data = _mapping(value, where, ("requests_per_minute", "burst"))
+    rpm, burst = data.get("requests_per_minute"), data.get("burst")
+    if isinstance(rpm, bool) or not isinstance(rpm, (int, float)) or not (math.isfinite(rpm) and rpm > 0):
+        raise ConfigError(f"{where}.requests_per_minute must be a number above 0, found {rpm!r}")
+    if burst is None:
+        burst = max(1, math.floor(rpm))
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ConfigError(f"{where}.burst must be a whole number of at least 1, found {burst!r}")
+    return RateLimit(float(rpm), burst)
+
+
+def _hashed(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not HASHED.fullmatch(value):
+        raise ConfigError(
+            f"{where} must be a key's hash, sha256:<64 hex digits>; keys are never written in plain text "
+            "(hash one with `peftkit serve --hash-key` and give it the key on stdin)"
+        )
+    return value
+
+
+def _tenant(name: str, value: Any) -> tuple[Tenant, list[tuple[str, str | None, str]]]:
+    where = f"tenants.{name}"
+    data = _mapping(value, where, ("keys", "models", "default", "rate_limit"))
+    models = data.get("models") or []
+    if not isinstance(models, list):
+        raise ConfigError(f"{where}.models must be a list of model names, found {models!r:.60}")
+    default = None if data.get("default") is None else _name(data["default"], f"{where}.default")
+    tenant = Tenant(
+        name,
+        frozenset(_name(m, f"{where}.models[{i}]") for i, m in enumerate(models)),
+        default,
+        parse_rate_limit(data.get("rate_limit"), f"{where}.rate_limit"),
+    )
+    keys = data.get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{where}.keys must list at least one hashed key (sha256:...)")
+    out = []
+    for i, key in enumerate(keys):
+        at = f"{where}.keys[{i}]"
+        if isinstance(key, Mapping):
+            entry = _mapping(key, at, ("hash", "default"))
+            own = None if entry.get("default") is None else _name(entry["default"], f"{at}.default")
+            out.append((_hashed(entry.get("hash"), f"{at}.hash"), own, at))
+        else:
+            out.append((_hashed(key, at), None, at))
+    return tenant, out
+
+
+# -- access ---------------------------------------------------------------------------------------
+class Access:
+    """The configured keys, the admin key and the rate limits; `enabled` when tenants are configured."""
+
+    def __init__(
+        self,
+        keys: list[tuple[bytes, Tenant, str | None]],
+        admin: bytes | None,
+        rate_limit: RateLimit | None,
+    ) -> None:
+        self.keys = keys  # (sha256 digest, tenant, the key's own default)
+        self.admin = admin
+        self.rate_limit = rate_limit
+        self.tenants = list({id(t): t for _, t, _ in keys}.values())
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # bucket -> (tokens, at)
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, admin_key: str | None, tenants: Any, rate_limit: Any) -> Access:
+        """Parse serve.yaml's admin_key (a key or its sha256:... hash), tenants and rate_limit."""
+        entries: list[tuple[bytes, Tenant, str | None]] = []
+        seen: dict[str, str] = {}
+        for name, value in _mapping(tenants, "tenants").items():
+            tenant, keys = _tenant(_name(name, "a tenant's name"), value)
+            for digest, own, at in keys:
+                if digest in seen:
+                    raise ConfigError(f"{at} is the same key as {seen[digest]}; give each key once")
+                seen[digest] = at
+                entries.append((bytes.fromhex(digest.removeprefix("sha256:")), tenant, own))
+        admin = None
+        if admin_key is not None:
+            if not isinstance(admin_key, str) or not admin_key.strip():
+                raise ConfigError("admin_key must be the admin key or its hash (sha256:...), or null")
+            digest = admin_key if HASHED.fullmatch(admin_key) else hash_key(admin_key)
+            if digest in seen:
+                raise ConfigError(
+                    f"admin_key is the same key as {seen[digest]}; the admin key must be its own"
+                )
+            admin = bytes.fromhex(digest.removeprefix("sha256:"))
+        return cls(entries, admin, parse_rate_limit(rate_limit, "rate_limit"))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def authenticate(self, authorization: str) -> Caller:
+        """The caller a request's `Authorization: Bearer KEY` header names. The key's hash is compared
+        with every configured hash (hmac.compare_digest, no early exit), so the time taken does not
+        say which key, if any, was close."""
+        key = _bearer(authorization)
+        digest = hashlib.sha256((key or "").encode()).digest()
+        if not self.enabled:
+            return Caller(None, digest.hex())
+        found = None
+        for known, tenant, own in self.keys:
+            if hmac.compare_digest(digest, known):
+                found = (tenant, own)
+        if key is None:
+            raise AuthError("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
+        if found is None:
+            raise AuthError("Incorrect API key provided.")
+        tenant, own = found
+        return Caller(tenant, digest.hex(), own or tenant.default)
+
+    def check_admin(self, authorization: str) -> None:
+        """Pass the admin key, or raise: AdminDisabledError without one configured, else AuthError."""
+        if self.admin is None:
+            raise AdminDisabledError(
+                "the admin API is disabled: no admin_key is configured (set admin_key in serve.yaml)"
+            )
+        key = _bearer(authorization)
+        digest = hashlib.sha256((key or "").encode()).digest()
+        if not hmac.compare_digest(digest, self.admin) or key is None:
+            raise AuthError(
+                "the admin API needs the admin key: 'Authorization: Bearer ADMIN_KEY'", admin=True
+            )
+
+    def admit(self, caller: Caller, now: float | None = None) -> None:
+        """Take one request from the caller's token bucket; RateLimitedError when it is empty."""
+        limit = caller.tenant.rate_limit if caller.tenant and caller.tenant.rate_limit else self.rate_limit
+        if limit is None:
+            return
+        now = time.monotonic() if now is None else now
+        rate = limit.requests_per_minute / 60.0  # tokens per second
+        with self.lock:
+            tokens, at = self.buckets.pop(caller.bucket, (float(limit.burst), now))
+            tokens = min(float(limit.burst), tokens + (now - at) * rate)
+            admitted = tokens >= 1.0
+            self.buckets[caller.bucket] = (tokens - 1.0 if admitted else tokens, now)
+            while len(self.buckets) > MAX_RATE_KEYS:
+                self.buckets.popitem(last=False)
+        if not admitted:
+            wait = max(1, math.ceil((1.0 - tokens) / rate))
+            raise RateLimitedError(
+                f"Rate limit reached: {limit.requests_per_minute:g} requests per minute for this key. "
+                f"Try again in {wait} s.",
+                wait,
+            )
+
+
+def _bearer(authorization: str) -> str | None:
+    scheme, _, token = authorization.strip().partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+# -- routing --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """A route: `stable` serves everyone but the `canary_percent` of users sent to `canary`. A route
+    with no canary is an alias. Each target is a model name the catalog resolves (never a route)."""
+
+    stable: str
+    canary: str | None = None
+    canary_percent: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = self.canary_percent
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 100:
+            raise RequestError(f"canary_percent must be a number from 0 to 100, not {p!r}")
+        if p and self.canary is None:
+            raise RequestError("canary_percent is above 0 but no canary version is given")
+
+    def choose(self, route: str, user: str | None) -> str:
+        """The target for one request: sticky per `user` (their bucket, from a hash of the route and
+        the user, is below the percentage or not), random when there is no user."""
+        if self.canary is None or self.canary_percent <= 0:
+            return self.stable
+        draw = random.random() * BUCKETS if user is None else user_bucket(route, user)
+        return self.canary if draw < self.canary_percent * BUCKETS / 100 else self.stable
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def user_bucket(route: str, user: str) -> int:
+    """0 <= bucket < BUCKETS for a user on a route: stable across requests and servers; raising the
+    percentage keeps everyone already in the canary there."""
+    digest = hashlib.sha256(f"{route}\x00{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+class Routes:
+    """The routes by name, and the model names that mean "the caller's default adapter"."""
+
+    def __init__(self, splits: dict[str, Split] | None = None, default_aliases: Iterable[str] = ()) -> None:
+        self.splits = dict(splits or {})
+        self.default_aliases = frozenset(default_aliases)
+
+    @classmethod
+    def from_config(cls, routes: Any, default_aliases: Any) -> Routes:
+        """serve.yaml's `routes` (NAME: TARGET, or NAME: {stable, canary, canary_percent}) and
+        `default_aliases` (a list of names)."""
+        splits = {}
+        for name, value in _mapping(routes, "routes").items():
+            where = f"routes.{name}"
+            _route_name(name, where)
+            if isinstance(value, str):
+                value = {"stable": value}
+            data = _mapping(value, where, ("stable", "canary", "canary_percent"))
+            try:
+                splits[name] = Split(
+                    _name(data.get("stable"), f"{where}.stable"),
+                    None if data.get("canary") is None else _name(data["canary"], f"{where}.canary"),
+                    data.get("canary_percent", 0.0),
+                )
+            except RequestError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if not isinstance(default_aliases, (list, tuple)):
+            raise ConfigError(f"default_aliases must be a list of model names, found {default_aliases!r:.60}")
+        aliases = [_name(a, f"default_aliases[{i}]") for i, a in enumerate(default_aliases)]
+        return cls(splits, aliases)
+
+    def check(self, catalog: Catalog) -> None:
+        """Every route's name is free and each target resolves (a ConfigError names the one that does not)."""
+        for name, split in self.splits.items():
+            if name in catalog.base_names or name in catalog.adapters or name in self.default_aliases:
+                raise ConfigError(f"routes.{name}: the name is already the base model's or an adapter's")
+            for part in ("stable", "canary"):
+                target = getattr(split, part)
+                if target is not None:
+                    try:
+                        catalog.resolve(target)
+                    except ModelNotFoundError:
+                        raise ConfigError(f"routes.{name}.{part}: {target!r} names no served model") from None
+
+    def listed(self) -> dict[str, dict[str, Any]]:
+        return {name: split.to_dict() for name, split in self.splits.items()}
+
+
+def _route_name(name: str, where: str) -> str:
+    from ..registry.refs import check_name
+
+    try:
+        return check_name(name)
+    except RequestError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def route(model: str, caller: Caller, routes: Routes, catalog: Catalog, user: str | None = None) -> Target:
+    """What a request's `model` runs on for `caller`. The base model's names and the default aliases
+    give the caller's default adapter (else the base); a route gives its stable or canary target; any
+    other name goes to the catalog. A name the caller may not use is "not found" before any lookup.
+    The returned target's `model` is the concrete name that served, for the response."""
+    if model in catalog.base_names or model in routes.default_aliases:
+        if caller.default is None:
+            return Target(catalog.base_names[0] if model in routes.default_aliases else model, None)
+        model = caller.default  # the operator chose it for this key: no permission check
+    elif not caller.may_use(model.partition("@")[0]):
+        raise ModelNotFoundError(not_found(model))
+    split = routes.splits.get(model)
+    if split is None:
+        return catalog.resolve(model)
+    chosen = split.choose(model, user)
+    return Target(chosen, catalog.resolve(chosen).key)
+
+
+def models_for(caller: Caller, routes: Routes, catalog: Catalog) -> list[dict[str, Any]]:
+    """The /v1/models list a caller sees: the base, and of the adapters and routes only those the
+    caller may use (everything when no keys are configured)."""
+    listed = catalog.models()
+    base = listed[0]
+    names = [m["id"] for m in listed[1:]] + [r for r in routes.splits if r not in catalog.adapters]
+    names = [n for n in dict.fromkeys(names) if caller.may_use(n)]
+    return [base] + [{**base, "id": n, "root": n, "parent": base["id"]} for n in names]
+
+
+def audit_route(
+    registry: Any, name: str, before: Split | None, after: Split, user: str, reason: str
+) -> dict[str, Any]:
+    """Write a `route` entry (the split before and after) to the registry's audit log; the entry.
+    Its version is the canary's registry version number when there is one."""
+    from ..registry import audit
+    from ..registry.refs import parse_ref
+    from ..registry.versions import now
+
+    version = None
+    if after.canary is not None:
+        try:
+            version = registry.resolve_version(parse_ref(after.canary)).number
+        except PeftkitError:
+            version = None  # a configured adapter, not a registry version
+    details = {"before": before.to_dict() if before else None, "after": after.to_dict(), "reason": reason}
+    with registry.db.transaction(write=True) as tx:
+        return audit.append(tx, now(), user, "route", name, version, details).to_dict()
