@@ -15,11 +15,14 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import openai
 import pytest
 import test_serve_metrics as shared
+from fastapi.responses import JSONResponse
+from test_serve_http import free_port
 from test_serve_metrics import K_REG, N_REG, ROOT, scrape, value
 
 # test_serve_metrics' fixtures (module-scoped: this module runs its own server and known traffic)
@@ -188,6 +191,7 @@ def test_the_dashboard_shows_every_adapter_and_version_with_the_metrics_numbers(
 
 def test_live_rates_and_canary_splits_appear_while_the_server_runs(browser, metrics_server, traffic) -> None:
     url, prepared, metrics = metrics_server
+    served = metrics.views.get("splits")  # the server's own view, when it has canary routes
     metrics.views["splits"] = lambda: [
         {"model": "reg", "versions": {"reg@1": 90, "reg@2": 10}, "sticky": "user"}
     ]
@@ -216,6 +220,56 @@ def test_live_rates_and_canary_splits_appear_while_the_server_runs(browser, metr
         assert browser.problems() == []
     finally:
         metrics.views.pop("splits")
+        if served is not None:
+            metrics.views["splits"] = served
+
+
+class _Engine:
+    """What install_metrics reads of an engine: its lock, its core's listeners, stats and adapters."""
+
+    def __init__(self) -> None:
+        self.lock, self.core = threading.Lock(), SimpleNamespace(listeners=[])
+
+    def stats(self) -> dict:
+        return {"running": 0, "waiting": 0, "loading": 0, "steps": 0, "rows": 2, "adapter_slots": 1}
+
+    def adapters(self) -> list[dict]:
+        return [{"key": "bot@7", "slot": 0, "requests": 0}]
+
+
+def test_with_api_keys_the_dashboard_asks_for_the_admin_key(browser) -> None:
+    """With tenants, /metrics.json answers only the admin key: the page asks for it and sends it."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from peftkit.serve.metrics import install_metrics
+
+    app = FastAPI()
+    install_metrics(app, _Engine())
+
+    @app.middleware("http")
+    async def admin_only(request, call_next):  # as the server does for /metrics with keys configured
+        if request.url.path == "/metrics.json" and request.headers.get("authorization") != "Bearer adm":
+            return JSONResponse({"error": {"message": "admin key needed"}}, status_code=401)
+        return await call_next(request)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        browser.goto(f"http://127.0.0.1:{port}/dashboard?every=200")
+        browser.wait_for("!document.getElementById('login').hidden")
+        assert "only the admin key" in browser.evaluate("document.getElementById('status').textContent")
+        browser.evaluate("document.getElementById('key').value = 'adm'; "
+                         "document.getElementById('login').requestSubmit(); true")  # fmt: skip
+        browser.wait_for("Number(document.body.dataset.polls) >= 1")
+        assert ("bot", "7") in rows(browser) and browser.evaluate("document.getElementById('login').hidden")
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_the_dashboard_is_self_contained(metrics_server) -> None:
