@@ -4,6 +4,7 @@ command takes an adapter directory: info, generate, eval, merge."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +238,12 @@ def stored_file(root, sha: str):
     return root / "files" / "sha256" / sha[:2] / sha
 
 
+def file_digests(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir() if p.is_file()}
+
+
 def test_every_stage_change_prints_the_version_as_json(
     tiny_model_dir, tmp_path, registry_env, capsys
 ) -> None:
@@ -244,6 +251,10 @@ def test_every_stage_change_prints_the_version_as_json(
         adapter = adapter_for(tiny_model_dir, tmp_path / f"a{seed}", seed)
         [registered] = run_json(capsys, "register", "bot", str(adapter), "--tag", "x", "--description", "d")
         assert (registered["version"], registered["stage"], registered["tags"]) == (seed - 10, "draft", ["x"])
+    found = run_json(capsys, "path", "bot@2")  # a directory of the version's files, for other tools
+    assert found["ref"] == "bot@2" and Path(found["path"]).is_dir()
+    assert file_digests(Path(found["path"])) == file_digests(tmp_path / "a12")
+    assert main(["registry", "path", "bot@2"]) == 0 and capsys.readouterr().out.strip() == found["path"]
     staged = run_json(capsys, "promote", "bot@1", "--to", "staging")
     assert (staged["name"], staged["version"], staged["stage"]) == ("bot", 1, "staging")
     assert "gate" not in staged  # no gate ran
@@ -307,7 +318,7 @@ def test_every_registry_command_takes_json() -> None:
     build_parser()  # imports the command modules
     commands = GROUPS["registry"][1]
     assert set(commands) == {"list", "show", "register", "promote", "demote", "rollback", "delete",
-                             "gate", "history", "export", "import", "check", "gc"}  # fmt: skip
+                             "gate", "history", "export", "import", "check", "gc", "path"}  # fmt: skip
     assert [c for c, fn in commands.items() if "json" not in inspect.signature(fn).parameters] == []
 
 

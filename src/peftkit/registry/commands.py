@@ -97,6 +97,25 @@ def registry_show(ref: str, registry: str | None = None, json: bool = False) -> 
 
 
 @registry_command
+def registry_path(ref: str, registry: str | None = None, json: bool = False) -> None:
+    """Print the directory of a version's verified files (for tools that take an adapter directory,
+    e.g. vLLM's --lora-modules NAME=PATH).
+
+    Args:
+        ref: NAME (its production version), NAME@STAGE, NAME@N or NAME@sha256:PREFIX
+        registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+        json: print {"ref": NAME@N, "path": DIR}
+    """
+    reg = Registry.open(registry, create=False)
+    version = reg.resolve_version(ref)
+    path = reg.resolve(version.ref)
+    if json:
+        _print_json({"ref": version.ref, "path": str(path)})
+    else:
+        print(path)
+
+
+@registry_command
 def registry_promote(
     ref: str,
     to: Literal["staging", "production"] = "staging",
