@@ -516,3 +516,19 @@ def test_a_gate_result_for_a_production_version_that_changed_meanwhile_is_a_conf
     with pytest.raises(RegistryError, match="changed while bot@3's gate ran"):
         reg._move(candidate, "production", "promote", None, {"gate": gate_result})
     assert reg.resolve_version("bot").number == 2
+
+
+def test_changes_made_outside_the_registry_are_recorded_in_its_chain(tmp_path, location) -> None:
+    reg = Registry.open(location)
+    reg.register("bot", saved_adapter(tmp_path / "a"))
+    entry = reg.record("route", "bot", 1, {"canary_percent": 10}, user="ops")
+    assert (entry.action, entry.who, entry.version, entry.details) == (
+        "route",
+        "ops",
+        1,
+        {"canary_percent": 10},
+    )
+    assert [e.action for e in reg.history("bot")] == ["register", "route"] and reg.check() == []
+    with pytest.raises(RequestError, match="'promote' is the registry's own"):
+        reg.record("promote", "bot", 1, {})
+    assert len(reg.history()) == 2

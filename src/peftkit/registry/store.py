@@ -368,6 +368,20 @@ class Registry:
             found = find(tx, "digest = ?", (directory.name,))
         return found[0] if found else None
 
+    def record(
+        self, action: str, name: str, version: int | None, details: dict[str, Any], *, user: str | None = None
+    ) -> audit.Entry:
+        """Append an entry to the audit log for a change made outside the registry that concerns
+        `name` (e.g. the server's canary split: action "route"); the registry's own actions write
+        theirs themselves."""
+        check_name(name)
+        if action in ("register", "promote", "demote", "rollback", "delete", "import", "gate"):
+            raise RequestError(
+                f"the audit action {action!r} is the registry's own; it is written by that change"
+            )
+        with self.db.transaction(write=True) as tx:
+            return audit.append(tx, now(), user or default_user(), action, name, version, details)
+
     def record_override(
         self, version: Version, base: str, fingerprint: str, *, user: str | None = None
     ) -> None:

@@ -26,6 +26,7 @@ from ..errors import RequestError
 from .catalog import Catalog, ModelNotFoundError
 from .http import ApiError
 from .tenants import Access, Routes, Split, audit_route
+from .types import AdapterBusyError, AdapterNotLoadedError
 
 log = logging.getLogger("peftkit.serve")
 
@@ -87,12 +88,13 @@ def install_admin(app: FastAPI, engine: Any, catalog: Catalog, access: Access, r
     @app.post("/admin/adapters/unload", dependencies=guard)
     async def unload(req: AdapterRequest) -> dict[str, Any]:
         key = await key_of(req.model)
-        resident = {a["key"]: a for a in engine.adapters()}
-        if key not in resident:
-            raise ApiError(404, f"adapter {key} is not loaded", param="model", code="adapter_not_loaded")
         try:
             await engine.unload(key)
-        except RequestError as e:  # requests still use it
+        except AdapterNotLoadedError:
+            raise ApiError(
+                404, f"adapter {key} is not loaded", param="model", code="adapter_not_loaded"
+            ) from None
+        except AdapterBusyError as e:  # requests still use it
             raise ApiError(409, str(e), param="model", code="adapter_busy") from None
         log.info("admin: unloaded %s", key)
         return {"model": req.model, "key": key, "loaded": False}

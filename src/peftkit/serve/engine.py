@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import RequestError
 from .scheduler import EngineConfig, EngineCore, Loader, Sequence
-from .types import SamplingParams, ShuttingDownError, TokenOutput
+from .types import AdapterBusyError, AdapterNotLoadedError, SamplingParams, ShuttingDownError, TokenOutput
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -123,16 +123,19 @@ class Engine:
         await done
 
     async def unload(self, key: str) -> None:
-        """Drop an idle adapter from its slot (RequestError when requests still use it, or it is not loaded)."""
+        """Drop an idle adapter from its slot (AdapterBusyError while requests use it,
+        AdapterNotLoadedError when it is in no slot)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
         def drop() -> None:
             error = None
             if self.core.slots.refs.get(key, 0):
-                error = RequestError(f"adapter {key!r} has requests in flight; unload it when they finish")
+                error = AdapterBusyError(
+                    f"adapter {key!r} has requests in flight; unload it when they finish"
+                )
             elif self.core.slots.drop(key) is None:
-                error = RequestError(f"adapter {key!r} is not loaded")
+                error = AdapterNotLoadedError(f"adapter {key!r} is not loaded")
             self.core.prefixes.pop(key, None)
             loop.call_soon_threadsafe(_settle, done, error)
 

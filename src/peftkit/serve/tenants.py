@@ -397,9 +397,7 @@ def audit_route(
 ) -> dict[str, Any]:
     """Write a `route` entry (the split before and after) to the registry's audit log; the entry.
     Its version is the canary's registry version number when there is one."""
-    from ..registry import audit
     from ..registry.refs import parse_ref
-    from ..registry.versions import now
 
     version = None
     if after.canary is not None:
@@ -408,5 +406,4 @@ def audit_route(
         except PeftkitError:
             version = None  # a configured adapter, not a registry version
     details = {"before": before.to_dict() if before else None, "after": after.to_dict(), "reason": reason}
-    with registry.db.transaction(write=True) as tx:
-        return audit.append(tx, now(), user, "route", name, version, details).to_dict()
+    return registry.record("route", name, version, details, user=user).to_dict()

@@ -57,3 +57,11 @@ class QueueFullError(RequestError):
 
 class ShuttingDownError(RequestError):
     """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+class AdapterBusyError(RequestError):
+    """An adapter cannot be unloaded while requests use it (HTTP 409)."""
+
+
+class AdapterNotLoadedError(RequestError):
+    """The adapter to unload is not in a slot (HTTP 404)."""
