@@ -225,7 +225,7 @@ def test_metrics_json_carries_the_same_numbers(metrics_server, traffic) -> None:
     moving = ("peftkit_http_requests_total",)  # each scrape is counted
 
     def steady(samples: dict) -> dict:
-        return {k: v for k, v in samples.items() if k[0] not in moving and not k[0].endswith("_created")}
+        return {k: v for k, v in samples.items() if k[0] not in moving}
 
     got = {(s["name"], frozenset(s["labels"].items())): s["value"] for s in body["series"]}
     assert steady(got) == steady(m) and len(steady(m)) > 50
@@ -245,6 +245,19 @@ def test_each_app_has_its_own_registry_and_installing_twice_is_one_install(metri
     assert [split_key(k) for k in (None, "bot", "bot@3", "a@b@4")] == [
         ("", ""), ("bot", ""), ("bot", "3"), ("a@b", "4")
     ]  # fmt: skip
+
+
+def test_docs_list_every_metric_the_server_exports(metrics_server, traffic) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_server[0] + "/metrics", timeout=30) as r:
+        families = list(text_string_to_metric_families(r.read().decode()))
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    doc = (ROOT / "docs" / "serve.md").read_text(encoding="utf-8").split("## Monitoring", 1)[1]
+    table = doc.split("### The metrics", 1)[1].split("\n\n", 2)[1]
+    documented = {row.split("`")[1]: row.split("|")[2].strip() for row in table.splitlines()[2:]}
+    assert set(documented) == exported  # (no `_created` series: prometheus_client's timestamps are left out)
+    assert all(documented[f.name + ("_total" if f.type == "counter" else "")] == f.type for f in families)
 
 
 # -- deploy/ ---------------------------------------------------------------------------------------------

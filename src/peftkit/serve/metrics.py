@@ -36,9 +36,7 @@ BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 REQUEST_LABELS = ("adapter", "version", "tenant")
 ADAPTER_LABELS = ("adapter", "version")
 # The dashboard is one file with its script inline: it may fetch only from this server.
-DASHBOARD_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
-)
+DASHBOARD_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
 _HELP = {
     "requests": "sequences served, by how they ended (a request with n choices counts n)",
     "prompt": "prompt tokens of the sequences that ran",
@@ -140,18 +138,24 @@ class Metrics:
             self.evictions.labels(*split_key(data["adapter"])).inc()
 
     # -- views -------------------------------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        """Every metric family, without prometheus_client's `_created` timestamps (one more series per
+        labelled child that neither Prometheus' rates nor the dashboard use)."""
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
     def text(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        return generate_latest(self)  # a registry or anything with collect()
 
     def snapshot(self) -> dict[str, Any]:
-        """The same numbers as JSON: every sample (`_created` ones left out), the engine's state, its
-        resident adapters, and each of `views` (`splits` is None until a view provides it)."""
+        """The same numbers as JSON: every sample, the engine's state, its resident adapters, and each
+        of `views` (`splits` is None until a view provides it)."""
         series = [
             {"name": s.name, "labels": s.labels, "value": s.value}
-            for family in self.registry.collect()
+            for family in self.collect()
             for s in family.samples
-            if not s.name.endswith("_created")
         ]
         out: dict[str, Any] = {"time": time.time(), "series": series, "splits": None}
         if self.engine is not None:
