@@ -39,7 +39,7 @@ class ServeConfig(Limits):
         10.0, "seconds requests in flight may take to finish on SIGTERM before they are aborted"
     )
     preload: tuple[str, ...] = _f(tuple, "registry references to load at start (the --adapters always are)")
-    engine: Any = _f(dict, "engine settings: max_batch, max_len, chunk, adapter_slots, max_rank, max_queue")
+    engine: Any = _f(dict, "engine settings (peftkit.serve.engine.EngineConfig; docs/serve.md lists them)")
     admin_key: str | None = field(
         default=None,
         repr=False,  # never printed
@@ -82,8 +82,10 @@ class ServeConfig(Limits):
 def field_help() -> dict[str, str]:
     """{key: help} for every config key (the `--KEY VALUE` options), engine keys as engine.KEY."""
     out = {f.name: f.metadata["help"] for f in dataclasses.fields(ServeConfig) if f.name != "engine"}
-    for key in ("max_batch", "max_len", "chunk", "adapter_slots", "max_rank", "max_queue"):
-        out[f"engine.{key}"] = f"engine setting {key} (see docs/serve.md)"
+    from .engine import EngineConfig
+
+    for f in dataclasses.fields(EngineConfig):
+        out[f"engine.{f.name}"] = f.metadata["help"]
     return out
 
 
