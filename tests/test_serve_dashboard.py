@@ -185,6 +185,7 @@ def test_the_dashboard_shows_every_adapter_and_version_with_the_metrics_numbers(
     assert shown[("alien", "1")]["errors"] == "1" and shown[("", "")]["adapter"] == "(base model)"
     text = browser.evaluate("document.body.innerText")
     assert "No canary splits are configured" in text and "rows: 4" in text
+    assert "HTTP 404: 1" in text and "HTTP 400: 1" in text  # refused before the engine: counted by status
     assert browser.problems() == []
     assert set(browser.requested()) == {url + "/dashboard?every=300", url + "/metrics.json"}
 
