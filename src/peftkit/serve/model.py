@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import RequestError
-from .slots import Routing, ServedLinear
+from .slots import FusedLinears, Routing, ServedLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = {
@@ -65,6 +65,8 @@ class ServedModel(nn.Module):
                 for name in names:
                     linear = ServedLinear(getattr(getattr(layer, block), name), capacity, max_rank)
                     self.linears[f"model.layers.{i}.{block}.{name}"] = served[name] = linear
+            served["qkv"] = FusedLinears([served["q_proj"], served["k_proj"], served["v_proj"]])
+            served["gate_up"] = FusedLinears([served["gate_proj"], served["up_proj"]])
             self.layers.append(
                 (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn, served)
             )
@@ -111,9 +113,10 @@ class ServedModel(nn.Module):
         masks = self._masks(layout, h.device)
         for index, (norm1, norm2, act, p) in enumerate(self.layers):
             x = norm1(h)
-            q = p["q_proj"](x, rt).view(-1, self.heads, self.head_dim)  # (N, H, D)
-            k = p["k_proj"](x, rt).view(-1, self.kv_heads, self.head_dim)  # (N, KVH, D)
-            v = p["v_proj"](x, rt).view(-1, self.kv_heads, self.head_dim)
+            q, k, v = p["qkv"](x, rt)
+            q = q.reshape(-1, self.heads, self.head_dim)  # (N, H, D)
+            k = k.reshape(-1, self.kv_heads, self.head_dim)  # (N, KVH, D)
+            v = v.reshape(-1, self.kv_heads, self.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             self.k_cache[index, rows, :, positions] = k
@@ -121,7 +124,8 @@ class ServedModel(nn.Module):
             attn = self._attention(index, q, layout, masks)  # (N, H·D)
             h = h + p["o_proj"](attn, rt)
             x = norm2(h)
-            h = h + p["down_proj"](act(p["gate_proj"](x, rt)) * p["up_proj"](x, rt), rt)
+            gate, up = p["gate_up"](x, rt)
+            h = h + p["down_proj"](act(gate) * up, rt)
         return self.lm_head(self.norm(h[last])).float()
 
     def _token_rows(self, layout: StepLayout) -> Tensor:

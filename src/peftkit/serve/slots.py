@@ -101,15 +101,19 @@ class ServedLinear(nn.Module):
     def forward(self, x: Tensor, rt: Routing) -> Tensor:  # x: (N, in)
         if not self.banks or rt.uniform == self.capacity:
             return self.base(x)
-        banks, slots = self.banks, rt.slots
-        xs = x * banks["in_scale"].index_select(0, slots) if "in_scale" in banks else x
-        y = F.linear(xs, self.base.weight)  # (N, out), no bias yet
+        xs = x * self.banks["in_scale"].index_select(0, rt.slots) if "in_scale" in self.banks else x
+        return self.finish(x, F.linear(xs, self.base.weight), rt)
+
+    def finish(self, x: Tensor, y: Tensor, rt: Routing) -> Tensor:
+        """The layer's output from its base product y = W·x (no bias yet; (N, out)): adapters and bias."""
+        banks, slots, bias = self.banks, rt.slots, self.base.bias
+        if not banks or rt.uniform == self.capacity:
+            return y if bias is None else y + bias
         if "A" in banks:
             y = y + self._low_rank(x, rt)
         if "out_scale" in banks:
             y = y * banks["out_scale"].index_select(0, slots)
-        if self.base.bias is not None:
-            bias = self.base.bias
+        if bias is not None:
             y = y + (bias * banks["bias_scale"].index_select(0, slots) if "bias_scale" in banks else bias)
         return y
 
@@ -129,6 +133,29 @@ class ServedLinear(nn.Module):
             u = rt.prefill_slot
             parts.append((x[rt.decode :] @ a[u].T) @ bt[u])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class FusedLinears:
+    """Linears that read the same input (q/k/v, gate/up) as one matrix product: their weights become
+    views into one concatenated matrix (no extra memory), and each adds its own adapters after."""
+
+    def __init__(self, linears: list[ServedLinear]) -> None:
+        self.linears = linears
+        weights = [lin.base.weight for lin in linears]
+        self.weight = torch.cat([w.detach() for w in weights])  # (sum out, in)
+        start = 0
+        for lin, w in zip(linears, weights, strict=True):
+            lin.base.weight.data = self.weight[start : start + w.shape[0]]  # the same memory, shared
+            start += w.shape[0]
+        self.sizes = [w.shape[0] for w in weights]
+
+    def __call__(self, x: Tensor, rt: Routing) -> list[Tensor]:
+        if any("in_scale" in lin.banks for lin in self.linears):  # IA³ scales this input: one by one
+            return [lin(x, rt) for lin in self.linears]
+        y = F.linear(x, self.weight)  # (N, sum out)
+        return [
+            lin.finish(x, part, rt) for lin, part in zip(self.linears, y.split(self.sizes, -1), strict=True)
+        ]
 
 
 class SlotTable:
