@@ -33,7 +33,7 @@ def test_setup_is_exactly_make_demo_and_make_test() -> None:
     assert [line.strip() for line in blocks[0].splitlines() if line.strip()] == ["make demo", "make test"]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: setup\n\t\$\(VENV\)/bin/peftkit demo$", makefile, flags=re.MULTILINE)
-    assert re.search(r"^test: setup\n\t\$\(PY\) -m pytest", makefile, flags=re.MULTILINE)
+    assert re.search(r"^test: setup( browser)?\n\t\$\(PY\) -m pytest", makefile, flags=re.MULTILINE)
 
 
 def test_every_cli_example_parses() -> None:
@@ -130,13 +130,21 @@ def test_shell_commands_run(
     monkeypatch.chdir(tmp_path)
     _make_placeholders(tmp_path)
     commands = [c for c in shell_commands() if c != "make test"]
-    assert commands[0] == "make demo" and all(c.startswith("peftkit ") for c in commands[1:]), commands
+    assert commands[0] == "make demo" and all(c.startswith(("peftkit ", "curl ")) for c in commands[1:])
     commands[0] = "peftkit demo"
     assert all(p in " ".join(commands) for p in PLACEHOLDERS), (
         "a placeholder is no longer used: update the list"
     )
+    server = None
     for line in commands:
         argv = shlex.split(line)[1:]
+        if line.startswith("peftkit serve"):
+            server = _Server(argv)  # in the background, as in the reader's first shell
+            continue
+        if line.startswith("curl "):  # from the reader's second shell, to the server started above
+            assert server is not None, f"`{line}` needs the server the README starts before it"
+            server.check(line)
+            continue
         if "--resume" in argv:
             argv += [*BUDGET["train"], "--max_steps", "3"]  # one step more than the run it continues
         else:
@@ -145,9 +153,60 @@ def test_shell_commands_run(
         code = main(argv)
         output = capsys.readouterr()
         assert code == 0, f"`{line}` exited {code}:\n{output.err[-3000:]}"
+    assert server is not None and server.stop() == 0  # Ctrl-C: a clean shutdown
     assert (tmp_path / "runs/extract-dora/checkpoints/step-00000003").is_dir()  # the resume continued
     assert json.loads((tmp_path / "scores.json").read_text())["settings"]["adapters"]
     from transformers import AutoModelForCausalLM
 
     for merged in ("out/merged-dates", "out/merged"):
         AutoModelForCausalLM.from_pretrained(tmp_path / merged)
+
+
+class _Server:
+    """The README's `peftkit serve` line in a subprocess on a free port (the README's port replaced),
+    waited for until it is ready; `check` runs a README `curl` line against it."""
+
+    def __init__(self, argv: list[str]) -> None:
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.readme_port = argv[argv.index("--port") + 1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "peftkit", *argv, "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"peftkit serve exited:\n{self.process.stdout.read()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("peftkit serve did not become ready within 120 s")
+
+    def check(self, line: str) -> None:
+        import subprocess
+
+        argv = [a.replace(f":{self.readme_port}/", f":{self.port}/") for a in shlex.split(line)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"`{line}` failed: {done.stderr}"
+        body = json.loads(done.stdout)
+        assert "error" not in body, body
+        if "/chat/completions" in line:
+            assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0
+        else:
+            assert body["data"], body
+
+    def stop(self) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=60)

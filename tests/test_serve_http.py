@@ -387,7 +387,7 @@ def test_peftkit_serve_runs_and_finishes_requests_in_flight_on_sigterm(setup) ->
         proc.send_signal(signal.SIGTERM)
         rest = list(stream)
         assert (rest or [first])[-1].choices[0].finish_reason == "length"
-        proc.wait(20)
+        assert proc.wait(20) == 0  # a stop signal is a clean, graceful exit
     finally:
         proc.kill()
 

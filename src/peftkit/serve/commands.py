@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -219,6 +220,9 @@ def prepare(
     return Server(app, engine, catalog, config, access, routes)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @command
 def serve(
     base: str = DEFAULT_BASE,
@@ -282,8 +286,17 @@ def serve(
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_deadline)),
         log_level="warning",
     )
-    uvicorn.Server(uv).run()
-    print("peftkit serve: stopped", file=sys.stderr, flush=True)
+    # Ctrl-C or SIGTERM is how a server is meant to stop: uvicorn shuts down gracefully, then
+    # re-raises the signal into the handlers it found, which here only note it, so the exit is 0.
+    stops: list[int] = []
+    found = {s: signal.signal(s, lambda number, frame: stops.append(number)) for s in STOP_SIGNALS}
+    try:
+        uvicorn.Server(uv).run()
+    finally:
+        for number, handler in found.items():
+            signal.signal(number, handler)
+    how = f" on {signal.Signals(stops[0]).name}" if stops else ""
+    print(f"peftkit serve: stopped{how}", file=sys.stderr, flush=True)
     return 0
 
 
