@@ -67,6 +67,10 @@ class UnknownAdapterError(RegistryError):
     """The registry holds no adapter of that name."""
 
 
+class OtherBaseVersionError(RegistryError, BaseModelMismatchError):
+    """A registered version was trained on another base model than the one it is resolved for."""
+
+
 class RegistryIntegrityError(RegistryError):
     """A stored file does not match its recorded hash (tampered, truncated or missing)."""
 

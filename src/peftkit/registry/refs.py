@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import RequestError
 
 STAGES = ("draft", "staging", "production", "archived")
+MAX_VERSION = 2**63 - 1  # a 64-bit integer column on both backends
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{8,64})")
 
@@ -57,6 +58,8 @@ def parse_ref(text: str) -> Ref:
     if selector in STAGES:
         return Ref(name, stage=selector)
     if selector.isdigit() and int(selector) > 0 and not selector.startswith("0"):
+        if int(selector) > MAX_VERSION:
+            raise RequestError(f"bad adapter reference {text!r}: version numbers go up to {MAX_VERSION}")
         return Ref(name, number=int(selector))
     match = _DIGEST.fullmatch(selector.lower())
     if match:

@@ -25,7 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryError, RegistryIntegrityError, RequestError, UnknownAdapterError
+from ..errors import (
+    OtherBaseVersionError,
+    RegistryError,
+    RegistryIntegrityError,
+    RequestError,
+    UnknownAdapterError,
+)
 from ..io import building_dir
 from . import audit
 from .blobs import BlobStore, file_sha256
@@ -334,7 +340,7 @@ class Registry:
         version = self.resolve_version(ref)
         if base_fingerprint and version.base_fingerprint and version.base_fingerprint != base_fingerprint:
             if not allow_other_base:
-                raise RegistryError(
+                raise OtherBaseVersionError(
                     f"{version.ref} was trained on a base model with fingerprint {version.base_fingerprint}, "
                     f"not this one ({base_fingerprint}); use a version for this base, or override with "
                     "allow_other_base=True (recorded in the audit log)"

@@ -90,7 +90,7 @@ class Catalog:
         except UnknownAdapterError:
             raise AdapterLoadError(f"no adapter {key!r} is served") from None
         except PeftkitError as e:
-            raise AdapterLoadError(f"adapter {key} cannot be served: {e}") from None
+            raise AdapterLoadError.of(key, e) from None
 
     def models(self) -> list[dict[str, Any]]:
         """The OpenAI model objects /v1/models lists: the base, the configured adapters, and each

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -21,13 +22,21 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RequestError
 from .scheduler import EngineConfig, EngineCore, Loader, Sequence
-from .types import AdapterBusyError, AdapterNotLoadedError, SamplingParams, ShuttingDownError, TokenOutput
+from .types import (
+    AdapterBusyError,
+    AdapterNotLoadedError,
+    EngineError,
+    EngineUnavailableError,
+    SamplingParams,
+    ShuttingDownError,
+    TokenOutput,
+)
 
 __all__ = ["Engine", "EngineConfig"]
 
 _request_ids = itertools.count()
+log = logging.getLogger("peftkit.serve")
 
 
 class Engine:
@@ -180,7 +189,7 @@ class Engine:
     # -- the thread -----------------------------------------------------------------------------
     def _send(self, command: Callable[[], None]) -> None:
         if not self.thread.is_alive():
-            raise RequestError(f"the engine is not running ({self.error or 'stopped'})")
+            raise EngineUnavailableError("the engine is not running; retry on another instance")
         self.inbox.put(command)
         self.wake.set()
 
@@ -192,7 +201,7 @@ class Engine:
                         self.inbox.get()()
                     busy = not self.core.idle or self.core.loads or self.core.ready
                     if busy:
-                        self.core.step()
+                        self._step()
                 if not busy:
                     self.wake.wait(timeout=0.5)
                     self.wake.clear()
@@ -201,8 +210,20 @@ class Engine:
         except BaseException as e:  # the engine died: every request in flight gets the error
             self.error = e
             for seq in [*self.core.waiting, *self.core.running]:
-                seq.sink(RequestError(f"the engine failed: {e}"))
+                seq.sink(EngineUnavailableError(f"the engine stopped: {type(e).__name__}"))
             raise
+
+    def _step(self) -> None:
+        """One core step; an error in it ends the requests of that step (a 500 each), not the engine."""
+        try:
+            self.core.step()
+        except Exception as e:  # noqa: BLE001 (any failure; the engine must outlive one bad step)
+            log.error(
+                "engine step failed; its %d requests end with an error", len(self.core.running), exc_info=e
+            )
+            self.core.fail_running(
+                EngineError(f"the engine failed on this request's step ({type(e).__name__})")
+            )
 
 
 def _settle(future: asyncio.Future[None], error: Exception | None) -> None:

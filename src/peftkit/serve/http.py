@@ -37,8 +37,8 @@ from .tenants import (
     models_for,
     route,
 )
-from .text import chat_prompt_ids, check_stop
-from .types import AdapterLoadError, QueueFullError, SamplingParams
+from .text import chat_prompt_ids, check_stop, check_text
+from .types import AdapterLoadError, EngineError, EngineUnavailableError, QueueFullError, SamplingParams
 
 log = logging.getLogger("peftkit.serve")
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63; choice i of n samples with (seed + i) mod 2**63
@@ -147,12 +147,20 @@ def as_api_error(e: BaseException) -> ApiError:
         return ApiError(429, str(e), kind="rate_limit_error", code="rate_limit_exceeded", headers=headers)
     if isinstance(e, QueueFullError):
         return ApiError(429, str(e), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, EngineUnavailableError):
+        return ApiError(
+            503, str(e), kind="server_error", code="engine_unavailable", headers={"Retry-After": "1"}
+        )
+    if isinstance(e, EngineError):
+        log.error("engine error", exc_info=e)
+        return ApiError(500, str(e), kind="server_error", code="engine_error")
     if isinstance(e, ShuttingDownError):
         return ApiError(503, str(e), kind="server_error", code="shutting_down", headers={"Retry-After": "1"})
     if isinstance(e, ParamError):
         return ApiError(400, str(e), param=e.param)
-    if isinstance(e, AdapterLoadError):
-        return ApiError(400, str(e), param="model", code="adapter_load_failed")
+    if isinstance(e, AdapterLoadError):  # the client's message names the adapter and why, no server paths
+        log.warning("adapter load failed: %s", e)
+        return ApiError(400, e.public, param="model", code="adapter_load_failed")
     if isinstance(e, PeftkitError):
         return ApiError(400, str(e))
     log.error("internal error", exc_info=e)
@@ -341,7 +349,10 @@ class _Api:
         vocab = len(self.tokenizer)
         rows = []
         for p in prompt:
-            ids = self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
+            if isinstance(p, str):
+                ids = self.tokenizer(check_text(p, "prompt"), add_special_tokens=False)["input_ids"]
+            else:
+                ids = list(p)
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             rows.append(ids)

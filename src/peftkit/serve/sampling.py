@@ -10,6 +10,10 @@ from torch import Tensor
 
 from .types import SamplingParams
 
+# Below this temperature the distribution is one token at float32 precision (and dividing by it
+# would overflow, or underflow to a division by zero): such a request is decoded greedily.
+GREEDY_BELOW = 1e-4
+
 
 def sample(
     logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -21,7 +25,7 @@ def sample(
         logprobs = torch.log_softmax(logits, dim=-1)
     out = []
     for i, p in enumerate(params):
-        token = greedy[i] if p.temperature == 0 else _draw(logits[i], p, generators[i])
+        token = greedy[i] if p.temperature < GREEDY_BELOW else _draw(logits[i], p, generators[i])
         chosen, top = None, {}
         if p.logprobs is not None and logprobs is not None:
             chosen = float(logprobs[i, token])
@@ -33,9 +37,12 @@ def sample(
 
 
 def _draw(logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / p.temperature, dim=-1)  # (vocab,)
+    # Shifted so the largest logit is 0 first: a tiny temperature then sends the others to -inf (so,
+    # greedy), never the largest to +inf (which would make the softmax NaN).
+    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)  # (vocab,)
     if p.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # the smallest prefix reaching top_p
+        keep[0] = True  # the most likely token always stays (a top_p that rounds to 0 keeps only it)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -229,7 +229,7 @@ class EngineCore:
             path = self.loader(key)
             self.staging.load_adapter(path, STAGED, dtype=self.dtype)
         except PeftkitError as e:
-            raise AdapterLoadError(f"adapter {key!r} cannot be served: {e}") from None
+            raise AdapterLoadError.of(key, e) from None
         try:
             spec = method_for(self.staging.configs[STAGED])
             if not spec.wraps_layers:
@@ -420,6 +420,11 @@ class EngineCore:
             seq.sink(reason)
         elif reason:
             seq.sink(TokenOutput(-1, finish_reason=reason))
+
+    def fail_running(self, error: Exception) -> None:
+        """End every running sequence with `error` (a step failed); waiting ones stay queued."""
+        for seq in list(self.running):
+            self._finish(seq, error)
 
     def _event(self, name: str, **data: Any) -> None:
         for listener in self.listeners:

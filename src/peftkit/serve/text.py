@@ -35,6 +35,17 @@ def message_text(content: Any, index: int) -> str:
     return "".join(parts)
 
 
+def check_text(text: str, where: str) -> str:
+    """`text`, if it is valid Unicode (JSON can carry lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"{where} is not valid Unicode text (a lone surrogate at index {e.start})"
+        ) from None
+    return text
+
+
 def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
     """The prompt ids for the next assistant turn, rendered with the tokenizer's chat template exactly
     as offline `peftkit generate` and training render it (`peftkit.data.encode.encode_prompt`)."""
@@ -47,7 +58,7 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[
     for i, m in enumerate(messages):
         if m["role"] not in ROLES:
             raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
-        chat.append(Message(m["role"], message_text(m["content"], i)))
+        chat.append(Message(m["role"], check_text(message_text(m["content"], i), f"messages[{i}].content")))
     return list(encode_prompt(chat, tokenizer))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import RequestError
+from ..errors import PeftkitError, RequestError
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,37 @@ class TokenOutput:
 
 class AdapterLoadError(RequestError):
     """An adapter a request names could not be loaded (bad files, another base model, too large a
-    rank for the server's slots); only the requests that name it fail."""
+    rank for the server's slots); only the requests that name it fail. `public` is what a client is
+    told: the adapter and why, without the server's paths (the full message goes to the log)."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
+
+    @classmethod
+    def of(cls, key: str, error: Exception) -> AdapterLoadError:
+        """The error for adapter `key` failing to load with `error`: in full for the log, and for the
+        client the reason only (no paths, no operator hints)."""
+        if isinstance(error, AdapterLoadError):
+            return error
+        from ..errors import (
+            AdapterFileError,
+            BaseModelMismatchError,
+            RegistryIntegrityError,
+            ShapeMismatchError,
+        )
+
+        reasons = [
+            (BaseModelMismatchError, "it was trained for another base model (its fingerprint differs)"),
+            (ShapeMismatchError, "its tensors do not fit the served base model"),
+            (AdapterFileError, "its files are missing, damaged or not an adapter"),
+            (RegistryIntegrityError, "its stored files do not match their checksums"),
+        ]
+        why = next((text for kind, text in reasons if isinstance(error, kind)), "it could not be loaded")
+        return cls(
+            f"adapter {key!r} cannot be served: {error}",
+            f"adapter {key!r} cannot be served: {why} (the server's log has the details)",
+        )
 
 
 class QueueFullError(RequestError):
@@ -57,6 +87,15 @@ class QueueFullError(RequestError):
 
 class ShuttingDownError(RequestError):
     """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+class EngineError(PeftkitError):
+    """The engine failed on a step (a bug, or the machine): the requests in that step end with it
+    (HTTP 500); the engine keeps serving the others."""
+
+
+class EngineUnavailableError(PeftkitError):
+    """The engine is not running (it stopped, or failed to start): HTTP 503."""
 
 
 class AdapterBusyError(RequestError):
