@@ -15,7 +15,6 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import openai
@@ -225,20 +224,27 @@ def test_live_rates_and_canary_splits_appear_while_the_server_runs(browser, metr
             metrics.views["splits"] = served
 
 
-class _Engine:
-    """What install_metrics reads of an engine: its lock, its core's listeners, stats and adapters."""
+def _engine_with_bot_7(tmp_path: Path):
+    """A real engine on a tiny model with one adapter resident under the key bot@7."""
+    import asyncio
 
-    def __init__(self) -> None:
-        self.lock, self.core = threading.Lock(), SimpleNamespace(listeners=[])
+    import torch
+    from conftest import tiny_llama
 
-    def stats(self) -> dict:
-        return {"running": 0, "waiting": 0, "loading": 0, "steps": 0, "rows": 2, "adapter_slots": 1}
+    from peftkit import AdaptedModel, LoraConfig
+    from peftkit.serve.engine import Engine, EngineConfig
 
-    def adapters(self) -> list[dict]:
-        return [{"key": "bot@7", "slot": 0, "requests": 0}]
+    torch.manual_seed(0)
+    model = tiny_llama()
+    adapter = AdaptedModel.attach(model, LoraConfig(r=2)).save_adapter(tmp_path / "bot7")
+    torch.manual_seed(0)
+    model = tiny_llama()  # the same base, without the adapter
+    engine = Engine.start(model, None, {"bot@7": adapter}.get, EngineConfig(max_len=32, adapter_slots=1))
+    asyncio.run(engine.load("bot@7"))
+    return engine
 
 
-def test_with_api_keys_the_dashboard_asks_for_the_admin_key(browser) -> None:
+def test_with_api_keys_the_dashboard_asks_for_the_admin_key(browser, tmp_path: Path) -> None:
     """With tenants, /metrics.json answers only the admin key: the page asks for it and sends it."""
     import uvicorn
     from fastapi import FastAPI
@@ -246,7 +252,8 @@ def test_with_api_keys_the_dashboard_asks_for_the_admin_key(browser) -> None:
     from peftkit.serve.metrics import install_metrics
 
     app = FastAPI()
-    install_metrics(app, _Engine())
+    engine = _engine_with_bot_7(tmp_path)
+    install_metrics(app, engine)
 
     @app.middleware("http")
     async def admin_only(request, call_next):  # as the server does for /metrics with keys configured
@@ -271,6 +278,7 @@ def test_with_api_keys_the_dashboard_asks_for_the_admin_key(browser) -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+        engine.stop(1)
 
 
 def test_the_dashboard_is_self_contained(metrics_server) -> None:

@@ -22,7 +22,13 @@ from peftkit import (
 )
 from peftkit.serve.engine import Engine
 from peftkit.serve.scheduler import EngineConfig, EngineCore
-from peftkit.serve.types import AdapterLoadError, QueueFullError, SamplingParams
+from peftkit.serve.types import (
+    AdapterBusyError,
+    AdapterLoadError,
+    AdapterNotLoadedError,
+    QueueFullError,
+    SamplingParams,
+)
 
 CONFIGS = {
     "lora": LoraConfig(r=4, init_lora_weights=False),
@@ -249,8 +255,80 @@ def test_memory_budgets_size_the_kv_cache_and_the_adapter_slots(adapters) -> Non
     assert (
         engine.served.k_cache.numel() * 4 * 2 <= 2**20 < (engine.served.k_cache.numel() + 64 * 2 * 8) * 4 * 2
     )
-    assert engine.slots.capacity == sized.adapter_slots > 16  # a tiny model's slots are small
+    assert engine.adapters.slots.capacity == sized.adapter_slots > 16  # a tiny model's slots are small
     with pytest.raises(RequestError, match="kv_cache_mb 1 MB is less than one sequence of max_len needs"):
         EngineConfig(max_len=10**6, kv_cache_mb=1).sized(model)
     with pytest.raises(RequestError, match="max_batch must be a whole number of at least 1"):
         EngineConfig(max_batch=0)
+
+
+def tiny_qwen2():
+    """A tiny Qwen2: a Llama-family decoder whose q/k/v projections have biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_adapters_that_would_change_the_shared_base_are_refused_and_change_nothing(tmp_path) -> None:
+    """On a base with biases (Qwen2), an adapter that trains them, or whole modules, would write into
+    the model every request shares: refused, and the base's answers stay exactly the same."""
+    model = tiny_qwen2()
+    biased = AdaptedModel.attach(tiny_qwen2(), LoraConfig(r=2, bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in biased.named_parameters():
+            if name.endswith("bias"):
+                p.add_(1.0)  # what loading it would copy into the served model's biases
+    head = AdaptedModel.attach(tiny_qwen2(), LoraConfig(r=2, modules_to_save=["lm_head"]))
+    dirs = {
+        "biased": str(biased.save_adapter(tmp_path / "biased")),
+        "head": str(head.save_adapter(tmp_path / "head")),
+    }
+    engine = EngineCore(model, None, dirs.get, EngineConfig(max_len=64))
+    engine.eos_ids = set()
+    prompt, greedy = [3, 4, 5], SamplingParams(max_tokens=6, temperature=0)
+    (before,) = engine.run([(prompt, None, greedy)])
+    refused = engine.run([(prompt, "biased", SamplingParams()), (prompt, "head", SamplingParams())])
+    assert all(isinstance(r[0], AdapterLoadError) and "bias / modules_to_save" in str(r[0]) for r in refused)
+    (after,) = engine.run([(prompt, None, greedy)])
+    reference = tiny_qwen2().generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0, eos_token_id=None)[0, 3:].tolist()  # fmt: skip
+    assert [o.token_id for o in after] == [o.token_id for o in before] == reference
+
+
+def test_unloading_a_busy_prefix_adapter_is_refused_and_keeps_it_working(adapters, tmp_path) -> None:
+    torch.manual_seed(4)
+    am = AdaptedModel.attach(base(), PrefixTuningConfig(num_virtual_tokens=3))
+    served = {**adapters, "prefix": str(am.save_adapter(tmp_path / "prefix"))}
+    engine = core(served, max_batch=2)
+    outputs = engine.add_request([7, 8, 9], "prefix", SamplingParams(max_tokens=5, temperature=0))
+    engine.step()  # loading
+    while not engine.running:
+        engine.step()
+    with pytest.raises(AdapterBusyError):
+        engine.adapters.unload("prefix")
+    while not engine.idle:
+        engine.step()
+    assert [o.token_id for o in outputs] == offline([7, 8, 9], served["prefix"], 5)  # the prefix stayed
+    engine.adapters.unload("prefix")
+    assert engine.adapters.prefix("prefix") is None and engine.adapters.slot("prefix") is None
+    with pytest.raises(AdapterNotLoadedError):
+        engine.adapters.unload("prefix")
+
+
+def test_an_adapter_evicted_while_its_requests_wait_is_loaded_again(adapters) -> None:
+    """One row and one slot: the second adapter's load evicts the first while its next request still
+    waits for the row; that request reloads it and gets its offline tokens."""
+    engine = core(adapters, max_batch=1, adapter_slots=1, max_rank=4)
+    reqs = [([1, 2, 3], "lora", SamplingParams(max_tokens=3, temperature=0)),
+            ([4, 5], "ia3", SamplingParams(max_tokens=3, temperature=0)),
+            ([6, 7, 8], "lora", SamplingParams(max_tokens=3, temperature=0))]  # fmt: skip
+    loads: list[str] = []
+    engine.listeners.append(
+        lambda name, data: loads.append(data["adapter"]) if name == "adapter_load" else None
+    )
+    for (prompt, adapter, params), outputs in zip(reqs, engine.run(reqs), strict=True):
+        assert [o.token_id for o in outputs] == offline(prompt, adapters[adapter], params.max_tokens)
+    assert loads == ["lora", "ia3", "lora"]

@@ -88,8 +88,7 @@ def server(setup: dict):
     )
     prepared = prepare(str(setup["base"]), adapters, None, ServeConfig(shutdown_deadline=2), engine_config)
     events: list[tuple[str, dict]] = []
-    with prepared.engine.lock:
-        prepared.engine.core.listeners.append(lambda name, data: events.append((name, data)))
+    prepared.engine.add_listener(lambda name, data: events.append((name, data)))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(prepared.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -22,10 +22,9 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import RequestError
 from .scheduler import EngineConfig, EngineCore, Loader, Sequence
 from .types import (
-    AdapterBusyError,
-    AdapterNotLoadedError,
     EngineError,
     EngineUnavailableError,
     SamplingParams,
@@ -49,12 +48,14 @@ class Engine:
         self.stopping = False
         self.stopped = threading.Event()
         self.error: BaseException | None = None
-        self.lock = threading.Lock()  # held by the thread while it changes the core; readers take it too
+        self.lock = threading.Lock()  # held by the thread while it changes the core
+        self.snapshot: tuple[dict[str, Any], list[dict[str, Any]]] = ({}, [])
         self.thread = threading.Thread(target=self._loop, name="peftkit-engine", daemon=True)
 
     @classmethod
     def start(cls, model: nn.Module, tokenizer: Any, loader: Loader | None, config: EngineConfig) -> Engine:
         engine = cls(EngineCore(model, tokenizer, loader, config))
+        engine._publish()
         engine.thread.start()
         return engine
 
@@ -120,7 +121,9 @@ class Engine:
                 self.abort(seq_id)
 
     def abort(self, request_id: str) -> None:
-        self._send(lambda: self.core.abort(request_id))
+        """End a request whose client went away (nothing to do once the engine has stopped)."""
+        if self.thread.is_alive():
+            self._send(lambda: self.core.abort(request_id))
 
     async def load(self, key: str) -> None:
         """Load an adapter into a slot now (AdapterLoadError if it cannot be served)."""
@@ -132,54 +135,59 @@ class Engine:
         await done
 
     async def unload(self, key: str) -> None:
-        """Drop an idle adapter from its slot (AdapterBusyError while requests use it,
+        """Drop an idle adapter from its slot (AdapterBusyError while requests run on it,
         AdapterNotLoadedError when it is in no slot)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
         def drop() -> None:
-            error = None
-            if self.core.slots.refs.get(key, 0):
-                error = AdapterBusyError(
-                    f"adapter {key!r} has requests in flight; unload it when they finish"
-                )
-            elif self.core.slots.drop(key) is None:
-                error = AdapterNotLoadedError(f"adapter {key!r} is not loaded")
-            self.core.prefixes.pop(key, None)
-            loop.call_soon_threadsafe(_settle, done, error)
+            try:
+                self.core.adapters.unload(key)
+            except RequestError as e:
+                loop.call_soon_threadsafe(_settle, done, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None)
 
         self._send(drop)
         await done
 
-    def adapters(self) -> list[dict[str, Any]]:
-        """Each resident adapter: its key, slot and requests in flight (least recently used first)."""
-        slots = self.core.slots
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(event, data)` on the engine's thread for each event (scheduler.EVENTS)."""
         with self.lock:
-            return [{"key": k, "slot": s, "requests": slots.refs.get(k, 0)} for k, s in slots.keys.items()]
+            self.core.listeners.append(listener)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Each resident adapter: its key, slot and sequences running on it (least recently used first),
+        as of the engine's last step (a snapshot: reading it never waits for the engine)."""
+        return self.snapshot[1]
 
     def stats(self) -> dict[str, Any]:
-        core = self.core
-        with self.lock:
-            return self._stats(core)
+        """The engine's counters as of its last step (a snapshot)."""
+        return self.snapshot[0]
 
-    @staticmethod
-    def _stats(core: EngineCore) -> dict[str, Any]:
-        return {
+    def _publish(self) -> None:
+        """A new snapshot, made on the engine's thread between steps."""
+        core, cache = self.core, self.core.adapters
+        stats = {
             "running": len(core.running),
             "waiting": len(core.waiting),
-            "loading": len(core.loads),
+            "loading": len(cache.loads),
             "steps": core.steps,
             "rows": core.config.max_batch,
             "adapter_slots": core.config.adapter_slots,
         }
+        resident = [
+            {"key": k, "slot": s, "requests": cache.running.get(k, 0)} for k, s in cache.slots.keys.items()
+        ]
+        self.snapshot = (stats, resident)
 
     def stop(self, deadline: float = 10.0) -> None:
-        """Take no new requests, let in-flight ones finish for up to `deadline` seconds, abort the
-        rest, and end the thread."""
+        """Take no new requests, let in-flight ones finish for up to `deadline` seconds, end the rest
+        with ShuttingDownError, and end the thread."""
         self.stopping = True
         self.wake.set()
         end = time.monotonic() + deadline
-        while time.monotonic() < end and self.thread.is_alive() and not self.core.idle:
+        while time.monotonic() < end and self.thread.is_alive() and self.core.busy:
             time.sleep(0.01)
         self.stopped.set()
         self.wake.set()
@@ -193,24 +201,35 @@ class Engine:
         self.inbox.put(command)
         self.wake.set()
 
+    def _run_commands(self) -> None:
+        while not self.inbox.empty():
+            command = self.inbox.get()
+            try:
+                command()
+            except Exception as e:  # noqa: BLE001 (one bad command must not end the engine)
+                log.error("engine command failed", exc_info=e)
+
     def _loop(self) -> None:
         try:
             while not self.stopped.is_set():
                 with self.lock:
-                    while not self.inbox.empty():
-                        self.inbox.get()()
-                    busy = not self.core.idle or self.core.loads or self.core.ready
+                    self._run_commands()
+                    busy = self.core.busy
                     if busy:
                         self._step()
-                if not busy:
+                    self._publish()
+                if not self.core.running and self.core.adapters.busy:
+                    time.sleep(0.001)  # only adapter loads in flight: let the worker run
+                elif not busy:
                     self.wake.wait(timeout=0.5)
                     self.wake.clear()
-            for seq in [*self.core.waiting, *self.core.running]:
-                self.core.abort(seq.id)
+            with self.lock:  # what arrived meanwhile, and what is left, ends now
+                self._run_commands()
+                self.core.fail_all(ShuttingDownError("the server stopped before this request finished"))
+                self._publish()
         except BaseException as e:  # the engine died: every request in flight gets the error
             self.error = e
-            for seq in [*self.core.waiting, *self.core.running]:
-                seq.sink(EngineUnavailableError(f"the engine stopped: {type(e).__name__}"))
+            self.core.fail_all(EngineUnavailableError(f"the engine stopped: {type(e).__name__}"))
             raise
 
     def _step(self) -> None:

@@ -10,6 +10,7 @@ token ids, an adapter key and SamplingParams. Every refused request gets an Open
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -198,6 +199,10 @@ def _authenticator(access: Access):
     async def caller(request: Request) -> Caller:
         who = access.authenticate(request.headers.get("authorization", ""))
         request.state.tenant = who.tenant.name if who.tenant else None
+        if who.tenant is None:  # no keys configured: any key passes, so the rate limit is per client address
+            who = dataclasses.replace(
+                who, bucket="ip:" + (request.client.host if request.client else "unknown")
+            )
         return who
 
     return caller
@@ -253,6 +258,8 @@ def create_app(
     async def ready(request: Request) -> JSONResponse:
         if not (request.app.state.ready and engine.running):
             raise ApiError(503, "the server is starting or stopping", kind="server_error", code="not_ready")
+        if access.enabled:  # the engine's counters would tell one tenant about the others' traffic
+            return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "ready", **engine.stats()})
 
     @app.get("/v1/models")
@@ -350,6 +357,7 @@ class _Api:
         rows = []
         for p in prompt:
             if isinstance(p, str):
+                self._check_size(len(p), "prompt")
                 ids = self.tokenizer(check_text(p, "prompt"), add_special_tokens=False)["input_ids"]
             else:
                 ids = list(p)
@@ -374,11 +382,21 @@ class _Api:
         await run.start()
         return await self._respond(run, req, target, "text_completion", [len(p) for p in prompts])
 
+    def _check_size(self, chars: int, param: str) -> None:
+        """Text far longer than any prompt the engine takes is refused before it is tokenized (which
+        would hold the event loop): no token is shorter than a character, and few are longer than 32."""
+        limit = 32 * self.engine.max_len
+        if chars > limit:
+            raise ApiError(400, f"{param} is {chars} characters; this server takes prompts of at most "
+                           f"{self.engine.max_len - 1} tokens (at most {limit} characters)", param=param)  # fmt: skip
+
     async def chat(self, req: ChatRequest, who: Caller, request: Request) -> Any:
         stops = self._check(req)
         target = await self._target(req, who, request)
         try:
-            ids = chat_prompt_ids(self.tokenizer, [m.model_dump() for m in req.messages])
+            messages = [m.model_dump() for m in req.messages]
+            self._check_size(sum(len(str(m.get("content") or "")) for m in messages), "messages")
+            ids = await run_in_threadpool(chat_prompt_ids, self.tokenizer, messages)
         except RequestError as e:
             raise ApiError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens

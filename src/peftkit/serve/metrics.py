@@ -255,8 +255,7 @@ def install_metrics(app: Any, engine: Any) -> Metrics:
     if getattr(app.state, "metrics", None) is not None:
         return app.state.metrics
     metrics = Metrics(engine)
-    with engine.lock:  # the engine thread iterates the listeners
-        engine.core.listeners.append(metrics.on_event)
+    engine.add_listener(metrics.on_event)
     _by_engine[engine] = metrics
     app.state.metrics = metrics
     page = (files("peftkit.serve") / "dashboard.html").read_text(encoding="utf-8")

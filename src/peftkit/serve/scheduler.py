@@ -17,23 +17,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import PeftkitError, RequestError
+from ..errors import RequestError
+from .adapters import AdapterCache, Loader
 from .model import ServedModel, StepLayout
 from .sampling import sample
-from .slots import Routing, SlotTable
-from .types import AdapterLoadError, QueueFullError, SamplingParams, TokenOutput
+from .slots import Routing
+from .types import QueueFullError, SamplingParams, TokenOutput
 
-STAGED = (
-    "staged"  # the name an adapter has in the loading AdaptedModel (keys like name@3 are no adapter names)
-)
 EVENTS = {
     "step": "one forward: decode (tokens), prefill (tokens), batch (sequences), seconds",
     "admit": "a request starts running: adapter (key or None), queue_seconds",
@@ -42,8 +38,7 @@ EVENTS = {
     "adapter_load": "an adapter was loaded (ok) or failed: adapter, seconds, ok",
     "adapter_evict": "an idle adapter left its slot for another: adapter",
 }
-PREFIX = "prefix"  # a loaded whole-model adapter: its (keys, values) instead of slot tensors
-Loader = Callable[[str], Path]  # adapter key -> its directory (PEFT format)
+__all__ = ["EVENTS", "EngineConfig", "EngineCore", "Loader", "Sequence"]
 Sink = Callable[[TokenOutput | Exception], None]
 
 
@@ -100,8 +95,11 @@ class EngineConfig:
         return int(count)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a queue holds each sequence once
 class Sequence:
+    """One request's sequence: its prompt, adapter and sampling, where it is in the KV cache, and
+    where its tokens go (`sink`, called on the engine's thread with each TokenOutput or an error)."""
+
     id: str
     prompt: list[int]
     adapter: str | None
@@ -129,27 +127,25 @@ class EngineCore:
         self.served = ServedModel(
             model, config.max_batch, config.max_len, config.adapter_slots, config.max_rank
         )
-        self.model, self.loader = model, loader
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.slots = SlotTable(config.adapter_slots)
         self.base_slot = config.adapter_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_rows = list(range(config.max_batch))
-        self.loads: dict[str, Future] = {}  # adapter key -> its load on the worker thread
-        self.ready: dict[str, dict] = {}  # loaded adapters waiting for a free slot
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="peftkit-adapter-load")
-        self.staging: Any = None  # the AdaptedModel adapters are loaded through, made on first use
-        self.waiters: dict[str, list[Callable[[Exception | None], None]]] = {}  # preload callbacks
-        self.prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # resident keys' K/V prefixes
         self.steps = 0
         # Observers of what happens (metrics): each is called on the engine's thread as
         # listener(event, data); events and their data are listed in EVENTS.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self.dtype = model.lm_head.weight.dtype
+        self.adapters = AdapterCache(
+            self.served, model, loader, config.adapter_slots, config.max_len, self._event
+        )
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence (checked first: a RequestError, and nothing queued, if it cannot run)."""
         if len(seq.prompt) == 0:
             raise RequestError("the prompt is empty: give at least one token")
         if len(seq.prompt) >= self.config.max_len:
@@ -159,163 +155,45 @@ class EngineCore:
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the server's queue is full ({self.config.max_queue} waiting); retry later")
         if seq.adapter is not None:
-            if self.loader is None:
-                raise AdapterLoadError(f"this server has no adapters; {seq.adapter!r} is unknown")
-            self.slots.refs[seq.adapter] = self.slots.refs.get(seq.adapter, 0) + 1
-            if self.slots.get(seq.adapter) is not None:
+            self.adapters.request(seq.adapter)
+            if self.adapters.slot(seq.adapter) is not None:
                 self._event("adapter_hit", adapter=seq.adapter)
-            if (
-                self.slots.get(seq.adapter) is None
-                and seq.adapter not in self.loads
-                and seq.adapter not in self.ready
-            ):
-                self.loads[seq.adapter] = self.worker.submit(self._timed_load, seq.adapter)
         if seq.params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         self.waiting.append(seq)
 
     def preload(self, key: str, done: Callable[[Exception | None], None]) -> None:
         """Load an adapter into a slot without a request; `done(None)` once it is there, else
         `done(error)`."""
-        if self.loader is None:
-            done(AdapterLoadError(f"this server has no adapters; {key!r} is unknown"))
-            return
-        if self.slots.get(key) is not None:
-            done(None)
-            return
-        self.waiters.setdefault(key, []).append(done)
-        if key not in self.loads and key not in self.ready:
-            self.loads[key] = self.worker.submit(self._timed_load, key)
+        self.adapters.request(key, done)
 
     def add_request(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> list[Any]:
         """Queue one request; its outputs (TokenOutputs, or a final exception) collect in the list returned."""
         outputs: list[Any] = []
-        self.add(
-            Sequence(
-                f"r{self.steps}-{len(self.waiting)}-{id(outputs)}",
-                list(prompt),
-                adapter,
-                params,
-                outputs.append,
-            )
-        )
+        self.add(Sequence(f"r{id(outputs)}", list(prompt), adapter, params, outputs.append))
         return outputs
 
-    def abort(self, seq_id: str) -> None:
+    def abort(self, seq_id: str, error: Exception | None = None) -> None:
+        """End a sequence now: with `error`, or quietly (its client went away)."""
         for seq in [*self.waiting, *self.running]:
             if seq.id == seq_id:
-                self._finish(seq, "abort")
+                self._finish(seq, error or "abort")
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    # -- adapters -------------------------------------------------------------------------------
-    def _timed_load(self, key: str) -> tuple[float, Any]:
-        start = time.perf_counter()
-        try:
-            return time.perf_counter() - start, self._load(key)
-        except Exception as e:  # noqa: BLE001 (the error and the time both go to the engine thread)
-            return time.perf_counter() - start, e
-
-    def _load(self, key: str) -> dict[str, dict[str, torch.Tensor]]:
-        """On the worker thread: the adapter's slot tensors per served layer, checked."""
-        from ..adapted import AdaptedModel
-        from ..methods import method_for
-
-        try:
-            if self.staging is None:
-                self.staging = AdaptedModel(self.model)
-            path = self.loader(key)
-            self.staging.load_adapter(path, STAGED, dtype=self.dtype)
-        except PeftkitError as e:
-            raise AdapterLoadError.of(key, e) from None
-        try:
-            spec = method_for(self.staging.configs[STAGED])
-            if not spec.wraps_layers:
-                return {PREFIX: self._prefix(spec)}
-            if spec.slot_tensors is None:
-                raise AdapterLoadError(
-                    f"adapter {key!r} is {spec.label}, which the server does not serve yet"
-                )
-            tensors = {}
-            for name, layer in self.staging.adapter_layers():
-                if STAGED not in layer.specs:
-                    continue
-                if name not in self.served.linears:
-                    raise AdapterLoadError(f"adapter {key!r} adapts {name}, which the server does not serve")
-                tensors[name] = {r: t.clone() for r, t in spec.slot_tensors(layer, STAGED).items()}
-                self.served.linears[name].check(tensors[name], f"adapter {key!r}, layer {name}")
-            return tensors
-        except RequestError as e:
-            raise AdapterLoadError(str(e)) from None
-        finally:
-            if STAGED in self.staging.configs:
-                self.staging.delete_adapter(STAGED)
-
-    def _prefix(self, spec: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole-model adapter's key/value prefix (layers, KVH, P, D), computed once (prompt tuning
-        runs its soft tokens through the base model here)."""
-        adapter = self.staging.model_adapters[STAGED]
-        if not hasattr(adapter, "prefix_kv"):
-            raise AdapterLoadError(f"{spec.label} adapters are not served yet")
-        with torch.inference_mode():
-            kv = adapter.prefix_kv(self.model)
-        keys = torch.stack([k for k, _ in kv]).to(self.dtype)
-        values = torch.stack([v for _, v in kv]).to(self.dtype)
-        if keys.shape[2] >= self.config.max_len:
-            raise AdapterLoadError(f"its prefix of {keys.shape[2]} tokens fills the server's max_len")
-        return keys.clone(), values.clone()
-
-    def _place_loaded(self) -> None:
-        """Adapters the worker finished: into slots (or their requests fail with the load's error)."""
-        for key, future in list(self.loads.items()):
-            if future.done():
-                del self.loads[key]
-                seconds, result = future.result()
-                self._event(
-                    "adapter_load", adapter=key, seconds=seconds, ok=not isinstance(result, Exception)
-                )
-                if not isinstance(result, Exception):
-                    self.ready[key] = result
-                else:  # the failure fails only this adapter's requests
-                    e = result
-                    error = (
-                        e if isinstance(e, AdapterLoadError) else AdapterLoadError(f"adapter {key!r}: {e}")
-                    )
-                    for seq in [s for s in self.waiting if s.adapter == key]:
-                        self._finish(seq, error)
-                    for done in self.waiters.pop(key, []):
-                        done(error)
-        for key in list(self.ready):
-            taken = self.slots.take()
-            if taken is None:
-                return  # every slot is busy: wait for one to go idle
-            slot, evicted = taken
-            if evicted is not None:
-                self.prefixes.pop(evicted, None)
-                self._event("adapter_evict", adapter=evicted)
-            if PREFIX in self.ready[key]:
-                self.prefixes[key] = self.ready[key][PREFIX]
-            for layer_name, linear in self.served.linears.items():
-                tensors = self.ready[key].get(layer_name)
-                if tensors is None:
-                    linear.clear(slot)
-                else:
-                    linear.write(slot, tensors)
-            self.slots.put(key, slot)
-            del self.ready[key]
-            for done in self.waiters.pop(key, []):
-                done(None)
+    @property
+    def busy(self) -> bool:
+        """Anything to do: sequences, or adapter loads to place."""
+        return not self.idle or self.adapters.busy
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> None:
         """Admit what fits, run one forward (decode tokens + one prefill chunk), sample, emit."""
-        self._place_loaded()
+        self.adapters.place(self._adapter_failed)
         self._admit()
         if not self.running:
-            if self.loads:
-                time.sleep(0.001)  # only adapter loads in flight
             return
         decode = [s for s in self.running if not s.prefilling]
         prefill = next((s for s in self.running if s.prefilling), None)
@@ -333,18 +211,18 @@ class EngineCore:
             prefill.cached if prefill else 0,
             chunk,
         )
-        rt = Routing.build([s.slot for s in decode], prefill.slot if prefill else None, chunk, self.dtype)
+        slots = [s.slot for s in decode]
+        rt = Routing.build(slots, prefill.slot if prefill else None, chunk, self.dtype, self.device)
         done_prefill = prefill is not None and prefill.cached + chunk == prefill.start + len(prefill.prompt)
         last = list(range(len(decode))) + ([len(ids) - 1] if done_prefill else [])
-        device = self.served.lm_head.weight.device
         start = time.perf_counter()
         with torch.inference_mode():
             logits = self.served(
-                torch.tensor(ids, device=device),
-                torch.tensor(positions, device=device),
+                torch.tensor(ids, device=self.device),
+                torch.tensor(positions, device=self.device),
                 rt,
                 layout,
-                torch.tensor(last, dtype=torch.long, device=device),
+                torch.tensor(last, dtype=torch.long, device=self.device),
             )
         self.steps += 1
         self._event("step", decode=len(decode), prefill=chunk, batch=len(self.running),
@@ -354,9 +232,8 @@ class EngineCore:
         if prefill:
             prefill.cached += chunk
         sampled = [*decode, prefill] if done_prefill else decode
-        for seq, out in zip(
-            sampled, sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-        ):
+        outs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        for seq, out in zip(sampled, outs, strict=True):
             self._emit(seq, out)
 
     def _admit(self) -> None:
@@ -364,13 +241,14 @@ class EngineCore:
         while self.waiting and self.free_rows:
             seq = self.waiting.popleft()
             if seq.adapter is not None:
-                seq.slot = self.slots.get(seq.adapter)
-                if seq.slot is None:
-                    blocked.append(seq)  # its adapter is still loading
+                seq.slot = self.adapters.slot(seq.adapter)
+                if seq.slot is None:  # still loading, or evicted while it waited: (re)load it
+                    self.adapters.request(seq.adapter)
+                    blocked.append(seq)
                     continue
             else:
                 seq.slot = self.base_slot
-            prefix = self.prefixes.get(seq.adapter)
+            prefix = self.adapters.prefix(seq.adapter)
             if prefix is not None and prefix[0].shape[2] + len(seq.prompt) >= self.config.max_len:
                 self.waiting.appendleft(seq)  # _finish takes it from the queue and tells its sink
                 self._finish(seq, RequestError(
@@ -384,9 +262,15 @@ class EngineCore:
                 seq.start = seq.cached = keys.shape[2]
                 self.served.k_cache[:, seq.row, :, : seq.start] = keys
                 self.served.v_cache[:, seq.row, :, : seq.start] = values
+            if seq.adapter is not None:
+                self.adapters.acquire(seq.adapter)  # running on it: its slot is pinned
             self.running.append(seq)
             self._event("admit", adapter=seq.adapter, queue_seconds=time.perf_counter() - seq.arrived)
         self.waiting.extendleft(reversed(blocked))
+
+    def _adapter_failed(self, key: str, error: Exception) -> None:
+        for seq in [s for s in self.waiting if s.adapter == key]:
+            self._finish(seq, error)
 
     def _emit(self, seq: Sequence, out: tuple[int, float | None, dict[int, float]]) -> None:
         token, logprob, top = out
@@ -402,29 +286,34 @@ class EngineCore:
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, reason: str | Exception | None) -> None:
-        """Take a sequence out, free its row, and tell its sink when it ends otherwise than by a token."""
+        """Take a sequence out, free its row, and tell its sink when it ends otherwise than by a token
+        (an error; a quiet "abort" tells nobody: its client is gone)."""
         if seq in self.running:
             self.running.remove(seq)
             self.free_rows.append(seq.row)
             self.free_rows.sort()
+            if seq.adapter is not None:
+                self.adapters.release(seq.adapter)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         else:
             return
-        if seq.adapter is not None:
-            self.slots.refs[seq.adapter] -= 1
         ending = "error" if isinstance(reason, Exception) else reason or seq.ending
         self._event("finish", adapter=seq.adapter, reason=ending, prompt_tokens=len(seq.prompt),
                     output_tokens=len(seq.output))  # fmt: skip
         if isinstance(reason, Exception):
             seq.sink(reason)
-        elif reason:
-            seq.sink(TokenOutput(-1, finish_reason=reason))
 
     def fail_running(self, error: Exception) -> None:
         """End every running sequence with `error` (a step failed); waiting ones stay queued."""
         for seq in list(self.running):
             self._finish(seq, error)
+
+    def fail_all(self, error: Exception) -> None:
+        """End every sequence and every preload with `error` (the engine stops)."""
+        for seq in [*self.waiting, *self.running]:
+            self._finish(seq, error)
+        self.adapters.fail_waiters(error)
 
     def _event(self, name: str, **data: Any) -> None:
         for listener in self.listeners:
@@ -437,10 +326,12 @@ class EngineCore:
         results = [self.add_request(prompt, adapter, params) for prompt, adapter, params in requests]
         while not self.idle:
             self.step()
+            if not self.running and self.adapters.busy:
+                time.sleep(0.001)  # only adapter loads in flight
         return results
 
     def close(self) -> None:
-        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.adapters.close()
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

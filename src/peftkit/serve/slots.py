@@ -38,15 +38,21 @@ class Routing:
 
     @classmethod
     def build(
-        cls, decode_slots: list[int], prefill_slot: int | None, chunk: int, dtype: torch.dtype
+        cls,
+        decode_slots: list[int],
+        prefill_slot: int | None,
+        chunk: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> Routing:
         slots = torch.tensor(decode_slots + [prefill_slot] * chunk, dtype=torch.long)
         distinct = set(decode_slots) | ({prefill_slot} if chunk else set())
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
-        rt = cls(slots, len(decode_slots), prefill_slot if chunk else None, uniform)
+        rt = cls(slots.to(device), len(decode_slots), prefill_slot if chunk else None, uniform)
         if decode_slots and uniform is None:
             rt.lo, rt.hi = min(decode_slots), max(decode_slots) + 1
-            rt.onehot = F.one_hot(slots[: rt.decode] - rt.lo, rt.hi - rt.lo).to(dtype)[:, :, None]
+            onehot = F.one_hot(slots[: rt.decode] - rt.lo, rt.hi - rt.lo)
+            rt.onehot = onehot.to(device=device, dtype=dtype)[:, :, None]
         return rt
 
 

@@ -114,6 +114,18 @@ def _name(value: Any, where: str) -> str:
     return value
 
 
+def _model_name(value: Any, where: str) -> str:
+    """A name a tenant may use: an adapter or route name, never one version (allowing a name allows
+    all its versions, and a reference like bot@3 would never match a request's name)."""
+    name = _name(value, where)
+    if "@" in name:
+        raise ConfigError(
+            f"{where} is {name!r}: list the adapter's name ({name.partition('@')[0]!r}); a tenant that may use "
+            "a name may use each of its versions"
+        )
+    return name
+
+
 def parse_rate_limit(value: Any, where: str) -> RateLimit | None:
     """`{requests_per_minute: N, burst: M}` (burst defaults to N, at least 1); None for null."""
     if value is None:
@@ -147,7 +159,7 @@ def _tenant(name: str, value: Any) -> tuple[Tenant, list[tuple[str, str | None, 
     default = None if data.get("default") is None else _name(data["default"], f"{where}.default")
     tenant = Tenant(
         name,
-        frozenset(_name(m, f"{where}.models[{i}]") for i, m in enumerate(models)),
+        frozenset(_model_name(m, f"{where}.models[{i}]") for i, m in enumerate(models)),
         default,
         parse_rate_limit(data.get("rate_limit"), f"{where}.rate_limit"),
     )

@@ -1,9 +1,9 @@
 """What the serving engine takes and gives, on token ids only (the HTTP layer owns text).
 
-engine = Engine.start(model, tokenizer, adapters=AdapterSource(...), config=EngineConfig())
-async for out in engine.generate(prompt_ids, "support-bot@3", SamplingParams(max_tokens=32)):
-    out.token_id, out.logprob, out.finish_reason  # one TokenOutput per generated token
-engine.stop(deadline=10.0)                          # finishes in-flight requests, then returns
+    engine = Engine.start(model, tokenizer, loader, EngineConfig())  # loader: adapter key -> directory
+    async for out in engine.generate(prompt_ids, "support-bot@3", SamplingParams(max_tokens=32)):
+        out.token_id, out.logprob, out.finish_reason  # one TokenOutput per generated token
+    engine.stop(deadline=10.0)  # in-flight requests finish, or end with ShuttingDownError
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TokenOutput:
     token_id: int
     logprob: float | None = None  # log-probability of token_id (when logprobs was asked for)
     top_logprobs: dict[int, float] = field(default_factory=dict)  # the k most likely, when asked
-    finish_reason: str | None = None  # "stop" (EOS or a stop id), "length" (max_tokens), "abort"
+    finish_reason: str | None = None  # "stop" (EOS or a stop id: the token is that id), "length"
 
 
 class AdapterLoadError(RequestError):
