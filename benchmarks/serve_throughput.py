@@ -184,8 +184,9 @@ def main() -> None:
     for name in [f"a{i}" for i in range(40, 50)]:
         start = time.perf_counter()
         core.preload(name, lambda error: None)
-        while core.loads or core.ready:
+        while core.adapters.busy:
             core.step()  # places the adapter once the worker has it
+            time.sleep(0.0002)  # the worker needs the interpreter lock too
         load_times.append(time.perf_counter() - start)
 
     ids = torch.tensor(prompts)

@@ -9,7 +9,7 @@ Llama-family decoders (llama, mistral, qwen2: pre-norm, rotary, grouped-query at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +28,16 @@ PROJECTIONS = {
 @dataclass
 class StepLayout:
     """Where a step's tokens go: `decode_rows[i]` is decode token i's cache row and `decode_lens[i]`
-    its sequence length including that token; the prefill chunk fills row `prefill_row` from
-    position `prefill_start`."""
+    its sequence length including that token; after the decode tokens come prefill chunks, each
+    (row, start, length): `length` prompt tokens of the sequence in `row`, from position `start`."""
 
     decode_rows: Tensor  # (d,) long
     decode_lens: Tensor  # (d,) long
-    prefill_row: int | None = None
-    prefill_start: int = 0
-    chunk: int = 0
+    prefill: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def chunk(self) -> int:
+        return sum(length for _, _, length in self.prefill)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -129,15 +131,15 @@ class ServedModel(nn.Module):
         return self.lm_head(self.norm(h[last])).float()
 
     def _token_rows(self, layout: StepLayout) -> Tensor:
-        rows = layout.decode_rows
-        if layout.chunk:
-            rows = torch.cat([rows, torch.full((layout.chunk,), layout.prefill_row, dtype=torch.long)])
-        return rows
+        parts = [layout.decode_rows] + [
+            torch.full((n,), row, dtype=torch.long) for row, _, n in layout.prefill
+        ]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _masks(self, layout: StepLayout, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    def _masks(self, layout: StepLayout, device: torch.device) -> tuple[Tensor | None, list[Tensor]]:
         """Boolean attention masks. Decode (R, 1, 1, L) over the rows [lo, lo + R) the decode tokens'
         rows span (a row without a decode token sees its position 0 only, and is dropped after);
-        prefill (C, start + C), causal."""
+        one per prefill chunk (length, start + length), causal."""
         decode = None
         if len(layout.decode_rows):
             rows = layout.decode_rows
@@ -146,11 +148,10 @@ class ServedModel(nn.Module):
             lens[rows - lo] = layout.decode_lens
             span = int(layout.decode_lens.max())
             decode = (torch.arange(span) < lens[:, None])[:, None, None].to(device)
-        prefill = None
-        if layout.chunk:
-            end = layout.prefill_start + layout.chunk
-            query_pos = torch.arange(layout.prefill_start, end)
-            prefill = (torch.arange(end)[None] <= query_pos[:, None]).to(device)
+        prefill = []
+        for _, start, length in layout.prefill:
+            query_pos = torch.arange(start, start + length)
+            prefill.append((torch.arange(start + length)[None] <= query_pos[:, None]).to(device))
         return decode, prefill
 
     def _attention(self, index: int, q: Tensor, layout: StepLayout, masks: tuple) -> Tensor:
@@ -158,16 +159,17 @@ class ServedModel(nn.Module):
         outs = []
         if d:
             outs.append(self._decode_attention(index, q[:d], layout.decode_rows, masks[0]))
-        if layout.chunk:
-            end = layout.prefill_start + layout.chunk
-            row = layout.prefill_row
+        offset = d
+        for (row, start, length), mask in zip(layout.prefill, masks[1], strict=True):
+            end = start + length
             k = self.k_cache[index, row : row + 1, :, :end]  # (1, KVH, L, D): a view
             v = self.v_cache[index, row : row + 1, :, :end]
-            qp = q[d:].transpose(0, 1)[None]  # (1, H, C, D)
+            qp = q[offset : offset + length].transpose(0, 1)[None]  # (1, H, C, D)
             out = F.scaled_dot_product_attention(
-                qp, k, v, attn_mask=masks[1], scale=self.scaling, enable_gqa=True
+                qp, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True
             )
-            outs.append(out[0].transpose(0, 1).reshape(layout.chunk, -1))
+            outs.append(out[0].transpose(0, 1).reshape(length, -1))
+            offset += length
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _decode_attention(self, index: int, q: Tensor, rows: Tensor, mask: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """The engine's scheduler and step: continuous batching over token ids, many adapters in every step.
 
-Each step decodes one token for every running sequence and, when one is still reading its prompt,
-prefills one chunk of it (at most `chunk` tokens), so a long prompt never stalls the others.
+Each step decodes one token for every running sequence and reads up to `chunk` prompt tokens of the
+sequences still reading theirs (oldest first), so a long prompt never stalls the others and a burst
+of short ones is read together.
 Sequences join between steps as cache rows free up, and leave when they finish. Each token is routed
 to its adapter's slot (slots.py); an adapter a request names is loaded on a worker thread while the
 engine keeps stepping, then written into a free slot (or the least recently used idle one).
@@ -190,31 +191,33 @@ class EngineCore:
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit what fits, run one forward (decode tokens + one prefill chunk), sample, emit."""
+        """Admit what fits, run one forward (decode tokens + prefill chunks), sample, emit."""
         self.adapters.place(self._adapter_failed)
         self._admit()
         if not self.running:
             return
         decode = [s for s in self.running if not s.prefilling]
-        prefill = next((s for s in self.running if s.prefilling), None)
-        chunk = min(self.config.chunk, prefill.start + len(prefill.prompt) - prefill.cached) if prefill else 0
+        prefill = self._prefill_chunks()  # (sequence, tokens this step), oldest first
         ids = [s.output[-1] for s in decode]
         positions = [s.cached for s in decode]
-        if prefill:
-            read = prefill.cached - prefill.start
-            ids += prefill.prompt[read : read + chunk]
-            positions += list(range(prefill.cached, prefill.cached + chunk))
+        for seq, n in prefill:
+            read = seq.cached - seq.start
+            ids += seq.prompt[read : read + n]
+            positions += list(range(seq.cached, seq.cached + n))
         layout = StepLayout(
             torch.tensor([s.row for s in decode], dtype=torch.long),
             torch.tensor([s.cached + 1 for s in decode], dtype=torch.long),
-            prefill.row if prefill else None,
-            prefill.cached if prefill else 0,
-            chunk,
+            [(seq.row, seq.cached, n) for seq, n in prefill],
         )
-        slots = [s.slot for s in decode]
-        rt = Routing.build(slots, prefill.slot if prefill else None, chunk, self.dtype, self.device)
-        done_prefill = prefill is not None and prefill.cached + chunk == prefill.start + len(prefill.prompt)
-        last = list(range(len(decode))) + ([len(ids) - 1] if done_prefill else [])
+        rt = Routing.build(
+            [s.slot for s in decode], [(n, seq.slot) for seq, n in prefill], self.dtype, self.device
+        )
+        last, done, offset = list(range(len(decode))), [], len(decode)
+        for seq, n in prefill:
+            offset += n
+            if seq.cached + n == seq.start + len(seq.prompt):  # its prompt is read: its first token now
+                last.append(offset - 1)
+                done.append(seq)
         start = time.perf_counter()
         with torch.inference_mode():
             logits = self.served(
@@ -225,16 +228,27 @@ class EngineCore:
                 torch.tensor(last, dtype=torch.long, device=self.device),
             )
         self.steps += 1
-        self._event("step", decode=len(decode), prefill=chunk, batch=len(self.running),
+        self._event("step", decode=len(decode), prefill=layout.chunk, batch=len(self.running),
                     seconds=time.perf_counter() - start)  # fmt: skip
         for seq in decode:
             seq.cached += 1
-        if prefill:
-            prefill.cached += chunk
-        sampled = [*decode, prefill] if done_prefill else decode
+        for seq, n in prefill:
+            seq.cached += n
+        sampled = [*decode, *done]
         outs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         for seq, out in zip(sampled, outs, strict=True):
             self._emit(seq, out)
+
+    def _prefill_chunks(self) -> list[tuple[Sequence, int]]:
+        """Prompt tokens to read this step: the sequences still reading theirs, oldest first, each
+        as much as is left of the `chunk` budget."""
+        budget, chunks = self.config.chunk, []
+        for seq in self.running:
+            if budget and seq.prefilling:
+                n = min(budget, seq.start + len(seq.prompt) - seq.cached)
+                chunks.append((seq, n))
+                budget -= n
+        return chunks
 
     def _admit(self) -> None:
         blocked = []

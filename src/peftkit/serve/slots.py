@@ -25,12 +25,12 @@ from .types import AdapterLoadError
 class Routing:
     """Which slot each token of one engine step uses; shared by every served layer of the step.
 
-    The step's tokens are `decode` decode tokens (one per running sequence) followed by at most one
-    prefill chunk of a single sequence (slot `prefill_slot`)."""
+    The step's tokens are `decode` decode tokens (one per running sequence) followed by prefill
+    chunks, each (offset, length, slot): a run of one sequence's prompt tokens."""
 
     slots: Tensor  # (N,) long: each token's slot
     decode: int
-    prefill_slot: int | None
+    prefill: list[tuple[int, int, int]]
     uniform: int | None  # the slot every token shares, if they do
     lo: int = 0  # decode tokens' slots lie in [lo, hi): the banks' rows read as one view
     hi: int = 0
@@ -40,15 +40,19 @@ class Routing:
     def build(
         cls,
         decode_slots: list[int],
-        prefill_slot: int | None,
-        chunk: int,
+        prefill: list[tuple[int, int]],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> Routing:
-        slots = torch.tensor(decode_slots + [prefill_slot] * chunk, dtype=torch.long)
-        distinct = set(decode_slots) | ({prefill_slot} if chunk else set())
+        """From the decode tokens' slots and the prefill chunks' (length, slot)."""
+        chunks, offset = [], len(decode_slots)
+        for length, slot in prefill:
+            chunks.append((offset, length, slot))
+            offset += length
+        slots = torch.tensor(decode_slots + [slot for length, slot in prefill for _ in range(length)])
+        distinct = set(decode_slots) | {slot for _, slot in prefill}
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
-        rt = cls(slots.to(device), len(decode_slots), prefill_slot if chunk else None, uniform)
+        rt = cls(slots.to(device), len(decode_slots), chunks, uniform)
         if decode_slots and uniform is None:
             rt.lo, rt.hi = min(decode_slots), max(decode_slots) + 1
             onehot = F.one_hot(slots[: rt.decode] - rt.lo, rt.hi - rt.lo)
@@ -64,11 +68,13 @@ class ServedLinear(nn.Module):
         self.base = base
         self.capacity, self.max_rank = capacity, max_rank
         self.out_features, self.in_features = base.weight.shape
-        self.banks: dict[
-            str, Tensor
-        ] = {}  # A (S+1, R, in), Bt (S+1, R, out), in_scale, out_scale, bias_scale
+        # A (S+1, R, in), Bt (S+1, R, out), in_scale, out_scale, bias_scale: allocated on first use
+        self.banks: dict[str, Tensor] = {}
+        self.fused: FusedLinears | None = None  # set when this layer's A and B live in a fused bank
 
     def _bank(self, role: str) -> Tensor:
+        if role in ("A", "Bt") and self.fused is not None:
+            self.fused.allocate()  # views into the fused banks, for every linear of the group
         if role not in self.banks:
             w = self.base.weight
             rows = self.capacity + 1
@@ -110,40 +116,44 @@ class ServedLinear(nn.Module):
         xs = x * self.banks["in_scale"].index_select(0, rt.slots) if "in_scale" in self.banks else x
         return self.finish(x, F.linear(xs, self.base.weight), rt)
 
-    def finish(self, x: Tensor, y: Tensor, rt: Routing) -> Tensor:
-        """The layer's output from its base product y = W·x (no bias yet; (N, out)): adapters and bias."""
+    def finish(self, x: Tensor, y: Tensor, rt: Routing, low_rank: bool = True) -> Tensor:
+        """The layer's output from its base product y = W·x (no bias yet; (N, out)): adapters and bias
+        (`low_rank=False`: B·A·x is in y already, added for the whole fused group)."""
         banks, slots, bias = self.banks, rt.slots, self.base.bias
         if not banks or rt.uniform == self.capacity:
             return y if bias is None else y + bias
-        if "A" in banks:
-            y = y + self._low_rank(x, rt)
+        if low_rank and "A" in banks:
+            y = y + low_rank_delta(x, banks["A"], banks["Bt"], rt)
         if "out_scale" in banks:
             y = y * banks["out_scale"].index_select(0, slots)
         if bias is not None:
             y = y + (bias * banks["bias_scale"].index_select(0, slots) if "bias_scale" in banks else bias)
         return y
 
-    def _low_rank(self, x: Tensor, rt: Routing) -> Tensor:
-        a, bt = self.banks["A"], self.banks["Bt"]  # (S+1, R, in), (S+1, R, out)
-        if rt.uniform is not None:
-            return (x @ a[rt.uniform].T) @ bt[rt.uniform]
-        parts = []
-        if rt.decode:
-            # Every decode token against the adapters of the slot range (one view, no copy), then keep
-            # only its own slot's R columns: (d, U·R) -> masked -> (d, out).
-            width = rt.hi - rt.lo
-            h = x[: rt.decode] @ a[rt.lo : rt.hi].reshape(width * self.max_rank, -1).T
-            h = (h.view(rt.decode, width, self.max_rank) * rt.onehot).view(rt.decode, -1)
-            parts.append(h @ bt[rt.lo : rt.hi].reshape(width * self.max_rank, -1))
-        if rt.prefill_slot is not None:
-            u = rt.prefill_slot
-            parts.append((x[rt.decode :] @ a[u].T) @ bt[u])
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+def low_rank_delta(x: Tensor, a: Tensor, bt: Tensor, rt: Routing) -> Tensor:
+    """B[s]·A[s]·x for each token's slot s; a (S+1, R, in), bt (S+1, R, out) -> (N, out)."""
+    rank = a.shape[1]
+    if rt.uniform is not None:
+        return (x @ a[rt.uniform].T) @ bt[rt.uniform]
+    parts = []
+    if rt.decode:
+        # Every decode token against the adapters of the slot range (one view, no copy), then keep
+        # only its own slot's R columns: (d, U·R) -> masked -> (d, out).
+        width = rt.hi - rt.lo
+        h = x[: rt.decode] @ a[rt.lo : rt.hi].reshape(width * rank, -1).T
+        h = (h.view(rt.decode, width, rank) * rt.onehot).view(rt.decode, -1)
+        parts.append(h @ bt[rt.lo : rt.hi].reshape(width * rank, -1))
+    for offset, length, u in rt.prefill:  # one sequence's run: its slot's factors, no gather
+        parts.append((x[offset : offset + length] @ a[u].T) @ bt[u])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class FusedLinears:
     """Linears that read the same input (q/k/v, gate/up) as one matrix product: their weights become
-    views into one concatenated matrix (no extra memory), and each adds its own adapters after."""
+    views into one concatenated matrix (no extra memory). Their LoRA factors live in fused banks too
+    (A stacked, Bᵀ block-diagonal), so B·A·x for the whole group is two products, not two per linear;
+    each linear's own banks are views into them, written as before."""
 
     def __init__(self, linears: list[ServedLinear]) -> None:
         self.linears = linears
@@ -152,15 +162,34 @@ class FusedLinears:
         start = 0
         for lin, w in zip(linears, weights, strict=True):
             lin.base.weight.data = self.weight[start : start + w.shape[0]]  # the same memory, shared
+            lin.fused = self
             start += w.shape[0]
         self.sizes = [w.shape[0] for w in weights]
+        self.a: Tensor | None = None  # (S+1, n·R, in)
+        self.bt: Tensor | None = None  # (S+1, n·R, sum out), block-diagonal
+
+    def allocate(self) -> None:
+        if self.a is not None:
+            return
+        first, w = self.linears[0], self.weight
+        rows, rank, n = first.capacity + 1, first.max_rank, len(self.linears)
+        self.a = torch.zeros(rows, n * rank, w.shape[1], dtype=w.dtype, device=w.device)
+        self.bt = torch.zeros(rows, n * rank, w.shape[0], dtype=w.dtype, device=w.device)
+        start = 0
+        for i, (lin, size) in enumerate(zip(self.linears, self.sizes, strict=True)):
+            lin.banks["A"] = self.a[:, i * rank : (i + 1) * rank]
+            lin.banks["Bt"] = self.bt[:, i * rank : (i + 1) * rank, start : start + size]
+            start += size
 
     def __call__(self, x: Tensor, rt: Routing) -> list[Tensor]:
         if any("in_scale" in lin.banks for lin in self.linears):  # IA³ scales this input: one by one
             return [lin(x, rt) for lin in self.linears]
         y = F.linear(x, self.weight)  # (N, sum out)
+        if self.a is not None and rt.uniform != self.linears[0].capacity:
+            y = y + low_rank_delta(x, self.a, self.bt, rt)
+        parts = y.split(self.sizes, -1)
         return [
-            lin.finish(x, part, rt) for lin, part in zip(self.linears, y.split(self.sizes, -1), strict=True)
+            lin.finish(x, part, rt, low_rank=False) for lin, part in zip(self.linears, parts, strict=True)
         ]
 
 
