@@ -1,9 +1,9 @@
 """What the serving engine takes and gives, on token ids only (the HTTP layer owns text).
 
-    engine = Engine.start(model, tokenizer, loader, EngineConfig())  # loader: adapter key -> directory
-    async for out in engine.generate(prompt_ids, "support-bot@3", SamplingParams(max_tokens=32)):
-        out.token_id, out.logprob, out.finish_reason  # one TokenOutput per generated token
-    engine.stop(deadline=10.0)  # in-flight requests finish, or end with ShuttingDownError
+engine = Engine.start(model, tokenizer, loader, EngineConfig())  # loader: adapter key -> directory
+async for out in engine.generate(prompt_ids, "support-bot@3", SamplingParams(max_tokens=32)):
+    out.token_id, out.logprob, out.finish_reason  # one TokenOutput per generated token
+engine.stop(deadline=10.0)  # in-flight requests finish, or end with ShuttingDownError
 """
 
 from __future__ import annotations
