@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -24,6 +21,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 import torch
+from test_serve_http import served_app
 
 from peftkit import AdaptedModel, LoraConfig
 from peftkit.base import load_base
@@ -34,12 +32,6 @@ from peftkit.serve.tenants import hash_key
 MAX_EXAMPLES = 25  # per operation, in the fuzzing phase (the coverage phase adds its boundary cases)
 ADMIN, TENANT = "sk-admin-fuzz", "sk-acme-fuzz"
 MODELS = ["alpha", "bot", "bot@2", "helpdesk", "default"]  # served names; the base is added below
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def save_adapter(base_dir: Path, out: Path, seed: int) -> Path:
@@ -81,23 +73,12 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 @contextmanager
 def serving(setup: dict):
     """The real server (uvicorn on a free port, in a thread): (its URL, the prepared server)."""
-    import uvicorn
-
     from peftkit.serve.engine import EngineConfig
 
     engine = EngineConfig(max_len=64, max_batch=4, chunk=16, adapter_slots=2, max_rank=2, max_queue=64)
     prepared = prepare(str(setup["base"]), setup["adapters"], str(setup["registry"]), setup["config"], engine)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(prepared.app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", prepared
-    finally:
-        uv.should_exit = True
-        thread.join(10)
+    with served_app(prepared.app, log_level="critical") as url:
+        yield url, prepared
 
 
 @pytest.fixture(scope="module")

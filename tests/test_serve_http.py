@@ -16,6 +16,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -36,6 +38,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def served_app(app, log_level: str = "warning") -> Iterator[str]:
+    """`app` under a real uvicorn on 127.0.0.1 (a free port, in a thread): its base URL."""
+    import uvicorn
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
 
 
 def save_adapter(base_dir: Path, out: Path, seed: int) -> Path:
@@ -71,8 +91,6 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 @pytest.fixture(scope="module")
 def server(setup: dict):
     """The real server (uvicorn on a free port, in a thread), like `peftkit serve` builds it."""
-    import uvicorn
-
     from peftkit.serve.engine import EngineConfig
 
     adapters = [f"{n}={d}" for n, d in setup["dirs"].items()]
@@ -84,15 +102,8 @@ def server(setup: dict):
         config,
         EngineConfig(max_len=MAX_LEN, max_batch=8),
     )
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(prepared.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", prepared
-    uv.should_exit = True
-    thread.join(10)
+    with served_app(prepared.app) as url:
+        yield url, prepared
     assert not prepared.engine.running
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from test_serve_http import served_app
 
 from peftkit import AdaptedModel, IA3Config, LoraConfig
 from peftkit.base import load_base, model_fingerprint
@@ -31,12 +31,6 @@ CLIENTS = 32
 REQUESTS = 256
 MAX_LEN = 64
 BAD = ["corrupt", "truncated", "other-base"]  # configured directories whose files go bad after start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_for(i: int):
@@ -78,8 +72,6 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 def server(setup: dict):
     """The real server (uvicorn in a thread) with 8 rows and 8 adapter slots for 67 adapters; an event
     log of the engine's adapter loads and evictions."""
-    import uvicorn
-
     from peftkit.serve.engine import EngineConfig
 
     adapters = [f"{n}={d}" for n, d in {**setup["dirs"], **setup["bad"]}.items()]
@@ -89,15 +81,8 @@ def server(setup: dict):
     prepared = prepare(str(setup["base"]), adapters, None, ServeConfig(shutdown_deadline=2), engine_config)
     events: list[tuple[str, dict]] = []
     prepared.engine.add_listener(lambda name, data: events.append((name, data)))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(prepared.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1", prepared, events
-    uv.should_exit = True
-    thread.join(10)
+    with served_app(prepared.app) as url:
+        yield url + "/v1", prepared, events
     assert not prepared.engine.running
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 import torch
-from test_serve_http import free_port, http, save_adapter
+from test_serve_http import http, save_adapter, served_app
 
 from peftkit import AdaptedModel, LoraConfig
 from peftkit.registry import Registry
@@ -51,8 +49,6 @@ def metrics_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def metrics_server(metrics_setup: dict):
     """(url, prepared server, Metrics): the real server with two adapter slots, so a third adapter evicts."""
-    import uvicorn
-
     from peftkit.serve.engine import EngineConfig
 
     prepared = prepare(
@@ -63,15 +59,8 @@ def metrics_server(metrics_setup: dict):
         EngineConfig(max_len=MAX_LEN, max_batch=4, adapter_slots=2),
     )
     metrics = install_metrics(prepared.app, prepared.engine)  # the app's own when create_app installed it
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(prepared.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", prepared, metrics
-    uv.should_exit = True
-    thread.join(10)
+    with served_app(prepared.app) as url:
+        yield url, prepared, metrics
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
