@@ -185,7 +185,10 @@ class AdapterCache:
                     continue
                 if name not in self.served.linears:
                     raise AdapterLoadError(f"adapter {key!r} adapts {name}, which the server does not serve")
-                tensors[name] = {r: t.clone() for r, t in spec.slot_tensors(layer, STAGED).items()}
+                own = spec.slot_tensors(layer, STAGED)
+                if "B" in own:  # transposed here, on the worker: the engine thread only copies
+                    own["Bt"] = own.pop("B").T.contiguous()
+                tensors[name] = {r: t.contiguous() for r, t in own.items()}
                 self.served.linears[name].check(tensors[name], f"adapter {key!r}, layer {name}")
             return tensors
         except (PeftkitError, RequestError) as e:

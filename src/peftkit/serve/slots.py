@@ -103,6 +103,8 @@ class ServedLinear(nn.Module):
                 self._bank("A")[slot, : value.shape[0]] = value
             elif role == "B":
                 self._bank("Bt")[slot, : value.shape[1]] = value.T
+            elif role == "Bt":  # B already transposed: (r, out)
+                self._bank("Bt")[slot, : value.shape[0]] = value
             else:
                 self._bank(role)[slot] = value
 
