@@ -19,6 +19,14 @@ def _print_json(value: Any) -> None:
     print(_json.dumps(value, indent=2))
 
 
+def _report(json: bool, data: Any, text: str) -> None:
+    """`data` as JSON for scripts, else one line for people."""
+    if json:
+        _print_json(data)
+    else:
+        print(printable(text))
+
+
 def _print_versions(versions: list[Version], json: bool) -> None:
     if json:
         _print_json([v.to_dict() for v in versions])
@@ -185,10 +193,7 @@ def registry_gate(
     """
     gate = Gate(data, metric, n, min_score, max_perplexity, margin, base, max_new_tokens)
     stored = Registry.open(registry).set_gate(name, gate, user=user)
-    if json:
-        _print_json(stored.to_dict())
-    else:
-        print(printable(f"gate for {name}: {stored.to_dict()}"))
+    _report(json, stored.to_dict(), f"gate for {name}: {stored.to_dict()}")
 
 
 @registry_command
@@ -211,10 +216,7 @@ def registry_demote(
         json: print the version as JSON
     """
     version = Registry.open(registry, create=False).demote(ref, to, reason=reason, user=user)
-    if json:
-        _print_json(version.to_dict())
-    else:
-        print(printable(f"{version.ref} is in {version.stage}"))
+    _report(json, version.to_dict(), f"{version.ref} is in {version.stage}")
 
 
 @registry_command
@@ -231,10 +233,7 @@ def registry_rollback(
         json: print the version now in production as JSON
     """
     version = Registry.open(registry, create=False).rollback(name, reason=reason, user=user)
-    if json:
-        _print_json(version.to_dict())
-    else:
-        print(printable(f"{version.ref} is in production again"))
+    _report(json, version.to_dict(), f"{version.ref} is in production again")
 
 
 @registry_command
@@ -251,10 +250,7 @@ def registry_delete(
         json: print the deleted version as JSON
     """
     version = Registry.open(registry, create=False).delete(ref, reason=reason, user=user)
-    if json:
-        _print_json(version.to_dict())
-    else:
-        print(printable(f"deleted {version.ref} (its files stay until `peftkit registry gc`)"))
+    _report(json, version.to_dict(), f"deleted {version.ref} (its files stay until `peftkit registry gc`)")
 
 
 @registry_command
@@ -289,10 +285,7 @@ def registry_export(ref: str, out: Path, registry: str | None = None, json: bool
     reg = Registry.open(registry, create=False)
     version = reg.resolve_version(ref)  # NAME@N from here on: the bundle and the output name one version
     bundle = export_bundle(reg, version.ref, out)
-    if json:
-        _print_json({"bundle": str(bundle), "version": version.to_dict()})
-    else:
-        print(printable(f"wrote {out}"))
+    _report(json, {"bundle": str(bundle), "version": version.to_dict()}, f"wrote {out}")
 
 
 @registry_command
