@@ -20,14 +20,11 @@ from torch import Tensor, nn
 from . import __version__
 from .adapter_checks import (
     bias_choice,
-    check_base_copies,
-    check_base_fingerprint,
+    check_adapter_file,
     check_can_share_a_batch,
     check_mergeable,
     check_other_adapters,
-    expected_tensors,
     is_base_bias,
-    note_quantization,
     saved_modules_of,
 )
 from .errors import (
@@ -121,18 +118,9 @@ class AdaptedModel(nn.Module):
         """Load an adapter saved by peftkit or HF PEFT. Everything is checked before anything changes:
         config, tensor names and shapes, and (when the file records it) the base model's fingerprint."""
         self._check_new_name(name)
-        files = fmt.read_adapter(path)
-        spec, config = fmt.config_from_peft(files.config, files.directory)
-        identity = AdapterIdentity.from_metadata(files.metadata)
-        if check_base:
-            check_base_fingerprint(self, identity, files.directory)
-        note_quantization(self, identity, files.directory)
-        targets = find_targets(self.model, config, spec) if spec.wraps_layers else []
-        check_other_adapters(self, spec, config, targets)
-        expected, base_copies = expected_tensors(self, spec, config, targets, files.tensors)
-        fmt.check_tensors(expected, files.tensors, files.directory)
-        check_base_copies(self, {k: files.tensors[k] for k in base_copies}, files.directory)
-        self._inject(name, spec, config, targets, trainable=trainable, dtype=dtype)
+        checked = check_adapter_file(self, path, check_base=check_base)
+        files, spec, config, base_copies = checked.files, checked.spec, checked.config, checked.base_copies
+        self._inject(name, spec, config, checked.targets, trainable=trainable, dtype=dtype)
         params = self.adapter_state_dict(name)
         whole_model = {k: v for k, v in files.tensors.items() if fmt.is_model_key(k)}
         if whole_model:  # a whole-model adapter takes its saved tensors itself (e.g. projected prefixes)

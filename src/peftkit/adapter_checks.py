@@ -4,6 +4,7 @@ which tensors a file must hold, modules another adapter already claims, and the 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,13 +14,42 @@ from torch import Tensor, nn
 from .errors import AdapterStateError, BaseModelMismatchError, RequestError, TargetError, option
 from .formats import peft as fmt
 from .identity import AdapterIdentity
-from .inject import Target, find_modules_to_save
+from .inject import Target, find_modules_to_save, find_targets
 from .layer_types import is_quantized
 from .methods import MethodSpec, method_for, method_of_layer
 from .saved_modules import ModulesToSave
 
 if TYPE_CHECKING:
     from .adapted import AdaptedModel
+
+
+@dataclass
+class CheckedAdapter:
+    """An adapter file read and checked against a model, nothing attached yet: what `load_adapter`
+    injects, or what the server turns into slot tensors without attaching anything."""
+
+    files: fmt.AdapterFiles
+    spec: MethodSpec
+    config: Any
+    targets: list[Target]  # the layers it adapts (none for a whole-model method)
+    base_copies: list[str]  # keys that are full copies of base weights (checked equal, not loaded)
+
+
+def check_adapter_file(am: AdaptedModel, path: str | Path, *, check_base: bool = True) -> CheckedAdapter:
+    """Read an adapter and check everything a load depends on: its config, the base model it was
+    trained on, the layers it targets, and every tensor's name and shape."""
+    files = fmt.read_adapter(path)
+    spec, config = fmt.config_from_peft(files.config, files.directory)
+    identity = AdapterIdentity.from_metadata(files.metadata)
+    if check_base:
+        check_base_fingerprint(am, identity, files.directory)
+    note_quantization(am, identity, files.directory)
+    targets = find_targets(am.model, config, spec) if spec.wraps_layers else []
+    check_other_adapters(am, spec, config, targets)
+    expected, base_copies = expected_tensors(am, spec, config, targets, files.tensors)
+    fmt.check_tensors(expected, files.tensors, files.directory)
+    check_base_copies(am, {k: files.tensors[k] for k in base_copies}, files.directory)
+    return CheckedAdapter(files, spec, config, targets, base_copies)
 
 
 def expected_tensors(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from torch import nn
@@ -64,7 +65,14 @@ def name_matches(name: str, spec: tuple[str, ...] | str) -> bool:
     """Whether module `name` matches a target spec (list: exact or dotted suffix; str: full regex)."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
+    parts = name.split(".")  # t matches when it is one of name's dotted suffixes, name itself included
+    return not _name_set(spec).isdisjoint(".".join(parts[i:]) for i in range(len(parts)))
+
+
+@lru_cache(maxsize=256)
+def _name_set(spec: tuple[str, ...]) -> frozenset[str]:
+    # Saved configs list every adapted module (hundreds): a set makes each match a few lookups.
+    return frozenset(spec)
 
 
 def layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:

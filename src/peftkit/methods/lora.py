@@ -349,6 +349,18 @@ def slot_tensors(layer: LoraLayer, name: str) -> dict[str, Tensor]:
     return out
 
 
+def file_slot_tensors(
+    config: LoraConfig, module_name: str, tensors: dict[str, Tensor]
+) -> dict[str, Tensor] | None:
+    """`slot_tensors` from a file's factors (already in the served dtype), with nothing attached: the
+    same numbers, B·scaling rounded in that dtype as the attached layer computes it. None for DoRA,
+    whose factor needs the base weight through the layer."""
+    if config.use_dora:
+        return None
+    r, alpha = config.rank_and_alpha(module_name)
+    return {"A": tensors["lora_A"], "B": tensors["lora_B"] * config.scaling(r, alpha)}
+
+
 def wrap(module: nn.Module, kind: LayerKind, state: AdapterState) -> LoraLayer:
     return LoraLayer(module, kind, state)
 
@@ -420,6 +432,7 @@ SPEC = MethodSpec(
     info_rows=lora_info.info_rows,
     train_default=lambda: LoraConfig(r=16, lora_alpha=32),
     slot_tensors=slot_tensors,
+    file_slot_tensors=file_slot_tensors,
     lr_scaled_roles=("lora_B",),
     no_decay_roles=("lora_magnitude",),
 )

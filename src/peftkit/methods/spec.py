@@ -123,6 +123,10 @@ class MethodSpec:
     # out_scale (out,), bias_scale (out,); y = ((W·(x·in_scale) + B·A·x)·out_scale + bias·bias_scale.
     # None: the engine does not serve the method's layers.
     slot_tensors: Callable[[nn.Module, str], dict[str, Tensor]] | None = None
+    # (config, module name, {role: tensor} from a checked file, in the served dtype) -> the same slot
+    # tensors without attaching the adapter (the server's fast load), or None where they need the
+    # attached layer (e.g. DoRA's factor); None: always attach
+    file_slot_tensors: Callable[[Any, str, dict[str, Tensor]], dict[str, Tensor] | None] | None = None
     # -- training ------------------------------------------------------------------------------------
     lr_scaled_roles: tuple[str, ...] = ()  # roles trained at lr x lora_plus_ratio (LoRA+: lora_B)
     no_decay_roles: tuple[str, ...] = ()  # roles never weight-decayed (besides biases and 1-d tensors)

@@ -157,20 +157,54 @@ class AdapterCache:
         """The adapter's slot tensors per served layer (or its prefix), checked. The staging model
         is left without the adapter whatever happens."""
         from ..adapted import AdaptedModel
-        from ..adapter_checks import bias_choice, saved_modules_of
-        from ..formats import peft as fmt
-        from ..methods import method_for
+        from ..adapter_checks import bias_choice, check_adapter_file, saved_modules_of
 
         if self.staging is None:
             self.staging = AdaptedModel(self.model)
         try:
             path = self.loader(key)
-            _, config = fmt.config_from_peft(fmt.read_adapter(path).config, Path(path))
-            if bias_choice(config) != "none" or saved_modules_of(config):
+            checked = check_adapter_file(self.staging, path)
+            if bias_choice(checked.config) != "none" or saved_modules_of(checked.config):
                 raise AdapterLoadError(
                     f"adapter {key!r} trains biases or whole modules (bias / modules_to_save), which would "
                     "change the base model every other request shares; the server does not serve those",
                 )
+            return self._from_file(key, checked) or self._through_model(key, path)
+        except (PeftkitError, RequestError) as e:
+            raise AdapterLoadError.of(key, e) from None
+
+    def _from_file(self, key: str, checked: Any) -> dict[str, Any] | None:
+        """Slot tensors straight from the checked file's tensors, attaching nothing: for LoRA and
+        rsLoRA about 10x faster than through the model. None where the method needs its attached
+        layers (DoRA's factor, IA³, prompt and prefix tuning) or a layer is not served (the general
+        path then names the problem)."""
+        from ..formats import peft as fmt
+
+        spec = checked.spec
+        if spec.file_slot_tensors is None:
+            return None
+        tensors = {}
+        for t in checked.targets:
+            if t.name not in self.served.linears or t.kind.name != "linear":
+                return None
+            shapes = spec.expected_shapes(t.module, t.kind, checked.config, t.name)
+            saved = {
+                role: checked.files.tensors[fmt.layer_key(t.name, spec.key_suffix(role, t.kind))].to(
+                    self.dtype
+                )
+                for role in shapes
+            }
+            own = spec.file_slot_tensors(checked.config, t.name, saved)
+            if own is None:
+                return None
+            tensors[t.name] = self._slot_ready(key, t.name, own)
+        return tensors
+
+    def _through_model(self, key: str, path: Path) -> dict[str, Any]:
+        """Slot tensors (or a prefix) by attaching the adapter to the staging model, then removing it."""
+        from ..methods import method_for
+
+        try:
             self.staging.load_adapter(path, STAGED, dtype=self.dtype)
             spec = method_for(self.staging.configs[STAGED])
             if not spec.wraps_layers:
@@ -185,17 +219,20 @@ class AdapterCache:
                     continue
                 if name not in self.served.linears:
                     raise AdapterLoadError(f"adapter {key!r} adapts {name}, which the server does not serve")
-                own = spec.slot_tensors(layer, STAGED)
-                if "B" in own:  # transposed here, on the worker: the engine thread only copies
-                    own["Bt"] = own.pop("B").T.contiguous()
-                tensors[name] = {r: t.contiguous() for r, t in own.items()}
-                self.served.linears[name].check(tensors[name], f"adapter {key!r}, layer {name}")
+                tensors[name] = self._slot_ready(key, name, spec.slot_tensors(layer, STAGED))
             return tensors
-        except (PeftkitError, RequestError) as e:
-            raise AdapterLoadError.of(key, e) from None
         finally:
             if STAGED in self.staging.configs:
                 self.staging.delete_adapter(STAGED)
+
+    def _slot_ready(self, key: str, name: str, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One layer's slot tensors as the engine thread copies them: B transposed here, on the
+        worker, and each contiguous; checked against the slot's size."""
+        if "B" in own:
+            own["Bt"] = own.pop("B").T
+        ready = {role: t.contiguous() for role, t in own.items()}
+        self.served.linears[name].check(ready, f"adapter {key!r}, layer {name}")
+        return ready
 
     def _prefix(self, spec: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole-model adapter's key/value prefix (layers, KVH, P, D), computed once (prompt tuning
