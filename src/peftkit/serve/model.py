@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import RequestError
-from .slots import FusedLinears, Routing, ServedLinear
+from .slots import FusedLinears, Routing, ServedLinear, packed_product
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = {
@@ -40,9 +40,19 @@ class StepLayout:
         return sum(length for _, _, length in self.prefill)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotary embedding: x·cos + rotate_half(x)·sin, as x·cos + roll(x)·(−sin₁, sin₂), which is the
+    same numbers in one op fewer than rotate_half's slices, negation and concatenation."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """An HF Llama-family RMSNorm through torch's fused kernel: the same numbers as its forward (which
+    is eight ops), computed in fp32 and rounded back before the weight, as HF does."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        return norm(x)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * norm.weight
 
 
 class ServedModel(nn.Module):
@@ -56,9 +66,15 @@ class ServedModel(nn.Module):
             raise RequestError(
                 f"the server's engine runs {', '.join(SUPPORTED)} models, not {config.model_type!r}"
             )
+        window = getattr(config, "sliding_window", None)
+        if window is not None and max_len > window:
+            raise RequestError(
+                f"this model attends over a sliding window of {window} tokens and the engine attends over "
+                f"the whole sequence: start the server with max_len at most {window}"
+            )
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
-        self.lm_head = model.lm_head
+        self.lm_head = packed_product(model.lm_head.weight)  # no bias in these models' heads
         self.linears: dict[str, ServedLinear] = {}  # module name in the HF model -> served layer
         self.layers = []
         for i, layer in enumerate(inner.layers):
@@ -67,8 +83,12 @@ class ServedModel(nn.Module):
                 for name in names:
                     linear = ServedLinear(getattr(getattr(layer, block), name), capacity, max_rank)
                     self.linears[f"model.layers.{i}.{block}.{name}"] = served[name] = linear
+            for name in ("o_proj", "down_proj"):  # the others are products of their fused group
+                served[name].pack()
             served["qkv"] = FusedLinears([served["q_proj"], served["k_proj"], served["v_proj"]])
             served["gate_up"] = FusedLinears([served["gate_proj"], served["up_proj"]])
+            attn = layer.self_attn  # qwen3 normalises each head's queries and keys before rotary
+            served["head_norms"] = (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
             self.layers.append(
                 (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn, served)
             )
@@ -78,7 +98,7 @@ class ServedModel(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.scaling = attn.scaling
         self.max_len = max_len
-        weight = self.lm_head.weight
+        weight = model.lm_head.weight
         shape = (len(self.layers), rows, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
@@ -110,25 +130,29 @@ class ServedModel(nn.Module):
         values to the cache. ids, positions: (N,)."""
         h = self.embed(ids)  # (N, hidden)
         cos, sin = self.rotary(h, positions[None])  # (1, N, D) each
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[0][:, None], sin[0][:, None]  # (N, 1, D): broadcast over heads
         rows = self._token_rows(layout)
         masks = self._masks(layout, h.device)
         for index, (norm1, norm2, act, p) in enumerate(self.layers):
-            x = norm1(h)
+            x = rms_norm(norm1, h)
             q, k, v = p["qkv"](x, rt)
             q = q.reshape(-1, self.heads, self.head_dim)  # (N, H, D)
             k = k.reshape(-1, self.kv_heads, self.head_dim)  # (N, KVH, D)
             v = v.reshape(-1, self.kv_heads, self.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q_norm, k_norm = p["head_norms"]
+            if q_norm is not None:
+                q, k = rms_norm(q_norm, q), rms_norm(k_norm, k)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
             self.k_cache[index, rows, :, positions] = k
             self.v_cache[index, rows, :, positions] = v
             attn = self._attention(index, q, layout, masks)  # (N, H·D)
             h = h + p["o_proj"](attn, rt)
-            x = norm2(h)
+            x = rms_norm(norm2, h)
             gate, up = p["gate_up"](x, rt)
             h = h + p["down_proj"](act(gate) * up, rt)
-        return self.lm_head(self.norm(h[last])).float()
+        return self.lm_head(rms_norm(self.norm, h[last])).float()
 
     def _token_rows(self, layout: StepLayout) -> Tensor:
         parts = [layout.decode_rows] + [
@@ -137,9 +161,9 @@ class ServedModel(nn.Module):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _masks(self, layout: StepLayout, device: torch.device) -> tuple[Tensor | None, list[Tensor]]:
-        """Boolean attention masks. Decode (R, 1, 1, L) over the rows [lo, lo + R) the decode tokens'
-        rows span (a row without a decode token sees its position 0 only, and is dropped after);
-        one per prefill chunk (length, start + length), causal."""
+        """Decode: an additive fp32 mask (R, 1, 1, L), 0 or -inf, over the rows [lo, lo + R) the decode
+        tokens' rows span (a row without a decode token sees its position 0 only, and is dropped
+        after). Prefill: one boolean mask per chunk (length, start + length), causal."""
         decode = None
         if len(layout.decode_rows):
             rows = layout.decode_rows
@@ -147,7 +171,9 @@ class ServedModel(nn.Module):
             lens = torch.ones(hi - lo, dtype=torch.long)
             lens[rows - lo] = layout.decode_lens
             span = int(layout.decode_lens.max())
-            decode = (torch.arange(span) < lens[:, None])[:, None, None].to(device)
+            hidden = torch.arange(span) >= lens[:, None]  # (R, L)
+            decode = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None]
+            decode = decode.to(device)
         prefill = []
         for _, start, length in layout.prefill:
             query_pos = torch.arange(start, start + length)
@@ -173,18 +199,23 @@ class ServedModel(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _decode_attention(self, index: int, q: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
-        """One query per sequence against its cached keys: plain matmuls over a view of the rows the
-        decode tokens span (no copy of the cache), which beats a fused kernel at query length 1."""
+        """One query per sequence against its cached keys: plain matmuls over the rows the decode
+        tokens span, which beats a fused kernel at query length 1. In fp32: converting the cache
+        rows costs less than bf16's batched products at these shapes, and the scores and
+        probabilities keep fp32 (HF's eager attention rounds both to the model's dtype)."""
         lo, span = int(rows.min()), mask.shape[-1]
         count = mask.shape[0]
-        k = self.k_cache[index, lo : lo + count, :, :span]  # (R, KVH, L, D)
-        v = self.v_cache[index, lo : lo + count, :, :span]
+        k = self.k_cache[index, lo : lo + count, :, :span].float()  # (R, KVH, L, D)
+        v = self.v_cache[index, lo : lo + count, :, :span].float()
         group = self.heads // self.kv_heads
-        full = q.new_zeros(count, self.heads, self.head_dim)
-        full[rows - lo] = q
+        in_order = len(rows) == count and bool((rows == torch.arange(lo, lo + count)).all())
+        if in_order:  # every row of the span decodes, in row order (the common case): no scatter
+            full = q.float()
+        else:
+            full = q.new_zeros(count, self.heads, self.head_dim, dtype=torch.float32)
+            full[rows - lo] = q.float()
         full = full.view(count, self.kv_heads, group, self.head_dim)  # (R, KVH, G, D)
-        scores = torch.matmul(full, k.transpose(-1, -2)).float() * self.scaling  # (R, KVH, G, L)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v)  # (R, KVH, G, D)
-        return out.reshape(count, -1)[rows - lo]  # (d, H·D)
+        scores = torch.matmul(full, k.transpose(-1, -2)).mul_(self.scaling).add_(mask)  # (R, KVH, G, L)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # (R, KVH, G, D)
+        out = out.reshape(count, -1) if in_order else out.reshape(count, -1)[rows - lo]
+        return out.to(q.dtype)  # (d, H·D)

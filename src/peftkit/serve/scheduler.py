@@ -28,7 +28,7 @@ from ..errors import RequestError
 from .adapters import AdapterCache, Loader
 from .model import ServedModel, StepLayout
 from .sampling import sample
-from .slots import Routing
+from .slots import GATHERED, Routing
 from .types import QueueFullError, SamplingParams, TokenOutput
 
 EVENTS = {
@@ -143,6 +143,8 @@ class EngineCore:
         self.adapters = AdapterCache(
             self.served, model, loader, config.adapter_slots, config.max_len, self._event
         )
+        if loader is not None:  # compile the mixed-adapter kernel now, not in a request's first step
+            GATHERED.warm(self.dtype, self.device)
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
