@@ -151,7 +151,7 @@ class ServedLinear(nn.Module):
         if not banks or rt.uniform == self.capacity:
             return y if bias is None else y + bias
         if low_rank and "A" in banks:
-            y = y + low_rank_delta(x, banks["A"], banks["Bt"], rt)
+            y = add_low_rank(y, x, banks["A"], banks["Bt"], rt)
         if "out_scale" in banks:
             y = y * banks["out_scale"].index_select(0, slots)
         if bias is not None:
@@ -159,28 +159,31 @@ class ServedLinear(nn.Module):
         return y
 
 
-def low_rank_delta(x: Tensor, a: Tensor, bt: Tensor, rt: Routing) -> Tensor:
-    """B[s]·A[s]·x for each token's slot s; a (S+1, R, in), bt (S+1, R, out) -> (N, out)."""
-    rank = a.shape[1]
+def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: Routing) -> Tensor:
+    """y += B[s]·A[s]·x for each token's slot s, in place (y is the step's own product);
+    x (N, in), a (S+1, R, in), bt (S+1, R, out), y (N, out). The base model's slot adds nothing."""
+    base = a.shape[0] - 1
     if rt.uniform is not None:
-        return (x @ a[rt.uniform].T) @ bt[rt.uniform]
-    parts = []
-    if rt.decode == 1:  # one decode token: its own slot's factors (and no size-1 kernel to compile)
+        return y.addmm_(x @ a[rt.uniform].T, bt[rt.uniform]) if rt.uniform != base else y
+    d = rt.decode
+    if d == 1:  # one decode token: its own slot's factors (and no size-1 kernel to compile)
         slot = int(rt.slots[0])
-        parts.append((x[:1] @ a[slot].T) @ bt[slot])
-    elif rt.decode:
-        delta = GATHERED(x[: rt.decode], a, bt, rt.slots[: rt.decode])
+        if slot != base:
+            y[:1].addmm_(x[:1] @ a[slot].T, bt[slot])
+    elif d:
+        delta = GATHERED(x[:d], a, bt, rt.slots[:d])
         if delta is None:
             # No compiler: every decode token against the adapters of the slot range (one view, no
             # copy), then keep only its own slot's R columns: (d, U·R) -> masked -> (d, out).
-            width = rt.hi - rt.lo
-            h = x[: rt.decode] @ a[rt.lo : rt.hi].reshape(width * rank, -1).T
-            h = (h.view(rt.decode, width, rank) * rt.onehot).view(rt.decode, -1)
+            width, rank = rt.hi - rt.lo, a.shape[1]
+            h = x[:d] @ a[rt.lo : rt.hi].reshape(width * rank, -1).T
+            h = (h.view(d, width, rank) * rt.onehot).view(d, -1)
             delta = h @ bt[rt.lo : rt.hi].reshape(width * rank, -1)
-        parts.append(delta)
+        y[:d] += delta
     for offset, length, u in rt.prefill:  # one sequence's run: its slot's factors, no gather
-        parts.append((x[offset : offset + length] @ a[u].T) @ bt[u])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if u != base:
+            y[offset : offset + length].addmm_(x[offset : offset + length] @ a[u].T, bt[u])
+    return y
 
 
 def _gathered(x: Tensor, a: Tensor, bt: Tensor, slots: Tensor) -> Tensor:
@@ -268,7 +271,7 @@ class FusedLinears:
             return [lin(x, rt) for lin in self.linears]
         y = self.product(x)  # (N, sum out)
         if self.a is not None and rt.uniform != self.linears[0].capacity:
-            y = y + low_rank_delta(x, self.a, self.bt, rt)
+            y = add_low_rank(y, x, self.a, self.bt, rt)
         parts = y.split(self.sizes, -1)
         return [
             lin.finish(x, part, rt, low_rank=False) for lin, part in zip(self.linears, parts, strict=True)
