@@ -256,8 +256,6 @@ def serve(
         hash_key: print the hash (sha256:...) of the key given on stdin, for serve.yaml, and exit
         overrides: config keys set on the command line
     """
-    import uvicorn
-
     if hash_key:
         print(key_hash_from_stdin())
         return 0
@@ -267,6 +265,15 @@ def serve(
         raise ConfigError(f"--port must be between 0 and 65535, got {port}")
     _check_port(host, port)
     server = prepare(base, adapters, registry, settings, engine_config)
+    _announce(server, host, port)
+    stopped_by = _run_until_stopped(server.app, host, port, settings.shutdown_deadline)
+    how = f" on {signal.Signals(stopped_by).name}" if stopped_by is not None else ""
+    print(f"peftkit serve: stopped{how}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _announce(server: Server, host: str, port: int) -> None:
+    """Print where the server listens, what it serves, and which keys it takes."""
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     models = ", ".join(m["id"] for m in server.catalog.models())
     print(printable(f"peftkit serve: listening on {where} (OpenAI API: {where}/v1)"), flush=True)
@@ -279,11 +286,18 @@ def serve(
         print("peftkit serve: no API keys are configured: any key is accepted (local use)", flush=True)
     admin = "on (/admin, with the admin key)" if access.admin else "off (no admin_key)"
     print(f"peftkit serve: admin API {admin}", flush=True)
+
+
+def _run_until_stopped(app: Any, host: str, port: int, deadline: float) -> int | None:
+    """Run `app` under uvicorn until Ctrl-C or SIGTERM: the number of the signal that stopped it
+    (None if it stopped on its own)."""
+    import uvicorn
+
     uv = uvicorn.Config(
-        server.app,
+        app,
         host=host,
         port=port,
-        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_deadline)),
+        timeout_graceful_shutdown=max(1, math.ceil(deadline)),
         log_level="warning",
     )
     # Ctrl-C or SIGTERM is how a server is meant to stop: uvicorn shuts down gracefully, then
@@ -295,9 +309,7 @@ def serve(
     finally:
         for number, handler in found.items():
             signal.signal(number, handler)
-    how = f" on {signal.Signals(stops[0]).name}" if stops else ""
-    print(f"peftkit serve: stopped{how}", file=sys.stderr, flush=True)
-    return 0
+    return stops[0] if stops else None
 
 
 def key_hash_from_stdin() -> str:
