@@ -1,6 +1,7 @@
 """A fuzz run of `peftkit serve`'s HTTP API from its own OpenAPI schema: schemathesis reads
 /openapi.json from the real server on 127.0.0.1 and sends every operation a fixed number of generated
-requests (valid and invalid, from a fixed seed) plus its boundary-value cases; no response may be a 5xx.
+requests (valid and invalid, from a fixed seed) plus its boundary-value cases; no response may be a 5xx,
+and each must be as the schema documents it (its status code, content type, required headers, body).
 The server runs with everything on that a request can reach: a configured adapter, registry versions, a
 canary route and an alias, a tenant's key, the admin API. Half the requests name a model the server
 serves (a random string never does), so sampling parameters reach the engine, and the key sent is the
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 import torch
-from test_serve_http import served_app
+from test_serve_http import operations, served_app
 
 from peftkit import AdaptedModel, LoraConfig
 from peftkit.base import load_base
@@ -87,16 +88,27 @@ def server(setup: dict):
         yield running
 
 
+# What each response is checked for: not a 5xx, and as /openapi.json documents it (its status, its
+# content type, the headers it must have, the body's schema: an error's is the OpenAI error shape).
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+)
+
+
 def fuzz_config() -> schemathesis.Config:
     """A deterministic run: a fixed seed, derandomized generation, valid and invalid cases, no shrinking
-    (a failure is reported as found), only the check this test is about."""
+    (a failure is reported as found), only the checks this test is about."""
     return schemathesis.Config.from_dict(
         {
             "seed": 0,
             "suppress-health-check": ["all"],
             "request-timeout": 30,
             "workers": 1,
-            "checks": {"enabled": False, "not_a_server_error": {"enabled": True}},
+            "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
             "generation": {
                 "mode": "all",
                 "max-examples": MAX_EXAMPLES,
@@ -172,10 +184,12 @@ def fuzz(url: str, base: str, config: schemathesis.Config) -> tuple[list, Counte
     return problems, statuses
 
 
-def test_no_request_gets_a_server_error(server) -> None:
+def test_no_request_gets_a_server_error_or_an_undocumented_answer(server) -> None:
     """schemathesis' own run over every operation of /openapi.json (its examples, boundary-value
-    coverage and fuzzing phases): every request is answered, no answer is a 5xx, and the engine is
-    still running afterwards (a request that kills it would otherwise show only as later errors)."""
+    coverage and fuzzing phases): every request is answered, no answer is a 5xx or other than the
+    schema documents (a status it does not list, a missing Retry-After, an error body not in the
+    OpenAI shape), and the engine is still running afterwards (a request that kills it would
+    otherwise show only as later errors)."""
     url, prepared = server
     problems, statuses = fuzz(url, prepared.catalog.base_names[0], fuzz_config())
     assert not problems, problems[:5]
@@ -184,6 +198,21 @@ def test_no_request_gets_a_server_error(server) -> None:
     assert len(operations) >= 11  # every operation was called
     for op in ("POST /v1/completions", "POST /v1/chat/completions"):
         assert statuses[op, 200] >= 10, (op, statuses)  # and fuzzed parameters reached the engine
+
+
+def test_with_tenants_and_an_admin_key_the_schema_requires_the_keys(server) -> None:
+    """This server has tenants and an admin key: a key is required on /v1 (401 without one) and the
+    admin key on /admin (401, never the 403 of a server without one)."""
+    url, _ = server
+    with urllib.request.urlopen(url + "/openapi.json", timeout=30) as r:
+        schema = json.load(r)
+    ops = operations(schema)
+    for name in ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions"):
+        assert ops[name]["security"] == [{"apiKey": []}], name
+        assert ops[name]["responses"]["401"]["headers"]["WWW-Authenticate"]["required"], name
+    admin = [op for name, op in ops.items() if " /admin/" in name]
+    assert admin and all(op["security"] == [{"adminKey": []}] for op in admin)
+    assert all("401" in op["responses"] and "403" not in op["responses"] for op in admin)
 
 
 # Requests the fuzzing and probing around it found to get a 5xx or to stop the engine (which then

@@ -341,6 +341,49 @@ def test_refused_requests_get_openai_errors(server, endpoint, body, status, code
         assert error["error"]["code"] == code
 
 
+def operations(schema: dict) -> dict[str, dict]:
+    """{"METHOD /path": operation} of an OpenAPI schema."""
+    return {f"{m.upper()} {p}": op for p, item in schema["paths"].items() for m, op in item.items()}
+
+
+def test_openapi_documents_the_errors_sent_and_the_keys_taken(server) -> None:
+    """/openapi.json describes what the server answers: no FastAPI 422 (invalid requests are 400s),
+    every error as the OpenAI error body, Retry-After with 429 and 503, streaming as a second type of
+    the completions' 200, and the keys as bearer security schemes. This server has no tenants (a key is
+    optional on /v1, never a 401) and no admin key (every /admin call is a 403, never a 401)."""
+    status, schema = http(server[0] + "/openapi.json")
+    assert status == 200
+    text = json.dumps(schema)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    schemes = schema["components"]["securitySchemes"]
+    assert {k: (v["type"], v["scheme"]) for k, v in schemes.items()} == {
+        "apiKey": ("http", "bearer"),
+        "adminKey": ("http", "bearer"),
+    }
+    error = schema["components"]["schemas"]["Error"]
+    assert error["properties"]["error"]["required"] == ["message", "type", "param", "code"]
+    ops = operations(schema)
+    for name, op in ops.items():
+        for code, response in op["responses"].items():
+            if code != "200":
+                assert response["content"] == {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                }, name
+    for name in ("POST /v1/completions", "POST /v1/chat/completions"):
+        responses = ops[name]["responses"]
+        assert set(responses) == {"200", "400", "404", "429", "500", "503"}, name
+        assert responses["429"]["headers"]["Retry-After"]["required"]
+        assert responses["503"]["headers"]["Retry-After"]["required"]
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert ops[name]["security"] == [{"apiKey": []}, {}]
+    assert {s for _, _, s, _ in REFUSED} <= {400, 404}  # (the refused requests above are documented)
+    admin = [op for name, op in ops.items() if " /admin/" in name]
+    assert admin and all(op["security"] == [{"adminKey": []}] for op in admin)
+    assert all("403" in op["responses"] and "401" not in op["responses"] for op in admin)
+    assert "security" not in ops["GET /health"]
+    assert set(ops["GET /ready"]["responses"]) == {"200", "500", "503"}
+
+
 def test_errors_reach_the_openai_client_and_leave_the_server_serving(client, server) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="hi", max_tokens=2)

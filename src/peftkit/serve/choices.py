@@ -289,7 +289,7 @@ class Fanout:
             if include_usage:
                 yield chunk([], usage=self._usage(prompt_tokens))
         except Exception as e:  # noqa: BLE001 (the status is sent: the error goes in the stream)
-            from .http import as_api_error
+            from .apierrors import as_api_error
 
             yield f"data: {json.dumps(as_api_error(e).body())}\n\n"
         finally:

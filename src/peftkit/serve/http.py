@@ -2,7 +2,8 @@
 (streaming over SSE), /health and /ready, and the admin API under /admin (adapters and routes). Text and
 chat templates are handled here (`text.py`), keys, tenants and routes in `tenants.py`; the engine sees
 token ids, an adapter key and SamplingParams. Every refused request gets an OpenAI-style error,
-`{"error": {"message", "type", "param", "code"}}`, with a 4xx status, never a traceback.
+`{"error": {"message", "type", "param", "code"}}`, with a 4xx status, never a traceback; those errors,
+and /openapi.json's description of them per operation, are in `apierrors.py`.
 
     app = create_app(engine, tokenizer, catalog, Limits(), access=access, routes=routes)
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -11,40 +12,27 @@ token ids, an adapter key and SamplingParams. Every refused request gets an Open
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
 from ..errors import PeftkitError, RequestError
-from .catalog import Catalog, ModelNotFoundError, Target
-from .choices import Choice, Fanout, Limits, ParamError, plan_max_tokens
-from .engine import ShuttingDownError
-from .tenants import (
-    Access,
-    AdminDisabledError,
-    AuthError,
-    Caller,
-    RateLimitedError,
-    Routes,
-    models_for,
-    route,
-)
+from .apierrors import ApiError, as_api_error, install_error_handlers, install_openapi
+from .catalog import Catalog, Target
+from .choices import Choice, Fanout, Limits, plan_max_tokens
+from .tenants import Access, Caller, Routes, models_for, route
 from .text import chat_prompt_ids, check_stop, check_text
-from .types import AdapterLoadError, EngineError, EngineUnavailableError, QueueFullError, SamplingParams
+from .types import SamplingParams
 
-log = logging.getLogger("peftkit.serve")
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63; choice i of n samples with (seed + i) mod 2**63
 
-__all__ = ["Limits", "create_app"]
+__all__ = ["ApiError", "Limits", "as_api_error", "create_app"]
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -107,90 +95,6 @@ def _unsupported(req: _Sampling) -> None:
             raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported")
 
 
-# -- errors ----------------------------------------------------------------------------------------
-class ApiError(Exception):
-    """An OpenAI-style error response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def as_api_error(e: BaseException) -> ApiError:
-    """The API error for any exception (an unexpected one is a 500 that shows no internals)."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, ModelNotFoundError):
-        return ApiError(404, str(e), param="model", code="model_not_found")
-    if isinstance(e, AuthError):
-        code = "invalid_admin_key" if e.admin else "invalid_api_key"
-        return ApiError(401, str(e), code=code, headers={"WWW-Authenticate": "Bearer"})
-    if isinstance(e, AdminDisabledError):
-        return ApiError(403, str(e), kind="permission_error", code="admin_disabled")
-    if isinstance(e, RateLimitedError):
-        headers = {"Retry-After": str(e.retry_after)}
-        return ApiError(429, str(e), kind="rate_limit_error", code="rate_limit_exceeded", headers=headers)
-    if isinstance(e, QueueFullError):
-        return ApiError(429, str(e), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(e, EngineUnavailableError):
-        return ApiError(
-            503, str(e), kind="server_error", code="engine_unavailable", headers={"Retry-After": "1"}
-        )
-    if isinstance(e, EngineError):
-        log.error("engine error", exc_info=e)
-        return ApiError(500, str(e), kind="server_error", code="engine_error")
-    if isinstance(e, ShuttingDownError):
-        return ApiError(503, str(e), kind="server_error", code="shutting_down", headers={"Retry-After": "1"})
-    if isinstance(e, ParamError):
-        return ApiError(400, str(e), param=e.param)
-    if isinstance(e, AdapterLoadError):  # the client's message names the adapter and why, no server paths
-        log.warning("adapter load failed: %s", e)
-        return ApiError(400, e.public, param="model", code="adapter_load_failed")
-    if isinstance(e, PeftkitError):
-        return ApiError(400, str(e))
-    log.error("internal error", exc_info=e)
-    return ApiError(500, "internal server error", kind="server_error")
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"the request body is not valid JSON: {first.get('msg')}").response()
-        where = ".".join(loc)
-        return ApiError(400, f"{where or 'body'}: {first.get('msg')}", param=where or None).response()
-
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return ApiError(e.status_code, str(e.detail), kind=kind, headers=e.headers).response()
-
-    async def any_error(request: Request, e: Exception) -> JSONResponse:
-        return as_api_error(e).response()
-
-    app.add_exception_handler(RequestValidationError, validation)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(ApiError, any_error)
-    app.add_exception_handler(PeftkitError, any_error)
-    app.add_exception_handler(Exception, any_error)
-
-
 # -- access ---------------------------------------------------------------------------------------
 def _authenticator(access: Access):
     """The dependency that names the caller (401 for a missing or wrong key when keys are configured)
@@ -226,9 +130,23 @@ def create_app(
     """The FastAPI app over a started engine. On shutdown it stops the engine, letting requests in
     flight finish within `deadline` seconds (uvicorn first waits for open connections). Without
     `access`, any key is accepted and the admin API is disabled."""
-    limits = limits or Limits()
     access = access or Access([], None, None)
     routes = routes or Routes()
+    app = FastAPI(title="peftkit serve", lifespan=_lifespan(engine, deadline))
+    app.state.ready = False
+    install_error_handlers(app)
+    install_openapi(app, access)
+    _add_probes(app, engine, access)
+    _add_openai_api(app, _Api(engine, tokenizer, catalog, limits or Limits(), routes), access)
+    from .admin import install_admin  # (admin.py imports ApiError from here)
+
+    install_admin(app, engine, catalog, access, routes)
+    _add_monitoring(app, engine, access, routes)
+    return app
+
+
+def _lifespan(engine: Any, deadline: float):
+    """The app's lifespan: ready while it runs; on shutdown, the engine stops within `deadline`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -237,18 +155,11 @@ def create_app(
         app.state.ready = False
         await run_in_threadpool(engine.stop, deadline)
 
-    app = FastAPI(title="peftkit serve", lifespan=lifespan)
-    app.state.ready = False
-    _install_error_handlers(app)
-    api = _Api(engine, tokenizer, catalog, limits, routes)
-    # (Depends as a default: with postponed annotations FastAPI cannot see an Annotated alias made here)
-    caller = Depends(_authenticator(access))
+    return lifespan
 
-    async def admit(who: Caller = caller) -> Caller:
-        access.admit(who)  # generation requests count against the key's rate limit
-        return who
 
-    admitted = Depends(admit)
+def _add_probes(app: FastAPI, engine: Any, access: Access) -> None:
+    """GET /health (the process answers) and /ready (the engine runs and the app is not stopping)."""
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -262,9 +173,22 @@ def create_app(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "ready", **engine.stats()})
 
+
+def _add_openai_api(app: FastAPI, api: _Api, access: Access) -> None:
+    """GET /v1/models, POST /v1/completions and /v1/chat/completions, each behind the caller's key;
+    generation requests also count against its rate limit."""
+    # (Depends as a default: with postponed annotations FastAPI cannot see an Annotated alias made here)
+    caller = Depends(_authenticator(access))
+
+    async def admit(who: Caller = caller) -> Caller:
+        access.admit(who)
+        return who
+
+    admitted = Depends(admit)
+
     @app.get("/v1/models")
     async def models(who: Caller = caller) -> dict[str, Any]:
-        return {"object": "list", "data": await run_in_threadpool(models_for, who, routes, catalog)}
+        return {"object": "list", "data": await run_in_threadpool(models_for, who, api.routes, api.catalog)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request, who: Caller = admitted) -> Any:
@@ -274,17 +198,18 @@ def create_app(
     async def chat(req: ChatRequest, request: Request, who: Caller = admitted) -> Any:
         return await api.chat(req, who, request)
 
-    from .admin import install_admin  # (admin.py imports ApiError from here)
+
+def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -> None:
+    """/metrics, /metrics.json and /dashboard (metrics.py), with the routes' canary splits; with
+    tenants, the metrics answer only the admin key, as they name every tenant and adapter."""
     from .metrics import install_metrics
 
-    install_admin(app, engine, catalog, access, routes)
     metrics = install_metrics(app, engine)
     metrics.views["splits"] = lambda: (
         [{"route": n, **s.to_dict()} for n, s in list(routes.splits.items())] or None
     )
-    if access.enabled:  # the metrics name every tenant and adapter: with tenants, only for the admin
+    if access.enabled:
         app.add_middleware(_AdminOnly, access=access, paths=("/metrics", "/metrics.json"))
-    return app
 
 
 class _AdminOnly:
