@@ -1,13 +1,11 @@
-"""Who may call the server and what their requests run on: API keys (stored as sha256 hashes), tenants
-and the models each may use, routing rules (a default adapter per key, aliases, canary splits sticky per
-user) and per-key rate limits. Everything here is parsed from serve.yaml and checked before the model
-loads; a wrong value names its place (`tenants.acme.keys[0]`).
+"""Who may call the server: API keys (stored as sha256 hashes), tenants and the models each may use,
+and per-key rate limits. Everything here is parsed from serve.yaml and checked before the model loads;
+a wrong value names its place (`tenants.acme.keys[0]`). Routes (aliases, canary splits) are in
+routing.py; their names are re-exported here for the modules that import them from here.
 
     access = Access.from_config(admin_key, tenants, rate_limit)
     caller = access.authenticate(request.headers.get("authorization", ""))  # AuthError: 401
     access.admit(caller)                                  # RateLimitedError: 429 with Retry-After
-    target = route("support-bot", caller, routes, catalog, user="u-17")
-    target.model                                          # "support-bot@4" for a user in the canary
 
 A tenant's permission is checked on the name alone, before any lookup, so a name the tenant may not use
 gets the very 404 a missing one gets, in the same time whether it exists or not.
@@ -18,20 +16,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import random
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, PeftkitError, RequestError
-from .catalog import Catalog, ModelNotFoundError, Target, not_found
+from ..errors import ConfigError, PeftkitError
+from .routing import (  # noqa: F401 (re-exported: http.py, admin.py and commands.py import them from here)
+    BUCKETS,
+    Routes,
+    Split,
+    _mapping,
+    _name,
+    audit_route,
+    models_for,
+    route,
+    user_bucket,
+)
 
 HASHED = re.compile(r"sha256:[0-9a-f]{64}")
-BUCKETS = 10_000  # a user's canary bucket: percentages have two decimals
 MAX_RATE_KEYS = 100_000  # token buckets kept (least recently used dropped): any key is one when none are set
 
 
@@ -93,25 +99,6 @@ class Caller:
     def may_use(self, name: str) -> bool:
         tenant = self.tenant
         return tenant is None or name in tenant.models or name == self.default
-
-
-def _mapping(value: Any, where: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{where} must be a mapping with text keys, found {value!r:.60}")
-    extra = set(value) - set(allowed) if allowed is not None else set()
-    if extra:
-        raise ConfigError(f"unknown key {where}.{sorted(extra)[0]}; valid keys: {', '.join(allowed or ())}")
-    return dict(value)
-
-
-def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ConfigError(
-            f"{where} must be a model name (text without surrounding spaces), found {value!r:.60}"
-        )
-    return value
 
 
 def _model_name(value: Any, where: str) -> str:
@@ -281,141 +268,3 @@ class Access:
 def _bearer(authorization: str) -> str | None:
     scheme, _, token = authorization.strip().partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
-
-
-# -- routing --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Split:
-    """A route: `stable` serves everyone but the `canary_percent` of users sent to `canary`. A route
-    with no canary is an alias. Each target is a model name the catalog resolves (never a route)."""
-
-    stable: str
-    canary: str | None = None
-    canary_percent: float = 0.0
-
-    def __post_init__(self) -> None:
-        p = self.canary_percent
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 100:
-            raise RequestError(f"canary_percent must be a number from 0 to 100, not {p!r}")
-        if p and self.canary is None:
-            raise RequestError("canary_percent is above 0 but no canary version is given")
-
-    def choose(self, route: str, user: str | None) -> str:
-        """The target for one request: sticky per `user` (their bucket, from a hash of the route and
-        the user, is below the percentage or not), random when there is no user."""
-        if self.canary is None or self.canary_percent <= 0:
-            return self.stable
-        draw = random.random() * BUCKETS if user is None else user_bucket(route, user)
-        return self.canary if draw < self.canary_percent * BUCKETS / 100 else self.stable
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def user_bucket(route: str, user: str) -> int:
-    """0 <= bucket < BUCKETS for a user on a route: stable across requests and servers; raising the
-    percentage keeps everyone already in the canary there."""
-    digest = hashlib.sha256(f"{route}\x00{user}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % BUCKETS
-
-
-class Routes:
-    """The routes by name, and the model names that mean "the caller's default adapter"."""
-
-    def __init__(self, splits: dict[str, Split] | None = None, default_aliases: Iterable[str] = ()) -> None:
-        self.splits = dict(splits or {})
-        self.default_aliases = frozenset(default_aliases)
-
-    @classmethod
-    def from_config(cls, routes: Any, default_aliases: Any) -> Routes:
-        """serve.yaml's `routes` (NAME: TARGET, or NAME: {stable, canary, canary_percent}) and
-        `default_aliases` (a list of names)."""
-        splits = {}
-        for name, value in _mapping(routes, "routes").items():
-            where = f"routes.{name}"
-            _route_name(name, where)
-            if isinstance(value, str):
-                value = {"stable": value}
-            data = _mapping(value, where, ("stable", "canary", "canary_percent"))
-            try:
-                splits[name] = Split(
-                    _name(data.get("stable"), f"{where}.stable"),
-                    None if data.get("canary") is None else _name(data["canary"], f"{where}.canary"),
-                    data.get("canary_percent", 0.0),
-                )
-            except RequestError as e:
-                raise ConfigError(f"{where}: {e}") from None
-        if not isinstance(default_aliases, (list, tuple)):
-            raise ConfigError(f"default_aliases must be a list of model names, found {default_aliases!r:.60}")
-        aliases = [_name(a, f"default_aliases[{i}]") for i, a in enumerate(default_aliases)]
-        return cls(splits, aliases)
-
-    def check(self, catalog: Catalog) -> None:
-        """Every route's name is free and each target resolves (a ConfigError names the one that does not)."""
-        for name, split in self.splits.items():
-            if name in catalog.base_names or name in catalog.adapters or name in self.default_aliases:
-                raise ConfigError(f"routes.{name}: the name is already the base model's or an adapter's")
-            for part in ("stable", "canary"):
-                target = getattr(split, part)
-                if target is not None:
-                    try:
-                        catalog.resolve(target)
-                    except ModelNotFoundError:
-                        raise ConfigError(f"routes.{name}.{part}: {target!r} names no served model") from None
-
-    def listed(self) -> dict[str, dict[str, Any]]:
-        return {name: split.to_dict() for name, split in self.splits.items()}
-
-
-def _route_name(name: str, where: str) -> str:
-    from ..registry.refs import check_name
-
-    try:
-        return check_name(name)
-    except RequestError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def route(model: str, caller: Caller, routes: Routes, catalog: Catalog, user: str | None = None) -> Target:
-    """What a request's `model` runs on for `caller`. The base model's names and the default aliases
-    give the caller's default adapter (else the base); a route gives its stable or canary target; any
-    other name goes to the catalog. A name the caller may not use is "not found" before any lookup.
-    The returned target's `model` is the concrete name that served, for the response."""
-    if model in catalog.base_names or model in routes.default_aliases:
-        if caller.default is None:
-            return Target(catalog.base_names[0] if model in routes.default_aliases else model, None)
-        model = caller.default  # the operator chose it for this key: no permission check
-    elif not caller.may_use(model.partition("@")[0]):
-        raise ModelNotFoundError(not_found(model))
-    split = routes.splits.get(model)
-    if split is None:
-        return catalog.resolve(model)
-    chosen = split.choose(model, user)
-    return Target(chosen, catalog.resolve(chosen).key)
-
-
-def models_for(caller: Caller, routes: Routes, catalog: Catalog) -> list[dict[str, Any]]:
-    """The /v1/models list a caller sees: the base, and of the adapters and routes only those the
-    caller may use (everything when no keys are configured)."""
-    listed = catalog.models()
-    base = listed[0]
-    names = [m["id"] for m in listed[1:]] + [r for r in routes.splits if r not in catalog.adapters]
-    names = [n for n in dict.fromkeys(names) if caller.may_use(n)]
-    return [base] + [{**base, "id": n, "root": n, "parent": base["id"]} for n in names]
-
-
-def audit_route(
-    registry: Any, name: str, before: Split | None, after: Split, user: str, reason: str
-) -> dict[str, Any]:
-    """Write a `route` entry (the split before and after) to the registry's audit log; the entry.
-    Its version is the canary's registry version number when there is one."""
-    from ..registry.refs import parse_ref
-
-    version = None
-    if after.canary is not None:
-        try:
-            version = registry.resolve_version(parse_ref(after.canary)).number
-        except PeftkitError:
-            version = None  # a configured adapter, not a registry version
-    details = {"before": before.to_dict() if before else None, "after": after.to_dict(), "reason": reason}
-    return registry.record("route", name, version, details, user=user).to_dict()
