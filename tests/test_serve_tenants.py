@@ -1,9 +1,9 @@
 """Tenants, routes, limits and the admin API of `peftkit serve`, end to end: the real server on 127.0.0.1
 over the real engine and a tiny saved Llama, spoken to with plain HTTP (urllib) and the `openai` client.
 
-Three tenants with hashed keys: `acme` (alpha, the registry's `bot`, the canary route `support` as its
-default), `globex` (beta, the registry's `secret`, the alias route `chat`) and `slow` (2 requests a
-minute). Another tenant's model is the very same 404 as a missing one, found without any lookup; the
+Four tenants with hashed keys: `acme` (alpha, the registry's `bot`, the canary route `support` as its
+default), `globex` (beta, the registry's `secret`, the alias route `chat`), `slow` (2 requests a
+minute) and `batch` (4 sequences a minute). Another tenant's model is the very same 404 as a missing one, found without any lookup; the
 canary split matches its percentage and is sticky per user; the admin API (its own key) loads, unloads
 and switches splits, each switch an audit entry in the registry."""
 
@@ -26,10 +26,18 @@ from test_serve_http import free_port, save_adapter
 from peftkit.cli import main
 from peftkit.errors import ConfigError
 from peftkit.registry import Registry
+from peftkit.serve.choices import ParamError
 from peftkit.serve.commands import ServeConfig, load_serve_config, prepare
-from peftkit.serve.tenants import hash_key, user_bucket
+from peftkit.serve.tenants import Access, RateLimitedError, hash_key, user_bucket
 
-KEYS = {"acme": "sk-acme", "acme2": "sk-acme-2", "globex": "sk-globex", "slow": "sk-slow"}
+KEYS = {
+    "acme": "sk-acme",
+    "acme2": "sk-acme-2",
+    "globex": "sk-globex",
+    "slow": "sk-slow",
+    "batch": "sk-batch",
+    "batch2": "sk-batch-2",
+}
 ADMIN = "admin-secret"
 CANARY = 25
 
@@ -46,6 +54,11 @@ def tenants_config() -> dict:
             },
             "globex": {"keys": [h["globex"]], "models": ["beta", "secret", "later", "chat"]},
             "slow": {"keys": [h["slow"]], "models": ["alpha"], "rate_limit": {"requests_per_minute": 2}},
+            "batch": {
+                "keys": [h["batch"], h["batch2"]],
+                "models": ["alpha"],
+                "rate_limit": {"requests_per_minute": 4},  # 4 sequences at once, then one every 15 s
+            },
         },
         "routes": {
             "support": {"stable": "bot@1", "canary": "bot@2", "canary_percent": CANARY},
@@ -407,6 +420,47 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(server) -> None:
         client.completions.create(model="alpha", prompt="x", max_tokens=1)
     assert call(url + "/v1/completions", body, KEYS["acme"])[0] == 200  # other keys are not slowed
     assert call(url + "/v1/models", None, KEYS["slow"])[0] == 200  # only generation counts
+
+
+def test_a_request_costs_one_token_per_sequence_and_a_refused_one_costs_nothing() -> None:
+    rate_limit = {"requests_per_minute": 4}  # burst 4; one token back every 15 s
+    access = Access.from_config(None, {"t": {"keys": [hash_key("k")], "rate_limit": rate_limit}}, None)
+    who = access.authenticate("Bearer k")
+    access.admit(who, cost=4, now=100.0)  # n=4: the whole burst
+    with pytest.raises(RateLimitedError) as e:
+        access.admit(who, cost=1, now=100.0)
+    assert e.value.retry_after == 15
+    with pytest.raises(RateLimitedError) as e:
+        access.admit(who, cost=2, now=110.0)  # 2/3 of a token back: 2 need 20 s more
+    assert e.value.retry_after == 20
+    access.admit(who, cost=2, now=131.0)  # the refused request took nothing
+    with pytest.raises(ParamError, match="asks for 5 sequences.*at most 4 at once") as e:
+        access.admit(who, cost=5, now=1000.0)  # could never pass: a 400 on n, not a 429 to retry
+    assert e.value.param == "n"
+    access.admit(who, cost=4, now=1000.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="http.py still admits every request at cost 1: it must call access.admit(who, cost=...) with "
+    "the request's sequence count (n, times the prompts of a completion); remove this mark then",
+)
+def test_choices_count_against_the_rate_limit_one_per_sequence(server) -> None:
+    url = server[0]
+    prompt = {"model": "alpha", "prompt": "x", "max_tokens": 1}
+    chat_body = {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    for key, first, then in [
+        (KEYS["batch"], ("/v1/chat/completions", chat_body), ("/v1/completions", prompt)),
+        (KEYS["batch2"], ("/v1/completions", prompt), ("/v1/chat/completions", chat_body)),
+    ]:  # each key is its own bucket of 4
+        status, _, raw = call(url + first[0], {**first[1], "n": 4}, key)
+        assert status == 200 and len(json.loads(raw)["choices"]) == 4, raw
+        status, headers, raw = call(url + then[0], {**then[1], "n": 1}, key)
+        assert status == 429 and is_openai_error(raw, "rate_limit_exceeded"), raw
+        assert 10 <= int(headers["retry-after"]) <= 15  # the next sequence's token is ~15 s away
+    status, _, raw = call(url + "/v1/completions", {**prompt, "n": 5}, KEYS["batch"])
+    assert status == 400 and json.loads(raw)["error"]["param"] == "n"
 
 
 @pytest.mark.parametrize(

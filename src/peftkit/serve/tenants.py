@@ -5,7 +5,7 @@ routing.py; their names are re-exported here for the modules that import them fr
 
     access = Access.from_config(admin_key, tenants, rate_limit)
     caller = access.authenticate(request.headers.get("authorization", ""))  # AuthError: 401
-    access.admit(caller)                                  # RateLimitedError: 429 with Retry-After
+    access.admit(caller, cost=req.n)                      # RateLimitedError: 429 with Retry-After
 
 A tenant's permission is checked on the name alone, before any lookup, so a name the tenant may not use
 gets the very 404 a missing one gets, in the same time whether it exists or not.
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, PeftkitError
+from .choices import ParamError
 from .routing import (  # noqa: F401 (re-exported: http.py, admin.py and commands.py import them from here)
     BUCKETS,
     Routes,
@@ -70,7 +71,8 @@ class RateLimitedError(PeftkitError):
 # -- configuration --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RateLimit:
-    """A token bucket: up to `burst` requests at once, refilled at requests_per_minute / 60 a second."""
+    """A token bucket of sequences (a request with n choices takes n): up to `burst` at once, refilled
+    at requests_per_minute / 60 a second."""
 
     requests_per_minute: float
     burst: int
@@ -242,25 +244,34 @@ class Access:
                 "the admin API needs the admin key: 'Authorization: Bearer ADMIN_KEY'", admin=True
             )
 
-    def admit(self, caller: Caller, now: float | None = None) -> None:
-        """Take one request from the caller's token bucket; RateLimitedError when it is empty."""
+    def admit(self, caller: Caller, cost: int = 1, now: float | None = None) -> None:
+        """Take `cost` tokens, one per sequence the request generates (its n choices, times its
+        prompts), from the caller's bucket: n=8 costs the server what eight requests do. Nothing is
+        taken from a bucket that holds too few: RateLimitedError, with the seconds until it holds
+        enough. A cost above the bucket's burst could never pass: ParamError (400) on `n`."""
         limit = caller.tenant.rate_limit if caller.tenant and caller.tenant.rate_limit else self.rate_limit
         if limit is None:
             return
+        if cost > limit.burst:
+            raise ParamError(
+                f"this request asks for {cost} sequences, but this key's rate limit allows at most "
+                f"{limit.burst} at once; ask for fewer choices (n) or prompts",
+                "n",
+            )
         now = time.monotonic() if now is None else now
         rate = limit.requests_per_minute / 60.0  # tokens per second
         with self.lock:
             tokens, at = self.buckets.pop(caller.bucket, (float(limit.burst), now))
             tokens = min(float(limit.burst), tokens + (now - at) * rate)
-            admitted = tokens >= 1.0
-            self.buckets[caller.bucket] = (tokens - 1.0 if admitted else tokens, now)
+            admitted = tokens >= cost
+            self.buckets[caller.bucket] = (tokens - cost if admitted else tokens, now)
             while len(self.buckets) > MAX_RATE_KEYS:
                 self.buckets.popitem(last=False)
         if not admitted:
-            wait = max(1, math.ceil((1.0 - tokens) / rate))
+            wait = max(1, math.ceil((cost - tokens) / rate - 1e-9))  # (20.000000000000004 s is 20)
             raise RateLimitedError(
-                f"Rate limit reached: {limit.requests_per_minute:g} requests per minute for this key. "
-                f"Try again in {wait} s.",
+                f"Rate limit reached: {limit.requests_per_minute:g} sequences per minute for this key "
+                f"(a request costs one per choice). Try again in {wait} s.",
                 wait,
             )
 
