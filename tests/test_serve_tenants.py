@@ -440,12 +440,6 @@ def test_a_request_costs_one_token_per_sequence_and_a_refused_one_costs_nothing(
     access.admit(who, cost=4, now=1000.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="http.py still admits every request at cost 1: it must call access.admit(who, cost=...) with "
-    "the request's sequence count (n, times the prompts of a completion); remove this mark then",
-)
 def test_choices_count_against_the_rate_limit_one_per_sequence(server) -> None:
     url = server[0]
     prompt = {"model": "alpha", "prompt": "x", "max_tokens": 1}

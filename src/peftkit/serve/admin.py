@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import PeftkitError, RequestError
+from .apierrors import ApiError
 from .catalog import Catalog, ModelNotFoundError
-from .http import ApiError
 from .routing import Routes, Split, audit_route
 from .tenants import Access
 from .types import AdapterBusyError, AdapterNotLoadedError
@@ -169,6 +169,7 @@ async def _read_audit(routes: Routes) -> None:
             f"cannot read the registry's audit log: {e}",
             kind="server_error",
             code="registry_unavailable",
+            headers={"Retry-After": "1"},
         ) from None
 
 

@@ -191,8 +191,8 @@ SPECIAL: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {
         "The server is starting or stopping, or its engine is not running (code not_ready).",
         {},
     ),
-    ("POST /admin/canary", 503): (_AUDIT_503, {}),
-    ("POST /admin/canary/rollback", 503): (_AUDIT_503, {}),
+    ("POST /admin/canary", 503): (_AUDIT_503, HEADERS[503]),
+    ("POST /admin/canary/rollback", 503): (_AUDIT_503, HEADERS[503]),
 }
 SECURITY_SCHEMES = {
     "apiKey": {

@@ -70,7 +70,8 @@ class ServeConfig(Limits):
 
     def access_and_routes(self) -> tuple[Any, Any]:
         """(tenants.Access, tenants.Routes) from the keys, tenants, routes and rate limit."""
-        from .tenants import Access, Routes
+        from .routing import Routes
+        from .tenants import Access
 
         access = Access.from_config(self.admin_key, self.tenants, self.rate_limit)
         return access, Routes.from_config(self.routes, list(self.default_aliases))
@@ -196,6 +197,8 @@ def prepare(
     catalog = Catalog(served_names(base), dict(named), reg)
     access, routes = config.access_and_routes()
     routes.check(catalog)  # every route's versions exist
+    if reg is not None:  # the splits every server on this registry routes by (its audit log)
+        routes.follow(reg, catalog)
     hf_logging.disable_progress_bar()
     print(printable(f"peftkit serve: loading base model {base} ..."), file=sys.stderr, flush=True)
     model, tokenizer = load_base(base, dtype=config.dtype)

@@ -26,7 +26,8 @@ from ..errors import PeftkitError, RequestError
 from .apierrors import ApiError, as_api_error, install_error_handlers, install_openapi
 from .catalog import Catalog, Target
 from .choices import Choice, Fanout, Limits, plan_max_tokens
-from .tenants import Access, Caller, Routes, models_for, route
+from .routing import Routes, models_for, route
+from .tenants import Access, Caller
 from .text import chat_prompt_ids, check_stop, check_text
 from .types import SamplingParams
 
@@ -180,23 +181,26 @@ def _add_openai_api(app: FastAPI, api: _Api, access: Access) -> None:
     # (Depends as a default: with postponed annotations FastAPI cannot see an Annotated alias made here)
     caller = Depends(_authenticator(access))
 
-    async def admit(who: Caller = caller) -> Caller:
-        access.admit(who)
-        return who
-
-    admitted = Depends(admit)
-
     @app.get("/v1/models")
     async def models(who: Caller = caller) -> dict[str, Any]:
         return {"object": "list", "data": await run_in_threadpool(models_for, who, api.routes, api.catalog)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request, who: Caller = admitted) -> Any:
+    async def completions(req: CompletionRequest, request: Request, who: Caller = caller) -> Any:
+        access.admit(who, cost=req.n * _prompt_count(req.prompt))  # one token per sequence generated
         return await api.completions(req, who, request)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request, who: Caller = admitted) -> Any:
+    async def chat(req: ChatRequest, request: Request, who: Caller = caller) -> Any:
+        access.admit(who, cost=req.n)  # one token per sequence generated
         return await api.chat(req, who, request)
+
+
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts a completion request gives (a text, or one list of token ids, is one)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return 1
+    return max(1, len(prompt))
 
 
 def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -> None:
