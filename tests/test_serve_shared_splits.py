@@ -141,3 +141,20 @@ def test_a_running_server_reads_the_audit_at_most_once_per_interval(setup, monke
     time.sleep(1.0)
     assert routes.get("support") == Split("bot@2") and len(reads) == 2 and reads[1] > 0
     assert routes.get("support") == Split("bot@2") and len(reads) == 2
+
+
+def test_a_split_of_another_base_models_versions_is_skipped(setup, caplog) -> None:
+    """One registry may hold adapters of several base models: a split set on a server of one base
+    names versions a server of another cannot load, so that server skips it (with a warning)."""
+    from peftkit.serve.catalog import Catalog
+
+    reg = Registry.open(setup["registry"], create=False)
+    recorded = reg.resolve_version("bot@2").base_fingerprint
+    assert recorded
+    reg.record("route", "multi", None, {"after": Split("bot@1", "bot@2", 50).to_dict()}, user="t")
+    same = Routes({})
+    same.follow(reg, Catalog(["base"], {}, reg, base_fingerprint=recorded))
+    assert same.splits["multi"] == Split("bot@1", "bot@2", 50)
+    other = Routes({})
+    other.follow(reg, Catalog(["base"], {}, reg, base_fingerprint="sha256:" + "0" * 64))
+    assert "multi" not in other.splits and "trained on another base model" in caplog.text

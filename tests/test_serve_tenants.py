@@ -448,6 +448,10 @@ def test_choices_count_against_the_rate_limit_one_per_sequence(server) -> None:
         (KEYS["batch"], ("/v1/chat/completions", chat_body), ("/v1/completions", prompt)),
         (KEYS["batch2"], ("/v1/completions", prompt), ("/v1/chat/completions", chat_body)),
     ]:  # each key is its own bucket of 4
+        # refused by the request checks (stream_options without stream) before the bucket: costs nothing
+        bad = {**first[1], "n": 3, "stream_options": {"include_usage": True}}
+        status, _, raw = call(url + first[0], bad, key)
+        assert status == 400 and json.loads(raw)["error"]["param"] == "stream_options", raw
         status, _, raw = call(url + first[0], {**first[1], "n": 4}, key)
         assert status == 200 and len(json.loads(raw)["choices"]) == 4, raw
         status, headers, raw = call(url + then[0], {**then[1], "n": 1}, key)
@@ -523,3 +527,19 @@ def test_the_documented_tenants_config_loads_and_its_hashes_are_its_keys(tmp_pat
     assert routes.splits["support-bot"].canary_percent == 10
     for key in ("sk-acme-1", "sk-globex-1"):  # the keys the docs' curl examples use
         assert hash_key(key) in block
+
+
+def test_a_registry_outage_is_a_retryable_503_that_names_no_path(server, setup) -> None:
+    """A registry the server cannot read is the server's problem, not the request's: 503 with
+    Retry-After (clients retry), and nothing of the database's location in a tenant's answer."""
+    url = server[0]
+    db = setup["registry"] / "registry.db"
+    saved = db.read_bytes()
+    try:
+        db.write_bytes(b"this is not a database " * 64)
+        status, headers, raw = call(url + "/v1/models", None, KEYS["acme"])
+        assert status == 503 and is_openai_error(raw, "registry_unavailable"), raw
+        assert headers["retry-after"] == "1" and str(setup["root"]).encode() not in raw
+    finally:
+        db.write_bytes(saved)
+    assert call(url + "/v1/models", None, KEYS["acme"])[0] == 200

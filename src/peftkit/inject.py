@@ -66,7 +66,7 @@ def name_matches(name: str, spec: tuple[str, ...] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     parts = name.split(".")  # t matches when it is one of name's dotted suffixes, name itself included
-    return not _name_set(spec).isdisjoint(".".join(parts[i:]) for i in range(len(parts)))
+    return not _name_set(tuple(spec)).isdisjoint(".".join(parts[i:]) for i in range(len(parts)))
 
 
 @lru_cache(maxsize=256)

@@ -188,9 +188,9 @@ class AdapterCache:
             if t.name not in self.served.linears or t.kind.name != "linear":
                 return None
             shapes = spec.expected_shapes(t.module, t.kind, checked.config, t.name)
-            saved = {
+            saved = {  # copies: a tensor read from the file may map it, and the file may change
                 role: checked.files.tensors[fmt.layer_key(t.name, spec.key_suffix(role, t.kind))].to(
-                    self.dtype
+                    self.dtype, copy=True
                 )
                 for role in shapes
             }

@@ -189,9 +189,13 @@ async def _change(
     if catalog.registry is None:
         log.warning("route %s changed with no registry open: no audit entry was written", name)
     else:  # the record first: a change is never made without it
-        entry = await run_in_threadpool(
-            audit_route, catalog.registry, name, before, after, user or "admin", reason
-        )
+        try:
+            entry = await run_in_threadpool(
+                audit_route, catalog.registry, name, before, after, user or "admin", reason
+            )
+        except PeftkitError as e:  # not recorded, so not made
+            raise ApiError(503, f"cannot write the registry's audit log: {e}", kind="server_error",
+                           code="registry_unavailable", headers={"Retry-After": "1"}) from None  # fmt: skip
     routes.put(name, after)
     if entry is not None:  # and read back with what others wrote before it, so the newest entry wins
         try:

@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import PeftkitError
+from ..errors import PeftkitError, RegistryError, UnknownAdapterError
 from .catalog import ModelNotFoundError
 from .choices import ParamError
 from .engine import ShuttingDownError
@@ -85,6 +85,12 @@ def as_api_error(e: BaseException) -> ApiError:
     if isinstance(e, AdapterLoadError):  # the client's message names the adapter and why, no server paths
         log.warning("adapter load failed: %s", e)
         return ApiError(400, e.public, param="model", code="adapter_load_failed")
+    if isinstance(e, RegistryError) and not isinstance(e, UnknownAdapterError):
+        # The registry failed under the server (its database or files), not the request: retryable.
+        # The message stays in the log: it may name the database or a path.
+        log.error("registry error: %s", e)
+        return ApiError(503, "the adapter registry cannot be used right now; retry shortly",
+                        kind="server_error", code="registry_unavailable", headers=retry)  # fmt: skip
     if isinstance(e, PeftkitError):
         return ApiError(400, str(e))
     log.error("internal error", exc_info=e)
@@ -123,10 +129,10 @@ def install_error_handlers(app: FastAPI) -> None:
 _GENERATION = (400, 401, 404, 429, 503)
 ERRORS: dict[str, tuple[int, ...]] = {
     "GET /ready": (503,),
-    "GET /v1/models": (401,),
+    "GET /v1/models": (401, 503),
     "POST /v1/completions": _GENERATION,
     "POST /v1/chat/completions": _GENERATION,
-    "GET /admin/adapters": (401, 403),
+    "GET /admin/adapters": (401, 403, 503),
     "GET /admin/routes": (401, 403),
     "POST /admin/adapters/load": (401, 403, 404, 503),
     "POST /admin/adapters/unload": (401, 403, 404, 409, 503),
@@ -147,8 +153,9 @@ DESCRIPTIONS = {
     "(queue_full): retry after Retry-After seconds.",
     500: "The engine failed on a step (code engine_error), or an unexpected error (the message shows "
     "no internals).",
-    503: "The engine is not running or the server is shutting down (codes engine_unavailable, "
-    "shutting_down): retry after Retry-After seconds, or on another instance.",
+    503: "The engine is not running, the server is shutting down, or the adapter registry cannot be "
+    "used (codes engine_unavailable, shutting_down, registry_unavailable): retry after Retry-After "
+    "seconds, or on another instance.",
 }
 _SECONDS = {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True}
 HEADERS = {

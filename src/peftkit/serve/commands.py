@@ -197,12 +197,12 @@ def prepare(
     catalog = Catalog(served_names(base), dict(named), reg)
     access, routes = config.access_and_routes()
     routes.check(catalog)  # every route's versions exist
-    if reg is not None:  # the splits every server on this registry routes by (its audit log)
-        routes.follow(reg, catalog)
     hf_logging.disable_progress_bar()
     print(printable(f"peftkit serve: loading base model {base} ..."), file=sys.stderr, flush=True)
     model, tokenizer = load_base(base, dtype=config.dtype)
     catalog.base_fingerprint = model_fingerprint(model)
+    if reg is not None:  # the splits every server on this registry routes by (its audit log)
+        routes.follow(reg, catalog)
     engine = Engine.start(model, tokenizer, catalog.loader, engine_config)
     try:
         keys = [name for name, _ in named] + [catalog.resolve(ref).key for ref in config.preload]

@@ -185,22 +185,19 @@ def _add_openai_api(app: FastAPI, api: _Api, access: Access) -> None:
     async def models(who: Caller = caller) -> dict[str, Any]:
         return {"object": "list", "data": await run_in_threadpool(models_for, who, api.routes, api.catalog)}
 
+    # The rate limit charges one token per sequence generated, after the cheap checks (so a request
+    # refused for its `n` or its prompt count costs nothing) and before any lookup or tokenizing.
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request, who: Caller = caller) -> Any:
-        access.admit(who, cost=req.n * _prompt_count(req.prompt))  # one token per sequence generated
+        api._check(req)
+        access.admit(who, cost=req.n * api._prompt_count(req.prompt))
         return await api.completions(req, who, request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request, who: Caller = caller) -> Any:
-        access.admit(who, cost=req.n)  # one token per sequence generated
+        api._check(req)
+        access.admit(who, cost=req.n)
         return await api.chat(req, who, request)
-
-
-def _prompt_count(prompt: Any) -> int:
-    """How many prompts a completion request gives (a text, or one list of token ids, is one)."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return 1
-    return max(1, len(prompt))
 
 
 def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -> None:
@@ -273,15 +270,21 @@ class _Api:
             max_tokens=n_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed, logprobs=logprobs
         )
 
-    def _prompt_ids(self, prompt: Any) -> list[list[int]]:
-        """Each prompt of a completion request as token ids (text is tokenized without special tokens
-        added, as the text is what the client wants continued)."""
+    def _prompt_count(self, prompt: Any) -> int:
+        """How many prompts a completion request gives (a text, or one list of token ids, is one)."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
+            return 1
         if not prompt:
             raise ApiError(400, "prompt must not be empty", param="prompt")
         if len(prompt) > self.limits.max_prompts:
             raise ApiError(400, f"at most {self.limits.max_prompts} prompts per request", param="prompt")
+        return len(prompt)
+
+    def _prompt_ids(self, prompt: Any) -> list[list[int]]:
+        """Each prompt of a completion request as token ids (text is tokenized without special tokens
+        added, as the text is what the client wants continued)."""
+        if self._prompt_count(prompt) == 1 and (isinstance(prompt, str) or isinstance(prompt[0], int)):
+            prompt = [prompt]
         vocab = len(self.tokenizer)
         rows = []
         for p in prompt:

@@ -222,12 +222,28 @@ def _unservable(name: str, split: Split, catalog: Catalog, aliases: frozenset[st
         return ": the name is already the base model's or an adapter's"
     for part in ("stable", "canary"):
         target = getattr(split, part)
-        if target is not None:
-            try:
-                catalog.resolve(target)
-            except ModelNotFoundError:
-                return f".{part}: {target!r} names no served model"
+        if target is None and part == "canary":
+            continue
+        if not isinstance(target, str):
+            return f".{part}: {target!r} is not a model name"
+        try:
+            key = catalog.resolve(target).key
+        except ModelNotFoundError:
+            return f".{part}: {target!r} names no served model"
+        if _other_base(catalog, key):
+            return f".{part}: {target!r} was trained on another base model than this server's"
     return None
+
+
+def _other_base(catalog: Catalog, key: str | None) -> bool:
+    """Whether registry version `key` was recorded for another base than the catalog's: one registry
+    may hold adapters of several bases, and a split set on a server of one base is not another's."""
+    if key is None or catalog.registry is None or "@" not in key or not catalog.base_fingerprint:
+        return False
+    from ..registry.refs import parse_ref
+
+    recorded = catalog.registry.resolve_version(parse_ref(key)).base_fingerprint
+    return bool(recorded) and recorded != catalog.base_fingerprint
 
 
 def _route_entries(registry: Any, after: int) -> list[tuple[int, str, Any]]:
@@ -237,7 +253,13 @@ def _route_entries(registry: Any, after: int) -> list[tuple[int, str, Any]]:
         rows = tx.execute(
             "SELECT seq, name, details FROM audit WHERE action = 'route' AND seq > ? ORDER BY seq", (after,)
         )
-    return [(seq, name, json.loads(details)) for seq, name, details in rows]
+    entries = []
+    for seq, name, details in rows:
+        try:
+            entries.append((seq, name, json.loads(details)))
+        except (TypeError, ValueError):  # not this server's to repair: skipped (with a warning) by _apply
+            entries.append((seq, name, None))
+    return entries
 
 
 def _route_name(name: str, where: str) -> str:

@@ -207,17 +207,15 @@ class GatheredKernel:
     def __call__(self, x: Tensor, a: Tensor, bt: Tensor, slots: Tensor) -> Tensor | None:
         if self.failed is not None:
             return None
-        if self.fn is None:
-            fn = torch.compile(_gathered, dynamic=True)
-            try:
-                out = fn(x, a, bt, slots)
-            except Exception as error:  # noqa: BLE001 (inductor raises many types; the dense path works)
-                self.failed = f"{type(error).__name__}: {error}"
-                log.warning("mixed-adapter kernel did not compile (%s); using the dense path", self.failed)
-                return None
-            self.fn = fn
-            return out
-        return self.fn(x, a, bt, slots)
+        fn = self.fn or torch.compile(_gathered, dynamic=True)
+        try:  # the first call compiles; a call with new kinds of input (a dtype, strides) recompiles
+            out = fn(x, a, bt, slots)
+        except Exception as error:  # noqa: BLE001 (inductor raises many types; the dense path works)
+            self.failed = f"{type(error).__name__}: {error}"
+            log.warning("mixed-adapter kernel did not compile (%s); using the dense path", self.failed)
+            return None
+        self.fn = fn
+        return out
 
     def warm(self, dtype: torch.dtype, device: torch.device | str) -> None:
         """Compile now for this dtype and device, not on the first mixed step."""
