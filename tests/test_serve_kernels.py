@@ -53,16 +53,22 @@ def qwen3():
 def serve_and_compare(model_fn, dirs: dict[str, str], count: int = 24) -> EngineCore:
     """Greedy requests over the base and every adapter in `dirs`, interleaved in the same steps:
     each equal to offline generation."""
-    engine = EngineCore(model_fn(), None, dirs.get, EngineConfig(max_len=64, max_batch=6, chunk=7, max_rank=4))
+    engine = EngineCore(
+        model_fn(), None, dirs.get, EngineConfig(max_len=64, max_batch=6, chunk=7, max_rank=4)
+    )
     engine.eos_ids = set()
     g = torch.Generator().manual_seed(5)
     names = [None, *dirs]
     reqs = []
     for i in range(count):
-        prompt = torch.randint(1, VOCAB, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        prompt = torch.randint(
+            1, VOCAB, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g
+        ).tolist()
         reqs.append((prompt, names[i % len(names)], SamplingParams(max_tokens=8, temperature=0)))
     for (prompt, name, params), outputs in zip(reqs, engine.run(reqs), strict=True):
-        assert [o.token_id for o in outputs] == greedy_offline(model_fn, prompt, dirs.get(name), params.max_tokens)
+        assert [o.token_id for o in outputs] == greedy_offline(
+            model_fn, prompt, dirs.get(name), params.max_tokens
+        )
     return engine
 
 
@@ -70,8 +76,12 @@ def serve_and_compare(model_fn, dirs: dict[str, str], count: int = 24) -> Engine
 def loras(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
     return {
-        f"l{i}": strong_lora(llama, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
-                             root / f"l{i}", seed=20 + i)  # fmt: skip
+        f"l{i}": strong_lora(
+            llama,
+            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+            root / f"l{i}",
+            seed=20 + i,
+        )  # fmt: skip
         for i in range(4)
     }
 
@@ -80,11 +90,14 @@ def loras(tmp_path_factory) -> dict[str, str]:
 def test_mixed_decode_steps_are_exact_with_either_adapter_kernel(loras, kernel, monkeypatch) -> None:
     """Decode tokens of different adapters in one step go through the compiled per-token kernel,
     or, where torch cannot compile, the dense product over the slot range: exact either way."""
-    gathered = slots.GatheredKernel()
-    if kernel == "dense":
+    gathered, calls = slots.GatheredKernel(), []
+    if kernel == "dense":  # (the four adapters' slots are a narrow range: dense even with a compiler)
         gathered.failed = "no compiler (this test)"
-    monkeypatch.setattr(slots, "GATHERED", gathered)
+    else:  # every mixed step through the kernel, however narrow its slot range
+        monkeypatch.setattr(slots, "DENSE_WIDTH", 0)
+    monkeypatch.setattr(slots, "GATHERED", lambda *args: calls.append(1) or gathered(*args))
     serve_and_compare(llama, loras)
+    assert bool(calls) == (kernel == "compiled")  # the kernel was asked for, or the range was narrow
     assert (gathered.fn is not None) == (kernel == "compiled")  # it compiled on this machine, and ran
 
 
@@ -104,8 +117,14 @@ def test_prepacked_products_are_bit_identical_to_f_linear(dtype) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2},
-                   alpha_pattern={"q_proj": 3}, init_lora_weights=False),  # fmt: skip
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"q_proj": 3},
+            init_lora_weights=False,
+        ),  # fmt: skip
         LoraConfig(r=3, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     ],
     ids=["lora-patterns", "rslora"],
@@ -143,8 +162,12 @@ def test_dora_loads_through_the_model(tmp_path) -> None:
 
 def test_qwen3_per_head_norms_are_served_exactly(tmp_path) -> None:
     dirs = {
-        "q": strong_lora(qwen3, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
-                         tmp_path / "q", seed=6),  # fmt: skip
+        "q": strong_lora(
+            qwen3,
+            LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
+            tmp_path / "q",
+            seed=6,
+        ),  # fmt: skip
     }
     serve_and_compare(qwen3, dirs, count=8)
 
@@ -157,3 +180,13 @@ def test_a_sliding_window_shorter_than_max_len_is_refused() -> None:
     with pytest.raises(RequestError, match="sliding window of 16 tokens.*max_len at most 16"):
         EngineCore(MistralForCausalLM(config).eval(), None, None, EngineConfig(max_len=64))
     EngineCore(MistralForCausalLM(config).eval(), None, None, EngineConfig(max_len=16))  # fits: served
+
+
+def test_base_tokens_do_not_widen_a_mixed_steps_slot_range() -> None:
+    """The base model's slot is the banks' last: a step mixing base and adapter tokens keeps the
+    dense range to the adapters' slots (base tokens get no columns)."""
+    rt = slots.Routing.build([16, 2, 3, 16], [(5, 7)], torch.float32, base=16)
+    assert (rt.lo, rt.hi, rt.uniform) == (2, 4, None)
+    assert rt.onehot[:, :, 0].tolist() == [[0, 0], [1, 0], [0, 1], [0, 0]]
+    only_base = slots.Routing.build([16, 16], [(5, 7)], torch.float32, base=16)
+    assert only_base.hi == only_base.lo  # no adapter among the decode tokens: nothing to add

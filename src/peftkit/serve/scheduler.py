@@ -212,8 +212,9 @@ class EngineCore:
             [(seq.row, seq.cached, n) for seq, n in prefill],
         )
         rt = Routing.build(
-            [s.slot for s in decode], [(n, seq.slot) for seq, n in prefill], self.dtype, self.device
-        )
+            [s.slot for s in decode], [(n, seq.slot) for seq, n in prefill], self.dtype, self.device,
+            base=self.base_slot,
+        )  # fmt: skip
         last, done, offset = list(range(len(decode))), [], len(decode)
         for seq, n in prefill:
             offset += n

@@ -48,8 +48,10 @@ class Routing:
         prefill: list[tuple[int, int]],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        base: int | None = None,
     ) -> Routing:
-        """From the decode tokens' slots and the prefill chunks' (length, slot)."""
+        """From the decode tokens' slots and the prefill chunks' (length, slot); `base` is the base
+        model's slot, which adds nothing and so is left out of the decode tokens' slot range."""
         chunks, offset = [], len(decode_slots)
         for length, slot in prefill:
             chunks.append((offset, length, slot))
@@ -58,9 +60,11 @@ class Routing:
         distinct = set(decode_slots) | {slot for _, slot in prefill}
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
         rt = cls(slots.to(device), len(decode_slots), chunks, uniform)
-        if decode_slots and uniform is None:
-            rt.lo, rt.hi = min(decode_slots), max(decode_slots) + 1
-            onehot = F.one_hot(slots[: rt.decode] - rt.lo, rt.hi - rt.lo)
+        adapted = [s for s in decode_slots if s != base]
+        if adapted and uniform is None:
+            rt.lo, rt.hi = min(adapted), max(adapted) + 1
+            within = torch.tensor([s - rt.lo if s != base else -1 for s in decode_slots])
+            onehot = within[:, None] == torch.arange(rt.hi - rt.lo)  # a base token's row: all False
             rt.onehot = onehot.to(device=device, dtype=dtype)[:, :, None]
         return rt
 
@@ -159,6 +163,9 @@ class ServedLinear(nn.Module):
         return y
 
 
+DENSE_WIDTH = 12  # slot ranges up to this wide take the dense path in mixed decode steps
+
+
 def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: Routing) -> Tensor:
     """y += B[s]·A[s]·x for each token's slot s, in place (y is the step's own product);
     x (N, in), a (S+1, R, in), bt (S+1, R, out), y (N, out). The base model's slot adds nothing."""
@@ -170,11 +177,14 @@ def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: Routing) -> Te
         slot = int(rt.slots[0])
         if slot != base:
             y[:1].addmm_(x[:1] @ a[slot].T, bt[slot])
-    elif d:
-        delta = GATHERED(x[:d], a, bt, rt.slots[:d])
+    elif rt.hi > rt.lo:  # decode tokens of several slots, some of them adapters'
+        # A narrow slot range is cheaper as dense products over it than through the per-token
+        # kernel, whose cost does not depend on the range (measured on the built-in model in bf16:
+        # even at about 12 slots wide).
+        delta = GATHERED(x[:d], a, bt, rt.slots[:d]) if rt.hi - rt.lo > DENSE_WIDTH else None
         if delta is None:
-            # No compiler: every decode token against the adapters of the slot range (one view, no
-            # copy), then keep only its own slot's R columns: (d, U·R) -> masked -> (d, out).
+            # Every decode token against the adapters of the slot range (one view, no copy), then
+            # keep only its own slot's R columns: (d, U·R) -> masked -> (d, out).
             width, rank = rt.hi - rt.lo, a.shape[1]
             h = x[:d] @ a[rt.lo : rt.hi].reshape(width * rank, -1).T
             h = (h.view(d, width, rank) * rt.onehot).view(d, -1)
