@@ -219,6 +219,16 @@ class AdaptedModel(nn.Module):
         if not self.state.active:
             self.state.active = (name,)
 
+    def combine(
+        self, adapters: list[str], weights: list[float], name: str, how: str = "svd", **options: Any
+    ) -> Any:
+        """Add adapter `name` combined from LoRA `adapters` (HF PEFT's `add_weighted_adapter`); how:
+        linear, cat, svd, ties, dare_linear, dare_ties; options: density, rank (svd), seed (dare).
+        Returns a `CombineResult` (for svd, the delta's relative reconstruction error)."""
+        from .combine import combine_adapters
+
+        return combine_adapters(self, adapters, weights, name, how, **options)
+
     # -- the adapters ---------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:

@@ -318,6 +318,52 @@ def merge(
 
 
 @command
+def combine(
+    out: Path,
+    adapters: list[str] = [],  # noqa: B006 (argparse fills it; the function never mutates it)
+    weights: list[float] = [],  # noqa: B006
+    how: Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"] = "svd",
+    density: float | None = None,
+    rank: int | None = None,
+    base: str | None = None,
+    seed: int | None = None,
+    registry: str | None = None,
+) -> None:
+    """Combine LoRA adapters of one base into a new LoRA adapter, as HF PEFT's add_weighted_adapter does.
+
+    linear/ties/dare_* merge the A and B factors (the adapters need one rank); cat puts them side by
+    side (exact, rank = the sum); svd truncates the weighted sum of the deltas to --rank and prints
+    its relative reconstruction error. docs/combine.md has the rules. Saved in the PEFT format.
+
+    Args:
+        out: the directory to write the new adapter to
+        adapters: the LoRA adapter directories (or registry references) to combine
+        weights: one weight per adapter (negative subtracts)
+        how: how to combine them
+        density: ties, dare_*: the fraction of each task tensor kept, in (0, 1]
+        rank: svd: the new adapter's rank; unset, the largest input rank
+        base: the base model; unset, the one the first adapter records
+        seed: dare_*: seed for the random masks; unset, torch's global generator
+        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
+            else ~/.peftkit/registry; a directory or a postgresql:// URL)
+    """
+    from .combine import combine_files
+
+    result = combine_files(
+        out,
+        list(adapters),
+        list(weights),
+        how,
+        density=density,
+        rank=rank,
+        base=base,
+        seed=seed,
+        registry=registry,
+    )
+    print(f"wrote {out}: {result.summary()}")
+
+
+@command
 def tour(
     model: str = "smollm2-135m",
     out: Path = Path("out/tour"),
