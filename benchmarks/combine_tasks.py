@@ -1,0 +1,143 @@
+"""Combining adapters on two tasks: each `how` of `AdaptedModel.combine` against a multi-task LoRA.
+
+Trains LoRA r=16 on every linear layer of the built-in SmolLM2-135M (the demo's schedule: batch 8,
+lr 1e-3, 10% warmup, bf16) on the built-in `dates` task and on the `sentiment` task, --steps each,
+and one multi-task LoRA on both tasks' training examples shuffled together for 2 x --steps (the
+same total number of optimizer steps as the two single-task adapters together). It then combines
+the two single-task adapters each way (linear, cat, svd rank 16, ties density 0.5, dare_linear
+and dare_ties density 0.5 seed 0; weights 1.0 1.0) and scores every adapter, and the base model,
+on both tasks' held-out test splits with `peftkit.eval.run.evaluate` (the metric `peftkit eval
+task:NAME` reports: exact match for dates, accuracy for sentiment; greedy decoding), on the first
+--eval-limit test examples of each task, all adapters in the same mixed batches.
+
+    python benchmarks/combine_tasks.py                     # 50 steps per task, 100 test examples
+    python benchmarks/combine_tasks.py --steps 20 --eval-limit 30 --out runs/combine-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from peftkit import AdaptedModel, load_base
+from peftkit.data.tasks import get_task
+from peftkit.eval.run import evaluate
+from peftkit.routing import BASE
+from peftkit.train.config import TrainConfig
+from peftkit.train.loop import train
+
+TASKS = ("dates", "sentiment")
+BASE_MODEL = "smollm2-135m"
+HOWS = {
+    "linear": {},
+    "cat": {},
+    "svd": {"rank": 16},
+    "ties": {"density": 0.5},
+    "dare_linear": {"density": 0.5, "seed": 0},
+    "dare_ties": {"density": 0.5, "seed": 0},
+}
+
+
+def config(data: str, steps: int, out: Path) -> TrainConfig:
+    """The demo's training run (peftkit.demo.demo_config) without TensorBoard."""
+    return TrainConfig(
+        base=BASE_MODEL,
+        data=data,
+        max_steps=steps,
+        batch_size=8,
+        lr=1e-3,
+        warmup_ratio=0.1,
+        eval_every=steps,
+        output_dir=str(out),
+    )
+
+
+def mixed_data(path: Path) -> Path:
+    """Both tasks' training examples (2000 each, the task default), shuffled, as prompt/completion."""
+    rows = [
+        {"prompt": ex.messages[-2].content, "completion": ex.answer}
+        for task in TASKS
+        for ex in get_task(task).examples("train")
+    ]
+    random.Random(0).shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_all(steps: int, out: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Adapter directory and training seconds of each single-task run and of the multi-task run."""
+    runs = {task: (f"task:{task}", steps) for task in TASKS}
+    runs["multi-task"] = (str(mixed_data(out / "mixed.jsonl")), 2 * steps)
+    dirs, seconds = {}, {}
+    for name, (data, n) in runs.items():
+        print(f"training {name}: {n} steps on {data}", flush=True)
+        result = train(config(data, n, out / name), overwrite=(out / name).exists())
+        dirs[name], seconds[name] = result.adapter_dir, result.seconds
+        print(f"  {result.steps} steps in {result.seconds:.0f} s, loss {result.final_loss:.3f}", flush=True)
+    return dirs, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per single-task adapter")
+    parser.add_argument("--eval-limit", type=int, default=100, help="test examples scored per task")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-combine"), help="run directory")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()}; {torch.get_num_threads()} threads", flush=True)
+
+    dirs, train_s = train_all(args.steps, args.out)
+    model, tokenizer = load_base(BASE_MODEL, dtype=torch.bfloat16)
+    am = AdaptedModel(model)
+    for name, path in dirs.items():
+        am.load_adapter(path, name)
+    a, b = TASKS
+    combine_s = {}
+    for how, options in HOWS.items():
+        t0 = time.perf_counter()
+        result = am.combine([a, b], [1.0, 1.0], how, how=how, **options)
+        combine_s[how] = time.perf_counter() - t0
+        print(f"  {result.summary()}  [{combine_s[how]:.1f} s]", flush=True)
+
+    names = [None, a, b, *HOWS, "multi-task"]
+    scores, eval_s = {}, {}
+    for task in TASKS:
+        spec = get_task(task)
+        examples = spec.examples("test", args.eval_limit)
+        print(f"evaluating {len(names)} models on {len(examples)} {task} test examples", flush=True)
+        report = evaluate(
+            am, tokenizer, examples, metric=spec.metric, adapters=names,
+            max_new_tokens=spec.max_new_tokens, batch_size=32, with_perplexity=False,
+        )  # fmt: skip
+        scores[task] = {r.adapter: r.score for r in report.results}
+        eval_s[task] = report.seconds
+        print(f"  {report.seconds:.0f} s", flush=True)
+
+    label = {BASE: "base model", a: f"LoRA {a} only", b: f"LoRA {b} only", "multi-task": "multi-task LoRA"}
+    head = f"| adapter | {a} ({get_task(a).metric}) | {b} ({get_task(b).metric}) | mean | time s |"
+    lines = [head, "|---|---:|---:|---:|---:|"]
+    for name in [BASE, a, b, *HOWS, "multi-task"]:
+        s1, s2 = scores[a][name], scores[b][name]
+        secs = train_s.get(name, combine_s.get(name))
+        shown = "-" if secs is None else f"{secs:.1f}"
+        row = label.get(name, f"combine {name}")
+        lines.append(f"| {row} | {s1:.2f} | {s2:.2f} | {(s1 + s2) / 2:.2f} | {shown} |")
+    table = "\n".join(lines)
+    print("\n(time: training seconds for trained adapters, combining seconds for combined ones)")
+    print(table)
+    total = time.perf_counter() - started
+    print(f"\nevaluation: {', '.join(f'{t} {s:.0f} s' for t, s in eval_s.items())}; total {total:.0f} s")
+    print(f"load average at end: {os.getloadavg()}")
+    summary = {"scores": scores, "train_s": train_s, "combine_s": combine_s, "eval_s": eval_s}
+    (args.out / "combine_tasks.json").write_text(json.dumps(summary | {"total_s": total}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
