@@ -27,6 +27,7 @@ import torch
 
 from peftkit import AdaptedModel, load_base
 from peftkit.data.tasks import get_task
+from peftkit.demo import demo_config
 from peftkit.eval.run import evaluate
 from peftkit.routing import BASE
 from peftkit.train.config import TrainConfig
@@ -45,17 +46,8 @@ HOWS = {
 
 
 def config(data: str, steps: int, out: Path) -> TrainConfig:
-    """The demo's training run (peftkit.demo.demo_config) without TensorBoard."""
-    return TrainConfig(
-        base=BASE_MODEL,
-        data=data,
-        max_steps=steps,
-        batch_size=8,
-        lr=1e-3,
-        warmup_ratio=0.1,
-        eval_every=steps,
-        output_dir=str(out),
-    )
+    """The demo's training run (peftkit.demo.demo_config) on `data`, without TensorBoard."""
+    return demo_config("dates", steps, out, BASE_MODEL).replace(data=data, tensorboard=False)
 
 
 def mixed_data(path: Path) -> Path:

@@ -250,55 +250,15 @@ def test_cli_refuses_other_bases_and_other_methods(tmp_path: Path, capsys) -> No
     )
     ia3.save_adapter(tmp_path / "ia3")
     base = ["--base", str(tmp_path)]  # never loaded: the files are refused first
-    assert (
-        main(
-            [
-                "combine",
-                str(tmp_path / "o"),
-                "--adapters",
-                str(tmp_path / "lora0"),
-                str(tmp_path / "lora1"),
-                "--weights",
-                "1",
-                "1",
-                *base,
-            ]
-        )
-        == 2
-    )
-    assert "different base models" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "combine",
-                str(tmp_path / "o"),
-                "--adapters",
-                str(tmp_path / "lora0"),
-                str(tmp_path / "ia3"),
-                "--weights",
-                "1",
-                "1",
-                *base,
-            ]
-        )
-        == 2
-    )
-    assert "LoRA adapters only" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "combine",
-                str(tmp_path / "lora0"),
-                "--adapters",
-                str(tmp_path / "lora0"),
-                "--weights",
-                "1",
-                *base,
-            ]
-        )
-        == 2
-    )
-    assert "choose a directory of its own" in capsys.readouterr().err
+    cases = [  # (OUT, adapters, what the error says)
+        ("o", ["lora0", "lora1"], "different base models"),
+        ("o", ["lora0", "ia3"], "LoRA adapters only"),
+        ("lora0", ["lora0"], "choose a directory of its own"),
+    ]
+    for out, names, message in cases:
+        args = ["combine", str(tmp_path / out), "--adapters", *(str(tmp_path / n) for n in names)]
+        assert main([*args, "--weights", *["1"] * len(names), *base]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
