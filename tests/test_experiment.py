@@ -1,0 +1,90 @@
+"""The experiment file (shared keys + variants/search/evaluate) and the one-run-per-process runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.errors import ConfigError
+from peftkit.experiment import read_experiment, run_training
+from peftkit.experiment.config import expand_dotted
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_variants_override_shared_keys_section_by_section(tmp_path):
+    f = write(
+        tmp_path / "e.yaml",
+        """
+data: task:dates
+lr: 1e-3
+lora: {r: 16, lora_alpha: 32}
+variants:
+  - {name: small, lora: {r: 4}}
+  - {method: ia3, lr: 3e-3}
+  - {"lora.r": 64}
+evaluate: {examples: 10}
+""",
+    )
+    e = read_experiment(f)
+    assert [v.name for v in e.variants] == ["small", "method=ia3_lr=3e-3", "lora.r=64"]
+    small = e.config(e.variants[0].overrides, output_dir=str(tmp_path / "o"))
+    assert (small.lora.r, small.lora.lora_alpha, small.lr) == (4, 32, 1e-3)  # alpha kept from shared
+    ia3 = e.config(e.variants[1].overrides)
+    assert (ia3.method, ia3.lr) == ("ia3", 3e-3)
+    assert e.config(e.variants[2].overrides).lora.r == 64
+    assert e.evaluation == {"examples": 10}
+    assert e.search is None
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("variants: {a: 1}", "variants must be a list"),
+        ("variants: [{lora: {r: 0}}]", "variant 'lora.r=0'"),
+        ("variants: [{lr: 1}, {lr: 1}]", "two variants are named 'lr=1'"),
+        ("variants: [{name: 'a b'}]", "name 'a b' must be"),
+        ("variants: [{output_dir: x}]", "cannot change"),
+        ("variants: [{lora_rank: 8}]", "lora_rank"),
+        ("search: [1, 2]", "search must be a mapping"),
+        ("lr: abc", "lr"),
+    ],
+)
+def test_bad_experiment_files_are_refused_by_name(tmp_path, body, words):
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        read_experiment(write(tmp_path / "e.yaml", body))
+
+
+def test_dotted_and_nested_keys_merge():
+    assert expand_dotted({"lora.r": 8, "lora": {"lora_alpha": 4}, "lr": 1}) == {
+        "lora": {"r": 8, "lora_alpha": 4},
+        "lr": 1,
+    }
+
+
+def test_a_run_trains_in_its_own_process_is_watched_and_reused(tiny_model_dir, tmp_path):
+    e = read_experiment(None, {"base": str(tiny_model_dir), "data": "task:dates", "max_examples": 40})
+    config = e.config(
+        {"max_steps": 4, "batch_size": 4, "eval_every": 2, "tensorboard": False, "progress": False},
+        output_dir=str(tmp_path / "runs" / "a"),
+    )
+    seen = []
+    outcome = run_training(config, tmp_path / "configs" / "a.yaml", log=tmp_path / "a.log", watch=seen.append)
+    assert not outcome.stopped and not outcome.reused
+    assert outcome.summary["steps"] == 4 and outcome.peak_rss_mb > 50  # a torch process: tens of MB at least
+    assert [r["val_loss"] for r in seen if "val_loss" in r] == [
+        r["val_loss"]
+        for r in map(json.loads, (tmp_path / "runs/a/metrics.jsonl").read_text().splitlines())
+        if "val_loss" in r
+    ] and len([r for r in seen if "val_loss" in r]) == 2
+    again = run_training(config, tmp_path / "configs" / "a.yaml", log=tmp_path / "a.log")
+    assert again.reused and again.summary == outcome.summary and again.peak_rss_mb == outcome.peak_rss_mb
+    # The watcher stops a run: a changed config retrains (overwriting its own old run), and stops at once.
+    longer = config.replace(max_steps=400)
+    stopped = run_training(longer, tmp_path / "configs" / "a.yaml", log=tmp_path / "a.log",
+                           watch=lambda r: r.get("step", 0) >= 2)  # fmt: skip
+    assert stopped.stopped and stopped.summary == {}
