@@ -42,6 +42,8 @@ COMMAND_MODULES = (
     "peftkit.eval.commands",
     "peftkit.registry.commands",
     "peftkit.serve.commands",
+    "peftkit.compare.commands",
+    "peftkit.tune.commands",
 )
 
 

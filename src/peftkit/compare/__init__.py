@@ -1,0 +1,1 @@
+"""`peftkit compare`: see the package docstring."""

@@ -1,0 +1,1 @@
+"""`peftkit compare`: registered with the CLI when the parser is built."""

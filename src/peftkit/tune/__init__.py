@@ -1,0 +1,1 @@
+"""`peftkit tune`: see the package docstring."""

@@ -1,0 +1,1 @@
+"""`peftkit tune`: registered with the CLI when the parser is built."""
