@@ -88,3 +88,47 @@ def test_a_run_trains_in_its_own_process_is_watched_and_reused(tiny_model_dir, t
     stopped = run_training(longer, tmp_path / "configs" / "a.yaml", log=tmp_path / "a.log",
                            watch=lambda r: r.get("step", 0) >= 2)  # fmt: skip
     assert stopped.stopped and stopped.summary == {}
+
+
+SCRIPT = """
+import sys
+from pathlib import Path
+from peftkit.experiment import read_experiment, run_training
+out = Path(sys.argv[2])
+e = read_experiment(None, {"base": sys.argv[1], "data": "task:dates", "max_examples": 40})
+config = e.config({"max_steps": int(sys.argv[3]), "batch_size": 4, "checkpoint_every": 0, "eval_every": 0,
+                   "tensorboard": False, "progress": False}, output_dir=str(out / "run"))
+outcome = run_training(config, out / "run.yaml", log=out / "run.log")
+print("steps", outcome.summary["steps"], "reused", outcome.reused)
+"""
+
+
+def test_ctrl_c_lets_the_run_checkpoint_and_the_rerun_resumes_it(tiny_model_dir, tmp_path):
+    """Ctrl-C at the terminal reaches the watcher and the child: the child saves a checkpoint (the
+    watcher waits for it instead of aborting it), and running the same config again resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    args = [sys.executable, str(script), str(tiny_model_dir), str(tmp_path), "30"]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
+    done = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert done, "the child saved no checkpoint"
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 3 <= stopped_at < 30
+    # The same config again resumes from there, not from scratch, and finishes.
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "steps 30 reused False" in rerun.stdout
+    assert f"resuming at step {stopped_at}" in (tmp_path / "run.log").read_text()

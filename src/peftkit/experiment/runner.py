@@ -26,6 +26,7 @@ from ..io import atomic_file
 from ..train.config import TrainConfig, save_config
 
 POLL_SECONDS = 0.25
+CTRL_C_GRACE_SECONDS = 120  # after Ctrl-C, how long the child may take to checkpoint before it is stopped
 
 
 class RunFailed(PeftkitError):
@@ -108,10 +109,13 @@ def _wait(
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 return proc.returncode, usage.ru_maxrss / 1024, stopped
             time.sleep(POLL_SECONDS)
-    except BaseException:  # Ctrl-C here: stop the child too, rather than leave it running
+    except BaseException:  # Ctrl-C: the child (same terminal) got it too and saves a checkpoint
         if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait()
+            try:
+                proc.wait(timeout=CTRL_C_GRACE_SECONDS)
+            except BaseException:  # still running (or a second Ctrl-C): stop it now
+                proc.send_signal(signal.SIGINT)
+                proc.wait()
         raise
 
 
