@@ -9,7 +9,7 @@ merge and mix per row of a batch. A user of HF PEFT's `PeftModel` should feel at
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from . import __version__
 from .adapter_checks import (
     bias_choice,
     check_adapter_file,
-    check_can_share_a_batch,
     check_mergeable,
     check_other_adapters,
     is_base_bias,
@@ -41,7 +40,6 @@ from .methods import MethodSpec, is_adapter_layer, method_for, method_of_layer
 from .naming import adapter_name_problem
 from .prefix import generate_with_prefix, prefix_inputs, prefix_rows
 from .routing import (
-    BASE_NAMES,
     AdapterState,
     RowRouting,
     as_kwargs,
@@ -50,6 +48,7 @@ from .routing import (
     one_name_per_row,
 )
 from .saved_modules import ModulesToSave
+from .weights import AdapterChoice, activation, active_weights, row_choices
 
 
 class AdaptedModel(nn.Module):
@@ -237,30 +236,21 @@ class AdaptedModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """The active adapters' names, in order (their weights: `active_weights`)."""
         return list(self.state.active)
+
+    @property
+    def active_weights(self) -> dict[str, float]:
+        """{active adapter: its inference weight}; 1.0 for adapters activated by name."""
+        return active_weights(self)
 
     def adapter_config(self, name: str | None = None) -> Any:
         return self.configs[self._one_adapter(name)]
 
-    def set_adapter(self, names: str | list[str]) -> None:
-        """Make `names` the active adapter(s); several active adapters add up."""
-        if names is None or isinstance(names, bytes) or not isinstance(names, (str, Iterable)):
-            raise RequestError(
-                f"set_adapter takes an adapter name or a list of names, not {names!r}; to run the base "
-                "model alone, use `with am.disable_adapters():`"
-            )
-        names = [names] if isinstance(names, str) else list(names)
-        if not names:
-            # An empty list would quietly run the base model; that has its own, reversible switch.
-            raise RequestError(
-                "set_adapter([]) names no adapter; to run the base model alone, use "
-                "`with am.disable_adapters():`"
-            )
-        for n in names:
-            self.check_exists(n)
-        if len(set(names)) < len(names):
-            raise RequestError(f"set_adapter({names}) names an adapter twice; name each once")
-        self.state.active = tuple(names)
+    def set_adapter(self, names: str | list[str] | Mapping[str, float]) -> None:
+        """Make `names` the active adapter(s); several active adapters add up. A {name: weight} mapping
+        weights each one's change (y = base + Σ w·Δ; LoRA and rsLoRA, see `peftkit.weights`)."""
+        self.state.activate(*activation(self, names))
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; layers left with no adapter get their plain module back.
@@ -324,8 +314,9 @@ class AdaptedModel(nn.Module):
         return list(names)
 
     def merge(self, names: str | list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights. Idempotent; `unmerge`
-        restores the exact original weights."""
+        """Fold adapters (default: the active ones) into the base weights, each with the weight it is
+        active with (`set_adapter({...})`; 1 otherwise). Idempotent; `unmerge` restores the exact
+        original weights."""
         names = check_mergeable(self, names)
         layers = [m for _, m in self.adapter_layers() if any(n in m.specs for n in names)]
         for module_name, layer in self.adapter_layers():
@@ -382,10 +373,11 @@ class AdaptedModel(nn.Module):
         return self.model
 
     # -- running ----------------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[AdapterChoice] | None = None, **kwargs: Any) -> Any:
         """The adapted forward: the base model's, with whole-model adapters (soft prompts, prefixes)
-        fed in; `adapter_names` (one per row, None = base model) mixes adapters. Training, evaluation
-        and generation all run through here (or `adapted_inputs`), so every method acts in all three."""
+        fed in; `adapter_names` (one per row: a name, a {name: weight} mapping, None = base model) mixes
+        adapters. Training, evaluation and generation all run through here (or `adapted_inputs`), so
+        every method acts in all three."""
         if adapter_names is None:
             return self._forward(args, kwargs)
         with self.mixed_batch(adapter_names, batch_rows(args, kwargs)):
@@ -404,12 +396,12 @@ class AdaptedModel(nn.Module):
         rows = prefix_rows(self.state, self.model_adapters, self.model, batch_rows((), kwargs))
         return kwargs if rows is None else prefix_inputs(self.model, kwargs, rows)
 
-    def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's `generate`, optionally with one adapter per row of the batch."""
+    def generate(self, *args: Any, adapter_names: list[AdapterChoice] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate`, optionally with one adapter (or weighted set) per row of the batch."""
         if adapter_names is None:
             return self._generate(args, kwargs)
         expand, rows = generate_expansion(self.model, kwargs), batch_rows(args, kwargs)
-        names = list(adapter_names)
+        names = row_choices(self, adapter_names)
         if expand > 1 and rows is not None and len(names) == rows * expand:
             names = one_name_per_row(names, expand)
         with self.mixed_batch(names, rows, expand=expand):
@@ -426,9 +418,10 @@ class AdaptedModel(nn.Module):
 
     @contextmanager
     def mixed_batch(
-        self, adapter_names: list[str | None], batch_size: int | None = None, *, expand: int = 1
+        self, adapter_names: list[AdapterChoice], batch_size: int | None = None, *, expand: int = 1
     ) -> Iterator[None]:
-        """Route row i of every batch inside this block through adapter_names[i] (None: base model).
+        """Route row i of every batch inside this block through adapter_names[i]: an adapter, a weighted
+        set {name: weight} (LoRA adapters), or None (the base model).
 
         batch_size: the rows the names are for, checked here (layers check every batch too).
         expand: inside `generate`, each row is repeated this many times (beams, returned sequences)
@@ -440,16 +433,13 @@ class AdaptedModel(nn.Module):
                 f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows; "
                 f"give one per row{repeats}"
             )
-        for n in adapter_names:
-            if n not in BASE_NAMES:
-                self.check_exists(n)
-        check_can_share_a_batch(self, [None if n in BASE_NAMES else n for n in adapter_names])
+        rows = row_choices(self, adapter_names)
         if self.merged_adapters:
             raise AdapterStateError(
                 f"adapters {self.merged_adapters} are merged; a mixed batch needs unmerged adapters (unmerge() first)"
             )
         before = self.state.rows
-        self.state.rows = RowRouting.from_names(adapter_names, expand=expand)
+        self.state.rows = RowRouting.from_names(rows, expand=expand)
         try:
             yield
         finally:

@@ -23,29 +23,61 @@ BASE_NAMES = (None, BASE, "__base__")
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class Weighted:
+    """A weighted set of adapters for one row or for the whole model: output = base + Σ w·Δ.
+
+    Made (and checked) by `peftkit.weights`; hashable, so generate's beams can compare rows."""
+
+    items: tuple[tuple[str, float], ...]  # (adapter name, weight), each name once
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.items)
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{n!r}: {w:g}" for n, w in self.items) + "}"
+
+
+RowChoice = str | Weighted | None
+"""What one row of a mixed batch runs through: an adapter, a weighted set, or (None) the base model."""
+
+
 @dataclass
 class RowRouting:
     """Per-row adapter choice for one mixed batch.
 
     `unique` lists the distinct adapter names in the batch; `row_to_unique[i]` indexes it, and
-    rows that use the base model point one past the end (`len(unique)`).
+    rows that use the base model point one past the end (`len(unique)`). Weighted rows (a `Weighted`
+    set) point there too, so methods that cannot weight see them as base rows (a weighted set holds
+    only adapters that can be weighted); their weights are in `weights`.
     """
 
-    names: tuple[str | None, ...]
+    names: tuple[str | None, ...]  # the plain adapter per row; None for base and weighted rows
     unique: tuple[str, ...]
     row_to_unique: Tensor  # (N,) long, on CPU; layers move it to their device once
     uid: int = field(default_factory=lambda: next(_ids))
     expand: int = 1
     """How many copies of each row a layer may also see: `generate` repeats every prompt for its
     beams or returned sequences (max(num_beams, num_return_sequences)) after the encoder has run."""
+    weights: Tensor | None = None
+    """(N, len(unique)) float32 on CPU, each row's weight per adapter (plain rows one-hot, base rows
+    zero); None when no row is weighted, so plain batches keep their one-slot-per-row path."""
 
     @classmethod
-    def from_names(cls, names: list[str | None] | tuple[str | None, ...], expand: int = 1) -> RowRouting:
-        clean = tuple(None if n in BASE_NAMES else n for n in names)
-        unique = tuple(dict.fromkeys(n for n in clean if n is not None))
+    def from_names(cls, names: list[RowChoice] | tuple[RowChoice, ...], expand: int = 1) -> RowRouting:
+        clean = tuple(None if isinstance(n, str | None) and n in BASE_NAMES else n for n in names)
+        plain = tuple(n if isinstance(n, str) else None for n in clean)
+        unique = tuple(dict.fromkeys(a for n in clean for a, _ in _pairs(n)))
         pos = {n: i for i, n in enumerate(unique)}
-        idx = torch.tensor([pos[n] if n is not None else len(unique) for n in clean], dtype=torch.long)
-        return cls(names=clean, unique=unique, row_to_unique=idx, expand=expand)
+        idx = torch.tensor([pos[n] if n is not None else len(unique) for n in plain], dtype=torch.long)
+        weights = None
+        if any(isinstance(n, Weighted) for n in clean):
+            weights = torch.zeros(len(clean), len(unique))
+            for row, n in enumerate(clean):
+                for a, w in _pairs(n):
+                    weights[row, pos[a]] = w
+        return cls(names=plain, unique=unique, row_to_unique=idx, expand=expand, weights=weights)
 
     def repeat_for(self, batch_rows: int) -> int:
         """How many consecutive rows of a batch of `batch_rows` share one entry of `names`: 1, or
@@ -64,9 +96,18 @@ class RowRouting:
 
     @property
     def single(self) -> str | None | bool:
-        """The one adapter (or None for base) every row uses, or False when rows differ."""
+        """The one adapter (or None for base) every row uses, or False when rows differ (or are weighted)."""
+        if self.weights is not None:
+            return False
         first = self.names[0] if self.names else None
         return first if all(n == first for n in self.names) else False
+
+
+def _pairs(choice: RowChoice) -> tuple[tuple[str, float], ...]:
+    """A row's (adapter, weight) pairs: a plain adapter has weight 1, the base model none."""
+    if isinstance(choice, Weighted):
+        return choice.items
+    return () if choice is None else ((choice, 1.0),)
 
 
 def row_slots(
@@ -89,13 +130,54 @@ def row_slots(
     return value
 
 
-@dataclass
-class AdapterState:
-    """Shared by all adapter layers of one model: what is active, disabled or routed right now."""
+def row_weights(
+    routing: RowRouting, names: list[str], batch: Tensor, cache: dict[str, tuple[tuple, object]]
+) -> tuple[Tensor, list[int]]:
+    """Each row's weight per adapter of a layer whose adapters are `names` (in stack order): (N, len(names))
+    on the batch's device, and the slots some row uses (so a layer skips the others without asking
+    the device). Needs `routing.weights`; cached like `row_slots`."""
+    assert routing.weights is not None
+    key = (routing.uid, batch.device, batch.shape[0], torch.is_inference_mode_enabled())
+    hit = cache.get("weights")
+    if hit is not None and hit[0] == key:
+        return hit[1]  # type: ignore[return-value]
+    index = {n: i for i, n in enumerate(names)}
+    lut = torch.tensor([index.get(u, len(index)) for u in routing.unique], dtype=torch.long)
+    per_slot = torch.zeros(routing.weights.shape[0], len(names) + 1).index_add_(1, lut, routing.weights)
+    per_slot = per_slot[:, : len(names)].repeat_interleave(routing.repeat_for(batch.shape[0]), dim=0)
+    used = [s for s in range(len(names)) if bool(per_slot[:, s].any())]
+    value = (per_slot.to(batch.device), used)
+    cache["weights"] = (key, value)
+    return value
 
-    active: tuple[str, ...] = ()
-    disabled: bool = False
-    rows: RowRouting | None = None
+
+class AdapterState:
+    """Shared by all adapter layers of one model: what is active (with which weights), disabled or
+    routed right now."""
+
+    def __init__(self) -> None:
+        self._active: tuple[str, ...] = ()
+        self.weights: dict[str, float] = {}  # active adapters whose weight is not 1
+        self.disabled = False
+        self.rows: RowRouting | None = None
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self._active
+
+    @active.setter
+    def active(self, names: tuple[str, ...]) -> None:
+        # An adapter that stops being active loses its weight: one deleted and added again starts at 1.
+        self._active = tuple(names)
+        self.weights = {n: w for n, w in self.weights.items() if n in self._active}
+
+    def activate(self, names: tuple[str, ...], weights: dict[str, float]) -> None:
+        """Make `names` active, with `weights` for those whose weight is not 1."""
+        self.active = names
+        self.weights = {n: float(w) for n, w in weights.items() if n in names and w != 1}
+
+    def weight(self, name: str) -> float:
+        return self.weights.get(name, 1.0)
 
 
 def batch_rows(args: tuple, kwargs: dict) -> int | None:

@@ -1,9 +1,11 @@
 """LoRA, rsLoRA and DoRA: a layer that holds a base layer and any number of named low-rank adapters.
 
-    y = base(x) + Σ_active s·B·A·dropout(x)                       (LoRA; s = α/r, or α/√r for rsLoRA)
+    y = base(x) + Σ_active w·s·B·A·dropout(x)                     (LoRA; s = α/r, or α/√r for rsLoRA)
     y = base(x) + (m/‖W+sBA‖ − 1)·W·x + (m/‖W+sBA‖)·s·B·A·x        (DoRA; the norm is detached, per row)
 
-Layer-type specifics live in `lora_kinds`; which adapters run is read from the shared `AdapterState`.
+Layer-type specifics live in `lora_kinds`; which adapters run, and with which inference weights w
+(1 unless `set_adapter` or a mixed batch's row gives one; DoRA adapters always 1), is read from the
+shared `AdapterState`.
 Nothing here merges or unmerges as a side effect of `forward`, `train` or `eval`.
 """
 
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import RequestError
 from ..layer_types import float_dtype, is_quantized, weight_device
-from ..routing import AdapterState, RowRouting, row_slots
+from ..routing import AdapterState, RowRouting, row_slots, row_weights
 from . import lora_info
 from .lora_config import LoraConfig, config_from_file, config_to_file, pattern_matches
 from .lora_kinds import SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
@@ -53,6 +55,7 @@ class LoraLayer(nn.Module):
         self.lora_magnitude = nn.ParameterDict()
         self.specs: dict[str, AdapterSpec] = {}
         self.merged: list[str] = []
+        self.merged_weights: dict[str, float] = {}  # the inference weight each merged adapter went in with
         # The weight before any merge, so unmerge restores it bit for bit (not W + Δ − Δ).
         self.register_buffer("unmerged_weight", None, persistent=False)
         self.state = state
@@ -114,21 +117,29 @@ class LoraLayer(nn.Module):
         # DoRA's W·x term must come from the base output, so DoRA adapters go first (out of place);
         # the plain ones may then add in place.
         for name in sorted(names, key=lambda n: not self.specs[n].use_dora):
-            result = self._add_adapter(x, result, name, base)
+            result = self._add_adapter(x, result, name, base, state.weight(name))
         return result
 
-    def _add_adapter(self, x: Tensor, result: Tensor, name: str, base: Tensor) -> Tensor:
+    def _add_adapter(
+        self, x: Tensor, result: Tensor, name: str, base: Tensor, weight: float | Tensor = 1.0
+    ) -> Tensor:
+        """result + w·s·B·A·x (DoRA: its term, at weight 1); w a number, or one per row (N,)."""
         spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
         xd = self._dropout(x, spec.dropout).to(a.dtype) if x.is_floating_point() else x
         h = self.kind.features(self.base_layer, xd, a)  # (..., r)
         if not spec.use_dora:
-            return _add_low_rank(self.kind, self.base_layer, result, h, b, spec.scaling)
+            if isinstance(weight, Tensor):  # each row's weight scales its rank features
+                h = h * weight.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))  # (N, ..., r) or (N, r, ...)
+                weight = 1.0
+            return _add_low_rank(self.kind, self.base_layer, result, h, b, spec.scaling * weight)
         f = self._dora_factor(name)  # (out,) or (1, out, 1, ...) for convs
         delta = self.kind.project(self.base_layer, h, b) * spec.scaling
         y0 = self._base_no_bias(x, xd, base, dropped=self.training and spec.dropout > 0)
         return result + ((f - 1) * y0 + f * delta).to(result.dtype)
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
+        if routing.weights is not None:
+            return self._forward_weighted(x, result, routing)
         # (N,) slot per row; len(specs) means "no adapter on this layer"
         rows, uniform = row_slots(routing, list(self.specs), x, self._cache)
         if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
@@ -157,6 +168,22 @@ class LoraLayer(nn.Module):
         f = f.view(f.shape[0], *lead, -1) if self.kind.channel_dim == -1 else f.view(*f.shape, *lead)
         y0 = self._base_no_bias(x, xd, result, dropped=dropped)
         return result + ((f - 1) * y0 + f * delta).to(result.dtype)
+
+    def _forward_weighted(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
+        """A mixed batch with weighted rows: each adapter some row uses runs over the whole batch, its
+        rank features scaled per row (w_row, 0 for rows without it). A DoRA adapter is never in a weighted
+        set, so its weights are 0 or 1 and its term is masked per row."""
+        weights, used = row_weights(routing, list(self.specs), x, self._cache)  # (N, n), slots in use
+        names = list(self.specs)
+        base = result
+        for slot in sorted(used, key=lambda s: not self.specs[names[s]].use_dora):  # DoRA reads `base` first
+            name, w = names[slot], weights[:, slot]  # (N,)
+            if self.specs[name].use_dora:
+                term = self._add_adapter(x, torch.zeros_like(base), name, base)
+                result = result + term * w.to(term.dtype).view(-1, *([1] * (term.dim() - 1)))
+            else:
+                result = self._add_adapter(x, result, name, base, w)
+        return result
 
     def _base_no_bias(self, x: Tensor, xd: Tensor, result: Tensor, dropped: bool) -> Tensor:
         """W·x without the bias; recomputed on the dropped-out input when dropout is active (as PEFT)."""
@@ -236,7 +263,8 @@ class LoraLayer(nn.Module):
         )
 
     def merge(self, names: list[str]) -> None:
-        """Fold adapters into the base weight. Idempotent; the pre-merge weight is kept for unmerge."""
+        """Fold adapters into the base weight, each with its inference weight (the one it is active with,
+        else 1). Idempotent; the pre-merge weight is kept for unmerge."""
         todo = [n for n in names if n in self.specs and n not in self.merged]
         if not todo:
             return
@@ -244,6 +272,7 @@ class LoraLayer(nn.Module):
         if self.unmerged_weight is None:
             self.unmerged_weight = weight.detach().clone()
         merged = self.merged + todo
+        self.merged_weights |= {n: self.state.weight(n) for n in todo}
         w0 = self.kind.weight_matrix(self.base_layer, self.unmerged_weight).float()
         new = w0.clone()
         for n in merged:  # recomputed from the original weight, so the merge order does not matter
@@ -252,7 +281,7 @@ class LoraLayer(nn.Module):
                 f = self.lora_magnitude[n].detach().float().reshape(-1) / self._weight_norm(n).float()
                 new += (f - 1)[:, None] * w0 + f[:, None] * delta
             else:
-                new += delta
+                new += delta * self.merged_weights[n]
         with torch.no_grad():
             weight.copy_(self.kind.to_native(self.base_layer, new).to(weight.dtype))
         self.merged = merged
@@ -266,6 +295,7 @@ class LoraLayer(nn.Module):
             self.base_layer.weight.copy_(self.unmerged_weight)
         self.unmerged_weight = None
         self.merged = []
+        self.merged_weights = {}
         self._cache.clear()
 
     def extra_repr(self) -> str:
@@ -361,6 +391,16 @@ def file_slot_tensors(
     return {"A": tensors["lora_A"], "B": tensors["lora_B"] * config.scaling(r, alpha)}
 
 
+def weight_problem(config: LoraConfig) -> str | None:
+    """Why a LoRA adapter cannot take an inference weight: only DoRA's, whose output is renormalised."""
+    if config.use_dora:
+        return (
+            "it is a DoRA adapter, whose magnitude renormalises the whole weight (m·(W+sBA)/‖W+sBA‖), so "
+            "a weighted sum of its change has no clean meaning"
+        )
+    return None
+
+
 def wrap(module: nn.Module, kind: LayerKind, state: AdapterState) -> LoraLayer:
     return LoraLayer(module, kind, state)
 
@@ -413,6 +453,7 @@ SPEC = MethodSpec(
     peft_type="LORA",
     supports_merge=True,
     supports_mixed_batch=True,
+    weight_problem=weight_problem,
     variants={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
     layer_cls=LoraLayer,
     kind_of=kind_of,

@@ -95,6 +95,10 @@ class MethodSpec:
     # A new adapter leaves the outputs unchanged (LoRA's zero B). Soft prompts and prefixes cannot: even
     # zero keys and values take a share of every attention softmax.
     starts_unchanged: bool = True
+    # (config) -> why an adapter with this config cannot take an inference weight other than 1, or None
+    # when it can (its change is additive: y = base(x) + w·Δ(x)); None here: no adapter of the method can
+    # (`peftkit.weights` then says so with the method's description).
+    weight_problem: Callable[[Any], str | None] | None = None
     # -- layer methods -----------------------------------------------------------------------------
     layer_cls: type | None = None
     kind_of: Callable[[nn.Module], Any] | None = None  # a module's kind for this method, or None
