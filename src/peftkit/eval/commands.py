@@ -335,7 +335,7 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
 def generate(
     prompt: list[str] | None = None,
     base: str = DEFAULT_BASE,
-    adapter: Path | None = None,
+    adapter: list[str] | None = None,
     prompts: Path | None = None,
     system: str | None = None,
     max_new_tokens: int = 128,
@@ -350,7 +350,9 @@ def generate(
     Args:
         prompt: the prompts, each one user message
         base: the base model: a built-in name, an HF model directory or a .gguf file
-        adapter: an adapter directory to answer with (none: the base model alone)
+        adapter: adapter directories to answer with, each DIR or DIR=WEIGHT; several are active at once
+            and their changes add up, each times its weight (default 1; weights other than 1 for LoRA
+            adapters), e.g. --adapter dates=0.7 sentiment=0.5 (none: the base model alone)
         prompts: a file of prompts (UTF-8): one per line, or JSONL rows with "prompt" or "messages"
         system: a system prompt for every prompt that has none
         max_new_tokens: the most tokens to generate per answer (at least 1)
@@ -373,9 +375,8 @@ def generate(
     chats += read_prompts(prompts, system) if prompts is not None else []
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")
-    named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
-    model, tokenizer = load_model(
-        base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
+    model, tokenizer = load_weighted(
+        base, adapter or [], dtype, check_base=check_base, quantize=quantize, registry=registry
     )
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
     for chat, answer in zip(chats, answers, strict=True):
@@ -385,7 +386,7 @@ def generate(
 @command
 def chat(
     base: str = DEFAULT_BASE,
-    adapter: Path | None = None,
+    adapter: list[str] | None = None,
     system: str | None = None,
     max_new_tokens: int = 256,
     dtype: Dtype = "auto",
@@ -400,7 +401,9 @@ def chat(
 
     Args:
         base: the base model: a built-in name, an HF model directory or a .gguf file
-        adapter: an adapter directory to chat with (none: the base model alone)
+        adapter: adapter directories to chat with, each DIR or DIR=WEIGHT; several are active at once
+            and their changes add up, each times its weight (default 1; weights other than 1 for LoRA
+            adapters), e.g. --adapter dates=0.7 sentiment=0.5 (none: the base model alone)
         system: a system prompt for the conversation
         max_new_tokens: the most tokens per answer (at least 1)
         dtype: the dtype to load the base in (auto: the checkpoint's own)
@@ -414,9 +417,8 @@ def chat(
     from peftkit.eval.generation import generate_answers
 
     _at_least("max-new-tokens", max_new_tokens, 1)
-    named = [(dir_adapter_name(adapter, []), adapter)] if adapter else []
-    model, tokenizer = load_model(
-        base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
+    model, tokenizer = load_weighted(
+        base, adapter or [], dtype, check_base=check_base, quantize=quantize, registry=registry
     )
     interactive = sys.stdin.isatty()
     start = [Message("system", system)] if system else []
@@ -439,6 +441,41 @@ def chat(
         answer = generate_answers(model, tokenizer, [history], max_new_tokens=max_new_tokens, batch_size=1)[0]
         history.append(Message("assistant", answer))
         print(printable(answer, keep="\n\t"), flush=True)
+
+
+def weighted_adapter_specs(specs: list[str]) -> tuple[list[tuple[str, Path]], dict[str, float]]:
+    """(name, directory) for each --adapter entry (DIR or DIR=WEIGHT; an existing path containing "="
+    is a directory), named after its directory, and {name: weight} for those given a weight."""
+    import math
+
+    named: list[tuple[str, Path]] = []
+    weights: dict[str, float] = {}
+    for spec in specs:
+        where, sep, text = spec.rpartition("=")
+        if not sep or not where or Path(spec).exists():
+            named.append((dir_adapter_name(Path(spec), [n for n, _ in named]), Path(spec)))
+            continue
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise RequestError(
+                f"--adapter {spec!r}: {text!r} is not a weight; write DIR=WEIGHT with a finite number, "
+                f"e.g. {where}=0.5 (or {where} alone for weight 1)"
+            )
+        named.append((dir_adapter_name(Path(where), [n for n, _ in named]), Path(where)))
+        weights[named[-1][0]] = weight
+    return named, weights
+
+
+def load_weighted(base: str, specs: list[str], dtype: str, **options: Any) -> tuple[Any, Any]:
+    """`load_model` with the --adapter entries loaded and all of them active, each with its weight."""
+    named, weights = weighted_adapter_specs(specs)  # a bad weight fails before the slow load
+    model, tokenizer = load_model(base, named, dtype, **options)
+    if len(named) > 1 or weights:
+        model.set_adapter({name: weights.get(name, 1.0) for name, _ in named})
+    return model, tokenizer
 
 
 def read_message(stream: IO[str]) -> str | None:

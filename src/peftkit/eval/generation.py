@@ -1,7 +1,8 @@
 """Inference for evaluation: batched greedy generation and the perplexity of reference answers.
 
-Both take a plain causal LM or a `peftkit.AdaptedModel`; with `adapter_names` (one per row, None =
-the base model) every row of a batch runs through its own adapter. Rows are sorted by length into
+Both take a plain causal LM or a `peftkit.AdaptedModel`; with `adapter_names` (one per row: an adapter's
+name, a {name: weight} mapping, or None = the base model) every row of a batch runs through its own
+adapter or weighted set. Rows are sorted by length into
 batches (less padding) and results come back in input order. The model's train/eval mode is restored.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from peftkit.data.example import Example, Message
 from peftkit.errors import RequestError
+
+AdapterChoice = str | Mapping[str, float] | None  # one row's adapter, weighted set, or base model
 
 # End-of-turn markers of common chat templates; generation stops at whichever the vocabulary has.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -59,13 +62,15 @@ def decode_answer(tokenizer: Any, new_ids: Sequence[int], stop: Sequence[int]) -
     return tokenizer.decode(list(new_ids[:cut]), skip_special_tokens=True).strip()
 
 
-def _adapter_kwargs(model: Any, names: Sequence[str | None] | None) -> dict[str, Any]:
+def _adapter_kwargs(model: Any, names: Sequence[AdapterChoice] | None) -> dict[str, Any]:
     """`adapter_names=` for an AdaptedModel (None rows = base model); nothing for a plain model."""
     from peftkit.adapted import AdaptedModel
+    from peftkit.weights import row_choices
 
     if names is None:
         return {}
     if isinstance(model, AdaptedModel):
+        row_choices(model, names)  # unknown names, bad weights: refused before any work
         return {"adapter_names": list(names)}
     if any(n is not None for n in names):
         raise RequestError("adapter names need a peftkit.AdaptedModel; this model has no adapters")
@@ -106,13 +111,14 @@ def generate_answers(
     *,
     max_new_tokens: int,
     batch_size: int = 16,
-    adapter_names: Sequence[str | None] | None = None,
+    adapter_names: Sequence[AdapterChoice] | None = None,
 ) -> list[str]:
     """Greedy answers to chat prompts, in input order.
 
     Prompts are encoded as in training (`encode_prompt`), sorted by length into left-padded batches
     (less padding), and decoded up to the end-of-turn/eos token without special tokens. With
-    `adapter_names` (one per prompt; None = base model) each row uses its own adapter.
+    `adapter_names` (one per prompt: a name, a {name: weight} mapping, None = base model) each row
+    uses its own adapter or weighted set.
     """
     from peftkit.data.encode import encode_prompt
 
@@ -150,7 +156,7 @@ def answer_nll(
     examples: Sequence[Example],
     *,
     batch_size: int = 16,
-    adapter_names: Sequence[str | None] | None = None,
+    adapter_names: Sequence[AdapterChoice] | None = None,
 ) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each example's reference answer (the last
     assistant turn with its end-of-turn tokens, given the prompt); (0.0, 0) for one that does not fit."""
@@ -209,7 +215,7 @@ def perplexity(
     examples: Sequence[Example],
     *,
     batch_size: int = 16,
-    adapter_names: Sequence[str | None] | None = None,
+    adapter_names: Sequence[AdapterChoice] | None = None,
 ) -> float:
     """exp(mean NLL per token) of the reference answers given their prompts (NaN if none fits)."""
     return ppl_of(answer_nll(model, tokenizer, examples, batch_size=batch_size, adapter_names=adapter_names))
