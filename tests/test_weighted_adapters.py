@@ -408,3 +408,22 @@ def test_cli_refuses_bad_weighted_forms(
     assert last.startswith("error: ") and "loading base model" not in err, err
     for fragment in fragments:
         assert fragment in last, last
+
+
+def test_docs_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """docs/combine.md's "Weighted adapters at inference": its ```py block runs, its commands parse."""
+    import re
+    import shlex
+
+    from peftkit.cli import build_parser
+
+    text = (Path(__file__).parents[1] / "docs/combine.md").read_text()
+    section = text.split("## Weighted adapters at inference", 1)[1]
+    monkeypatch.chdir(tmp_path)
+    (block,) = re.findall(r"^```py\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    exec(compile(block, "docs/combine.md", "exec"), {"__name__": "docs"})
+    assert "{'dates': 0.7, 'sentiment': 0.5}" in capsys.readouterr().out
+    (sh,) = re.findall(r"^```sh\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    for line in sh.strip().splitlines():
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert len(args.adapter) == 2
