@@ -141,11 +141,9 @@ def row_choices(am: AdaptedModel, adapter_names: Sequence[AdapterChoice]) -> lis
                 f"adapter_names[{i}] is {entry!r}; give each row an adapter name, a {{name: weight}} "
                 "mapping, or None for the base model"
             )
-    involved = dict.fromkeys(
-        n for r in rows for n in ((r,) if isinstance(r, str) else getattr(r, "names", ()))
-    )
     if len(set(rows)) > 1:  # rows differ: every adapter involved must route per row
-        check_can_share_a_batch(am, [None, *involved])
+        involved = [n for r in rows if r is not None for n in ((r,) if isinstance(r, str) else r.names)]
+        check_can_share_a_batch(am, [None, *dict.fromkeys(involved)])
     return rows
 
 
