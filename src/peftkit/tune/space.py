@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..experiment import Experiment
 from ..methods import METHODS
 from ..train.config import FULL, TrainConfig
@@ -100,6 +100,8 @@ def parse_space(experiment: Experiment) -> list[Param]:
     if search is None:
         method = experiment.config().method
         search = DEFAULT_SEARCH.get(method, OTHER_LR)
+    for key in _dotted(search):
+        _check_key(key)
     params = [_param(key, spec) for key, spec in _dotted(search).items()]
     if not params:
         raise ConfigError(
@@ -126,6 +128,20 @@ def _dotted(search: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"search names {name} twice; keep one")
             out[name] = value
     return out
+
+
+def _check_key(key: str) -> None:
+    """Refuse a key the training config does not have, naming the valid ones."""
+    head, _, leaf = key.rpartition(".")
+    if head and head not in METHODS:
+        raise ConfigError(f"search {key}: {head!r} is no method section{did_you_mean(head, METHODS)}; "
+                          f"sections: {', '.join(METHODS)}")  # fmt: skip
+    cls = METHODS[head].config_cls if head else TrainConfig
+    valid = [f.name for f in fields(cls) if f.name not in METHODS]
+    valid += [ALPHA_OVER_R] if head and _has_alpha(head) else []
+    if leaf not in valid:
+        raise ConfigError(f"search {key}: unknown key{did_you_mean(leaf, valid)}; valid keys"
+                          f"{' under ' + head if head else ''}: {', '.join(valid)}")  # fmt: skip
 
 
 def _param(key: str, spec: Any) -> Param:
