@@ -1,0 +1,240 @@
+"""Scoring the compared models: the task score, the scores on the other built-in tasks and the
+perplexity on general text, for the base model and every variant.
+
+Models that share a base (same base, same quantization) are loaded once and scored together in mixed
+batches: every adapter variant with the base model itself, QLoRA variants on their own 4-bit base
+(whose own row is a reference too), each full fine-tuning run as a model of its own. Results are
+cached per model in OUT/eval/NAME.json under a key made of everything they depend on (the settings,
+the general text, the model's and adapter's files), so a rerun scores only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..io import write_json_atomic
+from .runs import Trained
+from .settings import EvalSettings, general_text
+
+BASE_ROW = "base"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One row of the comparison: what to load and which adapter (None: the loaded model itself)."""
+
+    name: str
+    load: str  # a base model (built-in name, directory, .gguf), or a full fine-tuning run's model dir
+    quantize: str | None
+    adapter: Path | None
+
+
+@dataclass
+class Scores:
+    score: float  # the metric's mean on the scored examples
+    n: int
+    forgetting: dict[str, float]  # other built-in task -> score
+    perplexity: float  # on the general text
+    text_tokens: int
+    seconds: float  # its share of the evaluation's wall time
+    mixed: bool = True  # scored in mixed batches with the other models of its base
+
+
+def reference_name(base: str, quantize: str | None, shared_base: str) -> str:
+    """ "base", "base+nf4", or for a variant that changed the base, "base[NAME]" (NAME: its last part)."""
+    name = BASE_ROW if base == shared_base else f"{BASE_ROW}[{Path(base).name or base}]"
+    return f"{name}+{quantize}" if quantize else name
+
+
+def models_to_score(trained: list[Trained], shared_base: str) -> list[Model]:
+    """The reference rows (the shared base; each other base or quantized base a variant uses), then
+    every variant in the experiment's order."""
+    refs = {(shared_base, None): None}
+    for t in trained:
+        if not t.is_full:
+            refs.update({(t.config.base, None): None, (t.config.base, t.config.quantize): None})
+    rows = [Model(reference_name(b, q, shared_base), b, q, None) for b, q in refs]
+    for t in trained:
+        if t.is_full:
+            rows.append(Model(t.name, str(t.weights_dir), None, None))
+        else:
+            rows.append(Model(t.name, t.config.base, t.config.quantize, t.weights_dir))
+    return rows
+
+
+def score_models(
+    models: list[Model], settings: EvalSettings, out: Path, say: Callable[[str], None] = print
+) -> dict[str, Scores]:
+    """{row name: Scores} for every model, from the cache where its key still matches."""
+    text = general_text(settings)
+    common = {"settings": settings.to_dict(), "text": hashlib.sha256(text.encode()).hexdigest()}
+    if not settings.data.startswith("task:"):  # type: ignore[union-attr]
+        common["data"] = _identity(Path(settings.data))  # type: ignore[arg-type]
+    keys = {m.name: _key(common, m) for m in models}
+    results = {m.name: s for m in models if (s := _cached(out, m.name, keys[m.name])) is not None}
+    groups: dict[tuple[str, str | None], list[Model]] = {}
+    for m in models:
+        if m.name not in results:
+            groups.setdefault((m.load, m.quantize), []).append(m)
+    if not groups:
+        say(f"evaluation: all {len(models)} models' scores are cached in {out / 'eval'}")
+    for (load, quantize), group in groups.items():
+        names = ", ".join(m.name for m in group)
+        say(f"evaluating {names} on {load}{'+' + quantize if quantize else ''} ...")
+        t0 = time.perf_counter()
+        scored = score_group(load, quantize, group, settings, text)
+        say(f"  evaluated {len(group)} model(s) in {time.perf_counter() - t0:.0f} s")
+        for m in group:
+            write_json_atomic(
+                out / "eval" / f"{m.name}.json", {"key": keys[m.name], **asdict(scored[m.name])}
+            )
+            results[m.name] = scored[m.name]
+    return {m.name: results[m.name] for m in models}
+
+
+def score_group(
+    load: str, quantize: str | None, group: list[Model], settings: EvalSettings, text: str
+) -> dict[str, Scores]:
+    """Score every model of one base: as many adapters as can sit on one loaded copy of it (two methods
+    cannot wrap the same module: LoRA and IA3 both wrap k_proj) are scored together in mixed batches;
+    the others on the next copy."""
+    from ..base import load_base
+
+    results: dict[str, Scores] = {}
+    pending = list(group)
+    while pending:
+        model, tokenizer = load_base(load, dtype=settings.dtype, quantize=quantize)
+        net, placed, pending = _place(model, quantize, pending)
+        results |= _score_loaded(net, tokenizer, placed, settings, text)
+        del net, model
+    return results
+
+
+def _place(model: Any, quantize: str | None, models: list[Model]) -> tuple[Any, dict[str, Model], list]:
+    """(the model to run, {alias: model} loaded on it, the models that did not fit and wait)."""
+    from ..adapted import AdaptedModel
+    from ..errors import TargetError
+
+    if not quantize and all(m.adapter is None for m in models):
+        return model, {m.name: m for m in models}, []
+    net = AdaptedModel(model)  # also for a bare 4-bit base: the adapted generate decodes it fast
+    placed: dict[str, Model] = {}
+    rest = []
+    for i, m in enumerate(models):
+        if m.adapter is None:
+            placed[m.name] = m
+            continue
+        try:
+            net.load_adapter(m.adapter, f"v{i}")  # checks everything before it changes anything
+            placed[f"v{i}"] = m
+        except TargetError:
+            if not placed:  # alone on a fresh base: a real error
+                raise
+            rest.append(m)
+    return net, placed, rest
+
+
+def _score_loaded(
+    net: Any, tokenizer: Any, placed: dict[str, Model], settings: EvalSettings, text: str
+) -> dict[str, Scores]:
+    from ..adapted import AdaptedModel
+    from ..adapter_checks import check_can_share_a_batch
+    from ..errors import RequestError
+
+    names = [None if m.adapter is None else alias for alias, m in placed.items()]
+    try:
+        if isinstance(net, AdaptedModel):
+            check_can_share_a_batch(net, names)
+        mixed = True
+    except RequestError:  # a method that cannot share a batch: each adapter runs on its own
+        mixed = False
+    t0 = time.perf_counter()
+    task, forgetting = _task_scores(net, tokenizer, names, settings, mixed)
+    ppl = _text_scores(net, tokenizer, names, settings, text, mixed)
+    share = (time.perf_counter() - t0) / len(names)
+    return {
+        m.name: Scores(
+            score=task[a].score,
+            n=task[a].n,
+            forgetting={t: r[a].score for t, r in forgetting.items()},
+            perplexity=ppl[a][0],
+            text_tokens=ppl[a][1],
+            seconds=round(share, 1),
+            mixed=mixed,
+        )
+        for m, a in zip(placed.values(), names, strict=True)
+    }
+
+
+def _task_scores(net: Any, tokenizer: Any, names: list, settings: EvalSettings, mixed: bool) -> tuple:
+    """({alias: task result}, {other task: {alias: result}}) via peftkit.eval.run.evaluate."""
+    from ..data.source import load_data, parse_task_spec
+    from ..data.tasks import get_task
+    from ..eval.commands import longest_answer
+    from ..eval.run import evaluate
+    from ..routing import BASE
+
+    def run(examples: list, metric: str, max_new: int) -> dict:
+        report = evaluate(net, tokenizer, examples, metric=metric, adapters=names, max_new_tokens=max_new,
+                          batch_size=settings.batch_size, with_perplexity=False, mixed=mixed)  # fmt: skip
+        return {a: report[BASE if a is None else a] for a in names}
+
+    examples = load_data(settings.data, split="test", n=settings.examples)  # type: ignore[arg-type]
+    spec = parse_task_spec(settings.data, "test")  # type: ignore[arg-type]
+    max_new = settings.max_new_tokens or (
+        spec[0].max_new_tokens if spec else longest_answer(tokenizer, examples) + 8
+    )
+    task = run(examples, settings.metric, max_new)
+    forgetting = {}
+    for name in settings.forgetting_tasks or ():
+        t = get_task(name)
+        forgetting[name] = run(t.examples("test", settings.forgetting_examples), t.metric, t.max_new_tokens)
+    return task, forgetting
+
+
+def _text_scores(
+    net: Any, tokenizer: Any, names: list, settings: EvalSettings, text: str, mixed: bool
+) -> dict:
+    from .text import text_perplexity, text_windows
+
+    windows = text_windows(tokenizer, text, settings.window)
+    if mixed:
+        return text_perplexity(net, windows, names, batch_size=settings.batch_size)
+    out = {}
+    for a in names:
+        out.update(text_perplexity(net, windows, [a], batch_size=settings.batch_size))
+    return out
+
+
+def _identity(path: Path) -> list[tuple[str, int, int]] | str:
+    """What changes when files change: (relative path, size, mtime) of each file under `path`."""
+    if path.is_file():
+        st = path.stat()
+        return [(path.name, st.st_size, st.st_mtime_ns)]
+    if not path.is_dir():
+        return str(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _key(common: dict[str, Any], m: Model) -> str:
+    load = Path(m.load).expanduser()
+    facts = {**common, "load": m.load, "load_files": _identity(load) if load.exists() else m.load,
+             "quantize": m.quantize, "adapter": None if m.adapter is None else _identity(m.adapter)}  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached(out: Path, name: str, key: str) -> Scores | None:
+    try:
+        data = json.loads((out / "eval" / f"{name}.json").read_text())
+        if data.pop("key") != key:
+            return None
+        return Scores(**data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,221 @@
+"""peftkit compare, end to end on the tiny model: train four variants, score them, read the report back;
+a rerun retrains nothing; a changed variant retrains only itself; bad input is refused before work."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.compare.settings import read_settings
+from peftkit.errors import ConfigError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+VARIANTS = ["lora-r4", "ia3", "prompt", "full"]
+
+
+def experiment_text(base: Path, ia3_lr: str = "1e-2") -> str:
+    return f"""
+base: {base}
+data: task:dates
+max_examples: 40
+max_steps: 3
+batch_size: 4
+max_length: 200
+lr: 1e-2
+variants:
+  - {{name: lora-r4, lora: {{r: 4}}}}
+  - {{name: ia3, method: ia3, lr: {ia3_lr}}}
+  - {{name: prompt, method: prompt}}
+  - {{name: full, method: full, lr: 1e-3}}
+evaluate:
+  examples: 6
+  forgetting_examples: 4
+  general_text_chars: 2000
+  batch_size: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model_dir, tmp_path_factory):
+    """(experiment file, out dir, printed output) of one comparison run through the CLI."""
+    root = tmp_path_factory.mktemp("compare")
+    experiment = root / "exp.yaml"
+    experiment.write_text(experiment_text(tiny_model_dir))
+    out = root / "out"
+    capture = _Capture()
+    with capture:
+        assert main(["compare", str(experiment), "--out", str(out)]) == 0
+    return experiment, out, capture.text
+
+
+class _Capture:
+    """stdout of a block (a module fixture cannot use capsys)."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self.buffer = io.StringIO()
+        self.redirect = contextlib.redirect_stdout(self.buffer)
+        self.redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.redirect.__exit__(*exc)
+        self.text = self.buffer.getvalue()
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_the_report_has_every_variant_with_finite_numbers(compared):
+    _, out, printed = compared
+    data = results(out)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["base", *VARIANTS]
+    assert data["mixed"] and data["full_variant"] == "full"
+    for name in VARIANTS:
+        r = rows[name]
+        for key in ("score", "perplexity", "perplexity_change_pct", "size_mb", "peak_rss_mb", "tokens_per_s"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key, r[key])
+        assert r["trainable_parameters"] > 0 and r["size_mb"] > 0 and r["peak_rss_mb"] > 50
+        assert r["steps"] == 3 and not r["reused"]
+        assert set(r["other_tasks"]) == {"extract", "sentiment"}  # every built-in task but dates
+        assert math.isfinite(r["other_tasks_mean_change"])
+        expected = 100 * (r["perplexity"] / rows["base"]["perplexity"] - 1)
+        assert r["perplexity_change_pct"] == pytest.approx(expected)
+        assert (out / "logs" / f"{name}.log").is_file() and (out / "configs" / f"{name}.yaml").is_file()
+        assert f"{name}: trained in" in printed
+    assert rows["base"]["kind"] == "reference" and rows["base"]["trainable_parameters"] is None
+    # full fine-tuning trains every weight, IA3 the fewest; the full model dwarfs the adapters on disk
+    assert rows["full"]["trainable_parameters"] > rows["lora-r4"]["trainable_parameters"]
+    assert rows["ia3"]["trainable_parameters"] < rows["prompt"]["trainable_parameters"]
+    assert rows["full"]["size_mb"] > 3 * rows["lora-r4"]["size_mb"]
+    # each model is scored on the same examples and text: the same counts
+    assert {r["n"] for r in rows.values()} == {6} and len({r["text_tokens"] for r in rows.values()}) == 1
+    assert rows["base"]["text_tokens"] > 1000  # 2000 characters of the shipped text, in windows
+
+
+def test_report_md_table_names_every_model(compared):
+    _, out, _ = compared
+    lines = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    header, *body = lines
+    assert "trainable params" in header and "general-text ppl" in header and "score / full FT" in header
+    assert [ln.split("|")[1].strip() for ln in body] == ["base", *VARIANTS]
+    cells = [c.strip() for c in body[1].split("|")[1:-1]]
+    assert len(cells) == len(header.split("|")) - 2 and cells[1] == "LoRA r=4"
+    assert re.fullmatch(r"[\d.]+ \([+-]\d+\.\d%\)", cells[9])  # perplexity and its change
+
+
+def test_plots_are_pngs_and_the_html_embeds_them_without_external_resources(compared):
+    _, out, _ = compared
+    page = (out / "report.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == 3
+    for name, data in zip(["score_vs_params", "score_vs_time", "forgetting_vs_score"], embedded, strict=True):
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(PNG) and len(png) > 5000
+        assert base64.b64decode(data) == png
+    assert not re.search(r"(src|href)=\"(?!data:)", page)  # nothing loaded from elsewhere
+    assert "http://" not in page and "https://" not in page
+    for name in ["base", *VARIANTS]:
+        assert f"<td>{name}</td>" in page
+
+
+def test_a_rerun_retrains_nothing_and_a_changed_variant_retrains_alone(compared, tiny_model_dir, capsys):
+    experiment, out, _ = compared
+    summaries = {v: (out / "runs" / v / "summary.json").stat().st_mtime_ns for v in VARIANTS}
+    assert main(["compare", str(experiment), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ": trained in" not in printed and ": training" not in printed
+    assert printed.count(": reused the finished run") == 4
+    assert "scores are cached" in printed  # nothing evaluated again either
+    assert all(r["reused"] for r in results(out)["rows"] if r["kind"] == "variant")
+    assert summaries == {v: (out / "runs" / v / "summary.json").stat().st_mtime_ns for v in VARIANTS}
+
+    cached = {v: (out / "eval" / f"{v}.json").stat().st_mtime_ns for v in ["base", *VARIANTS]}
+    experiment.write_text(experiment_text(tiny_model_dir, ia3_lr="5e-3"))
+    assert main(["compare", str(experiment), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.findall(r"\] (\S+): trained in", printed) == ["ia3"]
+    rows = {r["name"]: r for r in results(out)["rows"]}
+    assert [v for v in VARIANTS if not rows[v]["reused"]] == ["ia3"]
+    rescored = [v for v, t in cached.items() if (out / "eval" / f"{v}.json").stat().st_mtime_ns != t]
+    assert rescored == ["ia3"]
+
+
+def test_mixed_text_perplexity_matches_one_adapter_at_a_time(compared, tiny_model_dir):
+    from peftkit import AdaptedModel, load_base
+    from peftkit.compare.text import text_perplexity, text_windows
+
+    _, out, _ = compared
+    model, tok = load_base(str(tiny_model_dir), dtype="float32")
+    am = AdaptedModel(model)
+    am.load_adapter(out / "runs" / "lora-r4" / "adapter-last", "lora")
+    am.load_adapter(out / "runs" / "prompt" / "adapter-last", "prompt")
+    windows = text_windows(tok, "It is a truth universally acknowledged. " * 20, 64)
+    assert len(windows) == len(tok("It is a truth universally acknowledged. " * 20)["input_ids"]) // 64
+    mixed = text_perplexity(am, windows, [None, "lora", "prompt"], batch_size=5)
+    for name in (None, "lora", "prompt"):
+        alone = text_perplexity(am, windows, [name], batch_size=2)[name]
+        assert mixed[name][0] == pytest.approx(alone[0], rel=1e-4) and mixed[name][1] == alone[1]
+    assert mixed["lora"][0] != pytest.approx(mixed[None][0], rel=1e-4)  # the adapter does change it
+    plain = text_perplexity(load_base(str(tiny_model_dir), dtype="float32")[0], windows, [None])
+    assert plain[None][0] == pytest.approx(mixed[None][0], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (
+            "variants: [{lr: 1e-3}]\nevaluate: {exampels: 5}",
+            "unknown key 'exampels' (did you mean 'examples'?)",
+        ),
+        ("data: {data}\nvariants: [{lr: 1e-3}]", "is a file, so compare cannot tell what to score"),
+        ("variants: [{name: base, lr: 1e-3}]", "named 'base'"),
+        ("lr: 1e-3", "no variants"),
+        ("variants: [{lr: 1e-3}]\nevaluate: {forgetting_tasks: [datez]}", "unknown task 'datez'"),
+        ("variants: [{lora: {r: 0}}]", "variant 'lora.r=0'"),
+    ],
+)
+def test_bad_experiments_are_refused_in_one_line(tmp_path, capsys, body, words):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(body.replace("{data}", str(data)))
+    assert main(["compare", str(experiment), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_an_out_dir_of_other_files_is_refused(tmp_path, capsys):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("variants: [{lr: 1e-3}]")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert main(["compare", str(experiment), "--out", str(out)]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main(["compare", str(experiment), "--out", str(out), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_evaluate_defaults_follow_the_training_task():
+    s = read_settings({}, "task:sentiment")
+    assert (s.data, s.metric, s.forgetting_tasks) == ("task:sentiment", "accuracy", ("dates", "extract"))
+    assert (s.examples, s.forgetting_examples, s.general_text) == (100, 50, None)
+    s = read_settings({"data": "task:extract", "forgetting_tasks": ["task:dates"]}, "some.jsonl")
+    assert (s.metric, s.forgetting_tasks) == ("json_match", ("dates",))
+    with pytest.raises(ConfigError, match="examples must be at least 1"):
+        read_settings({"examples": 0}, "task:dates")
+    with pytest.raises(ConfigError, match="must be an integer"):
+        read_settings({"examples": "many"}, "task:dates")
