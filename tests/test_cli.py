@@ -32,6 +32,7 @@ def toy(
     cache: bool = True,
     out: Path = Path("out/toy"),
     label: str | None = None,
+    tags: list[str] | None = None,
 ) -> int:
     """Greet someone, for the generator's tests.
 
@@ -48,6 +49,7 @@ def toy(
         cache: keep results
         out: where to write
         label: an optional label
+        tags: labels, repeatable
     """
     return count
 
@@ -69,6 +71,7 @@ def test_generator_maps_signature_to_arguments() -> None:
         "cache": True,
         "out": Path("out/toy"),
         "label": None,
+        "tags": None,
     }
     args = parse("bob", "a", "--count", "7", "--ratio", "0.25", "--mode", "slow", "--verbose", "--no-cache")
     assert (args["count"], args["ratio"], args["mode"], args["verbose"], args["cache"]) == (
@@ -80,6 +83,8 @@ def test_generator_maps_signature_to_arguments() -> None:
     )
     assert isinstance(args["count"], int) and isinstance(args["ratio"], float)
     assert parse("bob", "a", "--out", "x/y", "--label", "L")["out"] == Path("x/y")
+    # A repeated list option adds up (`--tags a b --tags c`), as people type it; it does not keep the last.
+    assert parse("bob", "a", "--tags", "x", "y", "--tags", "z")["tags"] == ["x", "y", "z"]
 
 
 @pytest.mark.parametrize(

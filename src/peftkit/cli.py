@@ -126,6 +126,8 @@ def _argument(name: str, hint: Any, default: Any, help_text: str) -> tuple[list[
     elif origin in (list, tuple):
         item = typing.get_args(hint)[0]
         kw.update(nargs="+" if positional else "*", type=item)
+        if not positional and not default:  # `--adapter a --adapter b` is both, not the last one alone
+            kw["action"] = "extend"
     elif hint in (int, float, str, Path):
         kw["type"] = hint
     else:
