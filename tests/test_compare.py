@@ -219,3 +219,14 @@ def test_evaluate_defaults_follow_the_training_task():
         read_settings({"examples": 0}, "task:dates")
     with pytest.raises(ConfigError, match="must be an integer"):
         read_settings({"examples": "many"}, "task:dates")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "examples").glob("compare_*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_compare_experiments_read(path):
+    from peftkit.experiment import read_experiment
+
+    experiment = read_experiment(path)  # every variant's config is built, and so checked
+    settings = read_settings(experiment.evaluation, experiment.config().data)
+    assert experiment.variants and settings.data == "task:dates"
