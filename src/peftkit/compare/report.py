@@ -159,7 +159,11 @@ def notes(results: dict[str, Any]) -> list[str]:
         "size on disk: the adapter directory the run chose (best by validation loss, else last), or the "
         "whole model for full fine-tuning",
         "score / full FT: the score divided by full fine-tuning's "
-        + (f"({full})" if full else "— no variant has method: full, so there is no such column"),
+        + (
+            f"({full}; — where it scored 0)"
+            if full
+            else "— no variant has method: full, so there is no such column"
+        ),
         f"general-text ppl: perplexity on {results['general_text']['name']} "
         f"({results['general_text']['tokens']} tokens per model), change against the base model",
         "other tasks: score on the other built-in tasks ("
