@@ -154,7 +154,7 @@ def notes(results: dict[str, Any]) -> list[str]:
     full = results["full_variant"]
     out = [
         "trainable params, train tokens/s (padded tokens per second of the training loop) and train time "
-        "(the training loop, model loading excluded) come from each run's summary.json; peak memory is "
+        "(the training loop with its validations, model loading excluded) come from each run's summary.json; peak memory is "
         "the training process's maximum resident set (RSS), read from the kernel",
         "size on disk: the adapter directory the run chose (best by validation loss, else last), or the "
         "whole model for full fine-tuning",
