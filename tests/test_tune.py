@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,8 +16,10 @@ from peftkit.cli import main
 from peftkit.experiment import Outcome, read_experiment
 from peftkit.train.config import load_config
 from peftkit.tune import parse_space
+from peftkit.tune.study import variant_starts
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path, data):
@@ -246,3 +249,10 @@ def test_objective_score_uses_the_validation_examples(tmp_path, tiny_model_dir, 
     g = tiny_experiment(tmp_path, tiny_model_dir, search={"lr": [3e-2]}, evaluate={"split": "test"})
     assert tune(g, "--out", tmp_path / "o2", "--objective", "score") == 2
     assert "never the test split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("examples/tune_*.yaml")), ids=lambda p: p.name)
+def test_shipped_tune_examples_parse(path):
+    experiment = read_experiment(path)
+    params = parse_space(experiment)
+    assert params and variant_starts(experiment, params) is not None
