@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from ..cli import command
+from ..cli import ConfigOptions, command
 from ..errors import RequestError
 from ..terminal import printable
+from ..train.config import field_help
 
 
 @command
@@ -20,10 +21,10 @@ def tune(
     objective: Literal["val_loss", "score"] = "val_loss",
     pruner: Literal["median", "halving", "none"] = "median",
     pruner_startup: int = 2,
-    seed: int | None = None,
     variants: bool = True,
     threads: int | None = None,
     overwrite: bool = False,
+    overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
 ) -> int:
     """Search training hyperparameters with Optuna, pruning poor trials from their validation curves.
 
@@ -47,10 +48,11 @@ def tune(
         pruner: median: stop a trial whose validation loss is worse than the median of earlier trials at
             the same step; halving: successive halving (the best third go on at each rung); none
         pruner_startup: complete trials needed before any trial is pruned
-        seed: the sampler's seed; none: the config's seed; the same seed gives the same suggestions
         variants: run the file's variants first, as the first trials (they may set only searched keys)
         threads: CPU threads of each training process; none: OMP_NUM_THREADS, else torch's own
         overwrite: start afresh in an OUT that holds an earlier tune run (removes only tune's own files)
+        overrides: training keys set on the command line for every trial (searched keys are still
+            searched); --seed also seeds the sampler: the same seed gives the same suggestions
     """
     from ..experiment import read_experiment
     from .study import Settings, tune_experiment
@@ -63,10 +65,10 @@ def tune(
         raise RequestError(f"--pruner-startup must be at least 0, got {pruner_startup}")
     if threads is not None and threads < 1:
         raise RequestError(f"--threads must be at least 1, got {threads}")
-    exp = read_experiment(experiment)
+    exp = read_experiment(experiment, overrides or {})
     out = out if out is not None else Path("runs") / f"tune-{experiment.stem}"
     settings = Settings(
-        objective, pruner, trials, timeout, seed, pruner_startup, threads, variants, overwrite
+        objective, pruner, trials, timeout, None, pruner_startup, threads, variants, overwrite
     )
     result = tune_experiment(exp, out, settings, log=lambda line: print(printable(line), flush=True))
     best = result.best
