@@ -65,5 +65,15 @@ def test_every_key_has_help_and_a_command_line_option() -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_example_config_parses(path: Path) -> None:
+    """A training config, or an experiment file (compare, tune): every run it describes is valid."""
+    import yaml
+
+    from peftkit.experiment import read_experiment
+    from peftkit.experiment.config import SECTIONS
+
+    if set(SECTIONS) & yaml.safe_load(path.read_text()).keys():
+        experiment = read_experiment(path)  # builds (and so checks) the shared config and each variant
+        assert experiment.variants or experiment.search is not None
+        return
     config = load_config(path)
     assert config.to_dict() == load_config(None, config.to_dict()).to_dict()  # round trip
