@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, model_input, output, tiny_llama
@@ -213,6 +214,42 @@ def test_merge_folds_the_weights_in_and_unmerge_is_exact(saved: Path) -> None:
     torch.testing.assert_close(logits(plain.merge_and_unload()), weighted, atol=1e-5, rtol=1e-5)
 
 
+def test_a_merged_adapter_keeps_the_weight_it_was_merged_with(saved: Path) -> None:
+    """While an adapter is merged, set_adapter may not give it another weight (a plain name means 1):
+    `active_weights` would contradict the output, and a later merge() + unmerge() would change it."""
+    am = loaded(saved)
+    am.set_adapter("a")
+    at_one = logits(am)
+    am.set_adapter({"a": 0.5})
+    half = logits(am)
+    am.merge()
+    for choice in ({"a": 1}, "a", ["b", "a"], {"b": 0.3, "a": 0.7}):
+        with raises(AdapterStateError, "'a' is merged", "weight 0.5", "unmerge() before"):
+            am.set_adapter(choice)
+        assert am.active_weights == {"a": 0.5}  # the refusal changed nothing
+    am.set_adapter({"a": 0.5})  # the weight it was merged with
+    am.merge()
+    am.unmerge()
+    torch.testing.assert_close(logits(am), half)
+    # Only the adapters asked for count: b merged at 1 does not stop a from taking a weight.
+    am.set_adapter("b")
+    am.merge()
+    am.set_adapter({"b": 1, "a": 0.5})
+    assert am.active_weights == {"b": 1.0, "a": 0.5}
+    am.unmerge()
+    am.set_adapter("a")
+    torch.testing.assert_close(logits(am), at_one)
+
+
+def test_beams_may_give_one_weighted_set_in_any_key_order(saved: Path) -> None:
+    am = loaded(saved)
+    x = X[:1]
+    kwargs = dict(num_beams=2, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    per_beam = am.generate(input_ids=x, adapter_names=[{"a": 0.7, "b": 0.3}, {"b": 0.3, "a": 0.7}], **kwargs)
+    per_row = am.generate(input_ids=x, adapter_names=[{"a": 0.7, "b": 0.3}], **kwargs)
+    assert torch.equal(per_beam, per_row)
+
+
 # -- refusals -----------------------------------------------------------------------------------------
 @pytest.fixture
 def every_method() -> AdaptedModel:
@@ -249,6 +286,11 @@ def every_method() -> AdaptedModel:
         ({"a": -math.inf}, RequestError, ["is -inf", "finite"]),
         ({"a": True}, RequestError, ["is True", "a weight is a number"]),
         ({"a": "0.5"}, RequestError, ["is '0.5'", "a weight is a number"]),
+        ({"a": torch.tensor(True)}, RequestError, ["is tensor(True)", "a weight is a number"]),
+        ({"a": torch.tensor([0.5, 1])}, RequestError, ["a weight is a number"]),
+        ({"a": torch.tensor(math.nan)}, RequestError, ["weight of adapter 'a' is nan", "finite"]),
+        ({"a": np.float32(math.inf)}, RequestError, ["weight of adapter 'a' is inf", "finite"]),
+        ({"a": np.bool_(True)}, RequestError, ["a weight is a number"]),
         ({"a": 0.5, "nope": 1}, AdapterNotFoundError, ["no adapter named 'nope'", "attached adapters"]),
         ({}, RequestError, ["empty {name: weight} mapping", "disable_adapters"]),
         ({3: 0.5}, RequestError, ["3 in a {name: weight} mapping is no adapter name"]),
@@ -260,6 +302,19 @@ def test_set_adapter_refusals(every_method: AdaptedModel, choice, error, fragmen
     with raises(error, *fragments):
         am.set_adapter(choice)
     assert am.active_adapters == ["a", "i"] and am.active_weights == {"a": 1.0, "i": 1.0}  # unchanged
+
+
+@pytest.mark.parametrize(
+    "weight", [torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), np.float32(0.5)]
+)
+def test_tensor_and_numpy_scalars_are_weights(saved: Path, weight) -> None:
+    am = loaded(saved)
+    am.set_adapter({"a": 0.5})
+    expected = logits(am)
+    am.set_adapter({"a": weight})
+    assert am.active_weights == {"a": 0.5} and type(am.active_weights["a"]) is float
+    torch.testing.assert_close(logits(am), expected)
+    torch.testing.assert_close(logits(am, adapter_names=[{"a": weight}, {"a": 0.5}]), logits(am, X))
 
 
 def test_weight_one_works_for_every_method(every_method: AdaptedModel) -> None:

@@ -23,17 +23,26 @@ BASE_NAMES = (None, BASE, "__base__")
 _ids = itertools.count()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Weighted:
     """A weighted set of adapters for one row or for the whole model: output = base + Σ w·Δ.
 
-    Made (and checked) by `peftkit.weights`; hashable, so generate's beams can compare rows."""
+    Made (and checked) by `peftkit.weights`. Equal and hashed as a set, whatever the order of its
+    items ({"a": 0.7, "b": 0.3} is {"b": 0.3, "a": 0.7}), so generate's beams can compare rows."""
 
     items: tuple[tuple[str, float], ...]  # (adapter name, weight), each name once
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.items)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Weighted):
+            return NotImplemented
+        return dict(self.items) == dict(other.items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.items))
 
     def __repr__(self) -> str:
         return "{" + ", ".join(f"{n!r}: {w:g}" for n, w in self.items) + "}"

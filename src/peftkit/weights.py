@@ -35,12 +35,14 @@ _COMBINE = "or combine LoRA adapters into one with `peftkit combine` (AdaptedMod
 
 
 def check_weight(name: str, value: Any) -> float:
-    """`value` as the weight of adapter `name`: a finite real number (not a bool, not text)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """`value` as the weight of adapter `name`: a finite real number (not a bool, not text). A 0-d
+    tensor or a numpy scalar counts as its number."""
+    number = value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
         raise RequestError(
             f"the weight of adapter {name!r} is {value!r}; a weight is a number, e.g. {{{name!r}: 0.5}}"
         )
-    weight = float(value)
+    weight = float(number)
     if not math.isfinite(weight):
         raise RequestError(
             f"the weight of adapter {name!r} is {weight}; weights must be finite numbers "
@@ -87,23 +89,32 @@ def weight_problem(am: AdaptedModel, name: str) -> str | None:
 
 def activation(am: AdaptedModel, names: Any) -> tuple[tuple[str, ...], dict[str, float]]:
     """`set_adapter`'s argument checked: (the active names, their weights). A name or a list of names
-    has weight 1 each; a {name: weight} mapping gives each its weight."""
+    has weight 1 each; a {name: weight} mapping gives each its weight. A merged adapter keeps the
+    weight it was merged with, so the weights reported are always the ones the model computes."""
     if isinstance(names, Mapping):
         pairs = weighted_pairs(am, names)
-        weights = {n: w for n, w in pairs if w != 1}
-        for n in weights:
-            problem = weight_problem(am, n)
+        for n, w in pairs:
+            problem = weight_problem(am, n) if w != 1 else None
             if problem:
                 raise RequestError(
-                    f"adapter {n!r} cannot take weight {weights[n]:g}: {problem}. Activate it with weight 1 "
+                    f"adapter {n!r} cannot take weight {w:g}: {problem}. Activate it with weight 1 "
                     f"(set_adapter({n!r}), or in a list of names), {_COMBINE}"
                 )
-        if weights and am.merged_adapters:
+    else:
+        pairs = tuple((n, 1.0) for n in _plain_names(am, names))
+    merged = merged_weights(am)
+    for n, w in pairs:
+        if n in merged and merged[n] != w:
+            plain = "" if isinstance(names, Mapping) else " (a plain name means weight 1)"
             raise AdapterStateError(
-                f"adapters {am.merged_adapters} are merged into the weights with the weights they had; "
-                "unmerge() before activating adapters with new weights"
+                f"adapter {n!r} is merged into the weights with weight {merged[n]:g}, so it cannot be "
+                f"active with weight {w:g}{plain}; unmerge() before changing its weight, or activate "
+                f"it as {{{n!r}: {merged[n]:g}}}"
             )
-        return tuple(n for n, _ in pairs), weights
+    return tuple(n for n, _ in pairs), {n: w for n, w in pairs if w != 1}
+
+
+def _plain_names(am: AdaptedModel, names: Any) -> list[str]:
     if names is None or isinstance(names, bytes) or not isinstance(names, (str, Iterable)):
         raise RequestError(
             f"set_adapter takes an adapter name, a list of names or a {{name: weight}} mapping, not {names!r}; "
@@ -119,7 +130,17 @@ def activation(am: AdaptedModel, names: Any) -> tuple[tuple[str, ...], dict[str,
         am.check_exists(n)
     if len(set(names)) < len(names):
         raise RequestError(f"set_adapter({names}) names an adapter twice; name each once")
-    return tuple(names), {}
+    return names
+
+
+def merged_weights(am: AdaptedModel) -> dict[str, float]:
+    """{merged adapter: the weight it was merged with}. Layers of methods that cannot be weighted
+    record none: those adapters merge at 1."""
+    merged: dict[str, float] = {}
+    for _, layer in am.adapter_layers():
+        for n in layer.merged:
+            merged.setdefault(n, getattr(layer, "merged_weights", {}).get(n, 1.0))
+    return merged
 
 
 def row_choices(am: AdaptedModel, adapter_names: Sequence[AdapterChoice]) -> list[RowChoice]:
