@@ -445,18 +445,45 @@ def test_cli_weighted_adapters_end_to_end(
     assert out == (f">>> when is it\n{answer}\n\n" if command == "generate" else f"{answer}\n")
 
 
+@pytest.fixture(scope="module")
+def unweightable(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved adapters that take weight 1 only: DoRA and IA³."""
+    from peftkit.base import load_base
+
+    root = tmp_path_factory.mktemp("cli-unweightable")
+    configs = {
+        "dora": LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+        "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
+    out = {}
+    for name, config in configs.items():
+        model, _ = load_base(str(tiny_model_dir))
+        out[name] = AdaptedModel.attach(model, config, name).save_adapter(root / name)
+    return out
+
+
 @pytest.mark.parametrize(
     "spec, fragments",
     [
         ("{dates}=abc", ["--adapter", "'abc' is not a weight", "DIR=WEIGHT", "=0.5"]),
         ("{dates}=nan", ["'nan' is not a weight", "finite"]),
         ("{missing}=0.5", ["no-such-adapter", "not found"]),
+        ("dates={dates}", ["name each adapter after its directory", "DIR=WEIGHT, not NAME=DIR", "{dates}"]),
+        ("{dora}=0.5", ["weight 1 only", "DoRA", "{dora} without =WEIGHT", "peftkit combine"]),
+        ("{ia3}=2", ["weight 1 only", "IA³", "{ia3} without =WEIGHT", "peftkit combine"]),
     ],
 )
 def test_cli_refuses_bad_weighted_forms(
-    tiny_model_dir: Path, cli_adapters: dict[str, Path], capsys: pytest.CaptureFixture, spec: str, fragments
+    tiny_model_dir: Path,
+    cli_adapters: dict[str, Path],
+    unweightable: dict[str, Path],
+    capsys: pytest.CaptureFixture,
+    spec: str,
+    fragments: list[str],
 ) -> None:
-    spec = spec.format(dates=cli_adapters["dates"], missing=tiny_model_dir.parent / "no-such-adapter")
+    paths = {**cli_adapters, **unweightable, "missing": tiny_model_dir.parent / "no-such-adapter"}
+    spec = spec.format(**paths)
+    fragments = [f.format(**paths) for f in fragments]
     code, out, err = run(["generate", "--prompt", "hi", "--base", tiny_model_dir, "--adapter", spec], capsys)
     assert code == 2 and out == "" and "Traceback" not in err, err
     last = err.splitlines()[-1]

@@ -70,7 +70,12 @@ def weighted_pairs(am: AdaptedModel, choice: Mapping[str, Any] | Weighted) -> tu
 
 def weight_problem(am: AdaptedModel, name: str) -> str | None:
     """Why adapter `name` cannot take a weight other than 1, or None if it can."""
-    config = am.configs[name]
+    return config_weight_problem(am.configs[name])
+
+
+def config_weight_problem(config: Any) -> str | None:
+    """Why an adapter with `config` (any method's) cannot take a weight other than 1, or None if it
+    can: from the config alone, so the CLI asks before it loads a base model."""
     spec = method_for(config)
     if spec.weight_problem is None:
         return (
