@@ -509,3 +509,16 @@ def test_docs_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     for line in sh.strip().splitlines():
         args = build_parser().parse_args(shlex.split(line)[1:])
         assert len(args.adapter) == 2
+
+
+def test_readme_says_which_command_takes_which_adapter_form() -> None:
+    """generate/chat read X=Y as DIR=WEIGHT, eval and serve as NAME=DIR: the README must not say one
+    form for all three."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### `peftkit eval`, `peftkit generate`, `peftkit chat`", 1)[1].split("\n### ", 1)[
+        0
+    ]
+    prose = " ".join(section.split())
+    assert "`eval --adapters NAME=DIR`" in prose and "`serve --adapters`" in prose
+    assert "`generate` and `chat` take `--adapter DIR` or `DIR=WEIGHT`" in prose
+    assert "or `NAME=DIR` names it" not in prose
