@@ -80,6 +80,7 @@ BUDGET = {
     "generate": ["--max-new-tokens", "4"],
     "chat": ["--max-new-tokens", "4"],
     "tour": ["--max-new-tokens", "2"],
+    "compare": ["--max_steps", "2", "--eval_every", "2"],  # the shared keys, for every variant
 }
 # The README's placeholders for the reader's own files, made in the scratch directory.
 PLACEHOLDERS = (
