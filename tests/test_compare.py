@@ -209,6 +209,17 @@ def test_an_out_dir_of_other_files_is_refused(tmp_path, capsys):
     assert "--jobs must be at least 1" in capsys.readouterr().err
 
 
+def test_the_working_directory_and_its_parents_are_refused_even_when_marked(tmp_path, capsys, monkeypatch):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("variants: [{lr: 1e-3}]")
+    (tmp_path / "compare.json").write_text('{"kind": "peftkit compare"}')
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path.parent)):
+        assert main(["compare", str(experiment), "--out", out]) == 2
+        assert "the working directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json", "exp.yaml"]
+
+
 def test_evaluate_defaults_follow_the_training_task():
     s = read_settings({}, "task:sentiment")
     assert (s.data, s.metric, s.forgetting_tasks) == ("task:sentiment", "accuracy", ("dates", "extract"))

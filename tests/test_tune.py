@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -95,8 +96,30 @@ def test_variants_must_fit_the_search_and_foreign_directories_are_refused(tmp_pa
     write(tmp_path / "mine" / "notes.txt", "keep me")
     g = write(tmp_path / "g.yaml", {"search": {"lr": [1e-3]}})
     assert tune(g, "--out", tmp_path / "mine") == 2
-    assert "holds no tune run" in capsys.readouterr().err
+    assert "holds other files (notes.txt) and no tune.json" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]  # not even a lock file
+
+
+def test_a_project_with_tune_like_names_is_neither_used_nor_overwritten(tmp_path, capsys, monkeypatch):
+    """Entries named like tune's (configs/, best.yaml) do not make a directory tune's: only tune.json
+    does, so --overwrite cannot delete a user's configs; the working and home directories are refused."""
+    proj = tmp_path / "proj"
+    write((proj / "configs").mkdir(parents=True) or proj / "configs" / "prod.yaml", "lr: 1e-3\n")
+    write(proj / "best.yaml", "lr: 2e-3\n")
+    g = write(tmp_path / "g.yaml", {"search": {"lr": [1e-3]}})
+    for extra in ([], ["--overwrite"]):
+        assert tune(g, "--out", proj, *extra) == 2
+        assert "holds other files (best.yaml, configs) and no tune.json" in capsys.readouterr().err
+    assert (proj / "configs" / "prod.yaml").read_text() == "lr: 1e-3\n" and sorted(os.listdir(proj)) == [
+        "best.yaml", "configs"]  # fmt: skip
+    monkeypatch.chdir(proj / "configs")
+    for out, words in ((".", "is the working directory"), ("..", "is a parent of the working directory"),
+                       (Path.home(), "is the home directory")):  # fmt: skip
+        assert tune(g, "--out", out) == 2
+        assert words in capsys.readouterr().err
+    write(tmp_path / "afile", "x")
+    assert tune(g, "--out", tmp_path / "afile" / "out") == 2
+    assert "is a file, so the directory cannot be made" in capsys.readouterr().err
 
 
 # -- the study loop, on a stand-in trainer (milliseconds a trial) ------------------------------------------
@@ -173,6 +196,7 @@ def test_other_experiments_are_refused_and_overwrite_removes_only_tune_files(tmp
     f, out = fake_experiment(tmp_path), tmp_path / "out"
     assert tune(f, "--out", out, "--trials", 1) == 0
     write(out / "notes.txt", "mine")
+    (out / "tune.json").unlink()  # a run from before tune.json: its study.db makes it tune's
     g = fake_experiment(tmp_path, "g.yaml", max_steps=12)
     assert tune(g, "--out", out, "--trials", 2) == 2
     assert "differs in shared key max_steps" in capsys.readouterr().err
@@ -181,6 +205,7 @@ def test_other_experiments_are_refused_and_overwrite_removes_only_tune_files(tmp
     assert tune(g, "--out", out, "--trials", 1, "--overwrite") == 0
     assert "removed the earlier tune run's" in capsys.readouterr().out
     assert (out / "notes.txt").read_text() == "mine" and load_config(out / "best.yaml").max_steps == 12
+    assert json.loads((out / "tune.json").read_text())["kind"] == "peftkit tune"
 
 
 @pytest.mark.parametrize("pruner", ["median", "halving"])

@@ -32,8 +32,9 @@ def compare(
         jobs: training runs at once (each gets cores // jobs threads)
         overrides: training keys set on the command line for every variant (a variant's own keys win)
     """
+    from ..experiment.outdir import default_out
     from .run import compare as run_compare
 
-    out = out if out is not None else Path("runs") / f"compare-{experiment.stem}"
+    out = out if out is not None else default_out("compare", experiment)
     run_compare(experiment, out, jobs=jobs, overrides=overrides or {}, say=lambda s: print(s, flush=True))
     return 0

@@ -1,7 +1,7 @@
 """`compare`: train every variant of an experiment, score them side by side, write the report.
 
-    OUT/compare.json        marks the directory as a compare run's (nothing else is ever written into
-                            a directory that holds other files)
+    OUT/compare.json        marks the directory as a compare run's (nothing is ever written into a
+                            directory that holds other files; see peftkit.experiment.outdir)
     OUT/configs/ runs/ logs/   the training runs (see peftkit.compare.runs)
     OUT/eval/NAME.json      each model's cached scores (see peftkit.compare.scoring)
     OUT/results.json        everything measured, per model
@@ -14,7 +14,6 @@ checkpoint, and only models whose files or settings changed are scored again.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 from collections.abc import Callable
@@ -23,13 +22,18 @@ from typing import Any
 
 from ..errors import ConfigError, RequestError
 from ..experiment import Experiment, read_experiment
+from ..experiment.outdir import OutDir, claim_out_dir
 from ..io import atomic_file, write_json_atomic
 from .runs import require_variants, train_variants, variant_configs
 from .scoring import BASE_ROW, models_to_score, score_models
 from .settings import GENERAL_TEXT, read_settings
 
-MARKER = "compare.json"
-KIND = "peftkit compare"
+OUT_DIR = OutDir(
+    "compare", "compare.json",
+    owned=("compare.json", "configs", "runs", "logs", "eval", "results.json", "report.md", "report.html",
+           "score_vs_params.png", "score_vs_time.png", "forgetting_vs_score.png"),
+)  # fmt: skip
+KIND = OUT_DIR.kind
 
 
 def compare(
@@ -50,7 +54,7 @@ def compare(
         raise ConfigError(f"a variant is named {BASE_ROW!r}, which names the base model's row; rename it")
     settings = read_settings(experiment.evaluation, experiment.config().data)
     configs = variant_configs(experiment, out)  # every config is built before the directory is claimed
-    claim_out_dir(out, experiment)
+    claim_out_dir(out, OUT_DIR, {"experiment": str(experiment.path)})
     trained = train_variants(experiment, configs, out, jobs=jobs, say=say)
     shared_base = experiment.config().base
     models = models_to_score(trained, shared_base)
@@ -86,31 +90,6 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     for name, text in (("report.md", markdown(results)), ("report.html", html_page(results, plots))):
         with atomic_file(out / name) as tmp:
             tmp.write_text(text, encoding="utf-8")
-
-
-def claim_out_dir(out: Path, experiment: Experiment) -> None:
-    """Make `out` a compare run's directory: a new or empty one, or one an earlier compare made (it
-    holds compare.json). Anything else is refused: compare never writes among other files."""
-    if out.exists() and not out.is_dir():
-        raise RequestError(f"--out {out} is a file; name a directory for the comparison")
-    if out.is_dir() and any(out.iterdir()) and not _is_compare_dir(out):
-        raise RequestError(
-            f"--out {out} holds other files and no {MARKER}, so it is not a peftkit compare run; name a "
-            "new or empty directory (compare never writes among other files)"
-        )
-    if out.resolve() in (Path.cwd().resolve(), Path.home().resolve()) and not _is_compare_dir(out):
-        raise RequestError(
-            f"--out {out} is the working or home directory; name a directory for the comparison"
-        )
-    marker = {"kind": KIND, "experiment": str(experiment.path), "updated": _now()}
-    write_json_atomic(out / MARKER, marker)
-
-
-def _is_compare_dir(out: Path) -> bool:
-    try:
-        return json.loads((out / MARKER).read_text()).get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _experiment_facts(experiment: Experiment) -> dict[str, Any]:

@@ -1,29 +1,36 @@
 """A tune run's directory: what lives in it, who may reuse it, and one tune at a time in it.
 
+    OUT/tune.json         marks the directory as a tune run's (written first)
     OUT/study.db          the Optuna study (SQLite): every trial, its parameters, curve and verdict
     OUT/trials/N/         trial N's training run (a `peftkit train` output directory)
     OUT/configs/N.yaml    the config it trained;   OUT/logs/N.log   its training log
     OUT/best.yaml         the best trial's config, which `peftkit train OUT/best.yaml` runs unchanged
     OUT/trials.md|csv|json, objective.png, importance.png    the report
 
-A directory is taken when it is new or empty, or holds a tune run (its study.db). Anything else is
-refused, and --overwrite removes only the entries above (a `best/` run trained from best.yaml stays).
+The rule is compare's (peftkit.experiment.outdir): a directory is taken when it is new or empty, or
+holds tune.json; anything else is refused, as are the working and home directories. --overwrite removes
+only the entries above, and only under tune.json (a `best/` run trained from best.yaml stays).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..experiment.outdir import OutDir, check_out_dir, clear_out_dir, is_marked, mark_out_dir
 
 STUDY = "study.db"
+STUDY_NAME = "peftkit-tune"
 LOCK = ".tune.lock"
-OWN = (STUDY, f"{STUDY}-journal", f"{STUDY}-wal", f"{STUDY}-shm", "trials", "configs", "logs", "best.yaml",
-       "trials.md", "trials.csv", "trials.json", "objective.png", "importance.png", LOCK)  # fmt: skip
+OUT_DIR = OutDir(
+    "tune", "tune.json",
+    owned=(STUDY, f"{STUDY}-journal", f"{STUDY}-wal", f"{STUDY}-shm", "trials", "configs", "logs", "best.yaml",
+           "trials.md", "trials.csv", "trials.json", "objective.png", "importance.png", LOCK, "tune.json"),
+)  # fmt: skip
 
 
 def storage_url(out: Path) -> str:
@@ -31,29 +38,32 @@ def storage_url(out: Path) -> str:
 
 
 def claim(out: Path) -> None:
-    """Refuse an `out` that is a file, or a directory with other files and no study.db (nothing is
-    written before this check)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    foreign = [name for name in entries if name not in OWN]
-    if STUDY not in entries and foreign:
-        raise ConfigError(
-            f"{out} is not empty and holds no tune run (no {STUDY}; it has {', '.join(foreign[:3])}): tune "
-            "reuses only its own directories; choose a new or empty --out"
-        )
+    """Refuse an `out` tune may not use (nothing is written by this check)."""
+    # A tune run from before tune.json existed is one too (take() marks it).
+    check_out_dir(out, OUT_DIR, marked=is_marked(out, OUT_DIR) or _holds_tune_study(out))
 
 
-def clear(out: Path) -> list[str]:
-    """--overwrite: remove an earlier tune run's entries, only those; their names are returned."""
-    removed = sorted(p.name for p in out.iterdir() if p.name in OWN and p.name != LOCK)
-    for name in removed:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return removed
+def take(out: Path, experiment: Path | None, overwrite: bool) -> list[str]:
+    """Mark `out` as tune's (the caller holds its lock); with `overwrite`, first remove an earlier tune
+    run's entries, only those. Returns the names removed."""
+    if not is_marked(out, OUT_DIR) and _holds_tune_study(out):
+        mark_out_dir(out, OUT_DIR, {"experiment": str(experiment)})
+    removed = clear_out_dir(out, OUT_DIR) if overwrite else []
+    mark_out_dir(out, OUT_DIR, {"experiment": str(experiment)})
+    return [name for name in removed if name != LOCK]
+
+
+def _holds_tune_study(out: Path) -> bool:
+    """Whether out/study.db is an SQLite file holding an Optuna study named peftkit-tune."""
+    db = out / STUDY
+    if not db.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            names = {row[0] for row in con.execute("SELECT study_name FROM studies")}
+    except sqlite3.Error:
+        return False
+    return STUDY_NAME in names
 
 
 @contextlib.contextmanager

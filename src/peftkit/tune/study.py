@@ -27,13 +27,12 @@ from ..errors import ConfigError, PeftkitError
 from ..experiment import Experiment
 from ..experiment.config import flatten
 from .objective import check_evaluation
-from .outdir import STUDY, claim, clear, locked, storage_url
+from .outdir import STUDY, STUDY_NAME, claim, locked, storage_url, take
 from .space import ALPHA_OVER_R, Param, parse_space
 from .trial import run_trial
 
 DEFAULT_TRIALS = 20  # the budget when neither trials nor timeout is given
 MAX_FAILURES = 3  # this many failed trials in a row stop the search (a setup problem, not bad luck)
-STUDY_NAME = "peftkit-tune"
 
 
 class TuneFailed(PeftkitError):
@@ -96,7 +95,7 @@ def tune_experiment(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     with locked(out), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if settings.overwrite and (removed := clear(out)):
+        if removed := take(out, experiment.path, settings.overwrite):
             log(f"--overwrite: removed the earlier tune run's {', '.join(removed)} from {out}")
         study, created = open_study(out, fingerprint(experiment, params, settings.objective), settings, fixed)
         for name, labels in starts if created else ():
