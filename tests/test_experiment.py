@@ -132,3 +132,17 @@ def test_ctrl_c_lets_the_run_checkpoint_and_the_rerun_resumes_it(tiny_model_dir,
     assert rerun.returncode == 0, rerun.stderr
     assert "steps 30 reused False" in rerun.stdout
     assert f"resuming at step {stopped_at}" in (tmp_path / "run.log").read_text()
+
+
+def test_evaluate_auto_metric_and_answer_budget_come_from_the_scored_task(tmp_path):
+    from peftkit.data.tasks import get_task
+    from peftkit.experiment.evaluation import max_new_tokens_for, metric_for, read_evaluation
+
+    assert read_evaluation({}).examples is None  # each command has its own default
+    dates = get_task("dates")
+    assert metric_for("auto", "task:dates") == dates.metric and metric_for("auto", "x.jsonl") == "exact_match"
+    assert metric_for("token_f1", "task:dates") == "token_f1"
+    assert max_new_tokens_for(0, "task:dates:test", None, []) == dates.max_new_tokens
+    assert max_new_tokens_for(7, "task:dates", None, []) == 7
+    with pytest.raises(ConfigError, match="unknown key 'exampels'"):
+        read_evaluation({"exampels": 3})

@@ -276,6 +276,32 @@ def test_objective_score_uses_the_validation_examples(tmp_path, tiny_model_dir, 
     assert "never the test split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "evaluate, objective, outcome",
+    [
+        ({"metric": "auto", "max_new_tokens": 0, "batch_size": 4}, "score", ""),  # compare's defaults
+        ({"data": "task:sentiment", "window": 64}, "score", "evaluate: data, window are compare's keys"),
+        ({"examples": 5}, "val_loss", "evaluate: not used by --objective val_loss"),
+        ({"exampels": 3}, "val_loss", "unknown key 'exampels' (did you mean 'examples'?)"),
+        ({"split": "validation"}, "score", "never the test split"),
+        ({"metric": "nope"}, "score", "evaluate.metric 'nope'"),
+        ({"examples": 0}, "score", "evaluate.examples must be at least 1"),
+    ],
+)
+def test_tune_reads_evaluate_by_compares_schema(tmp_path, evaluate, objective, outcome):
+    from peftkit.errors import ConfigError
+    from peftkit.tune.objective import check_evaluation
+
+    config = read_experiment(None, {"data": "task:dates", "val_fraction": 0.1}).config()
+    said: list[str] = []
+    if outcome.startswith("evaluate: ") or not outcome:
+        check_evaluation(evaluate, config, objective, said.append)
+        assert len(said) == bool(outcome) and outcome in "".join(said)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(outcome)):
+            check_evaluation(evaluate, config, objective, said.append)
+
+
 @pytest.mark.parametrize("path", sorted(ROOT.glob("examples/tune_*.yaml")), ids=lambda p: p.name)
 def test_shipped_tune_examples_parse(path):
     experiment = read_experiment(path)

@@ -2,38 +2,38 @@
 
 Never the test split: the examples are exactly the ones training validated on (the share split off
 `data`, or `val_data`), so the numbers a user reports on the test split stay untouched by the search.
-The experiment's `evaluate:` section may set `examples` (the first N validation examples; default all),
-`metric` (default: the task's, else exact_match), `max_new_tokens` and `batch_size`.
+The experiment's `evaluate:` section (peftkit.experiment.evaluation, compare's schema too) sets, for
+tune: `examples` (the first N validation examples; default all), `metric` (auto: the task's, else
+exact_match), `max_new_tokens` (0: the task's) and `batch_size`. Compare's other keys (data,
+forgetting_*, general_text*, window, dtype) are accepted, so one file serves both, and said unused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..experiment.evaluation import max_new_tokens_for, metric_for, read_evaluation, unused_by
 from ..train.config import FULL, TrainConfig
 
-EVALUATE_KEYS = ("examples", "metric", "max_new_tokens", "batch_size")
 
-
-def check_evaluation(evaluation: dict[str, Any], config: TrainConfig) -> None:
-    """Refuse `evaluate:` settings tune cannot use, before anything trains."""
-    from ..eval.metrics import get_metric
-
-    for key in ("examples", "max_new_tokens", "batch_size"):
-        value = evaluation.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"evaluate.{key} must be an integer >= 1, got {value!r}")
-    if evaluation.get("metric") is not None:
-        get_metric(evaluation["metric"])
-    if evaluation.get("split") not in (None, "validation", "val"):
-        raise ConfigError(
-            f"evaluate.split is {evaluation['split']!r}, but tune scores only validation examples (never the "
-            "test split, which the search must not see); remove evaluate.split for tune"
-        )
+def check_evaluation(
+    evaluation: dict[str, Any], config: TrainConfig, objective: str, log: Callable[[str], None]
+) -> None:
+    """Refuse `evaluate:` settings tune cannot use, before anything trains (an unknown key whatever the
+    objective), and say which keys it does not use."""
+    read_evaluation(evaluation)
+    if objective != "score":
+        if evaluation:
+            log("evaluate: not used by --objective val_loss (it sets how --objective score scores trials)")
+        return
     if config.val_data is None and config.val_fraction == 0:
         raise ConfigError("objective score needs validation examples: set val_fraction > 0 or val_data")
+    if unused := unused_by(evaluation, "tune"):
+        log(f"evaluate: {', '.join(unused)} are compare's keys; tune scores each trial on its validation "
+            "examples, so they are not used here")  # fmt: skip
 
 
 def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: dict[str, Any]) -> float:
@@ -42,16 +42,14 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
 
     from ..adapted import AdaptedModel
     from ..base import load_base
-    from ..data.source import parse_task_spec
-    from ..eval.commands import longest_answer
     from ..eval.run import evaluate
     from ..train.setup import _examples  # the very split training validated on
 
-    examples = _examples(config)[1][: evaluation.get("examples")]
+    settings = read_evaluation(evaluation)
+    examples = _examples(config)[1][: settings.examples]
     if not examples:
         raise ConfigError(f"objective score: {config.data} gave no validation examples to score")
-    task = parse_task_spec(config.val_data or config.data)
-    metric = evaluation.get("metric") or (task[0].metric if task else "exact_match")
+    data = config.val_data or config.data
     dtype = torch.bfloat16 if summary.get("precision") == "bf16" else torch.float32
     result = Path(summary["output"])
     if config.method == FULL:
@@ -64,11 +62,9 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
         model = AdaptedModel(base)
         model.load_adapter(result, "trial")
         names = ["trial"]
-    max_new = evaluation.get("max_new_tokens") or (
-        task[0].max_new_tokens if task else longest_answer(tokenizer, examples) + 8
-    )
     report = evaluate(
-        model, tokenizer, examples, metric=metric, adapters=names, max_new_tokens=max_new,
-        batch_size=evaluation.get("batch_size", 16), with_perplexity=False, samples=0,
+        model, tokenizer, examples, metric=metric_for(settings.metric, data), adapters=names,
+        max_new_tokens=max_new_tokens_for(settings.max_new_tokens, data, tokenizer, examples),
+        batch_size=settings.batch_size, with_perplexity=False, samples=0,
     )  # fmt: skip
     return report.results[0].score

@@ -87,8 +87,7 @@ def tune_experiment(
     base = experiment.config()
     if base.val_data is None and base.val_fraction == 0:
         raise ConfigError("tune needs validation examples: set val_fraction > 0 (e.g. 0.05) or val_data")
-    if settings.objective == "score":
-        check_evaluation(experiment.evaluation, base)
+    check_evaluation(experiment.evaluation, base, settings.objective, log)
     starts = variant_starts(experiment, params) if settings.variants else []
     fixed = trial_keys(experiment, settings, log)
     claim(out)
