@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from peftkit.cli import main
+from peftkit.errors import ConfigError
 from peftkit.experiment import Outcome, read_experiment
 from peftkit.train.config import load_config
 from peftkit.tune import parse_space
@@ -86,6 +87,21 @@ def test_bad_search_specs_are_refused_before_anything_is_written(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(words, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_variant_value_yaml_reads_as_text_is_a_number(tmp_path):
+    search = {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}
+    f = write(tmp_path / "e.yaml", {"data": "task:dates", "search": search,
+                                    "variants": [{"name": "v", "lr": "1e-2"}]})  # fmt: skip
+    experiment = read_experiment(f)
+    assert variant_starts(experiment, parse_space(experiment)) == [("v", {"lr": 0.01})]
+    g = write(
+        tmp_path / "g.yaml", {"data": "task:dates", "search": search, "variants": [{"name": "v", "lr": 0.5}]}
+    )
+    with pytest.raises(
+        ConfigError, match=r"variant 'v': lr=0.5 is outside the searched range \[0.0001, 0.1\]"
+    ):
+        variant_starts(read_experiment(g), parse_space(read_experiment(g)))
 
 
 def test_variants_must_fit_the_search_and_foreign_directories_are_refused(tmp_path, capsys):
@@ -289,7 +305,6 @@ def test_objective_score_uses_the_validation_examples(tmp_path, tiny_model_dir, 
     ],
 )
 def test_tune_reads_evaluate_by_compares_schema(tmp_path, evaluate, objective, outcome):
-    from peftkit.errors import ConfigError
     from peftkit.tune.objective import check_evaluation
 
     config = read_experiment(None, {"data": "task:dates", "val_fraction": 0.1}).config()

@@ -83,13 +83,15 @@ class Param:
                 if _same(choice, value):
                     return label
             raise ConfigError(f"{self.key}={short_repr(value)} is not among the choices {list(self.labels)}")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not self.low <= value <= self.high
-        ):
+        value = number_from_text(value)  # YAML reads 1e-2 as text, as in the ranges
+        if not _number(value) or (self.kind == "int" and not float(value).is_integer()):
+            wanted = "an integer" if self.kind == "int" else "a number"
             raise ConfigError(
-                f"{self.key}={short_repr(value)} is outside the range [{self.low}, {self.high}]"
+                f"{self.key}={short_repr(value)} is not {wanted} (the search has a range for it)"
+            )
+        if not self.low <= value <= self.high:
+            raise ConfigError(
+                f"{self.key}={short_repr(value)} is outside the searched range [{self.low}, {self.high}]"
             )
         return int(value) if self.kind == "int" else float(value)
 
