@@ -195,6 +195,7 @@ def test_an_interrupted_trial_is_retried_first_in_its_own_run_dir(tmp_path, monk
     monkeypatch.setattr("peftkit.tune.trial.run_training", trainer)
     assert tune(f, "--out", out, "--trials", 3, "--pruner", "none") == 130  # Ctrl-C's exit code
     assert "trial 1 interrupted" in capsys.readouterr().out
+    assert "| 1 | interrupted |" in (out / "trials.md").read_text()  # its retry is queued, not yet run
     trainer.interrupt_at = None
     assert tune(f, "--out", out, "--trials", 3, "--pruner", "none") == 0
     rows = json.loads((out / "trials.json").read_text())["trials"]

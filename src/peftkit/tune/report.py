@@ -34,8 +34,9 @@ def _fmt(value: Any) -> str:
 
 def trial_rows(study: Any, params: list[Param]) -> list[dict[str, Any]]:
     """One row per trial that ran (queued ones are left out), in trial order."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"]
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    every = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in every}  # a queued retry too (after Ctrl-C)
+    trials = [t for t in every if t.state.name != "WAITING"]
     rows = []
     for t in trials:
         a = t.user_attrs
