@@ -239,6 +239,20 @@ def test_pruners_stop_a_trial_whose_curve_is_worse(tmp_path, fake, pruner):
     assert rows[2]["steps"] == 2  # stopped at its first validation
 
 
+def test_halving_rungs_are_at_multiples_of_eval_every(tmp_path, fake):
+    import optuna
+
+    f = fake_experiment(tmp_path, max_steps=12, eval_every=4)  # validations at steps 4, 8, 12
+    assert tune(f, "--out", tmp_path / "out", "--trials", 1, "--pruner", "halving") == 0
+    study = optuna.load_study(study_name="peftkit-tune", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    trial = study.trials[0]
+    rungs = {k: v for k, v in trial.system_attrs.items() if k.startswith("completed_rung_")}
+    assert rungs == {
+        "completed_rung_0": trial.intermediate_values[4],
+        "completed_rung_1": trial.intermediate_values[12],
+    }
+
+
 # -- end to end on the tiny model -------------------------------------------------------------------------
 def tiny_experiment(tmp_path, tiny_model_dir, **extra):
     data = {"base": str(tiny_model_dir), "data": "task:dates", "max_examples": 40, "val_fraction": 0.1,

@@ -96,7 +96,8 @@ def tune_experiment(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if removed := take(out, experiment.path, settings.overwrite):
             log(f"--overwrite: removed the earlier tune run's {', '.join(removed)} from {out}")
-        study, created = open_study(out, fingerprint(experiment, params, settings.objective), settings, fixed)
+        every = fixed.get("eval_every", base.eval_every)  # the first validation step (0: per epoch)
+        study, created = open_study(out, fingerprint(experiment, params, settings.objective), settings, every)
         for name, labels in starts if created else ():
             study.enqueue_trial(labels, user_attrs={"variant": name})
         run = _Run(experiment, params, settings, out, study, fixed, _seed(settings, base.seed), log)
@@ -140,7 +141,7 @@ def _hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_study(out: Path, fp: dict[str, Any], settings: Settings, fixed: dict[str, Any]) -> tuple[Any, bool]:
+def open_study(out: Path, fp: dict[str, Any], settings: Settings, eval_every: int) -> tuple[Any, bool]:
     """(the study in out/study.db, whether it was created now). A study of another experiment is refused."""
     import optuna
 
@@ -159,7 +160,7 @@ def open_study(out: Path, fp: dict[str, Any], settings: Settings, fixed: dict[st
             )
     direction = "maximize" if settings.objective == "score" else "minimize"
     study = optuna.create_study(storage=url, study_name=STUDY_NAME, direction=direction,
-                                pruner=make_pruner(settings.pruner, fixed), load_if_exists=True)  # fmt: skip
+                                pruner=make_pruner(settings.pruner, eval_every), load_if_exists=True)  # fmt: skip
     if not existed:
         study.set_user_attr("experiment_hash", _hash(fp))
         study.set_user_attr("experiment", fp)
@@ -180,16 +181,17 @@ def _differences(old: Any, new: dict[str, Any]) -> str:
     )
 
 
-def make_pruner(name: str, fixed: dict[str, Any]) -> Any:
+def make_pruner(name: str, eval_every: int) -> Any:
     """Median: stop a trial whose validation loss is worse than the median of earlier trials at that step.
-    Halving: successive halving from the first validation step, keeping the best third at each rung."""
+    Halving: successive halving with rungs at eval_every x 1, 3, 9, ... steps (the trials' validation
+    steps), keeping the best third at each rung; with eval_every 0 (once per epoch) Optuna's own
+    estimate from the first complete trial."""
     import optuna
 
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0)
     if name == "halving":
-        first = fixed.get("eval_every") or "auto"
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_every or "auto", reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"unknown pruner {name!r}; valid: median, halving, none")

@@ -25,7 +25,8 @@ TRIAL_ONLY = {"progress": False, "tensorboard": False}  # trials run quietly; be
 class Watch:
     """Fed each metrics record of a trial's run; reports validation losses to the trial and returns
     True (stop the run) once the pruner prunes it. Before `gate` complete trials exist, the pruner is
-    still asked (successive halving records its rungs then) but not obeyed."""
+    still asked but not obeyed: successive halving records each rung's value when a trial reaches that
+    rung (eval_every x 1, 3, 9, ... steps), so the first trials' values count at every rung too."""
 
     def __init__(self, trial: Any, sign: float, gate: bool) -> None:
         self.trial, self.sign, self.gate = trial, sign, gate
