@@ -79,6 +79,10 @@ search:
         ({"ia3.target_modules": [["k_proj"]]}, "no trial uses method ia3"),
         ({"method": {"low": 1, "high": 2}}, "a range needs a numeric key"),
         ({"lr": {"low": 1e-4, "hi": 1e-3}}, "a range takes low, high"),
+        ({"lora.lora_alpha": [8, 16], "lora.alpha_over_r": [1, 2]}, "search names both lora.lora_alpha and"),
+        ({"output_dir": ["a", "b"]}, r"search output_dir: not a key to search \(each trial trains in"),
+        ({"tensorboard": [True, False]}, "search tensorboard: not a key to search"),
+        ({"eval_every": [2, 4]}, "search eval_every: not a key to search"),
     ],
 )
 def test_bad_search_specs_are_refused_before_anything_is_written(tmp_path, capsys, search, words):

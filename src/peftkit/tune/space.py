@@ -32,6 +32,17 @@ ALPHA_OVER_R = "alpha_over_r"
 
 RANGE_KEYS = {"low", "high", "log", "step"}
 
+NOT_SEARCHED = {
+    "output_dir": "each trial trains in OUT/trials/N (best.yaml: OUT/best)",
+    "progress": "trials run without a progress bar (best.yaml keeps your setting)",
+    "tensorboard": "trials run without TensorBoard (best.yaml keeps your setting)",
+    "eval_every": "the pruners compare trials at the same validation steps",
+    "val_data": "trials are compared on the same validation examples",
+    "val_fraction": "trials are compared on the same validation examples",
+}
+"""Training keys a search may not vary, and why: a trial sets them itself, or varying them would make
+trials incomparable. A fixed value belongs among the shared keys."""
+
 DEFAULT_SEARCH: dict[str, dict[str, Any]] = {
     "lora": {
         "lr": {"low": 1e-4, "high": 3e-3, "log": True},
@@ -138,6 +149,9 @@ def _check_key(key: str) -> None:
     if head and head not in METHODS:
         raise ConfigError(f"search {key}: {head!r} is no method section{did_you_mean(head, METHODS)}; "
                           f"sections: {', '.join(METHODS)}")  # fmt: skip
+    if key in NOT_SEARCHED:
+        raise ConfigError(f"search {key}: not a key to search ({NOT_SEARCHED[key]}); set it among the "
+                          "shared keys, outside search")  # fmt: skip
     cls = METHODS[head].config_cls if head else TrainConfig
     valid = [f.name for f in fields(cls) if f.name not in METHODS]
     valid += [ALPHA_OVER_R] if head and _has_alpha(head) else []
@@ -229,6 +243,11 @@ def check_space(params: list[Param], experiment: Experiment) -> None:
         if p.key.endswith("." + ALPHA_OVER_R) and not _has_alpha(p.section):
             raise ConfigError(
                 f"search {p.key}: {ALPHA_OVER_R} applies to sections with r and lora_alpha (lora)"
+            )
+        if p.key.endswith("." + ALPHA_OVER_R) and f"{p.section}.lora_alpha" in keys:
+            raise ConfigError(
+                f"search names both {p.section}.lora_alpha and {p.key}, which sets lora_alpha = ratio x r; "
+                "search one of them"
             )
         for value in p.choices if p.kind == "choice" else (p.low, p.high):
             overrides = {p.key: value} | ({"method": p.section} if p.section else {})
