@@ -146,3 +146,49 @@ def test_evaluate_auto_metric_and_answer_budget_come_from_the_scored_task(tmp_pa
     assert max_new_tokens_for(7, "task:dates", None, []) == 7
     with pytest.raises(ConfigError, match="unknown key 'exampels'"):
         read_evaluation({"exampels": 3})
+
+
+def _children(pid):
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def _gone(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_killing_the_watcher_stops_its_training_child(tiny_model_dir, tmp_path, how):
+    """A killed compare/tune must not leave its trainer running (a rerun would start a second one in
+    the same run directory): SIGTERM is forwarded and waited for; on SIGKILL the kernel sends it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    args = [sys.executable, str(script), str(tiny_model_dir), str(tmp_path), "100000"]
+    watcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not (tmp_path / "run" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (child,) = _children(watcher.pid)
+    try:
+        watcher.send_signal(getattr(signal, how))
+        assert watcher.wait(timeout=30) == (143 if how == "SIGTERM" else -9)
+        assert how == "SIGKILL" or _gone(child)  # on SIGTERM the watcher waited for it
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child), "the training child outlived its watcher"
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)

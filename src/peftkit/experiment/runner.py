@@ -10,13 +10,15 @@ stop a run early (tune's pruning) by reading the metrics the run appends to its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from ..train.config import TrainConfig, save_config
 
 POLL_SECONDS = 0.25
 CTRL_C_GRACE_SECONDS = 120  # after Ctrl-C, how long the child may take to checkpoint before it is stopped
+TERM_GRACE_SECONDS = 10  # after SIGTERM or an error here, how long the child may take to exit before SIGKILL
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RunFailed(PeftkitError):
@@ -37,7 +41,7 @@ class RunFailed(PeftkitError):
 class Outcome:
     output_dir: Path
     summary: dict[str, Any]  # the run's summary.json ({} when it was stopped before it wrote one)
-    peak_rss_mb: float | None  # the run's own maximum resident memory (None when it was not run here)
+    peak_rss_mb: float | None  # the run's own maximum resident memory, MB = 10^6 bytes (None: not run here)
     stopped: bool  # the watcher stopped it early
     reused: bool  # a finished run with the same config was found and not rerun
 
@@ -82,8 +86,10 @@ def run_training(
     # A run that starts afresh replaces an old metrics.jsonl: the watcher skips the old file's records.
     metrics = _Tail(out / "metrics.jsonl", skip_current="--overwrite" in command)
     with open(log, "w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        status, peak, stopped = _wait(proc, metrics, watch)
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_dies_with(os.getpid()))  # fmt: skip
+        with _forward_sigterm(proc):
+            status, peak, stopped = _wait(proc, metrics, watch)
     if stopped:  # killed: it wrote no summary (one on disk is an older run's)
         return Outcome(out, {}, peak, stopped=True, reused=False)
     if status != 0:
@@ -107,9 +113,9 @@ def _wait(
                     proc.send_signal(signal.SIGTERM)
             if pid:
                 proc.returncode = os.waitstatus_to_exitcode(status)
-                return proc.returncode, usage.ru_maxrss / 1024, stopped
+                return proc.returncode, _megabytes(usage.ru_maxrss), stopped
             time.sleep(POLL_SECONDS)
-    except BaseException:  # Ctrl-C: the child (same terminal) got it too and saves a checkpoint
+    except KeyboardInterrupt:  # Ctrl-C: the child (same terminal) got it too and saves a checkpoint
         if proc.returncode is None:
             try:
                 proc.wait(timeout=CTRL_C_GRACE_SECONDS)
@@ -117,6 +123,57 @@ def _wait(
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
         raise
+    except BaseException:  # SIGTERM (see _forward_sigterm) or an error here: the child goes too
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=TERM_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+def _megabytes(max_rss: int) -> float:
+    """ru_maxrss in MB (10^6 bytes): Linux counts KiB, macOS bytes."""
+    return max_rss * (1 if sys.platform == "darwin" else 1024) / 1e6
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """The child's preexec_fn: on Linux the kernel sends it SIGTERM when `parent` dies, however it
+    dies (kill -9 too), so no trainer outlives its watcher to race a rerun in the same directory."""
+
+    def preexec() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def _forward_sigterm(proc: subprocess.Popen) -> Iterator[None]:
+    """While the child runs, SIGTERM to this process (main thread only: Python's rule) stops the child
+    first: _wait sends it on and waits for the child before this process exits (status 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # e.g. compare's worker threads: _dies_with covers the child if this process is killed
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Tail:
