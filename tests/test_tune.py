@@ -243,6 +243,33 @@ def test_pruners_stop_a_trial_whose_curve_is_worse(tmp_path, fake, pruner):
     assert rows[2]["steps"] == 2  # stopped at its first validation
 
 
+def test_runs_are_placed_by_absolute_path_and_output_dir_is_refused(tmp_path, fake, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = fake_experiment(tmp_path)
+    assert tune(f, "--out", "out", "--trials", 1, "--output_dir", "elsewhere") == 2
+    assert "--output_dir: compare and tune place every run themselves" in capsys.readouterr().err
+    assert tune(f, "--out", "out", "--trials", 1) == 0  # relative --out: a rerun from elsewhere resumes
+    assert fake.calls[0][0] == str(tmp_path / "out" / "trials" / "0")
+    assert load_config(tmp_path / "out" / "best.yaml").output_dir == str(tmp_path / "out" / "best")
+
+
+def test_a_pruned_trial_names_the_step_of_the_validation_that_pruned_it():
+    from peftkit.tune.trial import Watch
+
+    class Trial:
+        def report(self, value, step):
+            pass
+
+        def should_prune(self):
+            return True
+
+    watch = Watch(Trial(), 1.0, gate=True)
+    assert not watch({"step": 1, "loss": 3.0})
+    assert watch({"step": 2, "val_loss": 2.0})
+    watch({"step": 3, "loss": 1.0})  # the run trains on a little before it is stopped
+    assert (watch.steps, watch.pruned_at) == (3, 2)
+
+
 def test_halving_rungs_are_at_multiples_of_eval_every(tmp_path, fake):
     import optuna
 

@@ -66,6 +66,10 @@ def read_experiment(path: str | Path | None, overrides: dict[str, Any] | None = 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
         data = dict(loaded or {})
+    if overrides and "output_dir" in overrides:
+        raise ConfigError(
+            "--output_dir: compare and tune place every run themselves (under --out); give --out instead"
+        )
     own = {k: data.pop(k) for k in SECTIONS if k in data}
     shared = merged(data, expand_dotted(overrides or {}))
     experiment = Experiment(
@@ -110,7 +114,7 @@ def _variants(value: Any) -> list[Variant]:
             raise ConfigError(f"variants[{i}] sets {bad[0]!r}, which a variant cannot change; remove it")
         name = _variant_name(name, entry, i)
         if name in {v.name for v in out}:
-            raise ConfigError(f"two variants are named {name!r}; give each a distinct name:")
+            raise ConfigError(f"two variants are named {name!r}; give each a distinct name")
         out.append(Variant(name, expand_dotted(entry)))
     return out
 

@@ -55,18 +55,12 @@ def tune(
             searched); --seed also seeds the sampler: the same seed gives the same suggestions
     """
     from ..experiment import read_experiment
+    from ..experiment.outdir import default_out
     from .study import Settings, tune_experiment
 
-    if trials is not None and trials < 1:
-        raise RequestError(f"--trials must be at least 1, got {trials}")
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise RequestError(f"--timeout must be a number of seconds > 0, got {timeout}")
-    if pruner_startup < 0:
-        raise RequestError(f"--pruner-startup must be at least 0, got {pruner_startup}")
-    if threads is not None and threads < 1:
-        raise RequestError(f"--threads must be at least 1, got {threads}")
+    _check_options(trials, timeout, pruner_startup, threads)
     exp = read_experiment(experiment, overrides or {})
-    out = out if out is not None else Path("runs") / f"tune-{experiment.stem}"
+    out = out if out is not None else default_out("tune", experiment)
     settings = Settings(
         objective, pruner, trials, timeout, None, pruner_startup, threads, variants, overwrite
     )
@@ -79,3 +73,16 @@ def tune(
     print(printable(f"report: {out / 'trials.md'}, {out / 'objective.png'}, {out / 'importance.png'}"))
     print(printable(f"train it: peftkit train {result.best_yaml}"))
     return 0
+
+
+def _check_options(
+    trials: int | None, timeout: float | None, pruner_startup: int, threads: int | None
+) -> None:
+    if trials is not None and trials < 1:
+        raise RequestError(f"--trials must be at least 1, got {trials}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise RequestError(f"--timeout must be a number of seconds > 0, got {timeout}")
+    if pruner_startup < 0:
+        raise RequestError(f"--pruner-startup must be at least 0, got {pruner_startup}")
+    if threads is not None and threads < 1:
+        raise RequestError(f"--threads must be at least 1, got {threads}")

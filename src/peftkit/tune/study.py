@@ -7,7 +7,8 @@ its task score on the validation examples (`objective.validation_score`, maximis
 
 The study lives in OUT/study.db, so a rerun continues it: `trials` is the total number of finished
 trials (complete, pruned or failed), not the number to add. A trial left running by a crash or Ctrl-C
-is marked failed and retried first, in its own run directory (resuming its checkpoint if it has one).
+is marked interrupted and queued again, in its own run directory (resuming its checkpoint if it has
+one): it runs next, after any of the file's variants still queued (Optuna runs queued trials in order).
 Each trial's sampler is seeded from (seed, trial number), so the same seed and the same results give
 the same suggestions, whether the trials ran in one go or over several reruns.
 """
@@ -80,6 +81,10 @@ def tune_experiment(
 ) -> TuneResult:
     """Search the experiment's space into `out` (see the module docstring); returns the study and its best."""
     import optuna
+
+    # Absolute: the trials' configs and best.yaml name their output_dir, and a rerun from another
+    # working directory must find (and resume) the same runs.
+    out = Path(out).expanduser().absolute()
 
     from .report import write_best, write_report
 
@@ -226,13 +231,13 @@ def variant_starts(experiment: Experiment, params: list[Param]) -> list[tuple[st
 
 def retry_unfinished(study: Any, log: Callable[[str], None]) -> None:
     """Trials still marked running (this process holds the directory's lock, so none really is) were
-    interrupted: mark them failed and queue their parameters again, first."""
+    interrupted: mark them failed and queue their parameters again (after any queued variants)."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         interrupt(study, t.number, t.params, t.user_attrs)
         log(
-            f"trial {t.number} was interrupted; it is retried first (in {t.user_attrs.get('run_dir', 'a new run')})"
+            f"trial {t.number} was interrupted; it is queued again (in {t.user_attrs.get('run_dir', 'a new run')})"
         )
 
 

@@ -1,8 +1,9 @@
 """One trial: sample, train in a child process while its validation curve feeds the pruner, score, tell.
 
 The trial's facts go into its Optuna user attributes, which the report reads: run_dir (relative to
-OUT), steps (optimizer steps it ran), val_loss (the best it reached), score (objective score),
-seconds, error (a failed run's first line; its log is OUT/logs/N.log), variant and retry_of.
+OUT), steps (optimizer steps it ran), val_loss (the best it reached), pruned_at (the step of the
+validation that pruned it), score (objective score), seconds, error (a failed run's first line;
+its log is OUT/logs/N.log), variant and retry_of.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Watch:
     def __init__(self, trial: Any, sign: float, gate: bool) -> None:
         self.trial, self.sign, self.gate = trial, sign, gate
         self.steps, self.best_val, self.pruned = 0, math.inf, False
+        self.pruned_at: int | None = None  # the step of the validation that pruned the trial
         self.reported: set[int] = set()
 
     def __call__(self, record: dict[str, Any]) -> bool:
@@ -49,6 +51,7 @@ class Watch:
         self.best_val = min(self.best_val, val)
         self.trial.report(self.sign * val, step)  # optuna compares in the study's direction
         self.pruned = self.trial.should_prune() and self.gate
+        self.pruned_at = step if self.pruned else None
         return self.pruned
 
 
@@ -110,6 +113,8 @@ def _train(run: Any, trial: Any, chosen: dict[str, Any], out: Path) -> tuple[Any
     if math.isfinite(watch.best_val):
         trial.set_user_attr("val_loss", watch.best_val)
     if watch.pruned or outcome.stopped:
+        if watch.pruned_at is not None:
+            trial.set_user_attr("pruned_at", watch.pruned_at)
         return TrialState.PRUNED, None
     best_val = outcome.summary.get("best_val_loss")
     if best_val is None:
@@ -140,7 +145,7 @@ def progress_line(run: Any, t: Any, target: int | None) -> str:
     if t.state.name == "COMPLETE":
         verdict = f"{run.settings.objective} {t.value:.4g}"
     elif t.state.name == "PRUNED":
-        verdict = f"pruned at step {a.get('steps')} (val_loss {a.get('val_loss', math.nan):.4g})"
+        verdict = f"pruned at step {a.get('pruned_at', a.get('steps'))} (val_loss {a.get('val_loss', math.nan):.4g})"
     else:
         verdict = f"failed: {a.get('error', '?')}"
     line = f"trial {t.number} [{of}] {verdict}  {format_params(t.params)}  ({a.get('steps', 0)} steps, {a.get('seconds', 0):.0f} s)"
