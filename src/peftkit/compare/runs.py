@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,16 +74,21 @@ def train_variants(
     experiment: Experiment, configs: dict[str, TrainConfig], out: Path, *, jobs: int, say: Any = print
 ) -> list[Trained]:
     """Train (or reuse) every variant, `jobs` at a time, printing a line as each starts and ends.
-    When any fails, the others still finish; then RunFailed names every failed variant and its log."""
+    When any fails, the others still finish; then RunFailed names every failed variant and its log.
+    Ctrl-C starts nothing more: the running children (same terminal) save a checkpoint, then
+    KeyboardInterrupt is raised once they exited, after saying how to resume."""
     threads = threads_per_run(jobs)
     total = len(experiment.variants)
     lock = threading.Lock()
+    stop = threading.Event()  # set on Ctrl-C: a run that has not started yet never starts
 
-    def one(i: int, v: Variant) -> Trained:
+    def one(i: int, v: Variant) -> Trained | None:
         config, log = configs[v.name], out / "logs" / f"{v.name}.log"
         tag = f"[{i}/{total}] {v.name}"
-        if finished_summary(config) is None:  # else run_training reuses it, and says nothing starts
-            with lock:
+        with lock:
+            if stop.is_set():
+                return None
+            if finished_summary(config) is None:  # else run_training reuses it, and says nothing starts
                 say(f"{tag}: training {config.method}{_quantized(config)} (log: {log})")
         t0 = time.perf_counter()
         outcome = run_training(config, out / "configs" / f"{v.name}.yaml", log=log, threads=threads)
@@ -94,19 +99,45 @@ def train_variants(
     say(f"training {total} variants, {jobs} at a time ({threads} threads each); logs in {out / 'logs'}")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(one, i, v) for i, v in enumerate(experiment.variants, start=1)]
-        results, failed = [], []
-        for v, f in zip(experiment.variants, futures, strict=True):
-            try:
-                results.append(f.result())
-            except RunFailed as e:
-                failed.append((v.name, e))
+        try:
+            done = [_result(f) for f in futures]
+        except KeyboardInterrupt:
+            with lock:
+                stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)  # the queued runs never start
+            say(_interrupted(futures))
+            raise
+    failed = [(v.name, e) for v, e in zip(experiment.variants, done, strict=True) if isinstance(e, RunFailed)]
     if failed:
         first = failed[0][1]
         names = ", ".join(n for n, _ in failed)
         logs = ", ".join(str(out / "logs" / f"{n}.log") for n, _ in failed)
         raise RunFailed(f"{len(failed)} of {total} variants failed to train ({names}); see {logs}. "
                         f"The finished ones are kept: run compare again to retry.\n{first}")  # fmt: skip
-    return results
+    return [t for t in done if isinstance(t, Trained)]
+
+
+def _result(future: Future) -> Trained | RunFailed | None:
+    try:
+        return future.result()
+    except RunFailed as e:
+        return e
+
+
+def _interrupted(futures: list[Future]) -> str:
+    """After Ctrl-C: wait for the running runs (their children got it too and save a checkpoint, or
+    abort at a second Ctrl-C), then say what was left and how to go on."""
+    wait([f for f in futures if not f.cancelled()])  # wait() never returns for a cancelled queued one
+    finished = stopped = 0
+    for f in futures:
+        if not f.cancelled() and f.exception() is None and f.result() is not None:
+            finished += 1
+        elif not f.cancelled() and f.exception() is not None:
+            stopped += 1
+    left = len(futures) - finished - stopped
+    return (f"interrupted: {finished} variant(s) finished, {stopped} stopped (each resumes from its last "
+            f"checkpoint), {left} not started. Run the same command again to go on: finished runs are "
+            "reused, stopped ones resume.")  # fmt: skip
 
 
 def _quantized(config: TrainConfig) -> str:
