@@ -33,6 +33,7 @@ class Model:
     load: str  # a base model (built-in name, directory, .gguf), or a full fine-tuning run's model dir
     quantize: str | None
     adapter: Path | None
+    reference: str  # the row its changes are measured against: its full-precision base's
 
 
 @dataclass
@@ -46,25 +47,51 @@ class Scores:
     mixed: bool = True  # scored in mixed batches with the other models of its base
 
 
-def reference_name(base: str, quantize: str | None, shared_base: str) -> str:
-    """ "base", "base+nf4", or for a variant that changed the base, "base[NAME]" (NAME: its last part)."""
-    name = BASE_ROW if base == shared_base else f"{BASE_ROW}[{Path(base).name or base}]"
-    return f"{name}+{quantize}" if quantize else name
+def reference_names(bases: list[str], shared_base: str) -> dict[str, str]:
+    """{base: its reference row's name}: "base" for the shared base, "base[LAST]" for another one (LAST:
+    its path's last part), "base[LAST-HASH]" when another base has the same last part (HASH: 8 hex
+    digits of its resolved path), so that two bases never share a row or a cache file."""
+    where = {b: _resolved(b) for b in [shared_base, *bases]}  # two spellings of one directory: one base
+    others = {w: Path(b).name or b for b, w in where.items() if w != where[shared_base]}
+    lasts = list(others.values())
+    names = {}
+    for b, w in where.items():
+        if w == where[shared_base]:
+            names[b] = BASE_ROW
+        elif lasts.count(others[w]) == 1:
+            names[b] = f"{BASE_ROW}[{others[w]}]"
+        else:
+            names[b] = f"{BASE_ROW}[{others[w]}-{hashlib.sha256(w.encode()).hexdigest()[:8]}]"
+    return names
+
+
+def _resolved(base: str) -> str:
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
 
 
 def models_to_score(trained: list[Trained], shared_base: str) -> list[Model]:
     """The reference rows (the shared base; each other base or quantized base a variant uses), then
-    every variant in the experiment's order."""
+    every variant in the experiment's order. Each row's changes are measured against its base's
+    full-precision row: a quantized base's own row shows what quantizing alone costs."""
+    names = reference_names([t.config.base for t in trained], shared_base)
     refs = {(shared_base, None): None}
     for t in trained:
+        refs[(t.config.base, None)] = None
         if not t.is_full:
-            refs.update({(t.config.base, None): None, (t.config.base, t.config.quantize): None})
-    rows = [Model(reference_name(b, q, shared_base), b, q, None) for b, q in refs]
+            refs[(t.config.base, t.config.quantize)] = None
+    rows, seen = [], set()
+    for base, quantize in refs:
+        name = names[base] + (f"+{quantize}" if quantize else "")
+        if name not in seen:  # two spellings of one base (a path and its resolved form) share a row
+            seen.add(name)
+            rows.append(Model(name, base, quantize, None, names[base]))
     for t in trained:
+        ref = names[t.config.base]
         if t.is_full:
-            rows.append(Model(t.name, str(t.weights_dir), None, None))
+            rows.append(Model(t.name, str(t.weights_dir), None, None, ref))
         else:
-            rows.append(Model(t.name, t.config.base, t.config.quantize, t.weights_dir))
+            rows.append(Model(t.name, t.config.base, t.config.quantize, t.weights_dir, ref))
     return rows
 
 
@@ -174,10 +201,10 @@ def _score_loaded(
 
 def _task_scores(net: Any, tokenizer: Any, names: list, settings: EvalSettings, mixed: bool) -> tuple:
     """({alias: task result}, {other task: {alias: result}}) via peftkit.eval.run.evaluate."""
-    from ..data.source import load_data, parse_task_spec
+    from ..data.source import load_data
     from ..data.tasks import get_task
-    from ..eval.commands import longest_answer
     from ..eval.run import evaluate
+    from ..experiment.evaluation import max_new_tokens_for
     from ..routing import BASE
 
     def run(examples: list, metric: str, max_new: int) -> dict:
@@ -186,10 +213,7 @@ def _task_scores(net: Any, tokenizer: Any, names: list, settings: EvalSettings, 
         return {a: report[BASE if a is None else a] for a in names}
 
     examples = load_data(settings.data, split="test", n=settings.examples)  # type: ignore[arg-type]
-    spec = parse_task_spec(settings.data, "test")  # type: ignore[arg-type]
-    max_new = settings.max_new_tokens or (
-        spec[0].max_new_tokens if spec else longest_answer(tokenizer, examples) + 8
-    )
+    max_new = max_new_tokens_for(settings.max_new_tokens, settings.data, tokenizer, examples)  # type: ignore[arg-type]
     task = run(examples, settings.metric, max_new)
     forgetting = {}
     for name in settings.forgetting_tasks or ():
