@@ -6,8 +6,14 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -169,6 +175,132 @@ def test_mixed_text_perplexity_matches_one_adapter_at_a_time(compared, tiny_mode
     assert mixed["lora"][0] != pytest.approx(mixed[None][0], rel=1e-4)  # the adapter does change it
     plain = text_perplexity(load_base(str(tiny_model_dir), dtype="float32")[0], windows, [None])
     assert plain[None][0] == pytest.approx(mixed[None][0], rel=1e-4)
+
+
+def test_ctrl_c_starts_no_other_variant_and_the_same_command_resumes(tiny_model_dir, tmp_path, capsys):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the first of three variants
+    trains: that run saves a checkpoint, the queued variants never start, compare exits 130 saying how
+    to go on. The same command again resumes it; the report marks its time and memory as partial."""
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(f"""
+base: {tiny_model_dir}
+data: task:dates
+max_examples: 40
+max_steps: 2
+batch_size: 4
+max_length: 200
+lr: 1e-2
+variants:
+  - {{name: lora-r4, lora: {{r: 4}}, max_steps: 150}}
+  - {{name: prefix, method: prefix, prefix: {{num_virtual_tokens: 4, prefix_projection: true}}}}
+  - {{name: full, method: full, lr: 1e-3}}
+evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
+""")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "peftkit", "compare", str(experiment), "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        metrics = out / "runs" / "lora-r4" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not _has_a_line(metrics):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # the first variant is training: its first step is logged
+        printed, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, printed
+    assert "0 variant(s) finished, 1 stopped" in printed and "Run the same command again" in printed
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["lora-r4.log"]  # nothing else started
+    assert any((out / "runs" / "lora-r4" / "checkpoints").iterdir())
+
+    assert main(["compare", str(experiment), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.findall(r"\] (\S+): trained in", printed) == ["lora-r4", "prefix", "full"]
+    assert "resuming from" in (out / "logs" / "lora-r4.log").read_text()
+    rows = {r["name"]: r for r in results(out)["rows"]}
+    assert rows["lora-r4"]["steps"] == 150
+    assert [n for n, r in rows.items() if r["resumed"]] == ["lora-r4"]
+    report = (out / "report.md").read_text()
+    cells = {ln.split("|")[1].strip(): ln.split("|") for ln in report.splitlines() if ln.startswith("| ")}
+    assert cells["lora-r4"][5].strip().endswith("†") and cells["lora-r4"][7].strip().endswith("†")
+    assert "†" not in cells["prefix"][5] + cells["prefix"][7]
+    assert "† resumed after an interruption: train time and peak memory are the last process's only" in report
+    # prefix tuning with a projection: what trained is not what is saved, and a note says so
+    assert rows["prefix"]["method"] == "prefix tuning (projection)"
+    assert "prefix tuning (projection): trainable params count what trained" in report
+
+
+def _has_a_line(path: Path) -> bool:
+    try:
+        return b"\n" in path.read_bytes()
+    except OSError:
+        return False
+
+
+def test_resumption_is_read_from_the_metrics_record_times(tmp_path):
+    from peftkit.compare.report import was_resumed
+
+    def run(times: list[float]) -> Path:
+        lines = [json.dumps({"time": t, "step": i + 1, "loss": 1.0}) for i, t in enumerate(times)]
+        (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return tmp_path
+
+    # one process: its records lie within its training loop's seconds (rounded to 0.1 s)
+    assert not was_resumed(run([100.0, 101.0, 102.04]), {"seconds": 2.0})
+    # records up to the checkpoint came from an earlier process, before this one started
+    assert was_resumed(run([50.0, 51.0, 100.0, 101.0, 102.0]), {"seconds": 2.1})
+    assert not was_resumed(run([100.0]), {"seconds": 2.0}) and not was_resumed(run([1.0, 9.0]), {})
+    (tmp_path / "metrics.jsonl").unlink()
+    assert not was_resumed(tmp_path, {"seconds": 2.0})
+
+
+def test_bases_that_share_a_last_part_get_their_own_rows_and_cache_files(tmp_path):
+    from peftkit.compare.scoring import models_to_score, reference_names
+
+    for d in ("a/m", "b/m", "c/n", "shared"):
+        (tmp_path / d).mkdir(parents=True)
+    a, b, n, shared = (str(tmp_path / d) for d in ("a/m", "b/m", "c/n", "shared"))
+    names = reference_names([a, b, n, f"{tmp_path}/a/../a/m", f"{shared}/"], shared)
+    assert names[shared] == names[f"{shared}/"] == "base" and names[n] == "base[n]"
+    assert re.fullmatch(r"base\[m-[0-9a-f]{8}\]", names[a]) and re.fullmatch(
+        r"base\[m-[0-9a-f]{8}\]", names[b]
+    )
+    assert names[a] != names[b] and names[f"{tmp_path}/a/../a/m"] == names[a]  # one directory, one row
+    assert reference_names([a], shared)[a] == "base[m]"  # no hash unless two bases need one
+
+    def variant(name: str, base: str, quantize: str | None = None) -> SimpleNamespace:
+        config = SimpleNamespace(base=base, quantize=quantize)
+        return SimpleNamespace(name=name, config=config, is_full=False, weights_dir=tmp_path / name)
+
+    models = models_to_score([variant("on-a", a), variant("on-b", b), variant("q-a", a, "nf4")], shared)
+    rows = {m.name: m for m in models}
+    assert list(rows) == ["base", names[a], names[b], names[a] + "+nf4", "on-a", "on-b", "q-a"]
+    assert len({m.name for m in models}) == len(models)  # one cache file (eval/NAME.json) per row
+    assert (rows["on-a"].reference, rows["on-b"].reference, rows["q-a"].reference) == (
+        names[a],
+        names[b],
+        names[a],
+    )
+    assert rows[names[a] + "+nf4"].reference == names[a]  # the 4-bit base against its full-precision self
+
+
+def test_a_quantized_base_row_shows_the_quantization_loss_against_the_full_precision_base():
+    from peftkit.compare.report import build_rows, table_cells
+    from peftkit.compare.scoring import Model, Scores
+
+    models = [Model("base", "m", None, None, "base"), Model("base+nf4", "m", "nf4", None, "base")]
+    scores = {
+        "base": Scores(score=0.5, n=4, forgetting={"extract": 0.5}, perplexity=10.0, text_tokens=9, seconds=0),
+        "base+nf4": Scores(score=0.4, n=4, forgetting={"extract": 0.3}, perplexity=11.0, text_tokens=9, seconds=0),
+    }  # fmt: skip
+    base, quantized = build_rows(models, scores, [], "m")
+    assert quantized["reference"] == "base" and quantized["perplexity_change_pct"] == pytest.approx(10.0)
+    assert quantized["other_tasks_mean_change"] == pytest.approx(-0.2)
+    assert "(+10.0%)" in table_cells(quantized)[9] and table_cells(quantized)[10].startswith("-20.0 (")
+    assert base["perplexity_change_pct"] == 0 and "%" not in table_cells(base)[9]  # itself: no change shown
 
 
 @pytest.mark.parametrize(
