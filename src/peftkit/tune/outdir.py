@@ -25,11 +25,11 @@ from ..experiment.outdir import OutDir, check_out_dir, clear_out_dir, is_marked,
 
 STUDY = "study.db"
 STUDY_NAME = "peftkit-tune"
-LOCK = ".tune.lock"
+LOCK = ".tune.lock"  # not among OUT_DIR.owned: --overwrite runs while this process holds it
 OUT_DIR = OutDir(
     "tune", "tune.json",
     owned=(STUDY, f"{STUDY}-journal", f"{STUDY}-wal", f"{STUDY}-shm", "trials", "configs", "logs", "best.yaml",
-           "trials.md", "trials.csv", "trials.json", "objective.png", "importance.png", LOCK, "tune.json"),
+           "trials.md", "trials.csv", "trials.json", "objective.png", "importance.png", "tune.json"),
 )  # fmt: skip
 
 
@@ -50,7 +50,7 @@ def take(out: Path, experiment: Path | None, overwrite: bool) -> list[str]:
         mark_out_dir(out, OUT_DIR, {"experiment": str(experiment)})
     removed = clear_out_dir(out, OUT_DIR) if overwrite else []
     mark_out_dir(out, OUT_DIR, {"experiment": str(experiment)})
-    return [name for name in removed if name != LOCK]
+    return removed
 
 
 def _holds_tune_study(out: Path) -> bool:
