@@ -139,19 +139,22 @@ def _megabytes(max_rss: int) -> float:
     return max_rss * (1 if sys.platform == "darwin" else 1024) / 1e6
 
 
-def _dies_with(parent: int) -> Callable[[], None]:
+def _dies_with(parent: int) -> Callable[[], None] | None:
     """The child's preexec_fn: on Linux the kernel sends it SIGTERM when `parent` dies, however it
-    dies (kill -9 too), so no trainer outlives its watcher to race a rerun in the same directory."""
+    dies (kill -9 too), so no trainer outlives its watcher to race a rerun in the same directory.
+    prctl is looked up here, in the parent: between fork and exec (compare forks from threads) the
+    child must not import or take locks."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
     def preexec() -> None:
-        if not sys.platform.startswith("linux"):
-            return
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            return
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
