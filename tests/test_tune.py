@@ -312,6 +312,7 @@ def test_tune_end_to_end_prunes_resumes_and_writes_a_trainable_best_yaml(tmp_pat
     assert float(table[0]["objective"]) == rows[0]["objective"] and table[0]["lora.r"] == "4"
     md = (out / "trials.md").read_text()
     assert md.count("\n| ") == 4 and "Parameter importances (PED-ANOVA)" in md
+    assert "From 2 complete trials only: read with care." in md  # importances from 2 trials are noise
     assert all((out / p).read_bytes().startswith(PNG) for p in ("objective.png", "importance.png"))
     finished = {n: (out / f"trials/{n}/metrics.jsonl").stat().st_mtime_ns for n in range(3)}
 
@@ -368,3 +369,25 @@ def test_shipped_tune_examples_parse(path):
     experiment = read_experiment(path)
     params = parse_space(experiment)
     assert params and variant_starts(experiment, params) is not None
+
+
+def test_objective_plot_goes_log_scale_when_one_trial_dwarfs_the_rest(tmp_path):
+    """A diverged trial (val_loss 0.96 beside 0.004) would flatten every other point onto the axis."""
+    import matplotlib.pyplot as plt
+
+    from peftkit.tune import report
+
+    rows = [
+        {"trial": 0, "objective": 0.004, "state": "complete", "val_loss": 0.004},
+        {"trial": 1, "objective": None, "state": "pruned", "val_loss": 0.96},
+    ]
+    scales = []
+    real_save = report._save
+    report._save = lambda plt_, fig, png: (scales.append(fig.axes[0].get_yscale()), real_save(plt_, fig, png))
+    try:
+        report.plot_objective(rows, "val_loss", tmp_path / "a.png")
+        report.plot_objective([{**rows[1], "val_loss": 0.005}, rows[0]], "val_loss", tmp_path / "b.png")
+    finally:
+        report._save = real_save
+        plt.close("all")
+    assert scales == ["log", "linear"]

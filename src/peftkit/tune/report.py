@@ -97,7 +97,7 @@ def write_report(out: Path, study: Any, params: list[Param], objective: str) -> 
     _write_text(out / "trials.csv", _csv(rows, keys))
     _write_text(out / "trials.md", _markdown(summary, keys))
     plot_objective(rows, objective, out / "objective.png")
-    plot_importances(scores, why, out / "importance.png")
+    plot_importances(scores, why, out / "importance.png", sum(r["state"] == "complete" for r in rows))
     return best
 
 
@@ -140,7 +140,9 @@ def _markdown(summary: dict[str, Any], keys: list[str]) -> str:
                      f"({format_params(best['params'])}); its config is best.yaml.")  # fmt: skip
     if summary["importances"]:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items())
-        lines.append(f"Parameter importances (PED-ANOVA): {shown}.")
+        few = counts["complete"] < FEW_FOR_IMPORTANCES
+        caveat = f" From {counts['complete']} complete trials only: read with care." if few else ""
+        lines.append(f"Parameter importances (PED-ANOVA): {shown}.{caveat}")
     header = [*FIXED_COLUMNS, *keys]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -148,6 +150,9 @@ def _markdown(summary: dict[str, Any], keys: list[str]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     errors = [f"- trial {r['trial']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + errors if errors else []) + [""])
+
+
+FEW_FOR_IMPORTANCES = 10  # below this many complete trials, importances are mostly noise
 
 
 def _figure() -> tuple[Any, Any]:
@@ -183,6 +188,9 @@ def plot_objective(rows: list[dict[str, Any]], objective: str, png: Path) -> Non
         ax.plot(*zip(*pruned), "x", color="tab:gray", label="pruned trial (its best val_loss)")
     if not done and not pruned:
         ax.text(0.5, 0.5, "no complete trial yet", ha="center", va="center", transform=ax.transAxes)
+    values = [v for _, v in done + (pruned if not maximize else [])]
+    if values and min(values) > 0 and max(values) / min(values) > 20:  # a bad trial would flatten the rest
+        ax.set_yscale("log")
     counts = ", ".join(f"{sum(r['state'] == s for r in rows)} {s}" for s in ("complete", "pruned", "failed"))
     ax.set(xlabel="trial", ylabel=objective, title=f"{objective} per trial ({counts})")
     ax.xaxis.get_major_locator().set_params(integer=True)  # trials are numbered
@@ -192,12 +200,15 @@ def plot_objective(rows: list[dict[str, Any]], objective: str, png: Path) -> Non
     _save(plt, fig, png)
 
 
-def plot_importances(scores: dict[str, float] | None, why: str, png: Path) -> None:
+def plot_importances(scores: dict[str, float] | None, why: str, png: Path, complete: int) -> None:
     plt, (fig, ax) = _figure()
     if scores:
         names = list(scores)[::-1]  # most important on top
         ax.barh(names, [scores[n] for n in names], color="tab:blue")
-        ax.set(xlabel="importance (PED-ANOVA, sums to 1)", title="parameter importances")
+        title = "parameter importances"
+        if complete < FEW_FOR_IMPORTANCES:
+            title += f" (from {complete} complete trials: read with care)"
+        ax.set(xlabel="importance (PED-ANOVA, sums to 1)", title=title)
     else:
         ax.text(0.5, 0.5, f"parameter importances: {why}", ha="center", va="center", wrap=True,
                 transform=ax.transAxes)  # fmt: skip
