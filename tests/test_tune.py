@@ -108,6 +108,29 @@ def test_a_variant_value_yaml_reads_as_text_is_a_number(tmp_path):
         variant_starts(read_experiment(g), parse_space(read_experiment(g)))
 
 
+def test_a_variant_is_the_shared_config_on_the_searched_keys_it_leaves_out(tmp_path):
+    """`{name: current, lr: 1e-3}` is the current run: r, dropout and alpha/r come from the shared
+    keys, not from the sampler; another method's section is not pinned; a shared value outside the
+    searched choices is refused, naming the key to set."""
+    search = {"lr": {"low": 1e-4, "high": 1e-1, "log": True}, "lora.r": [4, 8, 16],
+              "lora.alpha_over_r": [1, 2, 4], "lora.lora_dropout": {"low": 0.0, "high": 0.1},
+              "method": ["lora", "ia3"], "ia3.init_ia3_weights": [True, False]}  # fmt: skip
+    shared = {"data": "task:dates", "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}}
+    f = write(
+        tmp_path / "e.yaml", {**shared, "search": search, "variants": [{"name": "current", "lr": 1e-3}]}
+    )
+    experiment = read_experiment(f)
+    [(name, labels)] = variant_starts(experiment, parse_space(experiment))
+    assert labels == {"lr": 1e-3, "lora.r": 16, "lora.alpha_over_r": 2, "lora.lora_dropout": 0.05,
+                      "method": "lora"}  # fmt: skip
+    g = write(tmp_path / "g.yaml", {**shared, "lora": {"r": 64, "lora_alpha": 128}, "search": search,
+                                    "variants": [{"name": "current", "lr": 1e-3}]})  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"variant 'current' leaves lora.r to the shared config.*set lora.r"
+    ):
+        variant_starts(read_experiment(g), parse_space(read_experiment(g)))
+
+
 def test_variants_must_fit_the_search_and_foreign_directories_are_refused(tmp_path, capsys):
     f = write(tmp_path / "e.yaml", {"search": {"lr": [1e-3]}, "variants": [{"name": "v", "lora": {"r": 4}}]})
     assert tune(f, "--out", tmp_path / "out") == 2

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, PeftkitError
-from ..experiment import Experiment
+from ..experiment import Experiment, Variant
 from ..experiment.config import flatten
 from .objective import check_evaluation
 from .outdir import STUDY, STUDY_NAME, claim, locked, storage_url, take
@@ -225,8 +225,34 @@ def variant_starts(experiment: Experiment, params: list[Param]) -> list[tuple[st
                 labels[key] = by_key[key].label_of(value)
             except ConfigError as e:
                 raise ConfigError(f"variant {v.name!r}: {e}") from None
+        labels.update(_unset_searched_keys(experiment, v, params, labels))
         starts.append((v.name, labels))
     return starts
+
+
+def _unset_searched_keys(
+    experiment: Experiment, v: Variant, params: list[Param], labels: dict[str, Any]
+) -> dict[str, Any]:
+    """The searched keys a variant leaves out, at the shared config's values: a variant is that config
+    (optuna would otherwise sample them, and `{name: current, lr: 1e-3}` would not be the current run)."""
+    config = experiment.config(v.overrides)
+    out = {}
+    for p in params:
+        if p.key in labels or (p.section is not None and p.section != config.method):
+            continue
+        *parts, leaf = p.key.split(".")
+        node = config
+        for part in parts:
+            node = getattr(node, part)
+        value = node.lora_alpha / node.r if leaf == ALPHA_OVER_R else getattr(node, leaf)
+        try:
+            out[p.key] = p.label_of(value)
+        except ConfigError as e:
+            raise ConfigError(
+                f"variant {v.name!r} leaves {p.key} to the shared config, whose value is not searched ({e}); "
+                f"set {p.key} in the variant"
+            ) from None
+    return out
 
 
 def retry_unfinished(study: Any, log: Callable[[str], None]) -> None:
