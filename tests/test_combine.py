@@ -36,11 +36,17 @@ X = (torch.arange(24).view(2, 12) * 7) % VOCAB
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base model directory and three HF PEFT adapters with random A and B, saved beside it."""
-    root = tmp_path_factory.mktemp("combine")
+    return save_peft_adapters(tmp_path_factory.mktemp("combine"), ADAPTERS)
+
+
+def save_peft_adapters(root: Path, adapters: dict[str, dict]) -> Path:
+    """A tiny random Llama saved in root/base and one HF PEFT LoRA adapter per entry of `adapters`
+    (name -> LoraConfig keys), random A and B, saved in root/NAME."""
+    import peft
+
     torch.manual_seed(0)
-    base = tiny_llama()
-    base.save_pretrained(root / "base")
-    for name, changes in ADAPTERS.items():
+    tiny_llama().save_pretrained(root / "base")
+    for name, changes in adapters.items():
         pm = peft.get_peft_model(fresh_base(root), peft.LoraConfig(init_lora_weights=False, **changes))
         pm.save_pretrained(root / name)
     return root

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, model_input, output, tiny_llama
+from test_combine import fresh_base, save_peft_adapters
 from test_errors import raises
 from torch import Tensor, nn
 
@@ -33,19 +34,7 @@ X = (torch.arange(24).view(2, 12) * 7) % VOCAB
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base model directory and two HF PEFT adapters with random A and B, saved beside it."""
-    root = tmp_path_factory.mktemp("weighted")
-    torch.manual_seed(0)
-    tiny_llama().save_pretrained(root / "base")
-    for name, changes in ADAPTERS.items():
-        pm = peft.get_peft_model(fresh_base(root), peft.LoraConfig(init_lora_weights=False, **changes))
-        pm.save_pretrained(root / name)
-    return root
-
-
-def fresh_base(root: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    return save_peft_adapters(tmp_path_factory.mktemp("weighted"), ADAPTERS)
 
 
 def loaded(root: Path) -> AdaptedModel:

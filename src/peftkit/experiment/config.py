@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..methods import METHODS
-from ..train.config import TrainConfig, _read_yaml, load_config
+from ..train.config import TrainConfig, load_config, read_config_file
 from ..values import short_repr
 
 SECTIONS = ("variants", "search", "evaluate")
@@ -57,15 +57,8 @@ class Experiment:
 
 def read_experiment(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Experiment:
     """Read and check an experiment file; `overrides` (dotted keys) apply to the shared keys."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"experiment file not found: {path}")
-        loaded = _read_yaml(path)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
-        data = dict(loaded or {})
+    data = read_config_file(path, "experiment") if path is not None else {}
+    path = Path(path) if path is not None else None
     if overrides and "output_dir" in overrides:
         raise ConfigError(
             "--output_dir: compare and tune place every run themselves (under --out); give --out instead"

@@ -180,15 +180,7 @@ TrainConfig.__module__, TrainConfig.__doc__ = __name__, _Settings.__doc__
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file (optional) with dotted-key overrides on top (e.g. {"lora.r": 8})."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = _read_yaml(path)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
-        data = loaded or {}
+    data = read_config_file(path) if path is not None else {}
     for section in METHODS:
         if not isinstance(data.get(section, {}), dict):
             kind = METHODS[section].config_cls.__name__
@@ -208,6 +200,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if isinstance(data.get(section), dict):
             data[section] = _section(getattr(defaults, section), data[section], section)
     return build(TrainConfig, data)
+
+
+def read_config_file(path: str | Path, kind: str = "config") -> dict[str, Any]:
+    """The mapping of keys in a YAML config file (empty for an empty file); a missing file, bad YAML or
+    anything but a mapping is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} file not found: {path}")
+    loaded = _read_yaml(path)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
+    return dict(loaded or {})
 
 
 def _section(default: Any, changes: dict[str, Any], section: str) -> Any:
