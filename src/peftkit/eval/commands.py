@@ -375,6 +375,8 @@ def generate(
     chats += read_prompts(prompts, system) if prompts is not None else []
     if not chats:
         raise DataError("no prompts: give PROMPT arguments or --prompts FILE")
+    from .weighted_specs import load_weighted
+
     model, tokenizer = load_weighted(
         base, adapter or [], dtype, check_base=check_base, quantize=quantize, registry=registry
     )
@@ -417,6 +419,8 @@ def chat(
     from peftkit.eval.generation import generate_answers
 
     _at_least("max-new-tokens", max_new_tokens, 1)
+    from .weighted_specs import load_weighted
+
     model, tokenizer = load_weighted(
         base, adapter or [], dtype, check_base=check_base, quantize=quantize, registry=registry
     )
@@ -441,76 +445,6 @@ def chat(
         answer = generate_answers(model, tokenizer, [history], max_new_tokens=max_new_tokens, batch_size=1)[0]
         history.append(Message("assistant", answer))
         print(printable(answer, keep="\n\t"), flush=True)
-
-
-def weighted_adapter_specs(specs: list[str]) -> tuple[list[tuple[str, Path]], dict[str, float]]:
-    """(name, directory) for each --adapter entry (DIR or DIR=WEIGHT; an existing path containing "="
-    is a directory), named after its directory, and {name: weight} for those given a weight."""
-    import math
-
-    named: list[tuple[str, Path]] = []
-    weights: dict[str, float] = {}
-    for spec in specs:
-        where, sep, text = spec.rpartition("=")
-        if not sep or not where or Path(spec).exists():
-            named.append((dir_adapter_name(Path(spec), [n for n, _ in named]), Path(spec)))
-            continue
-        try:
-            weight = float(text)
-        except ValueError:
-            weight = math.nan
-        if not math.isfinite(weight) and Path(text).exists():  # eval's and serve's NAME=DIR
-            raise RequestError(
-                f"--adapter {spec!r}: generate and chat name each adapter after its directory and take "
-                f"DIR=WEIGHT, not NAME=DIR; write --adapter {text} (or {text}=0.5 to weight its change)"
-            )
-        if not math.isfinite(weight):
-            raise RequestError(
-                f"--adapter {spec!r}: {text!r} is not a weight; write DIR=WEIGHT with a finite number, "
-                f"e.g. {where}=0.5 (or {where} alone for weight 1)"
-            )
-        named.append((dir_adapter_name(Path(where), [n for n, _ in named]), Path(where)))
-        weights[named[-1][0]] = weight
-    return named, weights
-
-
-def check_weighted_methods(
-    named: list[tuple[str, Path]], weights: dict[str, float], registry: str | None = None
-) -> None:
-    """Refuse, from each adapter_config.json, a weight other than 1 on an adapter whose method cannot
-    take one (DoRA, IA³, prompts, prefixes, bottlenecks, modules_to_save, trained biases): before the
-    base model loads. Adapters whose config cannot be read are left to `load_model`, which says why."""
-    from peftkit.errors import PeftkitError
-    from peftkit.formats.files import read_json
-    from peftkit.formats.peft import CONFIG_FILE, config_from_peft
-    from peftkit.registry.paths import adapter_path
-    from peftkit.weights import config_weight_problem
-
-    for name, where in named:
-        if weights.get(name, 1.0) == 1:
-            continue
-        try:
-            path = adapter_path(where, registry)
-            directory = path.parent if path.is_file() else path
-            _, config = config_from_peft(read_json(directory / CONFIG_FILE, "adapter config"), directory)
-        except PeftkitError:
-            continue
-        problem = config_weight_problem(config)
-        if problem:
-            raise RequestError(
-                f"--adapter {where}={weights[name]:g}: this adapter takes weight 1 only: {problem}. "
-                f"Give {where} without =WEIGHT, or combine LoRA adapters with `peftkit combine`"
-            )
-
-
-def load_weighted(base: str, specs: list[str], dtype: str, **options: Any) -> tuple[Any, Any]:
-    """`load_model` with the --adapter entries loaded and all of them active, each with its weight."""
-    named, weights = weighted_adapter_specs(specs)  # a bad weight fails before the slow load
-    check_weighted_methods(named, weights, options.get("registry"))
-    model, tokenizer = load_model(base, named, dtype, **options)
-    if len(named) > 1 or weights:
-        model.set_adapter({name: weights.get(name, 1.0) for name, _ in named})
-    return model, tokenizer
 
 
 def read_message(stream: IO[str]) -> str | None:
