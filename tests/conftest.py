@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
+# The suite behaves the same on CPUs with and without native bf16: `auto` is float32 everywhere (the
+# tests of the choice itself set this per test); subprocesses the tests start inherit it.
+os.environ["PEFTKIT_NATIVE_BF16"] = "0"
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 VOCAB = 64

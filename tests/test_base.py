@@ -130,14 +130,26 @@ def test_loading_a_saved_dir_gives_identical_logits(hf_dir, tmp_path):
         ("BFloat16", torch.bfloat16),
         ("fp16", torch.float16),
         (torch.bfloat16, torch.bfloat16),
-        (None, torch.bfloat16),  # the checkpoint's own dtype, not a float32 default
-        ("auto", torch.bfloat16),
     ],
 )
 def test_dtype_choices(tmp_path, dtype, expected):
     path = write_hf_dir(tmp_path / "tiny", tiny_model(), dtype=torch.bfloat16)
     model, _ = load_base(str(path), dtype=dtype, cache_dir=tmp_path / "cache")
     assert {p.dtype for p in model.parameters()} == {expected}
+    assert model._peftkit_stored_dtype == torch.bfloat16  # what the files hold, whatever was loaded
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+@pytest.mark.parametrize("dtype", [None, "auto"])
+def test_auto_is_bf16_only_where_native_even_for_a_bf16_checkpoint(tmp_path, monkeypatch, native, dtype):
+    """A bf16 checkpoint on a CPU without native bf16 loads in float32 (bf16 products are emulated
+    there, many times slower); where bf16 is native, an float32 checkpoint computes in bf16."""
+    monkeypatch.setenv("PEFTKIT_NATIVE_BF16", native)
+    for stored in (torch.bfloat16, torch.float32):
+        path = write_hf_dir(tmp_path / str(stored), tiny_model(), dtype=stored)
+        model, _ = load_base(str(path), dtype=dtype, cache_dir=tmp_path / "cache")
+        expected = torch.bfloat16 if native == "1" else torch.float32
+        assert {p.dtype for p in model.parameters()} == {expected}
 
 
 @pytest.mark.parametrize("bad", ["int8", "float8", torch.int64])

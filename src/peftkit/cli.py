@@ -296,7 +296,8 @@ def merge(
         base: the base model: a built-in name (smollm2-135m), an HF model directory, or a .gguf file
         adapter_dir: the adapter directory to merge
         out_dir: where to write the merged model (not the base's or the adapter's directory)
-        dtype: the dtype to load the base in and to save (auto: the checkpoint's own)
+        dtype: the dtype to load the base in and to save (auto: merged in float32, saved in the
+            checkpoint's own dtype)
         overwrite: replace OUT_DIR if it holds a model (never a directory of other files, your home
             or the working directory)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's

@@ -46,9 +46,12 @@ def merge_to_dir(
     quantize="nf4" merges a QLoRA adapter into the base it trained on: the base is quantized as
     training quantized it, then dequantized, and the adapter merges into that full-precision copy
     (never re-quantized). The log reports how far the merged model's logits are from the unmerged
-    4-bit model's on a probe batch.
+    4-bit model's on a probe batch. `dtype` "auto" merges in float32 and saves in the dtype the
+    base's files are stored in; another dtype is the one to load, merge and save in.
     """
     log = log or _progress
+    import torch
+
     from .adapted import AdaptedModel
     from .base import load_base, save_model_dir
     from .base.save import check_model_out_dir
@@ -64,7 +67,12 @@ def merge_to_dir(
     read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
     t0 = time.perf_counter()
     log(f"loading base model {base} ...")
-    model, tokenizer = load_base(base, dtype=dtype, tokenizer="optional", quantize=quantize)
+    # auto: merged in float32, which every machine computes natively and which merges exactly, then
+    # saved in the dtype the base's files are stored in (a bf16 checkpoint stays bf16 on disk).
+    model, tokenizer = load_base(
+        base, dtype="float32" if dtype == "auto" else dtype, tokenizer="optional", quantize=quantize
+    )
+    stored = getattr(model, "_peftkit_stored_dtype", None)
     log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
     am = AdaptedModel.from_pretrained(model, adapter_dir, check_base=check_base)
     if not check_base and registry_ref:  # loading a registered version onto another base is audited
@@ -80,6 +88,8 @@ def merge_to_dir(
             f"merged into the dequantized {quantize} base; max |merged - unmerged| logit difference on a probe "
             f"batch: {diff:.3g} (logits span {before.abs().max().item():.3g})"
         )
+    if dtype == "auto" and isinstance(stored, torch.dtype) and stored != torch.float32:
+        merged.to(stored)
     log(
         f"merged; writing {out_dir}{' (the base has no tokenizer files to copy)' if tokenizer is None else ''} ..."
     )

@@ -9,8 +9,9 @@ from peftkit.base.fingerprint import (
     model_fingerprint,
     short_fingerprint,
 )
-from peftkit.base.load import QUANTIZATIONS, load_base, resolve_dtype
+from peftkit.base.load import QUANTIZATIONS, load_base
 from peftkit.base.nf4 import NF4Linear, NF4Weight, dequantize_nf4, quantize_model, quantize_nf4
+from peftkit.base.precision import auto_dtype, compute_dtype
 from peftkit.base.save import save_model_dir
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "NF4Linear",
     "NF4Weight",
     "QUANTIZATIONS",
+    "auto_dtype",
+    "compute_dtype",
     "default_cache_dir",
     "dequantize_nf4",
     "fingerprint_tensors",
@@ -27,7 +30,6 @@ __all__ = [
     "model_fingerprint",
     "quantize_model",
     "quantize_nf4",
-    "resolve_dtype",
     "save_model_dir",
     "short_fingerprint",
 ]

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from peftkit.base.cache import (
     building_dir,
@@ -26,6 +32,7 @@ from peftkit.base.cache import (
 )
 from peftkit.base.catalog import DEFAULT_BASE
 from peftkit.base.fingerprint import is_fingerprint, model_fingerprint
+from peftkit.base.precision import compute_dtype
 from peftkit.base.save import gguf_flag_cleared
 from peftkit.base.sources import hub_failure_message, hub_unreachable_reason, resolve_source
 from peftkit.errors import BaseModelError
@@ -39,29 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 QUANTIZATIONS = (None, "nf4")
 """The values `load_base(quantize=...)` accepts."""
-
-_DTYPES: dict[str, torch.dtype | Literal["auto"]] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "auto": "auto",
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | Literal["auto"]:
-    """A floating torch dtype, or "auto" (the checkpoint's own dtype) for None and "auto"."""
-    if dtype is None:
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise BaseModelError(f"dtype {dtype} is not a floating-point dtype; valid: {', '.join(_DTYPES)}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise BaseModelError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}, or a torch.dtype")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -113,8 +97,9 @@ def load_base(
     """Load a causal LM and its tokenizer, in eval mode, with its fingerprint attached.
 
     `name_or_path` is a built-in name (see BUILTIN_MODELS), a .gguf file, a local HF model
-    directory (one with config.json), or a Hugging Face hub id. `dtype` None or "auto" keeps the
-    checkpoint's dtype (float32 for a converted GGUF); `device` None means CUDA when available.
+    directory (one with config.json), or a Hugging Face hub id. `dtype` None or "auto" is bf16 where
+    the device computes it natively and float32 elsewhere, whatever the checkpoint's own dtype (see
+    `peftkit.base.precision`); `device` None means CUDA when available.
     `cache_dir` defaults to `default_cache_dir()`. `tokenizer="optional"` loads a model directory
     that has no tokenizer files (a plain `model.save_pretrained`) with tokenizer None, for work that
     needs no text (merging); by default such a directory is an error that says how to add one.
@@ -124,7 +109,8 @@ def load_base(
     None keeps the weights as loaded.
 
     The model carries `_peftkit_fingerprint` (see `model_fingerprint`), `_peftkit_base_name`
-    (`name_or_path` as given) and `_peftkit_quantization` (`quantize`). The fingerprint is the
+    (`name_or_path` as given), `_peftkit_quantization` (`quantize`) and `_peftkit_stored_dtype` (the
+    dtype of the checkpoint's files, whatever it was loaded in). The fingerprint is the
     checkpoint's, taken before quantizing, so an adapter trained on the 4-bit base matches the
     full-precision one. The tokenizer gets the eos token as pad token if it has none; nothing
     else is changed.
@@ -132,8 +118,8 @@ def load_base(
     if quantize not in QUANTIZATIONS:
         valid = ", ".join(repr(q) for q in QUANTIZATIONS)
         raise BaseModelError(f"unknown quantize {quantize!r}; valid: {valid}")
-    torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
+    torch_dtype = compute_dtype(dtype, target)
     root = resolve_cache_dir(cache_dir)
     source = resolve_source(name_or_path)
     if source.kind == "hub":
@@ -148,6 +134,7 @@ def load_base(
             sidecar = model_dir / SIDECAR_NAME
         tok = _load_tokenizer(model_dir, optional=tokenizer == "optional")
         model = _load_model(model_dir, torch_dtype)
+        model._peftkit_stored_dtype = stored_dtype(model_dir / "config.json")
         _attach_fingerprint(model, sidecar, lambda: _load_model(model_dir, "auto"), torch_dtype)
     if tok is not None:
         _ensure_pad_token(tok)
@@ -166,6 +153,16 @@ def load_base(
     model._peftkit_base_name = name_or_path
     model._peftkit_quantization = quantize
     return model, tok
+
+
+def stored_dtype(config_json: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, from its config.json ("dtype", or the older
+    "torch_dtype"); float32 when it says none (loading changes `model.config.dtype`, so it is read
+    here, from the file)."""
+    config = read_json(config_json) or {}
+    name = config.get("dtype") or config.get("torch_dtype")
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32
 
 
 def _load_model(model_dir: Path, dtype: torch.dtype | Literal["auto"]) -> PreTrainedModel:
@@ -266,6 +263,7 @@ def _load_from_hub(
     # A hub snapshot is immutable, so its commit hash keys the sidecar; without one, no sidecar.
     commit = getattr(model.config, "_commit_hash", None)
     sidecar = root / "fingerprints" / f"hub-{short_hash(repo_id, commit)}.json" if commit else None
+    model._peftkit_stored_dtype = getattr(AutoConfig.from_pretrained(repo_id, **kwargs), "dtype", None)
     reference = lambda: AutoModelForCausalLM.from_pretrained(repo_id, dtype="auto", **kwargs)
     _attach_fingerprint(model, sidecar, reference, dtype)
     return model, tokenizer

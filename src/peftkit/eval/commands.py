@@ -177,7 +177,7 @@ def eval(
         metric: auto = the task's own metric for a built-in task, exact_match for files
         max_new_tokens: tokens to generate per answer; 0 = auto (the task's, or the longest reference + 8)
         batch_size: rows per generate call (each example counts once per adapter)
-        dtype: the dtype to load the base in (auto: the checkpoint's own)
+        dtype: the dtype to load the base in and compute in (auto: bf16 where this machine computes it natively, else float32)
         perplexity: also measure the perplexity of the reference answers
         samples: print this many (prompt, reference, prediction) examples per adapter
         json: also write the report (with every prediction) to this JSON file
@@ -357,7 +357,7 @@ def generate(
         system: a system prompt for every prompt that has none
         max_new_tokens: the most tokens to generate per answer (at least 1)
         batch_size: prompts per generate call
-        dtype: the dtype to load the base in (auto: the checkpoint's own)
+        dtype: the dtype to load the base in and compute in (auto: bf16 where this machine computes it natively, else float32)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
         quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
@@ -408,7 +408,7 @@ def chat(
             adapters), e.g. --adapter dates=0.7 sentiment=0.5 (none: the base model alone)
         system: a system prompt for the conversation
         max_new_tokens: the most tokens per answer (at least 1)
-        dtype: the dtype to load the base in (auto: the checkpoint's own)
+        dtype: the dtype to load the base in and compute in (auto: bf16 where this machine computes it natively, else float32)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
         quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)

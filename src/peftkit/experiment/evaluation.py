@@ -12,7 +12,7 @@
       general_text: null        # compare: a UTF-8 text file; null: the shipped public-domain sample
       general_text_chars: null  # compare: only the first N characters of it (null: all)
       window: 128               # compare: tokens per general-text row
-      dtype: auto               # compare: the dtype the models are loaded in
+      dtype: auto               # compare: the dtype the models are loaded in (auto: bf16 where native)
 
 Every key is optional; an unknown one is refused by name with a suggestion, by both commands. Tune
 scores a trial on its own validation examples, never on `data`, so compare's keys are noted there as
@@ -51,7 +51,7 @@ class EvalSettings:
     general_text_chars: int | None = None  # use only the first N characters of the text
     window: int = 128  # tokens per general-text row (the text is cut into windows this long)
     batch_size: int = 16  # rows per generate call / forward pass
-    dtype: str = "auto"  # the dtype the models are loaded in (auto: the checkpoint's own)
+    dtype: str = "auto"  # the dtype the models are loaded in (auto: bf16 where native, else float32)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

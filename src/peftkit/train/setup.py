@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..adapted import AdaptedModel
 from ..base import load_base, save_model_dir
+from ..base.precision import resolve_precision, why
 from ..data.encode import IGNORE_INDEX, Encoded, encode_all
 from ..data.example import Example
 from ..data.files import dataset_hash, split_examples
@@ -75,10 +75,16 @@ class Prepared:
             save_config(self.config, tmp / "training_config.yaml")
             (tmp / "training.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
 
+    def precision_reason(self) -> str:
+        """ "fp32: this CPU has no native bf16", or "bf16 (precision: bf16)" when the config chose."""
+        if self.config.precision != "auto":
+            return f"{self.precision} (precision: {self.config.precision})"
+        return why(torch.bfloat16 if self.precision == "bf16" else torch.float32, self.dist.device)
+
     def describe(self, trainable: Any, pos: Position) -> str:
         stats = self.lineage["encode_stats"]
         lines = [
-            f"peftkit train: {self.config.base} on {self.config.data} ({self.config.method}, {self.precision})",
+            f"peftkit train: {self.config.base} on {self.config.data} ({self.config.method}, {self.precision_reason()})",
             f"  data: {len(self.train_set)} train / {len(self.val_set)} validation examples, "
             f"{stats['loss_tokens']} answer tokens of {stats['total_tokens']}"
             + (
@@ -184,24 +190,6 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     if head is None or backbone is None or backbone is model or scaled:
         return None, None
     return backbone, head
-
-
-def resolve_precision(choice: str, device: torch.device) -> str:
-    """ "bf16" or "fp32": "auto" picks bf16 where the hardware computes it natively."""
-    if choice != "auto":
-        return choice
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return sys.platform == "darwin"  # Apple silicon has bf16 in its matrix units
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int) -> None:
