@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import subprocess
@@ -57,6 +58,7 @@ def toy(
 def parse(*argv: str) -> dict:
     args = vars(build_parser({"toy": toy}).parse_args(["toy", *argv]))
     assert args.pop("_fn") is toy
+    args.pop("_parser")
     return args
 
 
@@ -108,7 +110,8 @@ def test_generator_help_comes_from_docstring_and_signature(capsys: pytest.Captur
     assert "NAME who to greet" in text and "FILES files to read" in text
     assert "how many times, a help text that continues on a second line (default: 3)" in text
     assert "--mode {fast,slow} how to run (default: fast)" in text
-    assert "--verbose, --no-verbose say more (default: False)" in text
+    assert "--verbose, --no-verbose say more (default: --no-verbose)" in text
+    assert "--label LABEL an optional label --tags" in text  # None is no default to show
     assert "--out OUT where to write (default: out/toy)" in text
     with pytest.raises(SystemExit):
         build_parser({"toy": toy}).parse_args(["--help"])
@@ -130,6 +133,144 @@ def test_generator_refuses_undocumented_or_unsupported_parameters() -> None:
         build_parser({"u": undocumented})
     with pytest.raises(TypeError, match="does not support type"):
         build_parser({"u": unsupported})
+
+
+def command_parsers(top: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    """{"generate": its parser, "registry show": ...} for every command of the real CLI."""
+    found = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                        walk(sub, f"{prefix}{name} ")
+                    else:
+                        found[prefix + name] = sub
+
+    walk(top or build_parser(), "")
+    return found
+
+
+def swapped(flag: str) -> str:
+    body = flag[2:]
+    return "--" + (body.replace("-", "_") if "-" in body else body.replace("_", "-"))
+
+
+def test_every_option_of_every_command_takes_both_spellings() -> None:
+    """`--max_new_tokens` and `--max-new-tokens` alike, in every command; --help shows one of them."""
+    checked = 0
+    for name, parser in command_parsers().items():
+        positionals = [a for a in parser._actions if not a.option_strings and a.nargs not in ("?", "*")]
+        for action in parser._actions:
+            shown = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
+            if action.help == argparse.SUPPRESS or not shown or swapped(shown[0]) == shown[0]:
+                continue
+            assert len({f.replace("_", "-") for f in shown if not f.startswith("--no-")}) == 1, (name, shown)
+            value = [] if action.nargs == 0 else [str((action.choices or ["1"])[0])]
+            namespace, extras = parser.parse_known_args(
+                ["p"] * len(positionals) + [swapped(shown[0]), *value]
+            )
+            assert extras == [], (name, shown[0], extras)
+            assert getattr(namespace, action.dest) not in (None, argparse.SUPPRESS), (name, shown[0])
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "value"),
+    [
+        (["generate", "--adapters", "a"], "adapter", ["a"]),
+        (["chat", "--adapters", "a"], "adapter", ["a"]),
+        (["eval", "task:dates", "--adapter", "a"], "adapters", ["a"]),
+        (["serve", "--adapter", "a"], "adapters", ["a"]),
+        (["combine", "--adapter", "a", "--out", "o"], "adapters", ["a"]),
+        (["train", "--out", "o"], "overrides:output_dir", "o"),
+        (["train", "--output-dir", "o"], "overrides:output_dir", "o"),
+        (["demo", "--output_dir", "o"], "out", Path("o")),
+        (["compare", "x.yaml", "--output-dir", "o"], "out", Path("o")),
+        (["tune", "x.yaml", "--output_dir", "o"], "out", Path("o")),
+    ],
+)
+def test_one_idea_one_set_of_names(argv: list[str], dest: str, value: object) -> None:
+    """--adapter/--adapters and --out/--output-dir/--output_dir mean the same in every command."""
+    assert vars(build_parser().parse_args(argv))[dest] == value
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "base", "adapter", "--out", "o"],
+        ["merge", "base", "adapter", "--output-dir", "o"],
+        ["merge", "--out-dir", "o", "base", "adapter"],
+        ["combine", "--adapters", "a", "b", "--out", "o"],
+        ["registry", "export", "ref", "--out", "o"],
+    ],
+)
+def test_a_positional_output_takes_out_too(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() hands the command the value given as --out in the positional's place."""
+    import peftkit.cli as cli
+
+    seen: dict = {}
+    real = cli.build_parser
+
+    def recording_parser(commands=None):  # every command replaced by one that records its arguments
+        parser = real(commands)
+        for sub in command_parsers(parser).values():
+            sub.set_defaults(_fn=lambda **kw: seen.update(kw) or 0)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", recording_parser)
+    assert main(argv) == 0
+    assert Path("o") in seen.values() and not any(k.endswith("@alias") for k in seen)
+
+
+def test_a_positional_output_given_twice_or_not_at_all_is_a_usage_error(capsys) -> None:
+    assert main(["merge", "base", "adapter"]) == 2
+    assert "required: OUT_DIR (or --out OUT_DIR)" in capsys.readouterr().err
+    assert main(["merge", "base", "adapter", "o", "--out", "p"]) == 2
+    assert "OUT_DIR was given twice" in capsys.readouterr().err
+
+
+def test_an_unknown_option_gets_a_did_you_mean_and_the_commands_usage(capsys) -> None:
+    assert main(["generate", "--max_new_tokenz", "3", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: peftkit generate"), err
+    assert (
+        "unrecognized arguments: --max_new_tokenz 3 (--max_new_tokenz: did you mean --max-new-tokens?)" in err
+    )
+    assert main(["train", "--lora.rnak", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: peftkit train") and "did you mean --lora.r" in err
+
+
+def test_the_other_spelling_reaches_the_command(capsys) -> None:
+    """The issue's `peftkit generate --max_new_tokens ...` was "unrecognized arguments"; now the value
+    arrives, and is checked, before any model loads."""
+    assert main(["generate", "--max_new_tokens", "0", "--prompt", "hi"]) == 2
+    assert "--max-new-tokens must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["eval", "task:dates", "--batch_size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_train_out_is_not_ambiguous(capsys) -> None:
+    """`train --out x` was "ambiguous option: --out could match --output_dir, --output-dir"."""
+    assert main(["train", "--out", "x", "--max_steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "ambiguous" not in err and "max_steps" in err
+
+
+def test_help_shows_every_default_as_it_is_typed(capsys) -> None:
+    for name, parser in command_parsers().items():
+        text = " ".join(parser.format_help().split())
+        assert "None" not in text and "True" not in text and "False" not in text, name
+    text = " ".join(command_parsers()["train"].format_help().split())
+    for shown in ("--lr VALUE peak learning rate (AdamW) (default: 0.0002)", "(default: 16)",
+                  "--max_steps VALUE stop after this many optimizer steps (default: null)",
+                  "--eval_every VALUE validate every N optimizer steps", "--max_length VALUE", "(default: 512)"):  # fmt: skip
+        assert shown in text, shown
+    lora_r = text.split("--lora.r VALUE rank", 1)[1].split("--lora.lora_alpha VALUE", 1)
+    assert "(default: 16)" in lora_r[0] and "(default: 32)" in lora_r[1].split("--lora.", 1)[0]
 
 
 def test_registered_commands_defaults_come_from_their_signatures() -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from .argparsing import ALIAS_SUFFIX, AliasOf, Parser, aliases_for, canonical, default_text, merge_aliases
 from .errors import PeftkitError
 from .terminal import printable
 
@@ -54,14 +55,18 @@ class Positional:
 
 class ConfigOptions:
     """Marks a `dict[str, Any]` parameter whose entries come from `--KEY VALUE` options, one per config
-    key (dotted for nested sections, e.g. `--lora.r 8`). `keys()` gives {key: help}; values are parsed
-    as YAML (`8`, `1e-4`, `null`, `[q_proj, v_proj]`) and checked by the config itself.
+    key (dotted for nested sections, e.g. `--lora.r 8`). `keys()` gives {key: help} and `defaults()`
+    {key: default} (shown in `--help` as YAML); values are parsed as YAML (`8`, `1e-4`, `null`,
+    `[q_proj, v_proj]`) and checked by the config itself.
 
-        def train(config: Path | None = None, overrides: Annotated[dict, ConfigOptions(field_help)] = None)
+        overrides: Annotated[dict, ConfigOptions(field_help, field_defaults)] | None = None
     """
 
-    def __init__(self, keys: Callable[[], dict[str, str]]) -> None:
+    def __init__(
+        self, keys: Callable[[], dict[str, str]], defaults: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         self.keys = keys
+        self.defaults = defaults or dict
 
 
 def group_command(group: str, help: str) -> Callable[[Callable[..., int | None]], Callable[..., int | None]]:
@@ -111,7 +116,8 @@ def _unwrap_optional(hint: Any) -> Any:
 
 
 def _argument(name: str, hint: Any, default: Any, help_text: str) -> tuple[list[str], dict[str, Any]]:
-    """The `add_argument` call (flags, keyword arguments) for one parameter."""
+    """The `add_argument` call (flags, keyword arguments) for one parameter: `--kebab-case` for an
+    option (the `_` spelling is accepted too, see `peftkit.argparsing`), NAME for a positional."""
     hint = _unwrap_optional(hint)
     origin = typing.get_origin(hint)
     positional = default is inspect.Parameter.empty
@@ -136,8 +142,9 @@ def _argument(name: str, hint: Any, default: Any, help_text: str) -> tuple[list[
         kw["metavar"] = name.upper()
         return [name], kw
     kw["default"] = default
-    kw["help"] += " (default: %(default)s)"
-    return ["--" + name.replace("_", "-")], {"dest": name, **kw}
+    flag = "--" + name.replace("_", "-")
+    kw["help"] += default_text(default, flag=flag).replace("%", "%%")
+    return [flag], {"dest": name, **kw}
 
 
 def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentParser:
@@ -147,23 +154,15 @@ def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentP
         name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(fn, include_extras=True)
-    for pname, param in inspect.signature(fn).parameters.items():
+    params = inspect.signature(fn).parameters
+    for pname, param in params.items():
         if pname not in param_help:
             raise TypeError(f"{fn.__name__}: parameter {pname!r} is not documented in its Args: section")
         metadata = getattr(_unwrap_optional(hints[pname]), "__metadata__", ())
         options = [m for m in metadata if isinstance(m, ConfigOptions)]
         if options:
             parser.set_defaults(**{pname: param.default})
-            group = parser.add_argument_group(f"{pname} ({param_help[pname]})")
-            for key, text in options[0].keys().items():
-                flags = dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"])  # both spellings
-                group.add_argument(
-                    *flags,
-                    dest=f"{pname}:{key}",
-                    metavar="VALUE",
-                    default=argparse.SUPPRESS,
-                    help=text.replace("%", "%%"),
-                )
+            _add_config_options(parser, pname, param_help[pname], options[0], taken=set(params))
             continue
         if any(isinstance(m, Positional) for m in metadata):
             hint = _unwrap_optional(typing.get_args(_unwrap_optional(hints[pname]))[0])
@@ -177,9 +176,54 @@ def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentP
             )
             continue
         flags, kw = _argument(pname, hints[pname], param.default, param_help[pname])
-        parser.add_argument(*flags, **kw)
-    parser.set_defaults(_fn=fn)
+        aliases = aliases_for(pname, _flags(parser))
+        if aliases and not flags[0].startswith("-"):  # a positional: `merge BASE ADAPTER --out DIR` too
+            own = "--" + pname.replace("_", "-")
+            aliases += [own] if own not in aliases else []
+            kw.update(nargs="?", default=None)
+            kw["help"] += f" (or {aliases[0]} {kw['metavar']})"
+        action = parser.add_argument(*flags, **kw)
+        action.help = kw["help"]  # Python 3.10's BooleanOptionalAction appends a second "(default: ...)"
+        _add_aliases(parser, aliases, flags, kw)
+    parser.set_defaults(_fn=fn, _parser=parser)
     return parser
+
+
+def _add_config_options(
+    parser: argparse.ArgumentParser, pname: str, about: str, options: ConfigOptions, taken: set[str]
+) -> None:
+    """One `--KEY VALUE` option per config key, spelt as in YAML, its default shown as YAML. A key named
+    like one of the function's own parameters, or like an alias of one (compare's `out` and the
+    training key `output_dir`), is left to the parameter."""
+    group = parser.add_argument_group(f"{pname} ({about})")
+    defaults = options.defaults()
+    owned = {canonical(f) for p in taken for f in [f"--{p}", *aliases_for(p, set())]}
+    for key, text in options.keys().items():
+        if canonical(f"--{key}") in owned:
+            continue
+        default = default_text(defaults[key], yaml_style=True) if key in defaults else ""
+        kw = {"dest": f"{pname}:{key}", "metavar": "VALUE", "default": argparse.SUPPRESS}
+        group.add_argument(f"--{key}", help=(text + default).replace("%", "%%"), **kw)
+        _add_aliases(parser, aliases_for(key, _flags(parser)), [f"--{key}"], kw)
+
+
+def _add_aliases(parser: argparse.ArgumentParser, aliases: list[str], flags: list[str], kw: dict) -> None:
+    """Hidden options for `aliases` of the argument added with (`flags`, `kw`): for an option, the
+    same action under another name; for a positional, an option whose value `merge_aliases` folds in."""
+    if not aliases:
+        return
+    hidden = {k: v for k, v in kw.items() if k not in ("help", "metavar", "nargs", "default", "dest")}
+    if flags[0].startswith("-"):
+        parser.add_argument(*aliases, **hidden, dest=kw["dest"], nargs=kw.get("nargs"),
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
+    else:
+        hidden.pop("action", None)
+        parser.add_argument(*aliases, **hidden, dest=flags[0] + ALIAS_SUFFIX, action=AliasOf,
+                            default=None, help=argparse.SUPPRESS)  # fmt: skip
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {canonical(flag) for flag in parser._option_string_actions}
 
 
 def build_parser(commands: dict[str, Callable] | None = None) -> argparse.ArgumentParser:
@@ -191,7 +235,7 @@ def build_parser(commands: dict[str, Callable] | None = None) -> argparse.Argume
     for module in COMMAND_MODULES:
         importlib.import_module(module)
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="peftkit",
         description="Parameter-efficient fine-tuning (LoRA, rsLoRA, DoRA) in the HF PEFT format.",
         epilog="Set PEFTKIT_DEBUG=1 to see tracebacks. `peftkit COMMAND --help` documents each command.",
@@ -210,8 +254,14 @@ def build_parser(commands: dict[str, Callable] | None = None) -> argparse.Argume
 
 def main(argv: list[str] | None = None) -> int:
     """Run `peftkit` with `argv` (default: sys.argv[1:]); return the exit code."""
+    parser = build_parser()
     try:
-        args = vars(build_parser().parse_args(argv))
+        namespace, extras = parser.parse_known_args(argv)
+        args = vars(namespace)
+        command_parser = args.pop("_parser", parser)
+        if extras:  # reported with the command's usage, not the top-level one
+            command_parser.error(command_parser.unknown_options(extras))
+        merge_aliases(command_parser, args)
     except SystemExit as e:  # --help, --version, usage errors (argparse exits 2 for those)
         return int(e.code or 0)
     fn = args.pop("_fn")
@@ -343,7 +393,7 @@ def combine(
     Args:
         out: the directory to write the new adapter to
         adapters: the LoRA adapter directories (or registry references) to combine
-        weights: one weight per adapter (negative subtracts)
+        weights: one weight per adapter (negative subtracts); unset, each adapter weighs 1
         how: how to combine them
         density: ties, dare_*: the fraction of each task tensor kept, in (0, 1]
         rank: svd: the new adapter's rank; unset, the largest input rank

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from ..cli import ConfigOptions, command
-from ..train.config import field_help
+from ..train.config import field_defaults, field_help
 
 
 @command
@@ -14,7 +14,7 @@ def compare(
     experiment: Path,
     out: Path | None = None,
     jobs: int = 1,
-    overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
+    overrides: Annotated[dict[str, Any], ConfigOptions(field_help, field_defaults)] | None = None,
 ) -> int:
     """Train several fine-tuning variants on the same task, data and budget, and compare them.
 

@@ -35,7 +35,10 @@ class ServeConfig(Limits):
     """The server's settings: the request limits (`Limits`), how the base loads, and the engine's
     settings under `engine:` (its own keys and defaults, `peftkit.serve.engine.EngineConfig`)."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "the dtype to load the base in")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "the dtype to load the base in (auto: bf16 where this machine computes it natively, else float32)",
+    )
     shutdown_deadline: float = _f(
         10.0, "seconds requests in flight may take to finish on SIGTERM before they are aborted"
     )
@@ -88,6 +91,19 @@ def field_help() -> dict[str, str]:
 
     for f in dataclasses.fields(EngineConfig):
         out[f"engine.{f.name}"] = f.metadata["help"]
+    return out
+
+
+def field_defaults() -> dict[str, Any]:
+    """{key: default} for every key `field_help` names (what an absent key means)."""
+    from .engine import EngineConfig
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(ServeConfig):
+        if f.name != "engine":
+            out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(EngineConfig):
+        out[f"engine.{f.name}"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     return out
 
 
@@ -235,7 +251,7 @@ def serve(
     port: int = 8000,
     config: Path | None = None,
     hash_key: bool = False,
-    overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
+    overrides: Annotated[dict[str, Any], ConfigOptions(field_help, field_defaults)] | None = None,
 ) -> int:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from ..cli import ConfigOptions, Positional, command
-from .config import field_help
+from .config import field_defaults, field_help
 
 
 @command
@@ -17,7 +17,7 @@ def train(
     allow_changed_inputs: bool = False,
     register: str | None = None,
     registry: str | None = None,
-    overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
+    overrides: Annotated[dict[str, Any], ConfigOptions(field_help, field_defaults)] | None = None,
 ) -> int:
     """Fine-tune a base model on a dataset (LoRA by default) and save the adapter.
 

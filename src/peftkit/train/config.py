@@ -77,7 +77,7 @@ class _Settings:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate decay after warmup")
     warmup_ratio: float = _f(0.05, "share of the steps spent warming the learning rate up from 0")
-    max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this (None: no clipping)")
+    max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this (null: no clipping)")
     precision: Literal["auto", "bf16", "fp32"] = _f(
         "auto",
         "bf16: bf16 weights and compute with fp32 master weights for what trains; auto: bf16 if supported",
@@ -433,4 +433,16 @@ def field_help() -> dict[str, str]:
     out = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig) if f.name not in METHODS}
     for section, spec in METHODS.items():
         out.update({f"{section}.{k}": v for k, v in spec.config_cls.field_docs().items()})
+    return out
+
+
+def field_defaults() -> dict[str, Any]:
+    """{dotted key: default} for every field, as `field_help` names them (a method's section: the
+    defaults training gives it, e.g. LoRA's r=16 and lora_alpha=32)."""
+    out: dict[str, Any] = {}
+    for key, value in TrainConfig().to_dict().items():
+        if key in METHODS and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
     return out

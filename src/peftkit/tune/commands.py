@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from ..cli import ConfigOptions, command
 from ..errors import RequestError
 from ..terminal import printable
-from ..train.config import field_help
+from ..train.config import field_defaults, field_help
 
 
 @command
@@ -24,7 +24,7 @@ def tune(
     variants: bool = True,
     threads: int | None = None,
     overwrite: bool = False,
-    overrides: Annotated[dict[str, Any], ConfigOptions(field_help)] | None = None,
+    overrides: Annotated[dict[str, Any], ConfigOptions(field_help, field_defaults)] | None = None,
 ) -> int:
     """Search training hyperparameters with Optuna, pruning poor trials from their validation curves.
 
