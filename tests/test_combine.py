@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import peftkit
@@ -265,6 +266,33 @@ def test_cli_refuses_other_bases_and_other_methods(tmp_path: Path, capsys) -> No
         args = ["combine", str(tmp_path / out), "--adapters", *(str(tmp_path / n) for n in names)]
         assert main([*args, "--weights", *["1"] * len(names), *base]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_weights_default_to_one_each(saved: Path, tmp_path: Path, capsys) -> None:
+    """`combine --weights` was shown as `(default: [])` yet required; unset, each adapter weighs 1."""
+    dirs = [str(saved / n) for n in ("a", "b")]
+    assert main(["combine", str(tmp_path / "cat"), "--adapters", *dirs, "--how", "cat"]) == 0, (
+        capsys.readouterr()
+    )
+    explicit = tmp_path / "explicit"
+    assert main(["combine", str(explicit), "--adapters", *dirs, "--how", "cat", "--weights", "1", "1"]) == 0
+    ours, theirs = (
+        load_file(tmp_path / "cat" / "adapter_model.safetensors"),
+        load_file(explicit / "adapter_model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_ranks_are_checked_from_the_files_before_the_weights_and_the_base(tmp_path: Path, capsys) -> None:
+    """Adapters of two ranks cannot be merged entry by entry: said from the files, before a wrong
+    weight count and before the (missing, so never loaded) base."""
+    for name, r in (("r2", 2), ("r4", 4)):
+        am = peftkit.AdaptedModel.attach(tiny_llama(), peftkit.LoraConfig(r=r, target_modules=["q_proj"]))
+        am.save_adapter(tmp_path / name)
+    args = ["combine", str(tmp_path / "o"), "--adapters", str(tmp_path / "r2"), str(tmp_path / "r4")]
+    assert main([*args, "--how", "linear", "--weights", "1", "--base", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "need one rank" in err and "how=cat" in err, err
 
 
 def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

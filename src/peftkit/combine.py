@@ -296,8 +296,9 @@ def combine_files(
     registry: str | None = None,
 ) -> CombineResult:
     """`peftkit combine`: load the saved LoRA adapters onto their base, combine them and save the new
-    adapter to `out` in the PEFT format. `base` defaults to the base the first adapter records.
-    The request and the files are checked before the base model loads."""
+    adapter to `out` in the PEFT format. `base` defaults to the base the first adapter records;
+    `weights` empty means 1 for each adapter. The request, the files and whether their ranks allow
+    `how` are checked before the base model loads."""
     from .adapted import AdaptedModel
     from .base import load_base
     from .formats import peft as fmt
@@ -306,12 +307,15 @@ def combine_files(
     from .paths import input_clash
     from .registry.paths import adapter_path
 
-    check_request(len(adapter_dirs), list(weights), how, density, rank)
+    weights = list(weights) if weights else [1.0] * len(adapter_dirs)  # unset: each weighs 1
+    if how not in HOWS or not adapter_dirs:
+        check_request(len(adapter_dirs), weights, how, density, rank)
     dirs = [adapter_path(d, registry) for d in adapter_dirs]
     clash = input_clash(Path(out), [("adapter directory", d) for d in dirs])
     if clash:
         raise RequestError(f"the output directory {out} {clash}; choose a directory of its own")
     recorded: dict[Path, tuple[str | None, str | None]] = {}  # dir -> (base name, base fingerprint)
+    ranks: dict[str, int] = {}
     for d in dirs:
         files = fmt.read_adapter(d)
         spec = fmt.method_of(files.config, files.directory)
@@ -319,6 +323,13 @@ def combine_files(
             raise AdapterFileError(f"{d} is a {spec.label} adapter; combine takes LoRA adapters only")
         identity = AdapterIdentity.from_metadata(files.metadata)
         recorded[d] = (files.config.get("base_model_name_or_path") or None, identity.base_fingerprint)
+        ranks[str(d)] = max(
+            (t.shape[0] for k, t in files.tensors.items() if k.endswith("lora_A.weight")), default=0
+        )
+    # Whether the adapters can be combined this way at all is known from the files: said before the
+    # weights are checked and before the slow base-model load.
+    _new_rank(how, ranks, rank if how == "svd" else None)
+    check_request(len(adapter_dirs), weights, how, density, rank)
     prints = {d: fp for d, (_, fp) in recorded.items() if fp}
     if len(set(prints.values())) > 1:
         listed = ", ".join(f"{d} ({fp[:12]})" for d, fp in prints.items())
@@ -331,6 +342,6 @@ def combine_files(
     names: list[str] = []
     for d in dirs:
         names.append(am.load_adapter(d, adapter_name_from(Path(d).name, [*names, name])))
-    result = am.combine(names, list(weights), name, how, density=density, rank=rank, seed=seed)
+    result = am.combine(names, weights, name, how, density=density, rank=rank, seed=seed)
     am.save_adapter(out, name)
     return result
