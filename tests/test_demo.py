@@ -24,7 +24,9 @@ def test_demo_trains_evaluates_and_reports(tiny_model_dir: Path, tmp_path: Path,
         str(out),
     ]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    # A 3-step run validates on as many examples as it trained on (24), not on 100.
+    assert "1976 train / 24 validation examples" in err, err
     summary = json.loads((out / "demo.json").read_text())
     assert summary["n"] == 4 and 0 <= summary["adapter"] <= 1 and summary["task"] == "dates"
     assert f"base {summary['base']:.0%} -> adapter {summary['adapter']:.0%} [ok" in printed
@@ -35,9 +37,25 @@ def test_demo_trains_evaluates_and_reports(tiny_model_dir: Path, tmp_path: Path,
 
 
 def test_demo_fails_when_the_adapter_misses_the_target(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
-    args = ["demo", "--base", str(tiny_model_dir), "--steps", "1", "--n-test", "2", "--min-score", "1.01"]
-    assert main([*args, "--out", str(tmp_path / "demo")]) == 1  # no score reaches 101%
-    assert "[FAILED: target 101%]" in capsys.readouterr().out
+    args = ["demo", "--base", str(tiny_model_dir), "--steps", "1", "--n-test", "2", "--min-score", "1"]
+    assert main([*args, "--out", str(tmp_path / "demo")]) == 1  # one step of a random model: not 100%
+    assert "[FAILED: target 100%]" in capsys.readouterr().out
+
+
+def test_the_demos_numbers_are_checked_by_their_own_names(tmp_path: Path, capsys) -> None:
+    """`--steps -3` named eval_every, a key the user never typed; `--n-test 0` printed nan%;
+    `--min-score 2` was accepted. Each is refused before anything loads or is written."""
+    out = tmp_path / "demo"
+    for option, value, message in [
+        ("--steps", "-3", "--steps must be at least 1, got -3"),
+        ("--n-test", "0", "--n-test must be at least 1"),
+        ("--min-score", "2", "--min-score is a score between 0 and 1"),
+        ("--min-score", "-0.5", "--min-score is a score between 0 and 1"),
+    ]:
+        assert main(["demo", option, value, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {message}" in err and "eval_every" not in err, err
+        assert not out.exists()
 
 
 def test_the_demo_runs_again_into_its_own_directory(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -44,9 +44,29 @@ def demo_config(task: str, steps: int, out: Path, base: str) -> TrainConfig:
         lr=1e-3,
         warmup_ratio=0.1,
         eval_every=steps,
+        val_fraction=val_fraction(task, steps),
         output_dir=str(out),
         tensorboard=True,
     )
+
+
+def val_fraction(task: str, steps: int, batch: int = 8) -> float:
+    """The share of the task's data validated on, proportionate to the run: as many examples as the run
+    trains on (steps x batch), at least 16 and at most 100 (5% of a 2,000-example task, the default
+    run's). A 3-step run validates on 24 examples, not 100."""
+    total = len(get_task(task).examples("train"))
+    wanted = min(max(steps * batch, 16), 100)
+    return min(wanted / total, 0.05)
+
+
+def check_demo_args(steps: int, n_test: int, min_score: float) -> None:
+    """Refuse the demo's own numbers by their option names, before anything runs."""
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    if n_test < 1:
+        raise ConfigError(f"--n-test must be at least 1 (held-out examples to score), got {n_test}")
+    if not 0 <= min_score <= 1:
+        raise ConfigError(f"--min-score is a score between 0 and 1 (0.9 = 90%), got {min_score}")
 
 
 def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score: float) -> bool:
@@ -57,6 +77,7 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     from .train.loop import train
 
     started = time.perf_counter()
+    check_demo_args(steps, n_test, min_score)
     spec = get_task(task)
     config = demo_config(task, steps, out, base)
     overwrite = claim_demo_dir(out, config)
@@ -73,8 +94,8 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     am = AdaptedModel(model)
     am.load_adapter(result.adapter_dir, "adapter")
     examples = spec.examples("test", n_test)
-    print(f"\nheld-out test split ({len(examples)} examples the adapter never saw), base and adapter "
-          "in the same mixed batches:")  # fmt: skip
+    print(f"\nheld-out test split ({len(examples)} examples the adapter never saw; --n-test sets how many), "
+          "base and adapter in the same mixed batches:")  # fmt: skip
     report = evaluate(
         am, tokenizer, examples, metric=spec.metric, adapters=[None, "adapter"],
         max_new_tokens=spec.max_new_tokens, batch_size=32,
