@@ -85,7 +85,9 @@ class _Settings:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (slower)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding)")
     seed: int = _f(0, "seed for initialisation, data order and dropout")
-    eval_every: int = _f(0, "validate every N optimizer steps (0: at the end of each epoch)")
+    eval_every: int = _f(
+        0, "validate every N optimizer steps (0: at the end of each epoch), and always at the last step"
+    )
     early_stopping_patience: int = _f(0, "stop after this many validations without a better loss (0: never)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N optimizer steps (0: never)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")

@@ -136,9 +136,7 @@ def _fit(
                 {"step": pos.step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": padded / dt}
             )
             reporter.progress(1, loss=f"{loss:.4f}", tok_s=f"{padded / dt:.0f}")
-            end_of_epoch = pos.batch_in_epoch >= len(batches)
-            validate_now = _due(pos.step, c.eval_every) or (c.eval_every == 0 and end_of_epoch)
-            if validate_now and _validate(p, pos, trainable, reporter):
+            if _validation_due(p, pos, len(batches)) and _validate(p, pos, trainable, reporter):
                 return pos, tokens_seen, False  # early stopping
             # Ctrl-C is heeded only once the step's validation is done, and its checkpoint holds
             # everything, so that resuming gives exactly the run that was not interrupted.
@@ -284,6 +282,15 @@ def epoch_batches(data: list[Encoded], config: TrainConfig, world: int, epoch: i
     return length_grouped_batches(
         lengths, config.batch_size * world, seed=config.seed, epoch=epoch, group_size=group
     )
+
+
+def _validation_due(p: Prepared, pos: Position, batches_per_epoch: int) -> bool:
+    """Whether to validate after step `pos.step`: every eval_every steps (0: at each epoch's end), and
+    always at the last step, so a run with validation data ends with a validation loss and a best
+    adapter even when max_steps stops it before eval_every or the epoch's end comes."""
+    every = p.config.eval_every
+    end_of_epoch = pos.batch_in_epoch >= batches_per_epoch
+    return _due(pos.step, every) or (every == 0 and end_of_epoch) or pos.step == p.total_steps
 
 
 def _due(step: int, every: int) -> bool:
