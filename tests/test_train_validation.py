@@ -39,3 +39,13 @@ def test_the_last_step_is_validated_once(tiny_model_dir, data, tmp_path, eval_ev
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=5, eval_every=eval_every))
     assert validated_steps(out) == validated
+
+
+def test_validation_shows_its_own_progress_unless_progress_is_off(tiny_model_dir, data, tmp_path, capsys):
+    # 8 validation examples (val_fraction 0.125 of 64 rows); a bar of their own, not the steps' bar.
+    train(config(tiny_model_dir, data, tmp_path / "on", max_steps=2, progress=True))
+    err = capsys.readouterr().err
+    assert "validating" in err and "/8 [" in err, err
+    train(config(tiny_model_dir, data, tmp_path / "off", max_steps=2, progress=False))
+    err = capsys.readouterr().err
+    assert "validating" not in err and "step 2: validation loss" in err

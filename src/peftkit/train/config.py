@@ -95,7 +95,7 @@ class _Settings:
         "runs/{task}-{method}", "where the run's files go ({task} and {method} are filled in)"
     )
     tensorboard: bool = _f(True, "also log metrics for TensorBoard (output_dir/tensorboard)")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show progress bars on stderr: the training steps, and each validation pass")
 
     def __post_init__(self) -> None:
         # Built directly (not via load_config), values are checked and converted the same way: a

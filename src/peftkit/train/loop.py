@@ -197,7 +197,8 @@ def _validate(p: Prepared, pos: Position, trainable: Trainable, reporter: Report
     """Validation loss; saves the best adapter. True when early stopping says stop."""
     if not p.val_set:
         return False
-    val = validation_loss(p)
+    with reporter.validating(len(p.val_set)) as advance:
+        val = validation_loss(p, advance)
     reporter.log({"step": pos.step, "val_loss": val})
     reporter.message(f"step {pos.step}: validation loss {val:.4f}")
     if val < pos.best_val:

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,20 +48,22 @@ def batch_loss(p: Prepared, inputs: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def validation_loss(p: Prepared) -> float:
-    """Mean cross-entropy per labelled token over the validation set (all processes together)."""
+def validation_loss(p: Prepared, advance: Callable[[int], None] = lambda n: None) -> float:
+    """Mean cross-entropy per labelled token over the validation set (all processes together);
+    `advance(n)` is told after each global batch of `n` examples (the progress bar)."""
     d = p.dist
     p.net.eval()
     order = sorted(range(len(p.val_set)), key=lambda i: len(p.val_set[i]))  # little padding
     size = p.config.batch_size * d.world
     total, count = 0.0, 0
     for start in range(0, len(order), size):
-        part = [p.val_set[i] for i in order[start : start + size][d.rank :: d.world]]
-        if not part:
-            continue
-        inputs = {k: v.to(d.device) for k, v in collate(part, p.pad_id).items()}
-        total += batch_loss(p, inputs).item()
-        count += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = order[start : start + size]
+        part = [p.val_set[i] for i in batch[d.rank :: d.world]]
+        if part:
+            inputs = {k: v.to(d.device) for k, v in collate(part, p.pad_id).items()}
+            total += batch_loss(p, inputs).item()
+            count += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        advance(len(batch))
     p.net.train()
     return distributed.all_sum(total, d) / max(distributed.all_sum(count, d), 1)
 
