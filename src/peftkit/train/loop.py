@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .report import Reporter, plot_losses, read_metrics
 from .resume import abort_message, raise_interrupted, resume_from, starting_point, write_checkpoint
 from .run_dir import claim, run_dir
 from .setup import Prepared, prepare
-from .step import StopOnCtrlC, batch_loss, check_finite, check_weights_finite, validation_loss
+from .step import StopOnSignal, batch_loss, check_finite, check_weights_finite, validation_loss
 
 
 @dataclass
@@ -65,9 +66,9 @@ def train(
     continues it from its newest checkpoint (True) or from a given checkpoint directory;
     `overwrite` deletes the old run's files (only those) first. A checkpoint trained on other data
     or another base model is refused unless `allow_changed_inputs`, which says so loudly and records
-    the change in the adapter's training.json. Ctrl-C stops after the current step, saves a
-    checkpoint and the last adapter, and raises TrainingInterrupted (a KeyboardInterrupt); a second
-    Ctrl-C aborts at once.
+    the change in the adapter's training.json. Ctrl-C, SIGTERM or SIGHUP stops after the current
+    step, saves a checkpoint and the last adapter, and raises TrainingInterrupted (a
+    KeyboardInterrupt, with the signal's number); a second signal aborts at once.
     """
     start = starting_point(config, run_dir(config), resume=resume, overwrite=overwrite)
     d = distributed.init()
@@ -92,18 +93,19 @@ def train(
     )
     started = time.perf_counter()
     try:
-        with StopOnCtrlC() as stop:
+        # The final save is inside the block too: a stop signal during it lets it finish.
+        with StopOnSignal() as stop:
             pos, tokens, stopped = _fit(p, trainable, optimizer, pos, reporter, stop)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+            reporter.close()
+            # A stopped run's checkpoint is written (by _fit); this saves its last weights too.
+            result = _save(p, pos, trainable, time.perf_counter() - started, tokens, interrupted=stopped)
+    except KeyboardInterrupt:  # a second stop signal, or Ctrl-C outside the main thread
         reporter.message(abort_message(p))
         raise
     finally:
         reporter.close()
-    seconds = time.perf_counter() - started
-    if stopped:  # Ctrl-C: this step's checkpoint is written; save the last weights, say how to resume
-        _save(p, pos, trainable, seconds, tokens, interrupted=True)
-        raise_interrupted(p, pos)
-    result = _save(p, pos, trainable, seconds, tokens)
+    if stopped:  # say how to resume
+        raise_interrupted(p, pos, stop.signum or signal.SIGINT)
     distributed.shutdown(d)
     return result
 
@@ -114,10 +116,10 @@ def _fit(
     optimizer: torch.optim.Optimizer,
     pos: Position,
     reporter: Reporter,
-    stop: StopOnCtrlC,
+    stop: StopOnSignal,
 ) -> tuple[Position, int, bool]:
-    """Optimizer steps until max_steps, the last epoch, early stopping or Ctrl-C. Returns the final
-    position, the number of (padded) tokens processed, and whether Ctrl-C stopped the run early."""
+    """Optimizer steps until max_steps, the last epoch, early stopping or a stop signal. Returns the
+    final position, the number of (padded) tokens processed, and whether a signal stopped the run."""
     c, d = p.config, p.dist
     tokens_seen = 0
     while pos.step < p.total_steps:
@@ -138,7 +140,7 @@ def _fit(
             reporter.progress(1, loss=f"{loss:.4f}", tok_s=f"{padded / dt:.0f}")
             if _validation_due(p, pos, len(batches)) and _validate(p, pos, trainable, reporter):
                 return pos, tokens_seen, False  # early stopping
-            # Ctrl-C is heeded only once the step's validation is done, and its checkpoint holds
+            # A stop signal is heeded only once the step's validation is done, and its checkpoint holds
             # everything, so that resuming gives exactly the run that was not interrupted.
             stopping = stop.now(d) and pos.step < p.total_steps
             if stopping or _due(pos.step, c.checkpoint_every):

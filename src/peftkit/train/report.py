@@ -95,10 +95,13 @@ class Reporter:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Close the bar and the TensorBoard writer (once; later messages are printed plainly)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,10 +1,11 @@
 """What makes a run resumable: the checkpoint to continue from (checked before the model loads), the
-run directory made to agree with it, the checkpoints written on the way, and what Ctrl-C leaves and
-says. `loop.train` calls these; the loop itself only trains."""
+run directory made to agree with it, the checkpoints written on the way, and what a stop signal
+(Ctrl-C, SIGTERM, SIGHUP) leaves and says. `loop.train` calls these; the loop itself only trains."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -121,21 +122,22 @@ def run_inputs(p: Prepared) -> dict[str, str]:
     return {k: str(p.lineage.get(k, "")) for k in INPUTS}
 
 
-def raise_interrupted(p: Prepared, pos: Position) -> NoReturn:
-    """After Ctrl-C stopped the run with its checkpoint and last weights saved: say how to resume,
-    and raise TrainingInterrupted."""
+def raise_interrupted(p: Prepared, pos: Position, signum: int) -> NoReturn:
+    """After stop signal `signum` stopped the run with its checkpoint and last weights saved: say how
+    to resume, and raise TrainingInterrupted."""
     path = path_for(p.out / "checkpoints", pos.step)
     if p.dist.main:
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         _say(
-            f"interrupted after step {pos.step} of {p.total_steps}; saved {path} and {p.last_dir}. "
+            f"{how} after step {pos.step} of {p.total_steps}; saved {path} and {p.last_dir}. "
             f"Run it again with {option('resume')} to continue from step {pos.step}"
         )
     distributed.shutdown(p.dist)
-    raise TrainingInterrupted(pos.step, path)
+    raise TrainingInterrupted(pos.step, path, signum)
 
 
 def abort_message(p: Prepared) -> str:
-    """What a second Ctrl-C (an abort in the middle of a step) leaves to resume from."""
+    """What a second stop signal (an abort in the middle of a step) leaves to resume from."""
     found = list_checkpoints(p.out / "checkpoints")
     if found:
         return f"aborted; {option('resume')} continues from the newest checkpoint, {found[-1]}"
