@@ -240,8 +240,15 @@ def test_an_adapter_moved_aside_by_an_interrupted_replacement_is_put_back(
     capsys.readouterr()
     result = train(config(tiny_model_dir, data, out, max_steps=10, eval_every=100), resume=True)
     assert f"put back {out / 'adapter-best'} from {moved.name}" in capsys.readouterr().err
-    assert result.adapter_dir == out / "adapter-best" and snapshot(out / "adapter-best") == best
-    assert hidden_leftovers(out) == []
+    assert result.adapter_dir == out / "adapter-best" and hidden_leftovers(out) == []
+    # The run validates at its last step too: adapter-best is the one put back unless step 10 did better.
+    step_8 = [
+        r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if r["step"] == 8 and "val_loss" in r
+    ]
+    if result.best_val_loss == step_8[0]:
+        assert snapshot(out / "adapter-best") == best
+    else:
+        assert json.loads((out / "adapter-best" / "training.json").read_text())["step"] == 10
     # A new run's directory holds no run: such a leftover there is debris, not the new run's result.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -259,8 +266,11 @@ def test_an_interrupted_deletion_is_finished_not_undone(tiny_model_dir, data, tm
     (out / "adapter-best").rename(half)
     (half / "adapter_model.safetensors").unlink()  # the deletion had got this far
     result = train(config(tiny_model_dir, data, out, max_steps=5, eval_every=100), resume=True)
-    assert "put back" not in capsys.readouterr().err
-    assert not half.exists() and result.adapter_dir == out / "adapter-last"
+    err = capsys.readouterr().err
+    assert "put back" not in err and not half.exists()
+    # The best comes back whole, from the checkpoint's copy.
+    assert "restored adapter-best from step-00000004: step 4's" in err
+    assert result.adapter_dir == out / "adapter-best"
 
 
 def test_an_adapter_saved_through_a_link_goes_where_the_link_points(tmp_path):

@@ -241,8 +241,7 @@ def _save(
         losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
         final_loss = losses[-1] if losses else None
         if not has_best and not interrupted:
-            why = "no validation examples" if not p.val_set else "no validation ran"
-            print(f"peftkit: {why}, so there is no {best.name}; the result is {last}", file=sys.stderr)
+            print(f"peftkit: {_no_best(p, pos)}; the result is {last}", file=sys.stderr)
     summary = {
         "steps": pos.step,
         "epochs": pos.epoch + (pos.batch_in_epoch > 0),
@@ -275,6 +274,16 @@ def _save(
         tokens_per_second=summary["tokens_per_s"] or 0.0,
         summary=summary,
     )
+
+
+def _no_best(p: Prepared, pos: Position) -> str:
+    """Why a finished run has no best adapter, in words that agree with its files and summary."""
+    name = p.best_dir.name
+    if not p.val_set:
+        return f"no validation examples, so there is no {name}"
+    if math.isinf(pos.best_val):
+        return f"no validation ran, so there is no {name}"
+    return f"{name} (validation loss {pos.best_val:.4f}) is missing from {p.out}"
 
 
 def epoch_batches(data: list[Encoded], config: TrainConfig, world: int, epoch: int) -> list[list[int]]:

@@ -100,8 +100,9 @@ class Prepared:
             kind = "adapter" if self.is_adapter else "model"
             lines.append(f"  no validation examples: there will be no {kind}-best; the result is {kind}-last")
         if pos.step:
+            best = "" if math.isinf(pos.best_val) else f"; best validation loss so far {pos.best_val:.4f}"
             lines.append(
-                f"  resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.batch_in_epoch})"
+                f"  resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.batch_in_epoch}){best}"
             )
         return "\n".join(lines)
 
