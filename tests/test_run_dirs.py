@@ -21,6 +21,7 @@ from peftkit.train.checkpoint import Position
 from peftkit.train.loop import train
 from peftkit.train.optim import Trainable
 from peftkit.train.report import read_metrics
+from peftkit.train.run_dir import check_run_dir
 from peftkit.train.setup import prepare
 
 
@@ -97,6 +98,27 @@ def test_overwrite_refuses_a_directory_that_is_not_a_peftkit_run(tiny_model_dir,
         train(config(tiny_model_dir, data, home, max_steps=1), overwrite=True)
     with pytest.raises(ConfigError, match="pass one of them"):
         train(config(tiny_model_dir, data, home, max_steps=1), overwrite=True, resume=True)
+
+
+def test_a_new_run_is_refused_a_directory_of_other_files_before_the_model_loads(data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    missing_base = tmp_path / "no-such-model"  # loading it would fail: the refusal must come first
+    assert main(["train", *cli_args(missing_base, data, mine, max_steps=1)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: output_dir {mine} is not empty (notes.txt, photos) and holds no peftkit run" in err
+    assert "choose another output_dir" in err and "no-such-model" not in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "photos"]
+    # New, empty, or holding only what an interrupted run's writes left, or peftkit demo's marker: fine.
+    for name, entries in {"new": [], "empty": [], "leftover": [".config.yaml.tmp-0123456789ab"],
+                          "demo": ["demo.json"]}.items():  # fmt: skip
+        out = tmp_path / name
+        if name != "new":
+            out.mkdir()
+        for entry in entries:
+            (out / entry).write_text("{}")
+        check_run_dir(out, resume=False, overwrite=False)
 
 
 def test_a_new_run_over_an_old_one_keeps_and_resumes_its_own_checkpoints(

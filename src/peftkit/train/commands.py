@@ -24,8 +24,9 @@ def train(
     Reads the YAML config (every key optional; defaults fill the rest), applies any `--KEY VALUE`
     options on top, validates the result (unknown or invalid keys are named), and trains. The run
     directory gets the resolved config.yaml, metrics.jsonl, TensorBoard logs, loss.png, checkpoints,
-    adapter-last/ and (with validation) adapter-best/. An output_dir that holds another run is
-    refused unless --resume or --overwrite is given. Ctrl-C, SIGTERM and SIGHUP (what `timeout`,
+    adapter-last/ and (with validation) adapter-best/. The output_dir must be new, empty or this
+    command's own earlier run: one that holds another run is refused unless --resume or --overwrite
+    is given, and one that holds other files is refused. Ctrl-C, SIGTERM and SIGHUP (what `timeout`,
     `docker stop`, Kubernetes, Slurm pre-emption and systemd send) stop the run after the current
     step, saving a checkpoint that --resume continues from and adapter-last; the exit code is 128 +
     the signal's number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal aborts at
