@@ -30,6 +30,7 @@ from ..terminal import printable
 from . import distributed
 from .checkpoint import Position
 from .config import TrainConfig, save_config
+from .header import describe
 from .optim import Trainable, lr_at, make_optimizer, set_lr
 from .report import Reporter, plot_losses, read_metrics
 from .resume import abort_message, raise_interrupted, resume_from, starting_point, write_checkpoint
@@ -81,7 +82,7 @@ def train(
     optimizer = make_optimizer(trainable, config)
     pos = resume_from(p, trainable, optimizer, *start, allow_changed_inputs) if start else Position()
     if d.main:
-        print(printable(p.describe(trainable, pos), keep="\n"), file=sys.stderr, flush=True)
+        print(printable(describe(p, trainable, pos), keep="\n"), file=sys.stderr, flush=True)
         save_config(config, p.out / "config.yaml")
     reporter = Reporter(
         p.out,
