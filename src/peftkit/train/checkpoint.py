@@ -30,6 +30,7 @@ from torch import Tensor
 from ..errors import AdapterFileError, CheckpointError, ConfigError, option
 from ..formats.files import read_json, read_safetensors, write_safetensors
 from ..io import building_dir, copy_entries, is_leftover, remove_dir, write_json_atomic
+from .config_paths import PATH_KEYS, same_path
 
 PREFIX = "step-"
 BEST = "best"  # the best adapter so far, inside a checkpoint
@@ -340,7 +341,9 @@ def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     changed = sorted(
-        k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_CHANGES and not _same(k, saved.get(k), current.get(k))
     )
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
@@ -348,6 +351,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) 
             f"cannot resume from {path}: the config changed in keys that shape the result ({details}); "
             "resume with the original config, or start a new run in another output_dir"
         )
+
+
+def _same(key: str, saved: Any, current: Any) -> bool:
+    """A path written another way (relative, or absolute as a config file's paths now are) is the same."""
+    return same_path(saved, current) if key in PATH_KEYS else saved == current
 
 
 def _short(value: str) -> str:
