@@ -166,7 +166,8 @@ def _check_empty(out: Path) -> None:
     """A new run goes into a new or empty directory (or one holding only what interrupted writes of a
     run left, or another peftkit command's own files): never among a user's files, as every command
     that writes a directory decides (new, empty, or its own earlier output)."""
-    others = [name for name in _entries(out) if name not in run_files(out) and name not in COMPANIONS]
+    ours = {*run_files(out), *COMPANIONS}
+    others = [name for name in _entries(out) if name not in ours]
     if others:
         raise ConfigError(
             f"output_dir {out} is not empty ({_listed(others)}) and holds no peftkit run; a run needs a "
