@@ -21,6 +21,7 @@ from peftkit.train.checkpoint import Position
 from peftkit.train.loop import train
 from peftkit.train.optim import Trainable
 from peftkit.train.report import read_metrics
+from peftkit.train.run_dir import check_run_dir
 from peftkit.train.setup import prepare
 
 
@@ -97,6 +98,27 @@ def test_overwrite_refuses_a_directory_that_is_not_a_peftkit_run(tiny_model_dir,
         train(config(tiny_model_dir, data, home, max_steps=1), overwrite=True)
     with pytest.raises(ConfigError, match="pass one of them"):
         train(config(tiny_model_dir, data, home, max_steps=1), overwrite=True, resume=True)
+
+
+def test_a_new_run_is_refused_a_directory_of_other_files_before_the_model_loads(data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    missing_base = tmp_path / "no-such-model"  # loading it would fail: the refusal must come first
+    assert main(["train", *cli_args(missing_base, data, mine, max_steps=1)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: output_dir {mine} is not empty (notes.txt, photos) and holds no peftkit run" in err
+    assert "choose another output_dir" in err and "no-such-model" not in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "photos"]
+    # New, empty, or holding only what an interrupted run's writes left, or peftkit demo's marker: fine.
+    for name, entries in {"new": [], "empty": [], "leftover": [".config.yaml.tmp-0123456789ab"],
+                          "demo": ["demo.json"]}.items():  # fmt: skip
+        out = tmp_path / name
+        if name != "new":
+            out.mkdir()
+        for entry in entries:
+            (out / entry).write_text("{}")
+        check_run_dir(out, resume=False, overwrite=False)
 
 
 def test_a_new_run_over_an_old_one_keeps_and_resumes_its_own_checkpoints(
@@ -240,8 +262,15 @@ def test_an_adapter_moved_aside_by_an_interrupted_replacement_is_put_back(
     capsys.readouterr()
     result = train(config(tiny_model_dir, data, out, max_steps=10, eval_every=100), resume=True)
     assert f"put back {out / 'adapter-best'} from {moved.name}" in capsys.readouterr().err
-    assert result.adapter_dir == out / "adapter-best" and snapshot(out / "adapter-best") == best
-    assert hidden_leftovers(out) == []
+    assert result.adapter_dir == out / "adapter-best" and hidden_leftovers(out) == []
+    # The run validates at its last step too: adapter-best is the one put back unless step 10 did better.
+    step_8 = [
+        r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if r["step"] == 8 and "val_loss" in r
+    ]
+    if result.best_val_loss == step_8[0]:
+        assert snapshot(out / "adapter-best") == best
+    else:
+        assert json.loads((out / "adapter-best" / "training.json").read_text())["step"] == 10
     # A new run's directory holds no run: such a leftover there is debris, not the new run's result.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -259,8 +288,11 @@ def test_an_interrupted_deletion_is_finished_not_undone(tiny_model_dir, data, tm
     (out / "adapter-best").rename(half)
     (half / "adapter_model.safetensors").unlink()  # the deletion had got this far
     result = train(config(tiny_model_dir, data, out, max_steps=5, eval_every=100), resume=True)
-    assert "put back" not in capsys.readouterr().err
-    assert not half.exists() and result.adapter_dir == out / "adapter-last"
+    err = capsys.readouterr().err
+    assert "put back" not in err and not half.exists()
+    # The best comes back whole, from the checkpoint's copy.
+    assert "restored adapter-best from step-00000004: step 4's" in err
+    assert result.adapter_dir == out / "adapter-best"
 
 
 def test_an_adapter_saved_through_a_link_goes_where_the_link_points(tmp_path):

@@ -76,14 +76,16 @@ class RegistryIntegrityError(RegistryError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a training run after step `step`, saved as `checkpoint` to resume from.
+    """A stop signal (Ctrl-C, SIGTERM or SIGHUP: number `signum`) stopped a training run after step
+    `step`, saved as `checkpoint` to resume from.
 
     A KeyboardInterrupt, not a PeftkitError: the user asked for it, and callers that let Ctrl-C end
-    the program keep doing so."""
+    the program keep doing so. A command exits with 128 + signum, as a shell reports a process that
+    the signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
 
-    def __init__(self, step: int, checkpoint: object | None) -> None:
+    def __init__(self, step: int, checkpoint: object | None, signum: int = 2) -> None:
         super().__init__(f"interrupted after step {step}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
 
 
 def option(name: str, value: bool = True) -> str:

@@ -12,6 +12,8 @@
       examples: 100
 
 Every variant's config is built (and so checked) when the file is read, before anything trains.
+Relative paths in the file (data, val_data and base, in the shared keys and the variants;
+evaluate.data and evaluate.general_text) are relative to its folder, as in a training config.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..methods import METHODS
 from ..train.config import TrainConfig, load_config, read_config_file
+from ..train.config_paths import data_path, file_path, resolve_file_paths
 from ..values import short_repr
 
 SECTIONS = ("variants", "search", "evaluate")
@@ -64,6 +67,8 @@ def read_experiment(path: str | Path | None, overrides: dict[str, Any] | None = 
             "--output_dir: compare and tune place every run themselves (under --out); give --out instead"
         )
     own = {k: data.pop(k) for k in SECTIONS if k in data}
+    if path is not None:  # the file's paths are relative to its folder; --KEY overrides to the shell's
+        data, own = resolve_file_paths(data, path), _own_paths(own, path)
     shared = merged(data, expand_dotted(overrides or {}))
     experiment = Experiment(
         path=path,
@@ -79,6 +84,26 @@ def read_experiment(path: str | Path | None, overrides: dict[str, Any] | None = 
         except ConfigError as e:
             raise ConfigError(f"variant {v.name!r}: {e}") from None
     return experiment
+
+
+def _own_paths(own: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The experiment's sections with their relative paths made absolute against the file's folder:
+    each variant's data and base, and the scored data and general text of `evaluate:` (the shapes
+    are checked later; what is not a mapping is left for those checks to name)."""
+    own = dict(own)
+    if isinstance(own.get("variants"), list):
+        own["variants"] = [resolve_file_paths(v, path) if isinstance(v, dict) else v for v in own["variants"]]
+    evaluate = own.get("evaluate")
+    if isinstance(evaluate, dict):
+        evaluate = dict(evaluate)
+        if isinstance(evaluate.get("data"), str):
+            evaluate["data"] = data_path(evaluate["data"], path.parent, "evaluate.data")
+        if isinstance(evaluate.get("general_text"), str):
+            evaluate["general_text"] = file_path(
+                evaluate["general_text"], path.parent, "evaluate.general_text"
+            )
+        own["evaluate"] = evaluate
+    return own
 
 
 def _mapping(value: Any, key: str) -> dict[str, Any] | None:

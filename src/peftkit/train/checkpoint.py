@@ -6,6 +6,9 @@ checkpoints/step-00000120/
   state.json             step, data position, early-stopping state, optimizer scalars and
                          groups, Python/NumPy RNG states, the config the run was started with, and
                          the inputs it trained on (training/validation data hashes, base fingerprint)
+  best/                  the run's best adapter (or model) so far, as adapter-best held it at this
+                         step (hard links where possible: saves replace adapter-best whole, never
+                         edit its files); absent before the first validation
 
 A checkpoint is only used when all three files are there; anything else under checkpoints/ (a
 half-written `.step-*.tmp-*`, a half-deleted one) is a leftover of an interrupted run.
@@ -26,9 +29,11 @@ from torch import Tensor
 
 from ..errors import AdapterFileError, CheckpointError, ConfigError, option
 from ..formats.files import read_json, read_safetensors, write_safetensors
-from ..io import building_dir, is_leftover, remove_dir, write_json_atomic
+from ..io import building_dir, copy_entries, is_leftover, remove_dir, write_json_atomic
+from .config_paths import PATH_KEYS, same_path
 
 PREFIX = "step-"
+BEST = "best"  # the best adapter so far, inside a checkpoint
 FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 # Keys that may differ between a run and its resumption (they don't change the result so far).
 RESUMABLE_CHANGES = {
@@ -56,9 +61,10 @@ class Position:
 
 def save_checkpoint(
     root: Path, pos: Position, names: list[str], masters: list[Tensor], optimizer: torch.optim.Optimizer,
-    config: dict[str, Any], inputs: dict[str, str], keep: int,
+    config: dict[str, Any], inputs: dict[str, str], keep: int, best: Path | None = None,
 ) -> Path:  # fmt: skip
-    """Write checkpoint `root/step-<n>` atomically and prune all but the newest `keep`."""
+    """Write checkpoint `root/step-<n>` atomically and prune all but the newest `keep`. `best`, the
+    run's best adapter directory so far, goes with it: a run resumed from here gets it back."""
     final = path_for(root, pos.step)
     opt = optimizer.state_dict()
     opt_tensors: dict[str, Tensor] = {}
@@ -95,6 +101,9 @@ def save_checkpoint(
         write_safetensors(tmp / "trainable.safetensors", dict(zip(names, masters)), {"format": "pt"})
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors, {"format": "pt"})
         write_json_atomic(tmp / "state.json", state)
+        if best is not None:
+            (tmp / BEST).mkdir()
+            copy_entries(best, tmp / BEST, skip=set())
     for old in list_checkpoints(root)[:-keep]:
         remove_dir(old)  # at once: never a half-deleted step-N that still looks usable
     return final
@@ -332,7 +341,9 @@ def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     changed = sorted(
-        k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_CHANGES and not _same(k, saved.get(k), current.get(k))
     )
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
@@ -340,6 +351,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) 
             f"cannot resume from {path}: the config changed in keys that shape the result ({details}); "
             "resume with the original config, or start a new run in another output_dir"
         )
+
+
+def _same(key: str, saved: Any, current: Any) -> bool:
+    """A path written another way (relative, or absolute as a config file's paths now are) is the same."""
+    return same_path(saved, current) if key in PATH_KEYS else saved == current
 
 
 def _short(value: str) -> str:

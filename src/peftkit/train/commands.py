@@ -24,10 +24,14 @@ def train(
     Reads the YAML config (every key optional; defaults fill the rest), applies any `--KEY VALUE`
     options on top, validates the result (unknown or invalid keys are named), and trains. The run
     directory gets the resolved config.yaml, metrics.jsonl, TensorBoard logs, loss.png, checkpoints,
-    adapter-last/ and (with validation) adapter-best/. An output_dir that holds another run is
-    refused unless --resume or --overwrite is given. Ctrl-C stops after the current step and saves a
-    checkpoint that --resume continues from (exit code 130); a second Ctrl-C aborts at once. Launch
-    with torchrun for data parallelism: `torchrun --nproc_per_node 2 -m peftkit train CONFIG`.
+    adapter-last/ and (with validation) adapter-best/. The output_dir must be new, empty or this
+    command's own earlier run: one that holds another run is refused unless --resume or --overwrite
+    is given, and one that holds other files is refused. Ctrl-C, SIGTERM and SIGHUP (what `timeout`,
+    `docker stop`, Kubernetes, Slurm pre-emption and systemd send) stop the run after the current
+    step, saving a checkpoint that --resume continues from and adapter-last; the exit code is 128 +
+    the signal's number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal aborts at
+    once. Launch with torchrun for data parallelism: `torchrun --nproc_per_node 2 -m peftkit train
+    CONFIG`.
 
     Args:
         config: a YAML file of config keys (see the options below for every key)
@@ -54,9 +58,13 @@ def train(
             raise ConfigError("--register keeps adapters; method full saves a whole model (drop --register)")
         check_name(register)
         reg = Registry.open(registry)
-    result = run_training(
-        resolved, resume=resume, overwrite=overwrite, allow_changed_inputs=allow_changed_inputs
-    )
+    try:
+        result = run_training(
+            resolved, resume=resume, overwrite=overwrite, allow_changed_inputs=allow_changed_inputs
+        )
+    except KeyboardInterrupt as e:
+        _exit_as_signalled(e)
+        raise
     where = result.adapter_dir or result.model_dir
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); saved {where}"
@@ -66,3 +74,14 @@ def train(
         version = reg.register(register, result.adapter_dir, description=about)
         print(f"registered {version.ref} ({version.stage}) in {reg.root}")
     return 0
+
+
+def _exit_as_signalled(stop: KeyboardInterrupt) -> None:
+    """Exit with 128 + the number of the signal that stopped the run (what a shell reports for a
+    process a signal ended), for SIGTERM and SIGHUP; Ctrl-C's 130 is the CLI's for every command.
+    Supervisors (and compare and tune, which forward SIGTERM to their runs) read it."""
+    import signal
+
+    signum = getattr(stop, "signum", signal.SIGINT)
+    if signum != signal.SIGINT:
+        raise SystemExit(128 + signum) from None

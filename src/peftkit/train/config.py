@@ -26,6 +26,7 @@ from ..methods import METHODS
 from ..methods.spec import MethodSpec
 from ..values import check_keys_are_text, int_limit_problem, number_from_text, surrogate_problem
 from ..values import short_repr as _short
+from .config_paths import absolute_paths, resolve_file_paths
 
 FULL = "full"  # `method: full`: fine-tune every weight, no adapter
 
@@ -38,8 +39,10 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class _Settings:
-    """Everything `peftkit train` needs. Paths are relative to the working directory. Each registered
-    method adds a section of its own, named after it (`lora:`, `ia3:`, ...): see `TrainConfig`."""
+    """Everything `peftkit train` needs. In a config file, paths (data, val_data, a local base) are
+    relative to the file's folder; on the command line and in Python, to the working directory;
+    output_dir always to the working directory (see train.config_paths). Each registered method adds
+    a section of its own, named after it (`lora:`, `ia3:`, ...): see `TrainConfig`."""
 
     base: str = _f(
         "smollm2-135m", "base model: a built-in name, an HF model directory, a .gguf file or a hub id"
@@ -85,15 +88,19 @@ class _Settings:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (slower)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding)")
     seed: int = _f(0, "seed for initialisation, data order and dropout")
-    eval_every: int = _f(0, "validate every N optimizer steps (0: at the end of each epoch)")
+    eval_every: int = _f(
+        0, "validate every N optimizer steps (0: at the end of each epoch), and always at the last step"
+    )
     early_stopping_patience: int = _f(0, "stop after this many validations without a better loss (0: never)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N optimizer steps (0: never)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     output_dir: str = _f(
-        "runs/{task}-{method}", "where the run's files go ({task} and {method} are filled in)"
+        "runs/{task}-{method}",
+        "where the run's files go ({task} and {method} are filled in), relative to the working directory "
+        "even in a config file",
     )
     tensorboard: bool = _f(True, "also log metrics for TensorBoard (output_dir/tensorboard)")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show progress bars on stderr: the training steps, and each validation pass")
 
     def __post_init__(self) -> None:
         # Built directly (not via load_config), values are checked and converted the same way: a
@@ -180,7 +187,7 @@ TrainConfig.__module__, TrainConfig.__doc__ = __name__, _Settings.__doc__
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file (optional) with dotted-key overrides on top (e.g. {"lora.r": 8})."""
-    data = read_config_file(path) if path is not None else {}
+    data = resolve_file_paths(read_config_file(path), path) if path is not None else {}
     for section in METHODS:
         if not isinstance(data.get(section, {}), dict):
             kind = METHODS[section].config_cls.__name__
@@ -287,11 +294,12 @@ def _yaml_problem(path: Path, e: yaml.YAMLError) -> str:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the resolved config as YAML (every key, defaults included)."""
+    """Write the resolved config as YAML (every key, defaults included; local paths absolute, so the
+    file reruns from any working directory)."""
     from ..io import atomic_file
 
     with atomic_file(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        tmp.write_text(yaml.safe_dump(absolute_paths(config.to_dict()), sort_keys=False), encoding="utf-8")
 
 
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,12 +30,13 @@ from ..terminal import printable
 from . import distributed
 from .checkpoint import Position
 from .config import TrainConfig, save_config
+from .header import describe
 from .optim import Trainable, lr_at, make_optimizer, set_lr
 from .report import Reporter, plot_losses, read_metrics
 from .resume import abort_message, raise_interrupted, resume_from, starting_point, write_checkpoint
 from .run_dir import claim, run_dir
 from .setup import Prepared, prepare
-from .step import StopOnCtrlC, batch_loss, check_finite, check_weights_finite, validation_loss
+from .step import StopOnSignal, batch_loss, check_finite, check_weights_finite, validation_loss
 
 
 @dataclass
@@ -65,9 +67,9 @@ def train(
     continues it from its newest checkpoint (True) or from a given checkpoint directory;
     `overwrite` deletes the old run's files (only those) first. A checkpoint trained on other data
     or another base model is refused unless `allow_changed_inputs`, which says so loudly and records
-    the change in the adapter's training.json. Ctrl-C stops after the current step, saves a
-    checkpoint and the last adapter, and raises TrainingInterrupted (a KeyboardInterrupt); a second
-    Ctrl-C aborts at once.
+    the change in the adapter's training.json. Ctrl-C, SIGTERM or SIGHUP stops after the current
+    step, saves a checkpoint and the last adapter, and raises TrainingInterrupted (a
+    KeyboardInterrupt, with the signal's number); a second signal aborts at once.
     """
     start = starting_point(config, run_dir(config), resume=resume, overwrite=overwrite)
     d = distributed.init()
@@ -80,7 +82,7 @@ def train(
     optimizer = make_optimizer(trainable, config)
     pos = resume_from(p, trainable, optimizer, *start, allow_changed_inputs) if start else Position()
     if d.main:
-        print(printable(p.describe(trainable, pos), keep="\n"), file=sys.stderr, flush=True)
+        print(printable(describe(p, trainable, pos), keep="\n"), file=sys.stderr, flush=True)
         save_config(config, p.out / "config.yaml")
     reporter = Reporter(
         p.out,
@@ -92,18 +94,19 @@ def train(
     )
     started = time.perf_counter()
     try:
-        with StopOnCtrlC() as stop:
+        # The final save is inside the block too: a stop signal during it lets it finish.
+        with StopOnSignal() as stop:
             pos, tokens, stopped = _fit(p, trainable, optimizer, pos, reporter, stop)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+            reporter.close()
+            # A stopped run's checkpoint is written (by _fit); this saves its last weights too.
+            result = _save(p, pos, trainable, time.perf_counter() - started, tokens, interrupted=stopped)
+    except KeyboardInterrupt:  # a second stop signal, or Ctrl-C outside the main thread
         reporter.message(abort_message(p))
         raise
     finally:
         reporter.close()
-    seconds = time.perf_counter() - started
-    if stopped:  # Ctrl-C: this step's checkpoint is written; save the last weights, say how to resume
-        _save(p, pos, trainable, seconds, tokens, interrupted=True)
-        raise_interrupted(p, pos)
-    result = _save(p, pos, trainable, seconds, tokens)
+    if stopped:  # say how to resume
+        raise_interrupted(p, pos, stop.signum or signal.SIGINT)
     distributed.shutdown(d)
     return result
 
@@ -114,10 +117,10 @@ def _fit(
     optimizer: torch.optim.Optimizer,
     pos: Position,
     reporter: Reporter,
-    stop: StopOnCtrlC,
+    stop: StopOnSignal,
 ) -> tuple[Position, int, bool]:
-    """Optimizer steps until max_steps, the last epoch, early stopping or Ctrl-C. Returns the final
-    position, the number of (padded) tokens processed, and whether Ctrl-C stopped the run early."""
+    """Optimizer steps until max_steps, the last epoch, early stopping or a stop signal. Returns the
+    final position, the number of (padded) tokens processed, and whether a signal stopped the run."""
     c, d = p.config, p.dist
     tokens_seen = 0
     while pos.step < p.total_steps:
@@ -136,11 +139,9 @@ def _fit(
                 {"step": pos.step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": padded / dt}
             )
             reporter.progress(1, loss=f"{loss:.4f}", tok_s=f"{padded / dt:.0f}")
-            end_of_epoch = pos.batch_in_epoch >= len(batches)
-            validate_now = _due(pos.step, c.eval_every) or (c.eval_every == 0 and end_of_epoch)
-            if validate_now and _validate(p, pos, trainable, reporter):
+            if _validation_due(p, pos, len(batches)) and _validate(p, pos, trainable, reporter):
                 return pos, tokens_seen, False  # early stopping
-            # Ctrl-C is heeded only once the step's validation is done, and its checkpoint holds
+            # A stop signal is heeded only once the step's validation is done, and its checkpoint holds
             # everything, so that resuming gives exactly the run that was not interrupted.
             stopping = stop.now(d) and pos.step < p.total_steps
             if stopping or _due(pos.step, c.checkpoint_every):
@@ -199,7 +200,8 @@ def _validate(p: Prepared, pos: Position, trainable: Trainable, reporter: Report
     """Validation loss; saves the best adapter. True when early stopping says stop."""
     if not p.val_set:
         return False
-    val = validation_loss(p)
+    with reporter.validating(len(p.val_set)) as advance:
+        val = validation_loss(p, advance)
     reporter.log({"step": pos.step, "val_loss": val})
     reporter.message(f"step {pos.step}: validation loss {val:.4f}")
     if val < pos.best_val:
@@ -240,8 +242,7 @@ def _save(
         losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
         final_loss = losses[-1] if losses else None
         if not has_best and not interrupted:
-            why = "no validation examples" if not p.val_set else "no validation ran"
-            print(f"peftkit: {why}, so there is no {best.name}; the result is {last}", file=sys.stderr)
+            print(f"peftkit: {_no_best(p, pos)}; the result is {last}", file=sys.stderr)
     summary = {
         "steps": pos.step,
         "epochs": pos.epoch + (pos.batch_in_epoch > 0),
@@ -276,6 +277,16 @@ def _save(
     )
 
 
+def _no_best(p: Prepared, pos: Position) -> str:
+    """Why a finished run has no best adapter, in words that agree with its files and summary."""
+    name = p.best_dir.name
+    if not p.val_set:
+        return f"no validation examples, so there is no {name}"
+    if math.isinf(pos.best_val):
+        return f"no validation ran, so there is no {name}"
+    return f"{name} (validation loss {pos.best_val:.4f}) is missing from {p.out}"
+
+
 def epoch_batches(data: list[Encoded], config: TrainConfig, world: int, epoch: int) -> list[list[int]]:
     """The global micro-batches of one epoch (indices), fixed by (seed, epoch) so a resumed run
     continues with exactly the batches it would have seen."""
@@ -284,6 +295,15 @@ def epoch_batches(data: list[Encoded], config: TrainConfig, world: int, epoch: i
     return length_grouped_batches(
         lengths, config.batch_size * world, seed=config.seed, epoch=epoch, group_size=group
     )
+
+
+def _validation_due(p: Prepared, pos: Position, batches_per_epoch: int) -> bool:
+    """Whether to validate after step `pos.step`: every eval_every steps (0: at each epoch's end), and
+    always at the last step, so a run with validation data ends with a validation loss and a best
+    adapter even when max_steps stops it before eval_every or the epoch's end comes."""
+    every = p.config.eval_every
+    end_of_epoch = pos.batch_in_epoch >= batches_per_epoch
+    return _due(pos.step, every) or (every == 0 and end_of_epoch) or pos.step == p.total_steps
 
 
 def _due(step: int, every: int) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,23 @@ class Reporter:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(steps)
 
+    @contextlib.contextmanager
+    def validating(self, examples: int) -> Iterator[Callable[[int], None]]:
+        """A bar of its own for one validation pass (on stderr, below the steps' bar, gone when done):
+        without it a long validation looks like a run frozen at its step. Yields advance(examples)."""
+        if self.bar is None:
+            yield lambda n: None
+            return
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=examples, desc="validating", unit="ex", leave=False, dynamic_ncols=True, file=sys.stderr
+        )
+        try:
+            yield bar.update
+        finally:
+            bar.close()
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return
@@ -76,10 +95,13 @@ class Reporter:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Close the bar and the TensorBoard writer (once; later messages are printed plainly)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ RUN_ENTRIES = (
     "config.yaml", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "checkpoints",
     "adapter-best", "adapter-last", "model-best", "model-last",
 )  # fmt: skip
+# What other peftkit commands write beside a run of their own (peftkit demo: its scores).
+COMPANIONS = ("demo.json",)
 # The saved results, each replaced whole by io.replace_dir.
 SAVED = ("adapter-best", "adapter-last", "model-best", "model-last")
 
@@ -34,8 +36,8 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[tupl
     """Refuse an output directory this run cannot use, before any heavy work.
 
     A directory that holds another run is refused unless the run is resumed or `overwrite` (which
-    `clear_run` then carries out) is given; `overwrite` is refused for a non-empty directory that
-    is not a peftkit run. The run's files never go into one of its `inputs` (the base model's
+    `clear_run` then carries out) is given; a non-empty directory that is not a peftkit run is
+    refused, `overwrite` or not. The run's files never go into one of its `inputs` (the base model's
     directory, the data), nor into the home or root directory; with `overwrite`, which deletes
     the run's entries, the directory may not hold an input either.
     """
@@ -56,11 +58,12 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[tupl
     if overwrite:
         _check_clearable(out)
     elif found and not resume:
-        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise ConfigError(
-            f"output_dir {out} holds a previous run ({listed}); pass {option('overwrite')} to replace "
-            f"it, {option('resume')} to continue it, or choose another output_dir"
+            f"output_dir {out} holds a previous run ({_listed(found)}); pass {option('overwrite')} to "
+            f"replace it, {option('resume')} to continue it, or choose another output_dir"
         )
+    elif not found:
+        _check_empty(out)
     _ensure_writable(out)
 
 
@@ -157,6 +160,27 @@ def _inside_run_entry(path: Path, out: Path) -> bool:
     except ValueError:  # not inside `out`
         return False
     return bool(parts) and parts[0] in RUN_ENTRIES
+
+
+def _check_empty(out: Path) -> None:
+    """A new run goes into a new or empty directory (or one holding only what interrupted writes of a
+    run left, or another peftkit command's own files): never among a user's files, as every command
+    that writes a directory decides (new, empty, or its own earlier output)."""
+    ours = {*run_files(out), *COMPANIONS}
+    others = [name for name in _entries(out) if name not in ours]
+    if others:
+        raise ConfigError(
+            f"output_dir {out} is not empty ({_listed(others)}) and holds no peftkit run; a run needs a "
+            "new or empty directory of its own: choose another output_dir"
+        )
+
+
+def _entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
 def _check_clearable(out: Path) -> None:

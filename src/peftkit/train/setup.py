@@ -15,7 +15,7 @@ from torch import nn
 
 from ..adapted import AdaptedModel
 from ..base import load_base, save_model_dir
-from ..base.precision import resolve_precision, why
+from ..base.precision import resolve_precision
 from ..data.encode import IGNORE_INDEX, Encoded, encode_all
 from ..data.example import Example
 from ..data.files import dataset_hash, split_examples
@@ -74,36 +74,6 @@ class Prepared:
                 save_model_dir(self.model, self.tokenizer, tmp, overwrite=True)
             save_config(self.config, tmp / "training_config.yaml")
             (tmp / "training.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
-
-    def precision_reason(self) -> str:
-        """ "fp32: this CPU has no native bf16", or "bf16 (precision: bf16)" when the config chose."""
-        if self.config.precision != "auto":
-            return f"{self.precision} (precision: {self.config.precision})"
-        return why(torch.bfloat16 if self.precision == "bf16" else torch.float32, self.dist.device)
-
-    def describe(self, trainable: Any, pos: Position) -> str:
-        stats = self.lineage["encode_stats"]
-        lines = [
-            f"peftkit train: {self.config.base} on {self.config.data} ({self.config.method}, {self.precision_reason()})",
-            f"  data: {len(self.train_set)} train / {len(self.val_set)} validation examples, "
-            f"{stats['loss_tokens']} answer tokens of {stats['total_tokens']}"
-            + (
-                f", {stats['truncated']} truncated, {stats['dropped']} dropped"
-                if stats["truncated"] or stats["dropped"]
-                else ""
-            ),
-            f"  trainable parameters: {trainable.numel():,}; {self.total_steps} steps "
-            f"({self.steps_per_epoch} per epoch) of {self.config.batch_size * self.config.grad_accum * self.dist.world} "
-            f"examples; output: {self.out}",
-        ]
-        if not self.val_set:
-            kind = "adapter" if self.is_adapter else "model"
-            lines.append(f"  no validation examples: there will be no {kind}-best; the result is {kind}-last")
-        if pos.step:
-            lines.append(
-                f"  resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.batch_in_epoch})"
-            )
-        return "\n".join(lines)
 
 
 def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:

@@ -1,4 +1,5 @@
-"""The loss of one batch, the validation loss, and what ends a run early: non-finite values, Ctrl-C."""
+"""The loss of one batch, the validation loss, and what ends a run early: non-finite values, and
+Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,20 +49,22 @@ def batch_loss(p: Prepared, inputs: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def validation_loss(p: Prepared) -> float:
-    """Mean cross-entropy per labelled token over the validation set (all processes together)."""
+def validation_loss(p: Prepared, advance: Callable[[int], None] = lambda n: None) -> float:
+    """Mean cross-entropy per labelled token over the validation set (all processes together);
+    `advance(n)` is told after each global batch of `n` examples (the progress bar)."""
     d = p.dist
     p.net.eval()
     order = sorted(range(len(p.val_set)), key=lambda i: len(p.val_set[i]))  # little padding
     size = p.config.batch_size * d.world
     total, count = 0.0, 0
     for start in range(0, len(order), size):
-        part = [p.val_set[i] for i in order[start : start + size][d.rank :: d.world]]
-        if not part:
-            continue
-        inputs = {k: v.to(d.device) for k, v in collate(part, p.pad_id).items()}
-        total += batch_loss(p, inputs).item()
-        count += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = order[start : start + size]
+        part = [p.val_set[i] for i in batch[d.rank :: d.world]]
+        if part:
+            inputs = {k: v.to(d.device) for k, v in collate(part, p.pad_id).items()}
+            total += batch_loss(p, inputs).item()
+            count += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        advance(len(batch))
     p.net.train()
     return distributed.all_sum(total, d) / max(distributed.all_sum(count, d), 1)
 
@@ -100,42 +104,67 @@ def diverged(p: Prepared, problem: str, advice: str) -> TrainingDivergedError:
     )
 
 
-class StopOnCtrlC:
-    """Within the block, the first Ctrl-C (SIGINT) only asks the loop to stop after the current step,
-    so it can save a checkpoint; a second one aborts at once, as Ctrl-C normally does.
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a run gracefully: Ctrl-C (SIGINT), and SIGTERM and SIGHUP, which
+    `timeout`, `docker stop`, Kubernetes, Slurm pre-emption, systemd and a closed terminal send."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return tuple(getattr(signal, n) for n in names if hasattr(signal, n))  # no SIGHUP on Windows
+
+
+class Aborted(KeyboardInterrupt):
+    """A second stop signal: the run ends at once, in the middle of whatever it was doing."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"aborted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Within the block, the first stop signal (Ctrl-C, SIGTERM or SIGHUP: `stop_signals`) only asks
+    the loop to stop after the current step, so it can save a checkpoint and the last weights; a
+    second one aborts at once (raises Aborted, a KeyboardInterrupt). A signal that was ignored when
+    the block began (SIGHUP under nohup, SIGINT in a background job) stays ignored.
 
     Under torchrun (checked with torch 2.13) each worker runs in a session of its own, so the
-    terminal's Ctrl-C reaches only the launcher, which forwards the signal it got (SIGINT) to every
-    worker, waits --shutdown_timeout seconds (30 by default; TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and then
-    sends SIGKILL. Every worker sees the request (each prints the "stopping" line), the main process
-    decides (`now`), all stop after the same step, the main one saves the checkpoint and the last
-    adapter, and the workers exit 130; the launcher itself ends with its own SignalException traceback
-    (exit 1). A step and save longer than the timeout are killed, which leaves the previous checkpoint
-    whole (writes are atomic). SIGTERM (`kill`, a scheduler's preemption, or the launcher receiving
-    one and forwarding it) is not handled: the workers stop at once and --resume continues from the
-    newest periodic checkpoint (checkpoint_every).
+    terminal's Ctrl-C, like a SIGTERM to the job, reaches only the launcher, which forwards the signal
+    it got to every worker, waits --shutdown_timeout seconds (30 by default;
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and then sends SIGKILL. Every worker sees the request (each prints
+    the "stopping" line), the main process decides (`now`), all stop after the same step, the main one
+    saves the checkpoint and the last adapter, and the workers exit 128 + the signal's number; the
+    launcher itself ends with its own SignalException traceback (exit 1). A step and save longer than
+    the timeout are killed, which leaves the previous checkpoint whole (writes are atomic).
     """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None  # the first stop signal received
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopOnCtrlC:
-        # Signal handlers can only be set from the main thread; an ignored SIGINT stays ignored.
-        main_thread = threading.current_thread() is threading.main_thread()
-        if main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> StopOnSignal:
+        # Signal handlers can only be set from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            for number in stop_signals():
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if previous is None else previous)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.signum is not None:
+            raise Aborted(signum)
+        self.signum = signum
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+        name = signal.Signals(signum).name
         # os.write, not print: a signal handler may run in the middle of another print.
-        os.write(2, b"\npeftkit: stopping after this step to save a checkpoint (Ctrl-C again aborts)\n")
+        os.write(
+            2, f"\npeftkit: {name}: stopping after this step to save a checkpoint ({again} aborts)\n".encode()
+        )
 
     def now(self, d: distributed.Dist) -> bool:
         """Whether to stop: the main process decides, so every process stops after the same step."""
