@@ -106,5 +106,6 @@ def test_the_training_header_says_why_the_dtype_was_chosen(tiny_model_dir: Path,
     config = TrainConfig(base=str(tiny_model_dir), data=str(data), max_steps=1, batch_size=4, progress=False,
                          tensorboard=False, output_dir=str(tmp_path / "run"))  # fmt: skip
     train(config)
-    header = capsys.readouterr().err.splitlines()[0]
-    assert "(lora, fp32: $PEFTKIT_NATIVE_BF16 says no native bf16)" in header, header
+    err = capsys.readouterr().err
+    header = next(line for line in err.splitlines() if line.startswith("peftkit train:"))
+    assert header.endswith("(lora, fp32: $PEFTKIT_NATIVE_BF16 says no native bf16)"), err
