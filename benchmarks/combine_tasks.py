@@ -1,14 +1,16 @@
 """Combining adapters on two tasks: each `how` of `AdaptedModel.combine` against a multi-task LoRA.
 
 Trains LoRA r=16 on every linear layer of the built-in SmolLM2-135M (the demo's schedule: batch 8,
-lr 1e-3, 10% warmup, bf16) on the built-in `dates` task and on the `sentiment` task, --steps each,
-and one multi-task LoRA on both tasks' training examples shuffled together for 2 x --steps (the
-same total number of optimizer steps as the two single-task adapters together). It then combines
-the two single-task adapters each way (linear, cat, svd rank 16, ties density 0.5, dare_linear
-and dare_ties density 0.5 seed 0; weights 1.0 1.0) and scores every adapter, and the base model,
-on both tasks' held-out test splits with `peftkit.eval.run.evaluate` (the metric `peftkit eval
-task:NAME` reports: exact match for dates, accuracy for sentiment; greedy decoding), on the first
---eval-limit test examples of each task, all adapters in the same mixed batches.
+lr 1e-3, 10% warmup; in --dtype, default auto: bf16 with fp32 masters where this machine computes
+bf16 natively, float32 otherwise; see machine.py) on the built-in `dates` task and on the
+`sentiment` task, --steps each, and one multi-task LoRA on both tasks' training examples shuffled
+together for 2 x --steps (the same total number of optimizer steps as the two single-task adapters
+together). It then combines the two single-task adapters each way (linear, cat, svd rank 16, ties
+density 0.5, dare_linear and dare_ties density 0.5 seed 0; weights 1.0 1.0) and scores every
+adapter, and the base model, on both tasks' held-out test splits with `peftkit.eval.run.evaluate`
+(the metric `peftkit eval task:NAME` reports: exact match for dates, accuracy for sentiment; greedy
+decoding), on the first --eval-limit test examples of each task, all adapters in the same mixed
+batches, the base in the same dtype as training.
 
     python benchmarks/combine_tasks.py                     # 50 steps per task, 100 test examples
     python benchmarks/combine_tasks.py --steps 20 --eval-limit 30 --out runs/combine-quick
@@ -20,10 +22,14 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import Setting, add_dtype_option, default_device  # noqa: E402
 
 from peftkit import AdaptedModel, load_base
 from peftkit.data.tasks import get_task
@@ -45,9 +51,12 @@ HOWS = {
 }
 
 
-def config(data: str, steps: int, out: Path) -> TrainConfig:
-    """The demo's training run (peftkit.demo.demo_config) on `data`, without TensorBoard."""
-    return demo_config("dates", steps, out, BASE_MODEL).replace(data=data, tensorboard=False)
+def config(data: str, steps: int, out: Path, dtype: torch.dtype) -> TrainConfig:
+    """The demo's training run (peftkit.demo.demo_config) on `data` in `dtype`, without TensorBoard."""
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return demo_config("dates", steps, out, BASE_MODEL).replace(
+        data=data, tensorboard=False, precision=precision
+    )
 
 
 def mixed_data(path: Path) -> Path:
@@ -63,14 +72,14 @@ def mixed_data(path: Path) -> Path:
     return path
 
 
-def train_all(steps: int, out: Path) -> tuple[dict[str, Path], dict[str, float]]:
+def train_all(steps: int, out: Path, dtype: torch.dtype) -> tuple[dict[str, Path], dict[str, float]]:
     """Adapter directory and training seconds of each single-task run and of the multi-task run."""
     runs = {task: (f"task:{task}", steps) for task in TASKS}
     runs["multi-task"] = (str(mixed_data(out / "mixed.jsonl")), 2 * steps)
     dirs, seconds = {}, {}
     for name, (data, n) in runs.items():
         print(f"training {name}: {n} steps on {data}", flush=True)
-        result = train(config(data, n, out / name), overwrite=(out / name).exists())
+        result = train(config(data, n, out / name, dtype), overwrite=(out / name).exists())
         dirs[name], seconds[name] = result.adapter_dir, result.seconds
         print(f"  {result.steps} steps in {result.seconds:.0f} s, loss {result.final_loss:.3f}", flush=True)
     return dirs, seconds
@@ -81,12 +90,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per single-task adapter")
     parser.add_argument("--eval-limit", type=int, default=100, help="test examples scored per task")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-combine"), help="run directory")
+    add_dtype_option(parser)
     args = parser.parse_args()
     started = time.perf_counter()
-    print(f"load average at start: {os.getloadavg()}; {torch.get_num_threads()} threads", flush=True)
+    setting = Setting.resolve(args.dtype, default_device())
+    print(setting.lines(), flush=True)
 
-    dirs, train_s = train_all(args.steps, args.out)
-    model, tokenizer = load_base(BASE_MODEL, dtype=torch.bfloat16)
+    dirs, train_s = train_all(args.steps, args.out, setting.dtype)
+    model, tokenizer = load_base(BASE_MODEL, dtype=setting.dtype, device=setting.device)
     am = AdaptedModel(model)
     for name, path in dirs.items():
         am.load_adapter(path, name)
@@ -122,13 +133,17 @@ def main() -> None:
         row = label.get(name, f"combine {name}")
         lines.append(f"| {row} | {s1:.2f} | {s2:.2f} | {(s1 + s2) / 2:.2f} | {shown} |")
     table = "\n".join(lines)
-    print("\n(time: training seconds for trained adapters, combining seconds for combined ones)")
+    print(
+        f"\n{BASE_MODEL} {setting.label}, {args.steps} steps per task, {args.eval_limit} test examples per task"
+    )
+    print(setting.lines())
+    print("(time: training seconds for trained adapters, combining seconds for combined ones)")
     print(table)
     total = time.perf_counter() - started
     print(f"\nevaluation: {', '.join(f'{t} {s:.0f} s' for t, s in eval_s.items())}; total {total:.0f} s")
-    print(f"load average at end: {os.getloadavg()}")
     summary = {"scores": scores, "train_s": train_s, "combine_s": combine_s, "eval_s": eval_s}
-    (args.out / "combine_tasks.json").write_text(json.dumps(summary | {"total_s": total}, indent=2) + "\n")
+    summary |= {"total_s": total, "args": {**vars(args), "out": str(args.out)}, **setting.record()}
+    (args.out / "combine_tasks.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

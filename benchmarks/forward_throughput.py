@@ -5,7 +5,12 @@ Cases, each on its own copy of the same base model and the same input batch:
   adapter i mod N). Rounds are interleaved (every case once per round) and medians reported, because
   this machine is noisy; ratios are against the base model measured in the same rounds.
 
-    python benchmarks/forward_throughput.py                      # default model, bf16, 16 x 128, r=16
+Every case computes in one dtype, `--dtype` (default auto: bf16 where this machine computes it
+natively, float32 otherwise; see machine.py). HF PEFT's `autocast_adapter_dtype=False` case only
+differs from its default in a half dtype (PEFT upcasts bf16/fp16 adapters, nothing else), so it is
+run only then.
+
+    python benchmarks/forward_throughput.py                      # default model, auto dtype, 16 x 128, r=16
     python benchmarks/forward_throughput.py --dtype float32 --rounds 5
 """
 
@@ -14,14 +19,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
-from datetime import date
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import Setting, add_dtype_option  # noqa: E402
 
 import peftkit
 from peftkit import AdaptedModel, LoraConfig
@@ -70,7 +78,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    add_dtype_option(parser)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
@@ -82,8 +90,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
 
-    dtype = getattr(torch, args.dtype)
-    base, _ = peftkit.load_base(args.model, dtype=dtype, device="cpu")
+    setting = Setting.resolve(args.dtype, "cpu")
+    base, _ = peftkit.load_base(args.model, dtype=setting.dtype, device="cpu")
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq))
     mixed = [f"a{i % args.adapters}" for i in range(args.batch)]
     ours = build_peftkit(base, args.adapters, args.rank)
@@ -99,9 +107,10 @@ def main() -> None:
         import peft
 
         pm = build_peft(base, args.adapters, args.rank, autocast_adapter_dtype=True)
-        pm_same = build_peft(base, 1, args.rank, autocast_adapter_dtype=False)
         cases["HF PEFT: 1 adapter"] = lambda: pm(ids)
-        cases["HF PEFT: 1 adapter, autocast_adapter_dtype=False"] = lambda: pm_same(ids)
+        if setting.dtype != torch.float32:  # in fp32 the same model as the default
+            pm_same = build_peft(base, 1, args.rank, autocast_adapter_dtype=False)
+            cases["HF PEFT: 1 adapter, autocast_adapter_dtype=False"] = lambda: pm_same(ids)
         cases[f"HF PEFT: {args.adapters} adapters mixed"] = lambda: pm(ids, adapter_names=mixed)
         peft_version = peft.__version__
     else:
@@ -125,12 +134,10 @@ def main() -> None:
         )
 
     print(
-        f"\nforward throughput, {args.model} {args.dtype}, batch {args.batch} x {args.seq} tokens, "
-        f"LoRA r={args.rank} on all linear layers, {args.rounds} interleaved rounds (medians)"
+        f"\nforward throughput, {args.model} {setting.label}, batch {args.batch} x {args.seq} tokens, "
+        f"LoRA r={args.rank} on all linear layers, {args.rounds} interleaved rounds (medians); peft {peft_version}"
     )
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, peft {peft_version}, {platform.processor()}"
-    )
+    print(setting.lines())
     # The minimum is the least noisy estimate of the work itself; the median shows typical runs.
     print(
         f"{'case':50s} {'median s':>9s} {'min s':>7s} {'tokens/s':>9s} {'x base':>7s} {'x base (min)':>13s}"
@@ -141,7 +148,7 @@ def main() -> None:
             f"{row['x_base']:7.2f} {row['x_base_min']:13.2f}"
         )
     if args.json:
-        record = {"date": str(date.today()), "args": vars(args), "peft": peft_version, "rows": rows}
+        record = {**setting.record(), "args": vars(args), "peft": peft_version, "rows": rows}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
 

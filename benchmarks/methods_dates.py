@@ -3,8 +3,10 @@
 Each variant is its shipped example config (examples/dates_<method>.yaml; QLoRA is the LoRA one with
 `quantize: nf4`, full fine-tuning the LoRA one with `method: full` and a full-fine-tuning rate), trained
 through `peftkit train` in its own subprocess (peak RSS is per process), then scored on the held-out
-test split with greedy decoding. Reported: trainable parameters, adapter size on disk, training
-tokens/s, peak memory, exact match, and the score relative to full fine-tuning.
+test split with greedy decoding. Every variant trains and is scored in `--dtype` (default auto: bf16
+with fp32 masters where this machine computes bf16 natively, float32 otherwise; see machine.py).
+Reported: trainable parameters, adapter size on disk, training tokens/s, peak memory, exact match,
+and the score relative to full fine-tuning.
 
     python benchmarks/methods_dates.py                       # 80 steps each, 100 test examples
     python benchmarks/methods_dates.py --steps 40 --variants lora ia3 --n 50
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import Setting, add_dtype_option, default_device  # noqa: E402
+
 VARIANTS = {
     "lora": ("dates_lora.yaml", {}),
     "qlora": ("dates_lora.yaml", {"quantize": "nf4"}),
@@ -33,7 +37,9 @@ VARIANTS = {
 }
 
 
-def worker(variant: str, steps: int, n: int, out: Path) -> dict:
+def worker(variant: str, steps: int, n: int, out: Path, dtype: str) -> dict:
+    """Train and score one variant with the model in `dtype` (float32 or bfloat16, resolved by the
+    parent)."""
     import torch
 
     from peftkit.data.source import load_data
@@ -51,6 +57,7 @@ def worker(variant: str, steps: int, n: int, out: Path) -> dict:
             "eval_every": steps,
             "output_dir": str(out / variant),
             "progress": False,
+            "precision": "bf16" if dtype == "bfloat16" else "fp32",
         },
     )
     t0 = time.perf_counter()
@@ -62,7 +69,7 @@ def worker(variant: str, steps: int, n: int, out: Path) -> dict:
     examples = load_data("task:dates", split="test", n=n)
     adapters = [(variant, result.adapter_dir)] if result.adapter_dir else []
     model, tokenizer = load_model(
-        str(weights) if not adapters else config.base, adapters, "auto", quantize=config.quantize
+        str(weights) if not adapters else config.base, adapters, dtype, quantize=config.quantize
     )
     with torch.no_grad():
         report = evaluate(
@@ -98,17 +105,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--out", default="runs/bench-methods")
+    add_dtype_option(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.n, Path(args.out))))
+        print(json.dumps(worker(args.worker, args.steps, args.n, Path(args.out), args.dtype)))
         return
-    import torch
 
-    load = os.getloadavg()[0]
+    setting = Setting.resolve(args.dtype, default_device())
     rows = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--n", str(args.n)]
+        cmd += ["--dtype", setting.name]
         done = subprocess.run([*cmd, "--out", args.out], capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -117,10 +125,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     full = next((r["score"] for r in rows if r["variant"] == "full"), None)
     print(
-        f"\nsmollm2-135m on task:dates, {args.steps} steps of batch 8 each, scored on {args.n} held-out test "
-        f"examples (exact match, greedy); torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"load average {load:.2f} at the start"
+        f"\nsmollm2-135m {setting.label} on task:dates, {args.steps} steps of batch 8 each, scored on {args.n} "
+        f"held-out test examples (exact match, greedy)"
     )
+    print(setting.lines())
     print(f"{'variant':11s} {'trainable':>11s} {'size MB':>8s} {'tokens/s':>9s} {'train s':>8s} {'peak GB':>8s} "
           f"{'exact':>6s} {'vs full':>8s}")  # fmt: skip
     for r in rows:

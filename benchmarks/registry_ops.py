@@ -2,6 +2,8 @@
 a registry reference costs over a plain directory when loading an r=16 adapter of the built-in model.
 
 PostgreSQL is a throwaway local server started from the machine's own binaries (as the tests do).
+The built-in model is loaded in `--dtype` (default auto: bf16 where this machine computes it natively,
+float32 otherwise; see machine.py), and the adapter is made and loaded in that dtype.
 
     python benchmarks/registry_ops.py                    # 1000 versions per backend
     python benchmarks/registry_ops.py --versions 200 --backends sqlite
@@ -10,19 +12,21 @@ PostgreSQL is a throwaway local server started from the machine's own binaries (
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import Setting, add_dtype_option  # noqa: E402
 
 
 def tiny_adapters(out: Path, n: int) -> list[Path]:
     """n distinct small LoRA adapters (a tiny Llama's, r=2): what a registry holds many of."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peftkit import AdaptedModel, LoraConfig
@@ -49,12 +53,13 @@ def bench_backend(location: str, dirs: list[Path], rounds: int) -> dict[str, flo
     times = []
     for i, d in enumerate(dirs):
         t0 = time.perf_counter()
-        reg.register(f"adapter-{i % 50}", d)  # 50 names x 20 versions
+        reg.register(f"adapter-{i % 50}", d)  # 50 names x 20 versions (for 1000)
         times.append(time.perf_counter() - t0)
     rng = random.Random(0)
     resolve = []
     for _ in range(rounds):
-        ref = f"adapter-{rng.randrange(50)}@{rng.randrange(1, 21)}"
+        i = rng.randrange(len(dirs))  # a version that exists, for any --versions
+        ref = f"adapter-{i % 50}@{i // 50 + 1}"
         t0 = time.perf_counter()
         reg.resolve(ref)
         resolve.append(time.perf_counter() - t0)
@@ -62,17 +67,15 @@ def bench_backend(location: str, dirs: list[Path], rounds: int) -> dict[str, flo
             "versions": len(reg.versions())}  # fmt: skip
 
 
-def bench_load(location: str, rounds: int) -> dict[str, float]:
-    """Load an r=16 adapter of the built-in model from a directory vs from a registry reference
-    (resolve + verify every file's hash + load), interleaved, medians."""
-    import torch
-
+def bench_load(location: str, rounds: int, dtype: torch.dtype) -> dict[str, float]:
+    """Load an r=16 adapter of the built-in model (in `dtype`) from a directory vs from a registry
+    reference (resolve + verify every file's hash + load), interleaved, medians."""
     import peftkit
     from peftkit import AdaptedModel, LoraConfig
     from peftkit.registry import Registry
-    from peftkit.registry.store import adapter_path
+    from peftkit.registry.paths import adapter_path
 
-    model, _ = peftkit.load_base("smollm2-135m", dtype=torch.bfloat16, device="cpu")
+    model, _ = peftkit.load_base("smollm2-135m", dtype=dtype, device="cpu")
     source = Path(tempfile.mkdtemp()) / "r16"
     am = AdaptedModel.attach(model, LoraConfig(r=16, lora_alpha=32))
     am.save_adapter(source)
@@ -98,11 +101,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--load-rounds", type=int, default=7)
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    add_dtype_option(parser)
     args = parser.parse_args()
-    import torch
-
     torch.set_num_threads(1)
-    load = os.getloadavg()[0]
+    setting = Setting.resolve(args.dtype, "cpu")
     work = Path(tempfile.mkdtemp(prefix="peftkit-bench-registry-"))
     dirs = tiny_adapters(work / "adapters", args.versions)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -117,15 +119,16 @@ def main() -> None:
                 server = server or start_server()
                 location = server.url(create_database(server)) + f"&files={work / 'pg-files'}"
             rows[backend] = bench_backend(location, dirs, args.rounds)
-            rows[backend] |= bench_load(location, args.load_rounds)
+            rows[backend] |= bench_load(location, args.load_rounds, setting.dtype)
     finally:
         if server is not None:
             from postgres import stop_server
 
             stop_server(server)
     print(
-        f"\nregistry with {args.versions} versions (50 names), medians; torch 1 thread; load average {load:.2f}"
+        f"\nregistry with {args.versions} versions ({min(50, args.versions)} names), medians; r=16 adapter of smollm2-135m in {setting.label}"
     )
+    print(setting.lines())
     print(
         f"{'backend':10s} {'register ms':>12s} {'resolve ms':>11s} {'load dir s':>11s} {'load ref s':>11s} {'ref/dir':>8s}"
     )

