@@ -159,31 +159,34 @@ def warn_slow(dtype: torch.dtype) -> None:
     _warned.add(dtype)
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, str(dtype))
     ratio = slowdown(dtype)
+    flags = "avx512_bf16/amx_bf16" if dtype == torch.bfloat16 else "avx512_fp16/amx_fp16"
+    measured = f"a matrix product ran {ratio:.0f}x slower than in float32 here" if ratio >= 2 else (
+        "it is emulated, and usually many times slower than float32")  # fmt: skip
     print(
-        f"peftkit: warning: this CPU has no native {name} (no {'avx512_bf16/amx_bf16' if dtype == torch.bfloat16 else 'avx512_fp16/amx_fp16'}): "
-        f"its matrix products ran {ratio:.0f}x slower than float32 here; pass --dtype float32 (or auto) "
-        "unless you need this dtype",
+        f"peftkit: warning: this CPU has no native {name} (no {flags}): {measured}; pass --dtype "
+        "float32 (or auto) unless you need this dtype",
         file=sys.stderr,
         flush=True,
     )
 
 
 @functools.cache
-def slowdown(dtype: torch.dtype, size: int = 256) -> float:
+def slowdown(dtype: torch.dtype, size: int = 384, runs: int = 5) -> float:
     """How many times slower a (size x size) @ (size x size) product runs in `dtype` than in float32
-    on this CPU (median of 3, after a warm-up; a few milliseconds where `dtype` is native)."""
+    on this CPU: the fastest of `runs` of each after a warm-up, so a busy machine's stalls do not
+    count (a fraction of a second where `dtype` is emulated)."""
     a32, b32 = torch.randn(size, size), torch.randn(size, size)
-    times: dict[torch.dtype, float] = {}
+    best: dict[torch.dtype, float] = {}
     for kind in (torch.float32, dtype):
         a, b = a32.to(kind), b32.to(kind)
         a @ b  # warm-up
-        runs = []
-        for _ in range(3):
+        times = []
+        for _ in range(runs):
             t0 = time.perf_counter()
             a @ b
-            runs.append(time.perf_counter() - t0)
-        times[kind] = sorted(runs)[1]
-    return max(times[dtype] / max(times[torch.float32], 1e-9), 1.0)
+            times.append(time.perf_counter() - t0)
+        best[kind] = min(times)
+    return max(best[dtype] / max(best[torch.float32], 1e-9), 1.0)
 
 
 Precision = Literal["bf16", "fp32"]
