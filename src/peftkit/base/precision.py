@@ -171,7 +171,7 @@ def warn_slow(dtype: torch.dtype) -> None:
 
 
 @functools.cache
-def slowdown(dtype: torch.dtype, size: int = 384, runs: int = 5) -> float:
+def slowdown(dtype: torch.dtype, size: int = 256, runs: int = 5) -> float:
     """How many times slower a (size x size) @ (size x size) product runs in `dtype` than in float32
     on this CPU: the fastest of `runs` of each after a warm-up, so a busy machine's stalls do not
     count (a fraction of a second where `dtype` is emulated)."""
