@@ -191,26 +191,19 @@ batch_size: 4
 max_length: 200
 lr: 1e-2
 variants:
-  - {{name: lora-r4, lora: {{r: 4}}, max_steps: 150}}
+  - {{name: lora-r4, lora: {{r: 4}}, max_steps: 60}}
   - {{name: prefix, method: prefix, prefix: {{num_virtual_tokens: 4, prefix_projection: true}}}}
   - {{name: full, method: full, lr: 1e-3}}
 evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
 """)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "peftkit", "compare", str(experiment), "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    proc = _start_compare(experiment, out)
     try:
-        metrics = out / "runs" / "lora-r4" / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not _has_a_line(metrics):
-            time.sleep(0.05)
+        _wait_for_a_step(proc, out / "runs" / "lora-r4" / "metrics.jsonl")
         os.killpg(proc.pid, signal.SIGINT)  # the first variant is training: its first step is logged
-        printed, _ = proc.communicate(timeout=90)
+        printed, _ = proc.communicate(timeout=HANG_GUARD_S)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
     assert proc.returncode == 130, printed
     assert "0 variant(s) finished, 1 stopped" in printed and "Run the same command again" in printed
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["lora-r4.log"]  # nothing else started
@@ -221,7 +214,7 @@ evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
     assert re.findall(r"\] (\S+): trained in", printed) == ["lora-r4", "prefix", "full"]
     assert "resuming from" in (out / "logs" / "lora-r4.log").read_text()
     rows = {r["name"]: r for r in results(out)["rows"]}
-    assert rows["lora-r4"]["steps"] == 150
+    assert rows["lora-r4"]["steps"] == 60
     assert [n for n, r in rows.items() if r["resumed"]] == ["lora-r4"]
     report = (out / "report.md").read_text()
     cells = {ln.split("|")[1].strip(): ln.split("|") for ln in report.splitlines() if ln.startswith("| ")}
@@ -233,11 +226,75 @@ evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
     assert "prefix tuning (projection): trainable params count what trained" in report
 
 
+@pytest.mark.parametrize("how, group", [("SIGTERM", True), ("SIGHUP", False)])
+def test_sigterm_and_sighup_stop_compare_as_ctrl_c_does(tiny_model_dir, tmp_path, how, group):
+    """SIGTERM (`timeout` sends it to the whole process group; `kill`, docker, Kubernetes, Slurm and
+    systemd send it too) or SIGHUP (a closed terminal, to compare alone) while the first variant
+    trains: as with Ctrl-C, that run is told to stop and saves a checkpoint, compare waits for it,
+    starts no other variant, says what was left and how to go on, and exits 128 + the signal."""
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(f"""
+base: {tiny_model_dir}
+data: task:dates
+max_examples: 40
+batch_size: 4
+max_length: 200
+eval_every: 1000000
+variants:
+  - {{name: first, max_steps: 1000000}}
+  - {{name: second, max_steps: 2}}
+evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
+""")
+    out = tmp_path / "out"
+    proc = _start_compare(experiment, out)
+    sig = getattr(signal, how)
+    try:
+        _wait_for_a_step(proc, out / "runs" / "first" / "metrics.jsonl")
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        printed, _ = proc.communicate(timeout=HANG_GUARD_S)
+    finally:
+        _kill(proc)
+    assert proc.returncode == 128 + sig, printed
+    assert f"stopped by {how}: 0 variant(s) finished, 1 stopped" in printed, printed
+    assert "1 not started. Run the same command again" in printed
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["first.log"]  # the second never started
+    run = out / "runs" / "first"
+    assert any((run / "checkpoints").iterdir()) and (run / "adapter-last").is_dir()
+    assert json.loads((run / "summary.json").read_text())["interrupted"] is True
+    assert "stopping after this step to save a checkpoint" in (out / "logs" / "first.log").read_text()
+
+
+# A hang guard only, sized for a slow, loaded machine: no test waits on how fast the machine is.
+HANG_GUARD_S = 900
+
+
+def _start_compare(experiment: Path, out: Path) -> subprocess.Popen:
+    """`peftkit compare` as a terminal's job: its own process group, SIGINT not ignored (a CI runner's
+    background job starts with it ignored), one thread per training run."""
+    command = [sys.executable, "-m", "peftkit", "compare", str(experiment), "--out", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+
+
+def _wait_for_a_step(proc: subprocess.Popen, metrics: Path) -> None:
+    """Until the run has logged its first step, so a signal lands mid-run (however slow the machine)."""
+    while proc.poll() is None and not _has_a_line(metrics):
+        time.sleep(0.02)
+    assert proc.poll() is None, f"compare exited before the run took a step:\n{proc.communicate()[0]}"
+
+
 def _has_a_line(path: Path) -> bool:
     try:
         return b"\n" in path.read_bytes()
     except OSError:
         return False
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_resumption_is_read_from_the_metrics_record_times(tmp_path):

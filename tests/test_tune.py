@@ -387,6 +387,49 @@ def test_tune_reads_evaluate_by_compares_schema(tmp_path, evaluate, objective, o
             check_evaluation(evaluate, config, objective, said.append)
 
 
+def test_sigterm_stops_tune_as_ctrl_c_does_and_the_same_command_resumes_the_trial(tmp_path, tiny_model_dir):
+    """`kill -TERM` of tune while its first trial trains: the trial's run is told to stop and saves a
+    checkpoint, tune waits for it, queues the trial again, starts no other, says what was left and
+    exits 143. The same command then retries that trial from its checkpoint, in its run directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = tiny_experiment(tmp_path, tiny_model_dir, search={"lr": [3e-2]}, max_steps=60)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "peftkit", "tune", str(f), "--out", str(out), "--trials", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = out / "trials" / "0" / "metrics.jsonl"
+    try:
+        while proc.poll() is None and not (metrics.is_file() and b"\n" in metrics.read_bytes()):
+            time.sleep(0.02)  # until the trial's run has taken a step: the signal lands mid-run
+        proc.send_signal(signal.SIGTERM)
+        printed, _ = proc.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, printed
+    assert "trial 0 interrupted" in printed
+    assert "stopped by SIGTERM: 0 trial(s) finished in this run, 1 stopped" in printed
+    assert "1 not started. Run the same command again" in printed, printed
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["0.log"]  # no other trial started
+    assert any((out / "trials" / "0" / "checkpoints").iterdir())
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+
+    done = subprocess.run([*command[:-1], "1"], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((out / "trials.json").read_text())["trials"]
+    assert [(r["trial"], r["state"]) for r in rows] == [(0, "interrupted"), (1, "complete")]
+    assert rows[1]["run_dir"] == "trials/0" and rows[1]["steps"] == 60
+    assert f"resuming at step {stopped_at}" in (out / "logs" / "1.log").read_text()
+
+
+# A hang guard only, sized for a slow, loaded machine: no test waits on how fast the machine is.
+HANG_GUARD_S = 900
+
+
 @pytest.mark.parametrize("path", sorted(ROOT.glob("examples/tune_*.yaml")), ids=lambda p: p.name)
 def test_shipped_tune_examples_parse(path):
     experiment = read_experiment(path)

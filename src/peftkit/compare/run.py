@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import ConfigError, RequestError
 from ..experiment import Experiment, read_experiment
 from ..experiment.outdir import OutDir, claim_out_dir
+from ..experiment.stopping import interrupted_line, stop_signals
 from ..io import atomic_file, write_json_atomic
 from .runs import require_variants, train_variants, variant_configs
 from .scoring import BASE_ROW, models_to_score, score_models
@@ -55,10 +56,18 @@ def compare(
     settings = read_settings(experiment.evaluation, experiment.config().data)
     configs = variant_configs(experiment, out)  # every config is built before the directory is claimed
     claim_out_dir(out, OUT_DIR, {"experiment": str(experiment.path)})
-    trained = train_variants(experiment, configs, out, jobs=jobs, say=say)
     shared_base = experiment.config().base
-    models = models_to_score(trained, shared_base)
-    scores = score_models(models, settings, out, say=say)
+    with stop_signals():  # SIGTERM and SIGHUP stop compare as Ctrl-C does
+        trained = train_variants(experiment, configs, out, jobs=jobs, say=say)
+        models = models_to_score(trained, shared_base)
+        try:
+            scores = score_models(models, settings, out, say=say)
+        except KeyboardInterrupt as e:
+            say(
+                f"{interrupted_line(e)} while scoring: every variant is trained, and the scores written "
+                f"to {out / 'eval'} are kept. Run the same command again to score the rest."
+            )
+            raise
     from .report import build_rows
 
     results = {
