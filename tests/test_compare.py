@@ -25,6 +25,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ["lora-r4", "ia3", "prompt", "full"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_per_training_child():
+    """The training children these tests start run on one thread: two OpenMP threads on a busy 2-core
+    machine are ten times slower for a tiny model, not faster (they spin)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def experiment_text(base: Path, ia3_lr: str = "1e-2") -> str:
     return f"""
 base: {base}
@@ -107,6 +116,70 @@ def test_the_report_has_every_variant_with_finite_numbers(compared):
     # each model is scored on the same examples and text: the same counts
     assert {r["n"] for r in rows.values()} == {6} and len({r["text_tokens"] for r in rows.values()}) == 1
     assert rows["base"]["text_tokens"] > 1000  # 2000 characters of the shipped text, in windows
+
+
+def test_scoring_cost_is_said_before_training_and_progress_during_scoring(compared):
+    """Before anything trains: the models, examples per task and tokens of general text, and a time
+    estimate from forwards of the base timed here; while scoring, a counted line per part."""
+    _, out, printed = compared
+    lines = printed.splitlines()
+    plan = next(i for i, ln in enumerate(lines) if ln.startswith("scoring plan: "))
+    assert plan < next(i for i, ln in enumerate(lines) if ln.startswith("training 4 variants"))
+    assert lines[plan].startswith("scoring plan: 5 models (2 model loads); task:dates 6 examples (up to ")
+    assert (
+        "extract (forgetting) 4 examples" in lines[plan]
+        and "sentiment (forgetting) 4 examples" in lines[plan]
+    )
+    windows = results(out)["general_text"]["tokens"] / 127  # scored: each window's tokens but its first
+    assert f"general text {int(windows) * 128:,} tokens ({windows:.0f} windows of 128)" in lines[plan]
+    estimate = lines[plan + 1]
+    assert re.match(r"scoring estimate: up to about \d+ (s|min) on this machine, from the base model timed "
+                    r"here \(a forward of \d+ x \d+ tokens took [\d.]+ s, a decode step [\d.]+ s", estimate)  # fmt: skip
+    # each loaded copy (full fine-tuning's model, a second copy of the base for IA3, whose layers
+    # LoRA's wrap too) counts its four parts: the task, two forgetting tasks and the general text
+    progress = [ln.strip() for ln in lines if ln.strip().startswith("scoring [")]
+    assert len(progress) >= 8 and [p.split("/")[0] for p in progress] == [
+        "scoring [1", "scoring [2", "scoring [3", "scoring [4"] * (len(progress) // 4)  # fmt: skip
+    assert re.match(r"scoring \[1/4\] task:dates: 6 examples x \d models?, up to 16 new tokens each "
+                    r"\(elapsed \d+ s\)$", progress[0])  # fmt: skip
+    assert progress[3].startswith("scoring [4/4] general text: ")
+    assert lines.index(next(ln for ln in lines if "scoring [1/4]" in ln)) > plan + 2
+
+
+def test_the_quick_run_advice_names_real_keys_and_makes_scoring_smaller(compared, tiny_model_dir):
+    """The output says which evaluate: keys make a quick run; they are real keys, read as written, and
+    with them the estimate is several times smaller than with the defaults (issue 18: scoring with
+    the defaults dwarfed a two-step training)."""
+    import dataclasses
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from peftkit.compare import estimate as e
+    from peftkit.compare.settings import general_text
+    from peftkit.experiment.evaluation import EvalSettings
+
+    _, _, printed = compared
+    said = re.search(r"^quick run \(about .+\): set evaluate: (\{.*\}) \(docs/compare.md", printed, re.M)
+    assert said and yaml.safe_load(said.group(1)) == {"forgetting_tasks": []}  # the fixture's only excess
+
+    defaults = read_settings({}, "task:dates")
+    advice = yaml.safe_load(e.quick_run_advice(defaults))
+    assert set(advice) == {"examples", "forgetting_tasks", "general_text_chars"}
+    assert set(advice) <= {f.name for f in dataclasses.fields(EvalSettings)}
+    quick = read_settings(advice, "task:dates")  # accepted as written
+    assert e.quick_run_advice(quick) == "" and e.quick_settings(defaults) == quick
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    parts = {s: e.scoring_parts(s, tokenizer, general_text(s)) for s in (defaults, quick)}
+    assert [p.examples for p in parts[defaults][:3]] == [100, 50, 50] and len(parts[quick]) == 2
+    timing = e.Timing(rows=16, tokens=100, prefill_s=2.0, decode_s=0.1, load_s=3.0)
+    slow, fast = (e.estimate_seconds(parts[s], timing, [3]) for s in (defaults, quick))
+    assert fast < slow / 4
+    lines = e.plan_lines(e.Plan(parts[defaults], parts[quick], [3], timing), defaults)
+    assert lines[1].startswith(f"scoring estimate: up to about {e.duration(slow)} on this machine")
+    assert lines[2] == (f"quick run (about {e.duration(fast)}): set evaluate: {{examples: 20, "
+                        "forgetting_tasks: [], general_text_chars: 4000} (docs/compare.md, Scoring cost)")  # fmt: skip
 
 
 def test_report_md_table_names_every_model(compared):
