@@ -121,7 +121,9 @@ def _wait(
         try:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # `usage` holds the peak once it exited
             # After the exit too: the last records (the final validation) still reach the watcher.
-            if watch is not None and not stopped and any([watch(r) for r in metrics.new_records()]):
+            # Not once stopping: a pruning SIGTERM would be a second stop request, which aborts.
+            watching = watch is not None and not stopped and not CHILDREN.requests
+            if watching and any([watch(r) for r in metrics.new_records()]):
                 stopped = pid == 0
                 if stopped:
                     os.kill(proc.pid, signal.SIGTERM)
