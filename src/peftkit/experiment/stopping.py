@@ -8,7 +8,9 @@ a checkpoint, a second aborts it. So SIGTERM (`kill`, `timeout`, `docker stop`, 
 and systemd all send it) and SIGHUP (a closed terminal) do what Ctrl-C does: no new run starts, the
 running ones checkpoint, the parent waits for them, says what was left, and exits 128 + the signal's
 number (130, 143, 129). A signal the process was started with ignored (`nohup`'s SIGHUP, a background
-job's SIGINT) stays ignored.
+job's SIGINT) stays ignored. Not covered: a signal sent to every process of a control group (systemd's
+default KillMode, Slurm's scancel) reaches each child directly too, and its second request (the
+forwarded SIGINT) aborts it; the newest periodic checkpoint (`checkpoint_every`) is then what resumes.
 
     with stop_signals():
         ...                          # KeyboardInterrupt (a `Stopped`) is raised here on a stop signal
