@@ -111,7 +111,7 @@ def _os_user() -> str | None:
     return SUPERUSER
 
 
-def _run(server: Server, tool: str, *args: str, timeout: float = 60) -> None:
+def _run(server: Server, tool: str, *args: str, timeout: float = 900) -> None:
     proc = subprocess.run(
         server.command(tool, *args), cwd=server.base, capture_output=True, text=True, timeout=timeout
     )

@@ -287,11 +287,11 @@ def test_registered_commands_defaults_come_from_their_signatures() -> None:
 
 def test_entry_point_runs_as_a_subprocess() -> None:
     exe = Path(sys.executable).parent / "peftkit"
-    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     for name in ("info", "merge", "tour", "demo", "train", "eval", "generate", "chat"):
         assert f"    {name} " in done.stdout
-    done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=900)
     assert done.stdout.strip() == f"peftkit {__version__}"
 
 

@@ -25,6 +25,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ["lora-r4", "ia3", "prompt", "full"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_per_training_child():
+    """The training children these tests start run on one thread: two OpenMP threads on a busy 2-core
+    machine are ten times slower for a tiny model, not faster (they spin)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def experiment_text(base: Path, ia3_lr: str = "1e-2") -> str:
     return f"""
 base: {base}
@@ -109,6 +118,70 @@ def test_the_report_has_every_variant_with_finite_numbers(compared):
     assert rows["base"]["text_tokens"] > 1000  # 2000 characters of the shipped text, in windows
 
 
+def test_scoring_cost_is_said_before_training_and_progress_during_scoring(compared):
+    """Before anything trains: the models, examples per task and tokens of general text, and a time
+    estimate from forwards of the base timed here; while scoring, a counted line per part."""
+    _, out, printed = compared
+    lines = printed.splitlines()
+    plan = next(i for i, ln in enumerate(lines) if ln.startswith("scoring plan: "))
+    assert plan < next(i for i, ln in enumerate(lines) if ln.startswith("training 4 variants"))
+    assert lines[plan].startswith("scoring plan: 5 models (2 model loads); task:dates 6 examples (up to ")
+    assert (
+        "extract (forgetting) 4 examples" in lines[plan]
+        and "sentiment (forgetting) 4 examples" in lines[plan]
+    )
+    windows = results(out)["general_text"]["tokens"] / 127  # scored: each window's tokens but its first
+    assert f"general text {int(windows) * 128:,} tokens ({windows:.0f} windows of 128)" in lines[plan]
+    estimate = lines[plan + 1]
+    assert re.match(r"scoring estimate: up to about \d+ (s|min) on this machine, from the base model timed "
+                    r"here \(a forward of \d+ x \d+ tokens took [\d.]+ s, a decode step [\d.]+ s", estimate)  # fmt: skip
+    # each loaded copy (full fine-tuning's model, a second copy of the base for IA3, whose layers
+    # LoRA's wrap too) counts its four parts: the task, two forgetting tasks and the general text
+    progress = [ln.strip() for ln in lines if ln.strip().startswith("scoring [")]
+    assert len(progress) >= 8 and [p.split("/")[0] for p in progress] == [
+        "scoring [1", "scoring [2", "scoring [3", "scoring [4"] * (len(progress) // 4)  # fmt: skip
+    assert re.match(r"scoring \[1/4\] task:dates: 6 examples x \d models?, up to 16 new tokens each "
+                    r"\(elapsed \d+ s\)$", progress[0])  # fmt: skip
+    assert progress[3].startswith("scoring [4/4] general text: ")
+    assert lines.index(next(ln for ln in lines if "scoring [1/4]" in ln)) > plan + 2
+
+
+def test_the_quick_run_advice_names_real_keys_and_makes_scoring_smaller(compared, tiny_model_dir):
+    """The output says which evaluate: keys make a quick run; they are real keys, read as written, and
+    with them the estimate is several times smaller than with the defaults (issue 18: scoring with
+    the defaults dwarfed a two-step training)."""
+    import dataclasses
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from peftkit.compare import estimate as e
+    from peftkit.compare.settings import general_text
+    from peftkit.experiment.evaluation import EvalSettings
+
+    _, _, printed = compared
+    said = re.search(r"^quick run \(about .+\): set evaluate: (\{.*\}) \(docs/compare.md", printed, re.M)
+    assert said and yaml.safe_load(said.group(1)) == {"forgetting_tasks": []}  # the fixture's only excess
+
+    defaults = read_settings({}, "task:dates")
+    advice = yaml.safe_load(e.quick_run_advice(defaults))
+    assert set(advice) == {"examples", "forgetting_tasks", "general_text_chars"}
+    assert set(advice) <= {f.name for f in dataclasses.fields(EvalSettings)}
+    quick = read_settings(advice, "task:dates")  # accepted as written
+    assert e.quick_run_advice(quick) == "" and e.quick_settings(defaults) == quick
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    parts = {s: e.scoring_parts(s, tokenizer, general_text(s)) for s in (defaults, quick)}
+    assert [p.examples for p in parts[defaults][:3]] == [100, 50, 50] and len(parts[quick]) == 2
+    timing = e.Timing(rows=16, tokens=100, prefill_s=2.0, decode_s=0.1, load_s=3.0)
+    slow, fast = (e.estimate_seconds(parts[s], timing, [3]) for s in (defaults, quick))
+    assert fast < slow / 4
+    lines = e.plan_lines(e.Plan(parts[defaults], parts[quick], [3], timing), defaults)
+    assert lines[1].startswith(f"scoring estimate: up to about {e.duration(slow)} on this machine")
+    assert lines[2] == (f"quick run (about {e.duration(fast)}): set evaluate: {{examples: 20, "
+                        "forgetting_tasks: [], general_text_chars: 4000} (docs/compare.md, Scoring cost)")  # fmt: skip
+
+
 def test_report_md_table_names_every_model(compared):
     _, out, _ = compared
     lines = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]
@@ -178,7 +251,7 @@ def test_mixed_text_perplexity_matches_one_adapter_at_a_time(compared, tiny_mode
 
 
 def test_ctrl_c_starts_no_other_variant_and_the_same_command_resumes(tiny_model_dir, tmp_path, capsys):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the first of three variants
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the first of two variants
     trains: that run saves a checkpoint, the queued variants never start, compare exits 130 saying how
     to go on. The same command again resumes it; the report marks its time and memory as partial."""
     experiment = tmp_path / "exp.yaml"
@@ -191,26 +264,18 @@ batch_size: 4
 max_length: 200
 lr: 1e-2
 variants:
-  - {{name: lora-r4, lora: {{r: 4}}, max_steps: 150}}
+  - {{name: lora-r4, lora: {{r: 4}}, max_steps: 60}}
   - {{name: prefix, method: prefix, prefix: {{num_virtual_tokens: 4, prefix_projection: true}}}}
-  - {{name: full, method: full, lr: 1e-3}}
 evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
 """)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "peftkit", "compare", str(experiment), "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    proc = _start_compare(experiment, out)
     try:
-        metrics = out / "runs" / "lora-r4" / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not _has_a_line(metrics):
-            time.sleep(0.05)
+        _wait_for_a_step(proc, out / "runs" / "lora-r4" / "metrics.jsonl")
         os.killpg(proc.pid, signal.SIGINT)  # the first variant is training: its first step is logged
-        printed, _ = proc.communicate(timeout=90)
+        printed, _ = proc.communicate(timeout=HANG_GUARD_S)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
     assert proc.returncode == 130, printed
     assert "0 variant(s) finished, 1 stopped" in printed and "Run the same command again" in printed
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["lora-r4.log"]  # nothing else started
@@ -218,10 +283,10 @@ evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
 
     assert main(["compare", str(experiment), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert re.findall(r"\] (\S+): trained in", printed) == ["lora-r4", "prefix", "full"]
+    assert re.findall(r"\] (\S+): trained in", printed) == ["lora-r4", "prefix"]
     assert "resuming from" in (out / "logs" / "lora-r4.log").read_text()
     rows = {r["name"]: r for r in results(out)["rows"]}
-    assert rows["lora-r4"]["steps"] == 150
+    assert rows["lora-r4"]["steps"] == 60
     assert [n for n, r in rows.items() if r["resumed"]] == ["lora-r4"]
     report = (out / "report.md").read_text()
     cells = {ln.split("|")[1].strip(): ln.split("|") for ln in report.splitlines() if ln.startswith("| ")}
@@ -233,11 +298,75 @@ evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
     assert "prefix tuning (projection): trainable params count what trained" in report
 
 
+@pytest.mark.parametrize("how, group", [("SIGTERM", True), ("SIGHUP", False)])
+def test_sigterm_and_sighup_stop_compare_as_ctrl_c_does(tiny_model_dir, tmp_path, how, group):
+    """SIGTERM (`timeout` sends it to the whole process group; `kill`, docker, Kubernetes, Slurm and
+    systemd send it too) or SIGHUP (a closed terminal, to compare alone) while the first variant
+    trains: as with Ctrl-C, that run is told to stop and saves a checkpoint, compare waits for it,
+    starts no other variant, says what was left and how to go on, and exits 128 + the signal."""
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(f"""
+base: {tiny_model_dir}
+data: task:dates
+max_examples: 40
+batch_size: 4
+max_length: 200
+eval_every: 1000000
+variants:
+  - {{name: first, max_steps: 1000000}}
+  - {{name: second, max_steps: 2}}
+evaluate: {{examples: 2, forgetting_tasks: [], general_text_chars: 500}}
+""")
+    out = tmp_path / "out"
+    proc = _start_compare(experiment, out)
+    sig = getattr(signal, how)
+    try:
+        _wait_for_a_step(proc, out / "runs" / "first" / "metrics.jsonl")
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        printed, _ = proc.communicate(timeout=HANG_GUARD_S)
+    finally:
+        _kill(proc)
+    assert proc.returncode == 128 + sig, printed
+    assert f"stopped by {how}: 0 variant(s) finished, 1 stopped" in printed, printed
+    assert "1 not started. Run the same command again" in printed
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["first.log"]  # the second never started
+    run = out / "runs" / "first"
+    assert any((run / "checkpoints").iterdir()) and (run / "adapter-last").is_dir()
+    assert json.loads((run / "summary.json").read_text())["interrupted"] is True
+    assert "stopping after this step to save a checkpoint" in (out / "logs" / "first.log").read_text()
+
+
+# A hang guard only, sized for a slow, loaded machine: no test waits on how fast the machine is.
+HANG_GUARD_S = 900
+
+
+def _start_compare(experiment: Path, out: Path) -> subprocess.Popen:
+    """`peftkit compare` as a terminal's job: its own process group, SIGINT not ignored (a CI runner's
+    background job starts with it ignored), one thread per training run."""
+    command = [sys.executable, "-m", "peftkit", "compare", str(experiment), "--out", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+
+
+def _wait_for_a_step(proc: subprocess.Popen, metrics: Path) -> None:
+    """Until the run has logged its first step, so a signal lands mid-run (however slow the machine)."""
+    while proc.poll() is None and not _has_a_line(metrics):
+        time.sleep(0.02)
+    assert proc.poll() is None, f"compare exited before the run took a step:\n{proc.communicate()[0]}"
+
+
 def _has_a_line(path: Path) -> bool:
     try:
         return b"\n" in path.read_bytes()
     except OSError:
         return False
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_resumption_is_read_from_the_metrics_record_times(tmp_path):

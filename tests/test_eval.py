@@ -442,7 +442,7 @@ def test_chat_command_keeps_history_and_resets(base_dir: Path, tmp_path: Path) -
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     model, tokenizer = load_base(str(base_dir))

@@ -14,7 +14,7 @@ def test_lora_on_a_cnn_learns_two_tasks_and_mixes_them() -> None:
         [sys.executable, str(ROOT / "examples" / "lora_on_a_cnn.py")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -351,7 +351,7 @@ def test_opening_a_current_registry_takes_no_writer_lock(tmp_path, location) -> 
     with reg.db.transaction(write=True):
         reader = threading.Thread(target=lambda: seen.append(Registry.open(location).versions()))
         reader.start()
-        reader.join(timeout=20)
+        reader.join(timeout=900)
         assert not reader.is_alive() and [v.ref for v in seen[0]] == ["bot@1"]
 
 

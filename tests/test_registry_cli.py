@@ -193,7 +193,7 @@ def test_the_documented_ci_cd_flow_runs_end_to_end(tiny_model_dir, tmp_path, reg
     env = {**os.environ, "BASE": str(tiny_model_dir), "DATA": str(data), "STEPS": "2", "OUT": str(tmp_path / "out"),
            "PEFTKIT": f"{sys.executable} -m peftkit", "GATE_N": "4", "MIN_SCORE": "0", "OMP_NUM_THREADS": "1"}  # fmt: skip
     done = subprocess.run(
-        ["bash", "examples/ci_cd_flow.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        ["bash", "examples/ci_cd_flow.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     from peftkit.registry import Registry

@@ -32,7 +32,7 @@ location = test_registry.location  # the fixture: a SQLite registry, or one on a
 FORK = multiprocessing.get_context("fork")
 # The steps a writer can be killed before: what makes a file durable or moves it, and every SQL statement.
 FS_STEPS = ("replace", "rename", "link", "fsync", "unlink", "mkdir", "makedirs")
-TIMEOUT = 120  # seconds: a hung writer fails its test instead of hanging the run
+TIMEOUT = 900  # seconds: a hung writer fails its test instead of hanging the run (never a slow one)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +354,7 @@ def _gc_removing_after_reuse(location: str, decided: Any, reused: Any) -> list[s
 
     def unlink_after_reuse(*args: Any, **kwargs: Any) -> Any:
         decided.set()  # gc found the file unreferenced and older than its grace period
-        reused.wait(10)
+        reused.wait(TIMEOUT)
         return unlink(*args, **kwargs)
 
     os.unlink = unlink_after_reuse
@@ -367,7 +367,7 @@ def _register_reusing(location: str, adapter: Path, decided: Any, reused: Any) -
     utime = os.utime
 
     def utime_after_gc_decided(*args: Any, **kwargs: Any) -> Any:
-        decided.wait(10)
+        decided.wait(TIMEOUT)
         return utime(*args, **kwargs)
 
     os.utime = utime_after_gc_decided

@@ -84,7 +84,7 @@ class Browser:
             command["sessionId"] = session
         os.write(self._write, json.dumps(command).encode() + b"\0")
         with self.arrived:
-            if not self.arrived.wait_for(lambda: self.next_id in self.replies, timeout=30):
+            if not self.arrived.wait_for(lambda: self.next_id in self.replies, timeout=900):
                 raise TimeoutError(f"chromium did not answer {method}")
             reply = self.replies.pop(self.next_id)
         if "error" in reply:
@@ -98,7 +98,7 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 20) -> Any:
+    def wait_for(self, expression: str, timeout: float = 900) -> Any:
         """The expression's value once truthy (an error, as while the page loads, counts as not yet)."""
         end, last = time.monotonic() + timeout, None
         while time.monotonic() < end:

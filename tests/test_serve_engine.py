@@ -180,6 +180,16 @@ def test_sampling_follows_seed_top_p_and_logprobs(adapters) -> None:
     assert list(out.top_logprobs) == expected.topk(3).indices.tolist()
 
 
+async def _eventually(condition) -> bool:
+    """Whether `condition` holds within 900 s (a hang guard): the engine's thread publishes what
+    adapters() and stats() read between its steps, maybe just after an awaited command settled."""
+    for _ in range(90000):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def test_the_threaded_engine_serves_loads_unloads_and_stops(adapters) -> None:
     engine = Engine.start(
         base(), None, adapters.get, EngineConfig(max_len=64, max_batch=4, adapter_slots=2, max_rank=4)
@@ -194,23 +204,20 @@ def test_the_threaded_engine_serves_loads_unloads_and_stops(adapters) -> None:
         results = await asyncio.gather(*(one(*r) for r in reqs))
         for (prompt, adapter, params), tokens in zip(reqs, results, strict=True):
             assert tokens == offline(prompt, adapter and adapters[adapter], params.max_tokens)
+        keys = lambda: [a["key"] for a in engine.adapters()]  # noqa: E731
         await engine.load("lora")
-        assert "lora" in [a["key"] for a in engine.adapters()]
+        assert await _eventually(lambda: "lora" in keys())
         await engine.unload("lora")
-        assert "lora" not in [a["key"] for a in engine.adapters()]
+        assert await _eventually(lambda: "lora" not in keys())
         with pytest.raises(AdapterLoadError, match="nowhere"):
             await engine.load("nowhere")
         stream = engine.generate([1, 2, 3], "dora", SamplingParams(max_tokens=50, temperature=0))
         await stream.__anext__()  # one token in, then the client goes away
         await stream.aclose()
-        for _ in range(100):
-            if engine.stats()["running"] == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine.stats()["running"] == 0  # the abort freed its row
+        assert await _eventually(lambda: engine.stats()["running"] == 0)  # the abort freed its row
 
     asyncio.run(main())
-    engine.stop(deadline=5)
+    engine.stop(deadline=900)
     assert not engine.thread.is_alive()
 
 

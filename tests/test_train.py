@@ -140,8 +140,12 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_model_dir, data, tmp_path
     proc = subprocess.Popen(
         [*cmd, "--output_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 120
-    while not list((run / "checkpoints").glob("step-*/state.json")) and time.time() < deadline:
+    deadline = time.time() + 900  # a hang guard: it waits for a checkpoint, however slow the machine
+    while (
+        not list((run / "checkpoints").glob("step-*/state.json"))
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -186,11 +190,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, data
     ]
     subprocess.run(
         [*torchrun, "-m", "peftkit", *args, "--batch_size", "4", "--output_dir", str(tmp_path / "two")],
-        env=env, check=True, capture_output=True, timeout=300,
+        env=env, check=True, capture_output=True, timeout=900,
     )  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "peftkit", *args, "--batch_size", "8", "--output_dir", str(tmp_path / "one")],
-        env=env, check=True, capture_output=True, timeout=300,
+        env=env, check=True, capture_output=True, timeout=900,
     )  # fmt: skip
     curve = lambda run, key: [r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r]  # noqa: E731
     for key in ("loss", "val_loss"):
@@ -463,17 +467,17 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(tin
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore
     )
-    deadline = time.time() + 120
-    while not read_metrics(run / "metrics.jsonl") and time.time() < deadline:
+    deadline = time.time() + 900  # a hang guard: it waits for the first step, however slow the machine
+    while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 130, err
     (checkpoint,) = (run / "checkpoints").iterdir()
     step = int(checkpoint.name.split("-")[1])
     assert 0 < step < 300 and f"--resume (resume=True in Python) to continue from step {step}" in err
     assert json.loads((run / "summary.json").read_text())["interrupted"] is True
-    subprocess.run([*cmd, "--resume"], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([*cmd, "--resume"], env=env, check=True, capture_output=True, timeout=900)
     a, b = adapter_tensors(tmp_path / "whole" / "adapter-last"), adapter_tensors(run / "adapter-last")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]

@@ -24,6 +24,8 @@ def compare(
     of one base in the same mixed batches: the task score, perplexity on a held-out general text
     and the scores on the other built-in tasks (forgetting). Writes OUT/report.md, report.html (self-
     contained), results.json and three PNG plots. docs/compare.md has the file format and columns.
+    Ctrl-C, SIGTERM and SIGHUP stop it alike: no new run starts, the running ones save a checkpoint,
+    and it exits 128 + the signal (130, 143, 129); the same command then resumes.
 
     Args:
         experiment: the experiment YAML file (training keys + variants + evaluate)
@@ -33,8 +35,12 @@ def compare(
         overrides: training keys set on the command line for every variant (a variant's own keys win)
     """
     from ..experiment.outdir import default_out
+    from ..experiment.stopping import report_stop
     from .run import compare as run_compare
 
     out = out if out is not None else default_out("compare", experiment)
-    run_compare(experiment, out, jobs=jobs, overrides=overrides or {}, say=lambda s: print(s, flush=True))
+    try:
+        run_compare(experiment, out, jobs=jobs, overrides=overrides or {}, say=lambda s: print(s, flush=True))
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: exit 128 + the signal (130, 143, 129)
+        return report_stop(e)
     return 0

@@ -23,10 +23,12 @@ from typing import Any
 from ..errors import ConfigError, RequestError
 from ..experiment import Experiment, read_experiment
 from ..experiment.outdir import OutDir, claim_out_dir
+from ..experiment.stopping import interrupted_line, stop_signals
 from ..io import atomic_file, write_json_atomic
+from ..train.config import TrainConfig
 from .runs import require_variants, train_variants, variant_configs
 from .scoring import BASE_ROW, models_to_score, score_models
-from .settings import GENERAL_TEXT, read_settings
+from .settings import GENERAL_TEXT, EvalSettings, read_settings
 
 OUT_DIR = OutDir(
     "compare", "compare.json",
@@ -55,10 +57,19 @@ def compare(
     settings = read_settings(experiment.evaluation, experiment.config().data)
     configs = variant_configs(experiment, out)  # every config is built before the directory is claimed
     claim_out_dir(out, OUT_DIR, {"experiment": str(experiment.path)})
-    trained = train_variants(experiment, configs, out, jobs=jobs, say=say)
     shared_base = experiment.config().base
-    models = models_to_score(trained, shared_base)
-    scores = score_models(models, settings, out, say=say)
+    say_scoring_plan(shared_base, settings, configs, say)
+    with stop_signals():  # SIGTERM and SIGHUP stop compare as Ctrl-C does
+        trained = train_variants(experiment, configs, out, jobs=jobs, say=say)
+        models = models_to_score(trained, shared_base)
+        try:
+            scores = score_models(models, settings, out, say=say)
+        except KeyboardInterrupt as e:
+            say(
+                f"{interrupted_line(e)} while scoring: every variant is trained, and the scores written "
+                f"to {out / 'eval'} are kept. Run the same command again to score the rest."
+            )
+            raise
     from .report import build_rows
 
     results = {
@@ -78,6 +89,16 @@ def compare(
     write_report(results, out)
     say(f"wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'results.json'}")
     return results
+
+
+def say_scoring_plan(
+    base: str, settings: EvalSettings, configs: dict[str, TrainConfig], say: Callable[[str], None]
+) -> None:
+    """Before anything trains: what scoring will cost, an estimate timed here, and how to make it quick."""
+    from .estimate import groups_of, measure, plan_lines
+
+    for line in plan_lines(measure(base, settings, groups_of(configs, base)), settings):
+        say(line)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

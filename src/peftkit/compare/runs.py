@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..experiment import Experiment, Outcome, RunFailed, Variant, run_training
 from ..experiment.runner import finished_summary
+from ..experiment.stopping import CHILDREN, NotStarted, signal_name
 from ..train.config import FULL, TrainConfig
 
 
@@ -75,23 +76,26 @@ def train_variants(
 ) -> list[Trained]:
     """Train (or reuse) every variant, `jobs` at a time, printing a line as each starts and ends.
     When any fails, the others still finish; then RunFailed names every failed variant and its log.
-    Ctrl-C starts nothing more: the running children (same terminal) save a checkpoint, then
-    KeyboardInterrupt is raised once they exited, after saying how to resume."""
+    A stop signal (Ctrl-C, SIGTERM, SIGHUP: see peftkit.experiment.stopping) starts nothing more: the
+    running children save a checkpoint, then the signal's KeyboardInterrupt is raised once they
+    exited, after saying how to resume."""
     threads = threads_per_run(jobs)
     total = len(experiment.variants)
     lock = threading.Lock()
-    stop = threading.Event()  # set on Ctrl-C: a run that has not started yet never starts
 
     def one(i: int, v: Variant) -> Trained | None:
         config, log = configs[v.name], out / "logs" / f"{v.name}.log"
         tag = f"[{i}/{total}] {v.name}"
         with lock:
-            if stop.is_set():
+            if CHILDREN.requests:  # stopped: a run that has not started yet never starts
                 return None
             if finished_summary(config) is None:  # else run_training reuses it, and says nothing starts
                 say(f"{tag}: training {config.method}{_quantized(config)} (log: {log})")
         t0 = time.perf_counter()
-        outcome = run_training(config, out / "configs" / f"{v.name}.yaml", log=log, threads=threads)
+        try:
+            outcome = run_training(config, out / "configs" / f"{v.name}.yaml", log=log, threads=threads)
+        except NotStarted:  # the stop came between the check above and the start
+            return None
         with lock:
             say(f"{tag}: {_finished(outcome, time.perf_counter() - t0)}")
         return Trained(v, config, outcome, log)
@@ -101,11 +105,9 @@ def train_variants(
         futures = [pool.submit(one, i, v) for i, v in enumerate(experiment.variants, start=1)]
         try:
             done = [_result(f) for f in futures]
-        except KeyboardInterrupt:
-            with lock:
-                stop.set()
+        except KeyboardInterrupt as e:  # the handler already asked the running children to stop
             pool.shutdown(wait=False, cancel_futures=True)  # the queued runs never start
-            say(_interrupted(futures))
+            say(_interrupted(futures, e))
             raise
     failed = [(v.name, e) for v, e in zip(experiment.variants, done, strict=True) if isinstance(e, RunFailed)]
     if failed:
@@ -124,18 +126,25 @@ def _result(future: Future) -> Trained | RunFailed | None:
         return e
 
 
-def _interrupted(futures: list[Future]) -> str:
-    """After Ctrl-C: wait for the running runs (their children got it too and save a checkpoint, or
-    abort at a second Ctrl-C), then say what was left and how to go on."""
-    wait([f for f in futures if not f.cancelled()])  # wait() never returns for a cancelled queued one
+def _interrupted(futures: list[Future], e: KeyboardInterrupt) -> str:
+    """After a stop signal: wait for the running runs (their children were asked to stop and save a
+    checkpoint; a second signal aborts them), then say what was left and how to go on."""
+    running = [f for f in futures if not f.cancelled()]  # wait() never returns for a cancelled one
+    while True:
+        try:
+            wait(running)
+            break
+        except KeyboardInterrupt:  # another signal: passed on to the children too; keep waiting
+            continue
     finished = stopped = 0
-    for f in futures:
-        if not f.cancelled() and f.exception() is None and f.result() is not None:
+    for f in running:
+        if f.exception() is None and f.result() is not None:
             finished += 1
-        elif not f.cancelled() and f.exception() is not None:
+        elif f.exception() is not None:
             stopped += 1
     left = len(futures) - finished - stopped
-    return (f"interrupted: {finished} variant(s) finished, {stopped} stopped (each resumes from its last "
+    how = "interrupted" if signal_name(e) == "SIGINT" else f"stopped by {signal_name(e)}"
+    return (f"{how}: {finished} variant(s) finished, {stopped} stopped (each resumes from its last "
             f"checkpoint), {left} not started. Run the same command again to go on: finished runs are "
             "reused, stopped ones resume.")  # fmt: skip
 

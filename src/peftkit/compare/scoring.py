@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json_atomic
+from .estimate import duration, plural
 from .runs import Trained
 from .settings import EvalSettings, general_text
 
@@ -115,7 +116,7 @@ def score_models(
         names = ", ".join(m.name for m in group)
         say(f"evaluating {names} on {load}{'+' + quantize if quantize else ''} ...")
         t0 = time.perf_counter()
-        scored = score_group(load, quantize, group, settings, text)
+        scored = score_group(load, quantize, group, settings, text, say)
         say(f"  evaluated {len(group)} model(s) in {time.perf_counter() - t0:.0f} s")
         for m in group:
             write_json_atomic(
@@ -126,7 +127,12 @@ def score_models(
 
 
 def score_group(
-    load: str, quantize: str | None, group: list[Model], settings: EvalSettings, text: str
+    load: str,
+    quantize: str | None,
+    group: list[Model],
+    settings: EvalSettings,
+    text: str,
+    say: Callable[[str], None] = print,
 ) -> dict[str, Scores]:
     """Score every model of one base: as many adapters as can sit on one loaded copy of it (two methods
     cannot wrap the same module: LoRA and IA3 both wrap k_proj) are scored together in mixed batches;
@@ -138,7 +144,7 @@ def score_group(
     while pending:
         model, tokenizer = load_base(load, dtype=settings.dtype, quantize=quantize)
         net, placed, pending = _place(model, quantize, pending)
-        results |= _score_loaded(net, tokenizer, placed, settings, text)
+        results |= _score_loaded(net, tokenizer, placed, settings, text, _Progress(say, settings))
         del net, model
     return results
 
@@ -168,7 +174,7 @@ def _place(model: Any, quantize: str | None, models: list[Model]) -> tuple[Any, 
 
 
 def _score_loaded(
-    net: Any, tokenizer: Any, placed: dict[str, Model], settings: EvalSettings, text: str
+    net: Any, tokenizer: Any, placed: dict[str, Model], settings: EvalSettings, text: str, progress: _Progress
 ) -> dict[str, Scores]:
     from ..adapted import AdaptedModel
     from ..adapter_checks import check_can_share_a_batch
@@ -182,8 +188,8 @@ def _score_loaded(
     except RequestError:  # a method that cannot share a batch: each adapter runs on its own
         mixed = False
     t0 = time.perf_counter()
-    task, forgetting = _task_scores(net, tokenizer, names, settings, mixed)
-    ppl = _text_scores(net, tokenizer, names, settings, text, mixed)
+    task, forgetting = _task_scores(net, tokenizer, names, settings, mixed, progress)
+    ppl = _text_scores(net, tokenizer, names, settings, text, mixed, progress)
     share = (time.perf_counter() - t0) / len(names)
     return {
         m.name: Scores(
@@ -199,7 +205,9 @@ def _score_loaded(
     }
 
 
-def _task_scores(net: Any, tokenizer: Any, names: list, settings: EvalSettings, mixed: bool) -> tuple:
+def _task_scores(
+    net: Any, tokenizer: Any, names: list, settings: EvalSettings, mixed: bool, progress: _Progress
+) -> tuple:
     """({alias: task result}, {other task: {alias: result}}) via peftkit.eval.run.evaluate."""
     from ..data.source import load_data
     from ..data.tasks import get_task
@@ -207,33 +215,56 @@ def _task_scores(net: Any, tokenizer: Any, names: list, settings: EvalSettings, 
     from ..experiment.evaluation import max_new_tokens_for
     from ..routing import BASE
 
-    def run(examples: list, metric: str, max_new: int) -> dict:
+    def run(label: str, examples: list, metric: str, max_new: int) -> dict:
+        progress(
+            label,
+            f"{len(examples)} examples x {plural(len(names), 'model')}, up to {max_new} new tokens each",
+        )
         report = evaluate(net, tokenizer, examples, metric=metric, adapters=names, max_new_tokens=max_new,
                           batch_size=settings.batch_size, with_perplexity=False, mixed=mixed)  # fmt: skip
         return {a: report[BASE if a is None else a] for a in names}
 
     examples = load_data(settings.data, split="test", n=settings.examples)  # type: ignore[arg-type]
     max_new = max_new_tokens_for(settings.max_new_tokens, settings.data, tokenizer, examples)  # type: ignore[arg-type]
-    task = run(examples, settings.metric, max_new)
+    task = run(str(settings.data), examples, settings.metric, max_new)
     forgetting = {}
     for name in settings.forgetting_tasks or ():
         t = get_task(name)
-        forgetting[name] = run(t.examples("test", settings.forgetting_examples), t.metric, t.max_new_tokens)
+        forgetting[name] = run(f"{name} (forgetting)", t.examples("test", settings.forgetting_examples),
+                               t.metric, t.max_new_tokens)  # fmt: skip
     return task, forgetting
 
 
 def _text_scores(
-    net: Any, tokenizer: Any, names: list, settings: EvalSettings, text: str, mixed: bool
+    net: Any, tokenizer: Any, names: list, settings: EvalSettings, text: str, mixed: bool, progress: _Progress
 ) -> dict:
     from .text import text_perplexity, text_windows
 
     windows = text_windows(tokenizer, text, settings.window)
+    progress(
+        "general text",
+        f"{len(windows)} windows of up to {settings.window} tokens x {plural(len(names), 'model')}",
+    )
     if mixed:
         return text_perplexity(net, windows, names, batch_size=settings.batch_size)
     out = {}
     for a in names:
         out.update(text_perplexity(net, windows, [a], batch_size=settings.batch_size))
     return out
+
+
+class _Progress:
+    """One counted line as each part of a loaded copy's scoring starts: the scored task, each
+    forgetting task, the general text (generation also shows a progress bar on a terminal)."""
+
+    def __init__(self, say: Callable[[str], None], settings: EvalSettings) -> None:
+        self.say, self.done, self.started = say, 0, time.perf_counter()
+        self.total = 2 + len(settings.forgetting_tasks or ())
+
+    def __call__(self, label: str, work: str) -> None:
+        self.done += 1
+        elapsed = duration(time.perf_counter() - self.started)
+        self.say(f"  scoring [{self.done}/{self.total}] {label}: {work} (elapsed {elapsed})")
 
 
 def _identity(path: Path) -> list[tuple[str, int, int]] | str:

@@ -10,15 +10,13 @@ stop a run early (tune's pruning) by reading the metrics the run appends to its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +24,22 @@ from typing import Any
 from ..errors import PeftkitError
 from ..io import atomic_file
 from ..train.config import TrainConfig, save_config
+from .stopping import CHILDREN, stop_signals
 
 POLL_SECONDS = 0.25
-CTRL_C_GRACE_SECONDS = 120  # after Ctrl-C, how long the child may take to checkpoint before it is stopped
-TERM_GRACE_SECONDS = 10  # after SIGTERM or an error here, how long the child may take to exit before SIGKILL
+# After a stop signal, how long the child may take to checkpoint before it is aborted (a second
+# SIGINT), and then before it is killed: a guard against a hung child, far above a checkpoint's time.
+STOP_GRACE_SECONDS = 600
+TERM_GRACE_SECONDS = 10  # after an error here or a pruning stop, how long the child may take to exit
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RunFailed(PeftkitError):
     """A training run's process exited with an error; the message ends with its log's last lines."""
+
+
+class RunStopped(PeftkitError):
+    """A training run's process exited after a stop signal (it saved a checkpoint to resume from)."""
 
 
 @dataclass
@@ -68,6 +73,9 @@ def run_training(
     """Train `config` in a child process (`peftkit train config_path`), unless that exact run already
     finished (then its summary is reused). An interrupted run of the same config resumes from its
     checkpoint. `watch` sees each new metrics.jsonl record and returns True to stop the run.
+    A stop signal (Ctrl-C, SIGTERM, SIGHUP; see .stopping) lets the child checkpoint, then raises its
+    KeyboardInterrupt here (main thread) or RunStopped (another thread, whose main thread got it);
+    after one, no run starts (NotStarted).
     """
     out = Path(config.output_dir)
     done = finished_summary(config)
@@ -85,12 +93,16 @@ def run_training(
     log.parent.mkdir(parents=True, exist_ok=True)
     # A run that starts afresh replaces an old metrics.jsonl: the watcher skips the old file's records.
     metrics = _Tail(out / "metrics.jsonl", skip_current="--overwrite" in command)
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_dies_with(os.getpid()))  # fmt: skip
-        with _forward_sigterm(proc):
+    with open(log, "w") as sink, stop_signals() as children:  # (a no-op under compare's or tune's)
+        proc = children.popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=_child_setup(os.getpid()))  # fmt: skip
+        try:
             status, peak, stopped = _wait(proc, metrics, watch)
-    if stopped:  # killed: it wrote no summary (one on disk is an older run's)
+        finally:
+            children.exited(proc)
+        if status != 0 and not stopped and children.requests:  # another thread got the stop signal
+            raise RunStopped(f"training {out.name} stopped (exit {status}); rerun to resume it (log: {log})")
+    if stopped:  # stopped by the watcher: its summary (if any) is not a finished run's
         return Outcome(out, {}, peak, stopped=True, reused=False)
     if status != 0:
         raise RunFailed(f"training {out.name} failed (exit {status}); its log {log} ends:\n{_tail(log)}")
@@ -101,37 +113,62 @@ def run_training(
 def _wait(
     proc: subprocess.Popen, metrics: _Tail, watch: Callable[[dict[str, Any]], bool] | None
 ) -> tuple[int, float, bool]:
-    """Wait for the child, feeding `watch` its new metrics; (exit status, peak RSS in MB, stopped)."""
-    stopped = False
-    try:
-        while True:
+    """Wait for the child, feeding `watch` its new metrics; (exit status, peak RSS in MB, stopped).
+    A stop signal raised here (the main thread) was already passed on to the child by the handler:
+    keep waiting while it checkpoints, then raise the signal's KeyboardInterrupt."""
+    stopped, interrupted, clock = False, None, _StopClock()
+    while True:
+        try:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # `usage` holds the peak once it exited
             # After the exit too: the last records (the final validation) still reach the watcher.
-            if watch is not None and not stopped and any([watch(r) for r in metrics.new_records()]):
+            # Not once stopping: a pruning SIGTERM would be a second stop request, which aborts.
+            watching = watch is not None and not stopped and not CHILDREN.requests
+            if watching and any([watch(r) for r in metrics.new_records()]):
                 stopped = pid == 0
                 if stopped:
-                    proc.send_signal(signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGTERM)
             if pid:
                 proc.returncode = os.waitstatus_to_exitcode(status)
-                return proc.returncode, _megabytes(usage.ru_maxrss), stopped
+                break
+            if CHILDREN.requests:
+                clock.escalate(proc)
             time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:  # Ctrl-C: the child (same terminal) got it too and saves a checkpoint
-        if proc.returncode is None:
-            try:
-                proc.wait(timeout=CTRL_C_GRACE_SECONDS)
-            except BaseException:  # still running (or a second Ctrl-C): stop it now
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
-        raise
-    except BaseException:  # SIGTERM (see _forward_sigterm) or an error here: the child goes too
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=TERM_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        raise
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP (see .stopping): the child stops too
+            interrupted = interrupted or e
+        except BaseException:  # an error here: the child goes too
+            _terminate(proc)
+            raise
+    if interrupted is not None:
+        raise interrupted
+    return proc.returncode, _megabytes(usage.ru_maxrss), stopped
+
+
+class _StopClock:
+    """A child asked to stop that still runs STOP_GRACE_SECONDS later is aborted (a second SIGINT),
+    and killed after as long again: only a hung child ever gets there."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.aborted = False
+
+    def escalate(self, proc: subprocess.Popen) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since > 2 * STOP_GRACE_SECONDS:
+            proc.kill()
+        elif now - self.since > STOP_GRACE_SECONDS and not self.aborted:
+            os.kill(proc.pid, signal.SIGINT)
+            self.aborted = True
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.returncode is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=TERM_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _megabytes(max_rss: int) -> float:
@@ -139,44 +176,30 @@ def _megabytes(max_rss: int) -> float:
     return max_rss * (1 if sys.platform == "darwin" else 1024) / 1e6
 
 
-def _dies_with(parent: int) -> Callable[[], None] | None:
-    """The child's preexec_fn: on Linux the kernel sends it SIGTERM when `parent` dies, however it
-    dies (kill -9 too), so no trainer outlives its watcher to race a rerun in the same directory.
-    prctl is looked up here, in the parent: between fork and exec (compare forks from threads) the
-    child must not import or take locks."""
-    if not sys.platform.startswith("linux"):
-        return None
+def _child_setup(parent: int) -> Callable[[], None] | None:
+    """The child's preexec_fn. SIGINT back to its default, so `peftkit train` takes the stop requests
+    passed on to it even when this process was started with SIGINT ignored (a background job). On
+    Linux, the kernel sends the child SIGTERM when `parent` dies, however it dies (kill -9 too), so no
+    trainer outlives its watcher to race a rerun in the same directory. libc is looked up here, in
+    the parent: between fork and exec (compare forks from threads) the child must not import or take
+    locks."""
     import ctypes
 
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        prctl = libc.prctl if sys.platform.startswith("linux") else None
     except (OSError, AttributeError):
         return None
 
     def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+        libc.signal(signal.SIGINT, ctypes.c_void_p(0))  # SIG_DFL
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec
-
-
-@contextlib.contextmanager
-def _forward_sigterm(proc: subprocess.Popen) -> Iterator[None]:
-    """While the child runs, SIGTERM to this process (main thread only: Python's rule) stops the child
-    first: _wait sends it on and waits for the child before this process exits (status 143)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # e.g. compare's worker threads: _dies_with covers the child if this process is killed
-        return
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Tail:

@@ -35,7 +35,8 @@ def tune(
     lora_dropout (docs/tune.md lists the defaults). Each trial trains in OUT/trials/N in its own process;
     the study lives in OUT/study.db, so rerunning the same command continues it. The run ends with
     OUT/best.yaml (run it with `peftkit train OUT/best.yaml`), OUT/trials.md (.csv, .json),
-    objective.png and importance.png.
+    objective.png and importance.png. Ctrl-C, SIGTERM and SIGHUP stop it alike: the running trial saves
+    a checkpoint and is queued again, no new trial starts, and tune exits 128 + the signal.
 
     Args:
         experiment: the experiment YAML (training keys, search:, optional variants: and evaluate:)
@@ -64,7 +65,12 @@ def tune(
     settings = Settings(
         objective, pruner, trials, timeout, None, pruner_startup, threads, variants, overwrite
     )
-    result = tune_experiment(exp, out, settings, log=lambda line: print(printable(line), flush=True))
+    from ..experiment.stopping import report_stop
+
+    try:
+        result = tune_experiment(exp, out, settings, log=lambda line: print(printable(line), flush=True))
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: exit 128 + the signal (130, 143, 129)
+        return report_stop(e)
     best = result.best
     if best is None:
         print(f"no trial completed; see {out / 'trials.md'} and the logs in {out / 'logs'}")

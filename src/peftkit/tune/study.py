@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import ConfigError, PeftkitError
 from ..experiment import Experiment, Variant
 from ..experiment.config import flatten
+from ..experiment.stopping import interrupted_line, stop_signals
 from .objective import check_evaluation
 from .outdir import STUDY, STUDY_NAME, claim, locked, storage_url, take
 from .space import ALPHA_OVER_R, Param, parse_space
@@ -66,6 +67,7 @@ class _Run:
     seed: int
     log: Callable[[str], None]
     started: float = field(default_factory=time.monotonic)
+    stopped_trial: int | None = None  # the trial a stop signal interrupted (queued again)
 
 
 @dataclass
@@ -109,7 +111,8 @@ def tune_experiment(
         retry_unfinished(study, log)
         new = 0
         try:
-            new = _loop(run)
+            with stop_signals():  # SIGTERM and SIGHUP stop tune as Ctrl-C does
+                new = _loop(run)
         finally:
             best = write_report(out, study, params, settings.objective)
             best_yaml = write_best(run, best) if best is not None else None
@@ -298,7 +301,11 @@ def _loop(run: _Run) -> int:
         if s.timeout is not None and time.monotonic() - run.started >= s.timeout:
             run.log(f"timeout: {s.timeout:g} s passed, no new trial starts ({done} trials finished)")
             break
-        frozen = run_trial(run, target)
+        try:
+            frozen = run_trial(run, target)
+        except KeyboardInterrupt as e:  # the running trial (if any) checkpointed and is queued again
+            run.log(_stopped_line(e, run, new, target))
+            raise
         new += 1
         failures = failures + 1 if frozen.state == TrialState.FAIL else 0
         if failures >= MAX_FAILURES:
@@ -306,3 +313,12 @@ def _loop(run: _Run) -> int:
                 f"{MAX_FAILURES} trials in a row failed; the last: {frozen.user_attrs.get('error')}"
             )
     return new
+
+
+def _stopped_line(e: KeyboardInterrupt, run: _Run, new: int, target: int | None) -> str:
+    """What a stop signal left: trials finished by this invocation, the one stopped, those not started."""
+    stopped = int(run.stopped_trial is not None)
+    done = len(finished(run.study.get_trials(deepcopy=False)))
+    left = f"{max(0, target - done - stopped)} not started" if target is not None else "no new trial starts"
+    return (f"{interrupted_line(e)}: {new} trial(s) finished in this run, {stopped} stopped (queued again: "
+            f"it resumes from its checkpoint), {left}. Run the same command again to go on.")  # fmt: skip

@@ -82,6 +82,7 @@ def run_trial(run: Any, target: int | None) -> Any:
         from .study import interrupt
 
         interrupt(run.study, trial.number, trial.params, trial.user_attrs)
+        run.stopped_trial = trial.number
         run.log(f"trial {trial.number} interrupted; rerun the same command to retry it and go on")
         raise
     except PeftkitError as e:  # RunFailed (its log's tail), a diverged run, a config that cannot be built
