@@ -204,12 +204,13 @@ def _gone(pid):
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])  # SIGHUP: see test_compare's signal test
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGTERM-to-all", "SIGKILL"])  # SIGHUP: test_compare's
 def test_killing_the_watcher_stops_its_training_child(tiny_model_dir, tmp_path, how):
     """A killed compare/tune must not leave its trainer running (a rerun would start a second one in
     the same run directory). SIGTERM and SIGHUP are Ctrl-C: the child is told to stop, saves a
     checkpoint, and the watcher waits for it and exits 128 + the signal; on SIGKILL the kernel stops
-    the child (PR_SET_PDEATHSIG)."""
+    the child (PR_SET_PDEATHSIG). SIGTERM-to-all is a control group's kill (systemd, Slurm): the child
+    gets it directly and passed on, and still stops once, with its checkpoint."""
     import os
     import signal
     import subprocess
@@ -220,14 +221,17 @@ def test_killing_the_watcher_stops_its_training_child(tiny_model_dir, tmp_path, 
     )
     _wait_for_steps(proc, tmp_path / "run" / "metrics.jsonl")
     (child,) = _children(proc.pid)
-    sig = getattr(signal, how)
+    sig = getattr(signal, how.split("-")[0])
     try:
         proc.send_signal(sig)
+        if how == "SIGTERM-to-all":
+            os.kill(child, sig)
         assert proc.wait(timeout=HANG_GUARD_S) == (-9 if how == "SIGKILL" else 128 + sig)
         if how != "SIGKILL":  # the watcher waited for the child, which checkpointed
             assert _gone(child)
             assert any((tmp_path / "run" / "checkpoints").iterdir())
-            assert "stopping after this step" in (tmp_path / "run.log").read_text()
+            log = (tmp_path / "run.log").read_text()
+            assert "stopping after this step" in log and "aborted" not in log, log
         guard = time.monotonic() + HANG_GUARD_S
         while not _gone(child) and time.monotonic() < guard:  # the kernel's SIGTERM is on its way
             time.sleep(0.02)

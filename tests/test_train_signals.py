@@ -98,3 +98,28 @@ def test_a_second_signal_aborts_at_once(tiny_model_dir, data, tmp_path):
     assert proc.returncode in (128 + signal.SIGHUP, 128 + signal.SIGTERM), err
     assert "aborted before any checkpoint was written" in err
     assert not (out / "checkpoints").exists() and not (out / "adapter-last").exists()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGUSR1, signal.SIGTERM), (signal.SIGHUP, signal.SIGUSR1)],
+    ids=["passed-on-then-direct", "direct-then-passed-on"],
+)
+def test_a_stop_passed_on_by_compare_and_the_same_signal_sent_directly_are_one_request(
+    tiny_model_dir, data, tmp_path, first, second
+):
+    """A control group's SIGTERM (systemd, Slurm) reaches a compare/tune run directly and, passed on
+    by its parent, as SIGUSR1: the run stops once, with its checkpoint, instead of aborting."""
+    out = tmp_path / "run"
+    proc = start(train_command(tiny_model_dir, data, out))
+    wait_for_a_step(proc, out)
+    proc.send_signal(signal.SIGSTOP)  # both arrive at once (the kernel delivers the lower number first)
+    proc.send_signal(first)
+    proc.send_signal(second)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=HANG_GUARD)
+    assert proc.returncode == 128 + first, err
+    assert "aborted" not in err
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    step = int(checkpoint.name.split("-")[1])
+    assert json.loads((out / "adapter-last" / "training.json").read_text())["step"] == step

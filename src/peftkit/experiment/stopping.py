@@ -2,15 +2,15 @@
 
 `compare` and `tune` train each run in a child process of its own session, so a signal meant for a
 whole process group (Ctrl-C at a terminal, `timeout`'s SIGTERM) reaches only the parent, never the
-children behind its back. The parent passes each stop signal it gets on to every running child as one
-SIGINT, which `peftkit train` reads as Ctrl-C: the first makes it stop after the current step and save
-a checkpoint, a second aborts it. So SIGTERM (`kill`, `timeout`, `docker stop`, Kubernetes, Slurm
+children behind its back. The parent passes each stop signal it gets on to every running child: the
+first as SIGUSR1, which `peftkit train` reads as a request to stop after the current step and save a
+checkpoint that never aborts it, a second as SIGINT, which aborts a stopping run. So SIGTERM (`kill`, `timeout`, `docker stop`, Kubernetes, Slurm
 and systemd all send it) and SIGHUP (a closed terminal) do what Ctrl-C does: no new run starts, the
 running ones checkpoint, the parent waits for them, says what was left, and exits 128 + the signal's
 number (130, 143, 129). A signal the process was started with ignored (`nohup`'s SIGHUP, a background
-job's SIGINT) stays ignored. Not covered: a signal sent to every process of a control group (systemd's
-default KillMode, Slurm's scancel) reaches each child directly too, and its second request (the
-forwarded SIGINT) aborts it; the newest periodic checkpoint (`checkpoint_every`) is then what resumes.
+job's SIGINT) stays ignored. A signal sent to every process of a control group (systemd's default
+KillMode, Slurm's scancel) reaches each child directly as well as through the parent: the child takes
+the two for one request (SIGUSR1 never aborts, and a direct signal just after it is its echo).
 
     with stop_signals():
         ...                          # KeyboardInterrupt (a `Stopped`) is raised here on a stop signal
@@ -80,15 +80,18 @@ class Children:
             self._running.pop(proc.pid, None)
 
     def stop(self) -> None:
-        """Pass a stop on to every running child: SIGINT, Ctrl-C's signal (a second one aborts)."""
+        """Pass a stop on to every running child: the first as SIGUSR1, which `peftkit train` reads as
+        a stop after the current step that never aborts it (the child may have had the same signal
+        directly, from a control group's kill); a later one as SIGINT, which aborts a stopping run."""
         with self._lock:
             self.requests += 1
+            passed_on = signal.SIGUSR1 if self.requests == 1 and hasattr(signal, "SIGUSR1") else signal.SIGINT
             for pid, proc in list(self._running.items()):
                 # os.kill, not send_signal: that polls, and reaping here would take the child's exit
                 # (and its peak memory, read by os.wait4) from the thread that watches it.
                 if proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGINT)
+                        os.kill(pid, passed_on)
 
 
 CHILDREN = Children()

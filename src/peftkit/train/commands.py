@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,7 +48,10 @@ def train(
     from ..errors import ConfigError
     from .config import FULL, load_config
     from .loop import train as run_training
+    from .step import PASSED_ON
 
+    if PASSED_ON is not None:  # compare/tune's stop before training began: a clean interruption too
+        signal.signal(PASSED_ON, signal.default_int_handler)
     resolved = load_config(config, overrides or {})
     reg = None
     if register is not None:  # checked before the run: a bad name or registry must not waste it

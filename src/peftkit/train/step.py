@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,14 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     return tuple(getattr(signal, n) for n in names if hasattr(signal, n))  # no SIGHUP on Windows
 
 
+PASSED_ON = getattr(signal, "SIGUSR1", None)
+"""The stop request compare and tune pass on to their training runs: it never aborts a run, so when a
+signal reaches a run both directly and through its parent (a whole control group's SIGTERM, as systemd
+and Slurm send it) the second copy is not taken for an impatient second Ctrl-C."""
+ECHO_SECONDS = 2.0
+"""After a passed-on stop, a signal within this many seconds is the same request arriving directly."""
+
+
 class Aborted(KeyboardInterrupt):
     """A second stop signal: the run ends at once, in the middle of whatever it was doing."""
 
@@ -123,7 +132,9 @@ class StopOnSignal:
     """Within the block, the first stop signal (Ctrl-C, SIGTERM or SIGHUP: `stop_signals`) only asks
     the loop to stop after the current step, so it can save a checkpoint and the last weights; a
     second one aborts at once (raises Aborted, a KeyboardInterrupt). A signal that was ignored when
-    the block began (SIGHUP under nohup, SIGINT in a background job) stays ignored.
+    the block began (SIGHUP under nohup, SIGINT in a background job) stays ignored. SIGUSR1
+    (`PASSED_ON`), the stop compare and tune pass on, asks for the same stop but never aborts, and a
+    signal within ECHO_SECONDS after it is taken for the same request arriving directly.
 
     Under torchrun (checked with torch 2.13) each worker runs in a session of its own, so the
     terminal's Ctrl-C, like a SIGTERM to the job, reaches only the launcher, which forwards the signal
@@ -137,6 +148,7 @@ class StopOnSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the first stop signal received
+        self._since = 0.0  # when it came (time.monotonic)
         self._previous: dict[int, Any] = {}
 
     @property
@@ -149,6 +161,8 @@ class StopOnSignal:
             for number in stop_signals():
                 if signal.getsignal(number) is not signal.SIG_IGN:
                     self._previous[number] = signal.signal(number, self._handle)
+            if PASSED_ON is not None:
+                self._previous[PASSED_ON] = signal.signal(PASSED_ON, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,14 +171,18 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
+            echo = self.signum == PASSED_ON and time.monotonic() - self._since < ECHO_SECONDS
+            if signum == PASSED_ON or echo:
+                return  # the stop already asked for, again
             raise Aborted(signum)
-        self.signum = signum
-        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
-        name = signal.Signals(signum).name
+        self.signum, self._since = signum, time.monotonic()
+        if signum == PASSED_ON:
+            said = "the compare/tune run that started this one asks it to stop: stopping after this step to save a checkpoint"
+        else:
+            again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+            said = f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint ({again} aborts)"
         # os.write, not print: a signal handler may run in the middle of another print.
-        os.write(
-            2, f"\npeftkit: {name}: stopping after this step to save a checkpoint ({again} aborts)\n".encode()
-        )
+        os.write(2, f"\npeftkit: {said}\n".encode())
 
     def now(self, d: distributed.Dist) -> bool:
         """Whether to stop: the main process decides, so every process stops after the same step."""
