@@ -405,3 +405,24 @@ def test_the_gate_refuses_a_candidate_below_production_unless_the_margin_allows_
         result["passed"] and result["production"] == 1 and (result["n"], result["max_new_tokens"]) == (4, 32)
     )
     assert [v["stage"] for v in run_json(capsys, "list", "bot")] == ["archived", "production"]
+
+
+def test_the_gate_scores_a_candidate_of_another_method_than_production(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    """LoRA and IA³ both wrap v_proj, so they cannot share one model: the gate scores the candidate in
+    a pass of its own on the same base instead of failing with advice for Python callers."""
+    from peftkit import LoraConfig
+
+    ia3 = adapter_for(tiny_model_dir, tmp_path / "ia3", seed=5)
+    model, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
+    lora = AdaptedModel.attach(model, LoraConfig(r=2, init_lora_weights=False)).save_adapter(
+        tmp_path / "lora"
+    )
+    for adapter in (ia3, lora):
+        assert main(["registry", "register", "bot", str(adapter)]) == 0
+    assert main(["registry", "promote", "bot@1", "--to", "production", "--force"]) == 0
+    assert main(["registry", "gate", "bot", "task:dates", "--n", "2", "--base", str(tiny_model_dir)]) == 0
+    promoted = run_json(capsys, "promote", "bot@2", "--to", "production")
+    assert promoted["stage"] == "production"
+    assert set(promoted["gate"]["scores"]) == {"base", "candidate", "production"}

@@ -56,21 +56,21 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
     """Evaluate and decide. Returns the result (stored with the promotion): each model's score and
     perplexity, the checks with their outcome, and `passed`."""
     from ..data.source import load_data, parse_task_spec
-    from ..eval.commands import load_model, longest_answer
-    from ..eval.run import evaluate
+    from ..eval.loading import longest_answer, warnings_as_notes
+    from ..eval.passes import open_side_by_side
 
     task = parse_task_spec(gate.data, "test")
     examples = load_data(gate.data, split="test", n=gate.n)
     metric = gate.metric if gate.metric != "auto" else task[0].metric if task else "exact_match"
     adapters = [("candidate", candidate)] + ([("production", production)] if production else [])
-    model, tokenizer = load_model(base, adapters, "auto")
-    max_new = gate.max_new_tokens or (
-        task[0].max_new_tokens if task else longest_answer(tokenizer, examples) + 8
-    )  # the same rule as `peftkit eval`, so both score a file alike
-    report = evaluate(
-        model, tokenizer, examples, metric=metric, adapters=[None, *(n for n, _ in adapters)],
-        max_new_tokens=max_new, with_perplexity=True, samples=0,
-    )  # fmt: skip
+    with warnings_as_notes():  # a candidate of another method than production's: a pass of its own
+        side = open_side_by_side(base, adapters, "auto")
+        max_new = gate.max_new_tokens or (
+            task[0].max_new_tokens if task else longest_answer(side.tokenizer, examples) + 8
+        )  # the same rule as `peftkit eval`, so both score a file alike
+        report = side.evaluate(
+            examples, metric=metric, max_new_tokens=max_new, with_perplexity=True, samples=0
+        )
     scores = {r.adapter: {"score": r.score, "perplexity": r.perplexity} for r in report.results}
     cand, plain = report["candidate"], report["base"]
     changed = (

@@ -175,7 +175,7 @@ def prepare(
     from transformers.utils import logging as hf_logging
 
     from ..base import load_base, model_fingerprint
-    from ..eval.commands import adapter_specs
+    from ..eval.loading import adapter_specs
     from ..formats.peft import read_adapter
     from ..registry.refs import parse_ref
     from .catalog import Catalog
