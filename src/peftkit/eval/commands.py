@@ -121,6 +121,7 @@ def eval(
             else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.source import load_data, parse_task_spec
+    from peftkit.eval.heldout import trained_on
     from peftkit.eval.metrics import check_references
     from peftkit.eval.passes import open_side_by_side
     from peftkit.eval.run import format_table
@@ -159,6 +160,8 @@ def eval(
             with_perplexity=perplexity,
             samples=max(samples, 3),
         )
+    for name, directory in side.directories.items():  # a score on its own training data is no held-out one
+        report[name].trained_on = trained_on(directory, data, examples)
     print(format_table(report))
     for r in report.results if samples > 0 else ():
         for s in r.samples[:samples]:

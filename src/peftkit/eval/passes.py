@@ -37,6 +37,11 @@ class SideBySide:
     order: list[str]  # the report's rows: "base", then the adapters as they were given
     load: Callable[[Any, str, Path], None]  # loads one adapter onto the AdaptedModel
 
+    @property
+    def directories(self) -> dict[str, Path]:
+        """{adapter name: its directory (a registry reference resolved)}."""
+        return {name: directory for named in self.passes for name, directory in named}
+
     def evaluate(self, examples: list, **options: Any) -> EvalReport:
         """`peftkit.eval.run.evaluate` of the base model and every adapter on `examples`, pass by pass
         (the base model's row in the first): one report, rows in the order the adapters were given."""
