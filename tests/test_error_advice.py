@@ -1,0 +1,55 @@
+"""Errors that point at the fix (issue 18, items 12 and 16): a well-known other name for a config key
+gets its suggestion, `peftkit info` of a run directory names the adapter inside it, a missing
+`--prompts` file names its option.
+
+In-process `main` on conftest's tiny Llama where a command is run; configs through a real YAML file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit import IA3Config, LoraConfig
+from peftkit.cli import main
+from peftkit.errors import ConfigError
+from peftkit.methods.bottleneck_config import BottleneckConfig
+
+
+def run(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- config keys by another name -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cls", "key", "meant"),
+    [
+        (LoraConfig, "rank", "r"),
+        (LoraConfig, "alpha", "lora_alpha"),  # a spelling check would say alpha_pattern
+        (LoraConfig, "dropout", "lora_dropout"),
+        (LoraConfig, "targets", "target_modules"),
+        (LoraConfig, "target", "target_modules"),
+        (LoraConfig, "dora", "use_dora"),
+        (IA3Config, "targets", "target_modules"),
+        (IA3Config, "ff_modules", "feedforward_modules"),
+        (BottleneckConfig, "dropout", "adapter_dropout"),
+        (BottleneckConfig, "activation", "non_linearity"),
+        (LoraConfig, "lora_alfa", "lora_alpha"),  # a misspelling still gets the closest key
+    ],
+)
+def test_a_well_known_other_name_suggests_our_key(cls: type, key: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cls.from_dict({key: 1})
+    assert f"config key {key!r} (did you mean {meant!r}?)" in str(info.value)
+
+
+def test_lora_rank_in_a_train_config_suggests_r(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(f"base: {tmp_path / 'no-model'}\ndata: task:dates\nlora: {{rank: 8}}\n")
+    code, out, err = run(["train", config], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: lora: unknown LoRA config key 'rank' (did you mean 'r'?)"), err
