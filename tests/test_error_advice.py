@@ -53,3 +53,46 @@ def test_lora_rank_in_a_train_config_suggests_r(tmp_path: Path, capsys) -> None:
     code, out, err = run(["train", config], capsys)
     assert code == 2 and out == ""
     assert err.startswith("error: lora: unknown LoRA config key 'rank' (did you mean 'r'?)"), err
+
+
+# -- a training run's directory where an adapter goes ---------------------------------------------
+@pytest.fixture
+def run_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A training run's directory as `peftkit train` leaves it when no validation ran: adapter-last."""
+    from peftkit import AdaptedModel
+    from peftkit.base import load_base
+
+    model, _ = load_base(str(tiny_model_dir))
+    run = tmp_path / "run"
+    AdaptedModel.attach(model, LoraConfig(r=2, target_modules=["q_proj"])).save_adapter(run / "adapter-last")
+    (run / "summary.json").write_text("{}\n")
+    return run
+
+
+def test_info_of_a_run_directory_names_the_adapter_inside_it(run_dir: Path, capsys) -> None:
+    code, out, err = run(["info", run_dir], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {run_dir} is a training run's directory, not an adapter: ")
+    assert (
+        f"give the adapter inside it, {run_dir / 'adapter-last'} (where the run ended; no validation" in err
+    )
+    (run_dir / "adapter-best").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run_dir / "adapter-best" / name).write_bytes((run_dir / "adapter-last" / name).read_bytes())
+    code, out, err = run(["info", run_dir], capsys)
+    assert code == 2 and f"{run_dir / 'adapter-best'} (the lowest validation loss" in err
+    code, out, err = run(["info", run_dir / "adapter-best"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "command", ["eval task:dates --adapters", "generate --prompt hi --adapter", "registry register x"]
+)
+def test_other_commands_name_the_adapter_inside_a_run_directory_too(
+    command: str, run_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("PEFTKIT_REGISTRY", str(tmp_path / "reg"))
+    base = [] if command.startswith("registry") else ["--base", tiny_model_dir]
+    code, out, err = run([*command.split(), run_dir, *base], capsys)
+    assert code == 2 and f"give the adapter inside it, {run_dir / 'adapter-last'}" in err
+    assert "loading base model" not in err
