@@ -96,3 +96,11 @@ def test_other_commands_name_the_adapter_inside_a_run_directory_too(
     code, out, err = run([*command.split(), run_dir, *base], capsys)
     assert code == 2 and f"give the adapter inside it, {run_dir / 'adapter-last'}" in err
     assert "loading base model" not in err
+
+
+# -- a missing file names the option it came from ------------------------------------------------
+def test_a_missing_prompts_file_names_the_option(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.txt"
+    code, out, err = run(["generate", "--prompts", missing], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: --prompts {missing}: file not found"), err

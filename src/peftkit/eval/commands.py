@@ -209,7 +209,14 @@ def _read_text(path: Path) -> str:
     binary file, another encoding), so no UnicodeDecodeError traceback reaches the user."""
     if path.is_dir():
         raise DataError(f"{path} is a directory; --prompts takes a text or JSONL file")
-    data = path.read_bytes()
+    if not path.exists():
+        raise DataError(
+            f"--prompts {path}: file not found; give a text file (one prompt per line) or a JSONL file"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # unreadable (permissions, a dangling link): the option and the reason
+        raise DataError(f"--prompts {path}: cannot be read: {err.strerror or err}") from None
     if b"\0" in data:
         raise DataError(f"{path} is a binary file (it has NUL bytes); --prompts takes a text or JSONL file")
     try:
