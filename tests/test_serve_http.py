@@ -341,6 +341,36 @@ def test_refused_requests_get_openai_errors(server, endpoint, body, status, code
         assert error["error"]["code"] == code
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_post_without_a_json_content_type_is_told_to_send_one(server, content_type) -> None:
+    """What curl -d sends (form-encoded), or no header at all: an OpenAI-shaped 400 that names the
+    header, not a validation message about the body's shape."""
+    body = json.dumps(chat_body()).encode()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        req = urllib.request.Request(server[0] + path, data=body, method="POST")
+        req.remove_header("Content-type")  # urllib adds the form type to every POST with data
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("accepted")
+        except urllib.error.HTTPError as e:
+            status, error = e.code, json.loads(e.read())["error"]
+        assert status == 400 and set(error) == {"message", "type", "param", "code"}
+        assert (
+            "Content-Type: application/json" in error["message"] and error["code"] == "unsupported_media_type"
+        )
+
+
+def test_a_404_lists_the_models_served(server, base_name) -> None:
+    status, error = http(server[0] + "/v1/chat/completions", chat_body(model="alpah"))
+    assert status == 404 and error["error"]["code"] == "model_not_found"
+    assert error["error"]["message"] == (
+        f"The model `alpah` does not exist. Models you can use: `{base_name}`, `alpha`, `beta`, `alien`, "
+        "`reg`, `rollout`."
+    )
+
+
 def operations(schema: dict) -> dict[str, dict]:
     """{"METHOD /path": operation} of an OpenAPI schema."""
     return {f"{m.upper()} {p}": op for p, item in schema["paths"].items() for m, op in item.items()}
