@@ -426,3 +426,23 @@ def test_the_gate_scores_a_candidate_of_another_method_than_production(
     promoted = run_json(capsys, "promote", "bot@2", "--to", "production")
     assert promoted["stage"] == "production"
     assert set(promoted["gate"]["scores"]) == {"base", "candidate", "production"}
+
+
+def test_a_gate_on_another_base_says_how_to_give_it_the_right_one(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    """Not "pass --no-check-base", which promote does not take: the gate's own --base is what to change."""
+    other, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)  # the same architecture, other weights: another base
+    other.save_pretrained(tmp_path / "other")
+    load_base(str(tiny_model_dir))[1].save_pretrained(tmp_path / "other")  # the same tokenizer
+    assert (
+        main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=6))]) == 0
+    )
+    assert main(["registry", "gate", "bot", "task:dates", "--n", "2", "--base", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert main(["registry", "promote", "bot@1", "--to", "production"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(f"error: the gate of 'bot' runs on base model '{tmp_path / 'other'}'"), error
+    assert "`peftkit registry gate bot DATA --base BASE`" in error and "no-check-base" not in error

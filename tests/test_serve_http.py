@@ -452,6 +452,36 @@ def test_the_command_checks_its_inputs_before_loading_the_model(
     assert "no-model-here" not in err  # it stopped before looking for the model
 
 
+@pytest.mark.parametrize("alien", ["alien={dir}", "--preload"])
+def test_an_adapter_for_another_base_is_refused_with_advice_serve_can_take(setup, capsys, alien) -> None:
+    """Not "pass --no-check-base", which serve does not take: a server never loads an adapter onto another
+    base, so the advice is the base it was trained on (a directory) or the registry's record (a version)."""
+    argv = [
+        "serve",
+        "--base",
+        str(setup["base"]),
+        "--port",
+        str(free_port()),
+        "--registry",
+        str(setup["registry"]),
+    ]
+    if alien == "--preload":
+        argv += ["--preload", "[alien@1]"]
+    else:
+        argv += ["--adapters", alien.format(dir=Path(setup["registry"]).parent / "alien")]
+    assert main([*argv, "--engine.max_len", str(MAX_LEN)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: adapter 'alien") and "trained on" in error, error
+    assert "no-check-base" not in error and "allow_other_base" not in error
+    if alien == "--preload":
+        assert "`peftkit registry show alien@1` names it" in error
+    else:
+        assert (
+            "loads adapters only onto the base they were trained on: serve it from a server started with"
+            in error
+        )
+
+
 def test_peftkit_serve_runs_and_finishes_requests_in_flight_on_sigterm(setup) -> None:
     port = free_port()
     argv = [sys.executable, "-m", "peftkit", "serve", "--base", str(setup["base"]), "--port", str(port)]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RegistryError, RequestError
+from ..errors import BaseModelMismatchError, RegistryError, RequestError
 
 if TYPE_CHECKING:
     from .store import Registry
@@ -109,14 +109,26 @@ def pass_gate(reg: Registry, version: Version) -> dict[str, Any]:
         )
     base = gate.base or version.base_model
     if not base:
-        raise RegistryError(f"{version.ref} does not record its base model: give the gate one (--base)")
+        raise RegistryError(
+            f"{version.ref} does not record its base model: give the gate one, "
+            f"`peftkit registry gate {version.name} DATA --base BASE`"
+        )
     data = gate.data
     if data.startswith(STORED):
         sha, _, filename = data.removeprefix(STORED).partition("/")
         data = str(_stored_file(reg, sha, filename, f"{version.name}'s gate data"))
     current = [v for v in reg.versions(version.name) if v.stage == "production"]
     production = reg.resolve(current[0].ref) if current else None  # damaged: an error, not "none"
-    result = run_gate(replace(gate, data=data), base, reg.resolve(version.ref), production)
+    try:
+        result = run_gate(replace(gate, data=data), base, reg.resolve(version.ref), production)
+    except BaseModelMismatchError:  # its advice (--no-check-base) is not promote's to take
+        scored = [version, *current]
+        records = "; ".join(f"{v.ref} records {v.base_model or 'no base name'}" for v in scored)
+        raise RegistryError(
+            f"the gate of {version.name!r} runs on base model {base!r}, and a version it scores was trained "
+            f"on another ({records}): give the gate that version's base, "
+            f"`peftkit registry gate {version.name} DATA --base BASE`"
+        ) from None
     result["production"] = current[0].number if current else None  # the promotion checks it is still so
     if not result["passed"]:
         failed = [check for check, ok in result["checks"].items() if not ok]
