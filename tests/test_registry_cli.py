@@ -446,3 +446,39 @@ def test_a_gate_on_another_base_says_how_to_give_it_the_right_one(
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith(f"error: the gate of 'bot' runs on base model '{tmp_path / 'other'}'"), error
     assert "`peftkit registry gate bot DATA --base BASE`" in error and "no-check-base" not in error
+
+
+def test_registering_identical_files_again_says_so(tiny_model_dir, tmp_path, registry_env, capsys) -> None:
+    adapter = str(adapter_for(tiny_model_dir, tmp_path / "a", seed=7))
+    capsys.readouterr()
+    assert main(["registry", "register", "bot", adapter]) == 0
+    assert capsys.readouterr().err == ""  # a new version: nothing to note
+    assert main(["registry", "register", "bot", adapter, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"peftkit: {adapter} is identical to bot@1 (draft); no new version\n"
+    assert json.loads(out)[0]["version"] == 1  # the JSON on stdout is the existing version, unchanged
+
+
+def test_show_of_a_name_without_a_production_version_shows_the_latest_with_a_note(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    for seed in (8, 9):
+        assert (
+            main(
+                ["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / f"a{seed}", seed))]
+            )
+            == 0
+        )
+    assert main(["registry", "promote", "bot@1"]) == 0  # staging; none in production
+    capsys.readouterr()
+    assert main(["registry", "show", "bot", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "peftkit: 'bot' has no production version; showing its latest, bot@2 (draft)\n"
+    assert json.loads(out)["version"] == 2
+    assert main(["registry", "show", "bot@production"]) == 2  # asked for by name: still an error
+    assert "no production version; 'bot' has versions [1, 2]" in capsys.readouterr().err
+    assert main(["registry", "promote", "bot@1", "--to", "production", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "show", "bot"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "number            1" in out
