@@ -119,3 +119,9 @@ def test_generate_refuses_two_methods_on_one_module_without_python_advice(
     last = err.splitlines()[-1]
     assert code == 2 and out == "" and last.startswith("error: adapter 'ia3' cannot be active together")
     assert "delete_adapter" not in last and "peftkit eval --adapters" in last
+
+
+def test_a_bare_4bit_base_is_scored_alone(tiny_model_dir: Path, data: Path, capsys) -> None:
+    code, out, err = run(["eval", data, "--base", tiny_model_dir, "--n", 2, "--quantize", "nf4"], capsys)
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["base"]

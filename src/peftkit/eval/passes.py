@@ -86,6 +86,7 @@ def open_side_by_side(
         return SideBySide(model, tokenizer, [[]], order, load)
     # An AdaptedModel also for a bare 4-bit base: the adapted generate decodes it fast.
     am, passes = plan_passes(AdaptedModel(model), resolved, load)
+    passes = passes or [[]]  # a bare 4-bit base: one pass, the base model's row alone
     return SideBySide(am, tokenizer, [passes[-1], *passes[:-1]], order, load)
 
 
