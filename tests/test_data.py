@@ -159,8 +159,9 @@ MALFORMED = [
     (
         "x.jsonl",
         '{"prompt": "a", "completions": "b"}',
-        ["line 1", "cannot tell", "did you mean 'completion'"],
+        ["line 1", "has 'prompt' but no 'completion'", "'completions' (did you mean 'completion'?)"],
     ),
+    ("x.jsonl", '{"promt": "a", "answer": "b"}', ["cannot tell", "'promt' (did you mean 'prompt'?)"]),
     ("x.jsonl", '{"prompt": "a", "completion": "b", "messages": []}', ["line 1", "several formats"]),
     ("x.jsonl", '["a", "b"]', ["line 1", "the row is of type list"]),
     ("x.jsonl", '{"instruction": "a", "input": 5, "output": "b"}', ["line 1", "'input' is of type int"]),
@@ -191,6 +192,25 @@ def test_malformed_rows_name_file_line_and_problem(tmp_path, name, text, fragmen
     assert str(path) in message
     for fragment in fragments:
         assert fragment in message
+
+
+MISSING_FIELD = [  # the first row's keys say which format it meant: the field it lacks is named
+    ('{"prompt": "a"}', "the row has 'prompt' but no 'completion'"),
+    ('{"prompt": "a", "completion": null}', "the row has 'prompt' but its 'completion' is null"),
+    ('{"instruction": "a"}', "the row has 'instruction' but no 'output'"),
+    ('{"instruction": "a", "input": "b"}', "the row has 'instruction' but no 'output'"),
+    ('{"input": "b", "output": "c"}', "the row has 'output' but no 'instruction'"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), MISSING_FIELD)
+def test_a_row_without_its_answer_names_the_missing_field(tmp_path, text, problem):
+    path = write(tmp_path, "x.jsonl", text + "\n")
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 1: {problem}") and message.endswith("; add it"), message
+    assert "did you mean" not in message  # no suggestion of a key the row already has
 
 
 BIG = "1" + "0" * 5000  # more digits than Python turns into an int from text (4300)

@@ -405,3 +405,80 @@ def test_the_gate_refuses_a_candidate_below_production_unless_the_margin_allows_
         result["passed"] and result["production"] == 1 and (result["n"], result["max_new_tokens"]) == (4, 32)
     )
     assert [v["stage"] for v in run_json(capsys, "list", "bot")] == ["archived", "production"]
+
+
+def test_the_gate_scores_a_candidate_of_another_method_than_production(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    """LoRA and IA³ both wrap v_proj, so they cannot share one model: the gate scores the candidate in
+    a pass of its own on the same base instead of failing with advice for Python callers."""
+    from peftkit import LoraConfig
+
+    ia3 = adapter_for(tiny_model_dir, tmp_path / "ia3", seed=5)
+    model, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
+    lora = AdaptedModel.attach(model, LoraConfig(r=2, init_lora_weights=False)).save_adapter(
+        tmp_path / "lora"
+    )
+    for adapter in (ia3, lora):
+        assert main(["registry", "register", "bot", str(adapter)]) == 0
+    assert main(["registry", "promote", "bot@1", "--to", "production", "--force"]) == 0
+    assert main(["registry", "gate", "bot", "task:dates", "--n", "2", "--base", str(tiny_model_dir)]) == 0
+    promoted = run_json(capsys, "promote", "bot@2", "--to", "production")
+    assert promoted["stage"] == "production"
+    assert set(promoted["gate"]["scores"]) == {"base", "candidate", "production"}
+
+
+def test_a_gate_on_another_base_says_how_to_give_it_the_right_one(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    """Not "pass --no-check-base", which promote does not take: the gate's own --base is what to change."""
+    other, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)  # the same architecture, other weights: another base
+    other.save_pretrained(tmp_path / "other")
+    load_base(str(tiny_model_dir))[1].save_pretrained(tmp_path / "other")  # the same tokenizer
+    assert (
+        main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=6))]) == 0
+    )
+    assert main(["registry", "gate", "bot", "task:dates", "--n", "2", "--base", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert main(["registry", "promote", "bot@1", "--to", "production"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(f"error: the gate of 'bot' runs on base model '{tmp_path / 'other'}'"), error
+    assert "`peftkit registry gate bot DATA --base BASE`" in error and "no-check-base" not in error
+
+
+def test_registering_identical_files_again_says_so(tiny_model_dir, tmp_path, registry_env, capsys) -> None:
+    adapter = str(adapter_for(tiny_model_dir, tmp_path / "a", seed=7))
+    capsys.readouterr()
+    assert main(["registry", "register", "bot", adapter]) == 0
+    assert capsys.readouterr().err == ""  # a new version: nothing to note
+    assert main(["registry", "register", "bot", adapter, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"peftkit: {adapter} is identical to bot@1 (draft); no new version\n"
+    assert json.loads(out)[0]["version"] == 1  # the JSON on stdout is the existing version, unchanged
+
+
+def test_show_of_a_name_without_a_production_version_shows_the_latest_with_a_note(
+    tiny_model_dir, tmp_path, registry_env, capsys
+) -> None:
+    for seed in (8, 9):
+        assert (
+            main(
+                ["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / f"a{seed}", seed))]
+            )
+            == 0
+        )
+    assert main(["registry", "promote", "bot@1"]) == 0  # staging; none in production
+    capsys.readouterr()
+    assert main(["registry", "show", "bot", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "peftkit: 'bot' has no production version; showing its latest, bot@2 (draft)\n"
+    assert json.loads(out)["version"] == 2
+    assert main(["registry", "show", "bot@production"]) == 2  # asked for by name: still an error
+    assert "no production version; 'bot' has versions [1, 2]" in capsys.readouterr().err
+    assert main(["registry", "promote", "bot@1", "--to", "production", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "show", "bot"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "number            1" in out

@@ -341,6 +341,36 @@ def test_refused_requests_get_openai_errors(server, endpoint, body, status, code
         assert error["error"]["code"] == code
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_post_without_a_json_content_type_is_told_to_send_one(server, content_type) -> None:
+    """What curl -d sends (form-encoded), or no header at all: an OpenAI-shaped 400 that names the
+    header, not a validation message about the body's shape."""
+    body = json.dumps(chat_body()).encode()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        req = urllib.request.Request(server[0] + path, data=body, method="POST")
+        req.remove_header("Content-type")  # urllib adds the form type to every POST with data
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("accepted")
+        except urllib.error.HTTPError as e:
+            status, error = e.code, json.loads(e.read())["error"]
+        assert status == 400 and set(error) == {"message", "type", "param", "code"}
+        assert (
+            "Content-Type: application/json" in error["message"] and error["code"] == "unsupported_media_type"
+        )
+
+
+def test_a_404_lists_the_models_served(server, base_name) -> None:
+    status, error = http(server[0] + "/v1/chat/completions", chat_body(model="alpah"))
+    assert status == 404 and error["error"]["code"] == "model_not_found"
+    assert error["error"]["message"] == (
+        f"The model `alpah` does not exist. Models you can use: `{base_name}`, `alpha`, `beta`, `alien`, "
+        "`reg`, `rollout`."
+    )
+
+
 def operations(schema: dict) -> dict[str, dict]:
     """{"METHOD /path": operation} of an OpenAPI schema."""
     return {f"{m.upper()} {p}": op for p, item in schema["paths"].items() for m, op in item.items()}
@@ -420,6 +450,36 @@ def test_the_command_checks_its_inputs_before_loading_the_model(
     err = capsys.readouterr().err
     assert any(m in err for m in message.split("|")), err
     assert "no-model-here" not in err  # it stopped before looking for the model
+
+
+@pytest.mark.parametrize("alien", ["alien={dir}", "--preload"])
+def test_an_adapter_for_another_base_is_refused_with_advice_serve_can_take(setup, capsys, alien) -> None:
+    """Not "pass --no-check-base", which serve does not take: a server never loads an adapter onto another
+    base, so the advice is the base it was trained on (a directory) or the registry's record (a version)."""
+    argv = [
+        "serve",
+        "--base",
+        str(setup["base"]),
+        "--port",
+        str(free_port()),
+        "--registry",
+        str(setup["registry"]),
+    ]
+    if alien == "--preload":
+        argv += ["--preload", "[alien@1]"]
+    else:
+        argv += ["--adapters", alien.format(dir=Path(setup["registry"]).parent / "alien")]
+    assert main([*argv, "--engine.max_len", str(MAX_LEN)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: adapter 'alien") and "trained on" in error, error
+    assert "no-check-base" not in error and "allow_other_base" not in error
+    if alien == "--preload":
+        assert "`peftkit registry show alien@1` names it" in error
+    else:
+        assert (
+            "loads adapters only onto the base they were trained on: serve it from a server started with"
+            in error
+        )
 
 
 def test_peftkit_serve_runs_and_finishes_requests_in_flight_on_sigterm(setup) -> None:

@@ -175,6 +175,18 @@ def test_a_tenant_sees_only_its_own_models(server, base_name) -> None:
     assert ids(KEYS["slow"]) == [base_name, "alpha"]
 
 
+def test_a_404_lists_the_names_this_caller_may_use_and_no_other_tenants(server, base_name) -> None:
+    for key, usable in [
+        (KEYS["acme"], [base_name, "alpha", "bot", "support"]),
+        (KEYS["slow"], [base_name, "alpha"]),
+    ]:
+        status, _, raw = call(server[0] + "/v1/completions", {"model": "alpah", "prompt": "x"}, key)
+        message = json.loads(raw)["error"]["message"]
+        assert status == 404 and message == (
+            f"The model `alpah` does not exist. Models you can use: {', '.join(f'`{n}`' for n in usable)}."
+        )
+
+
 def test_another_tenants_model_is_the_same_404_as_a_missing_one_without_a_lookup(
     server, setup, monkeypatch
 ) -> None:

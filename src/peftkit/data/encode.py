@@ -200,7 +200,7 @@ def _render(messages: Sequence[Message], tokenizer: Any, generation_prompt: bool
         raise DataError(
             f"the tokenizer's chat template cannot render a conversation with turns ({roles}): {e}. Some "
             "templates take no system turn or need user and assistant turns to alternate: drop the system "
-            "prompt (--system) or reshape those rows"
+            "prompt (from the rows, or the one the command or config adds) or reshape those rows"
         ) from None
 
 

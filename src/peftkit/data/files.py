@@ -41,6 +41,7 @@ _OWN_KEYS = {
     "prompt_completion": {"prompt", "completion"},
     "alpaca": {"instruction", "input", "output"},
 }
+_LABELS = {"messages": "a chat", "prompt_completion": "a prompt/completion", "alpaca": "an alpaca"}
 _FORMAT_HINT = "use 'messages' (chat), 'prompt' + 'completion', or 'instruction' + 'output' (alpaca)"
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -230,11 +231,32 @@ def _detect(path: Path, first: Row) -> str:
     where, _, row = first
     fmt = _row_format(path, where, row)
     if fmt is None:
-        hint = "".join(did_you_mean(key, [k for ks in _OWN_KEYS.values() for k in ks]) for key in row)
-        raise DataError(
-            f"{path}: {where}: cannot tell the row format from the keys {sorted(row)}{hint}; {_FORMAT_HINT}"
-        )
+        raise DataError(f"{path}: {where}: {_undetected(row)}")
     return fmt
+
+
+def _undetected(row: dict[str, Any]) -> str:
+    """Why no format fits a row, in the row's own terms: the field a format's keys lack ('has
+    'prompt' but no 'completion''), the misspelt keys, or else the formats there are."""
+    known = [k for keys in _OWN_KEYS.values() for k in keys]
+    hints = [f"{key!r}{hint}" for key in row if key not in known and (hint := did_you_mean(str(key), known))]
+    typos = "".join(f"; {hint}" for hint in hints)
+    partial = []
+    for fmt, own in _OWN_KEYS.items():
+        present = [key for key in _REQUIRED[fmt] if row.get(key) is not None] + sorted(own & set(row))
+        if present:
+            absent = next(key for key in _REQUIRED[fmt] if row.get(key) is None)
+            needs = " and ".join(repr(k) for k in _REQUIRED[fmt])
+            partial.append(f"has {present[0]!r} but {_no(row, absent)} ({_LABELS[fmt]} row needs {needs})")
+    if len(partial) == 1:
+        return f"the row {partial[0]}; add it{typos}"
+    if partial:
+        return f"the row {' and '.join(partial)}: no format is complete; keep one{typos}"
+    return f"cannot tell the row format from the keys {sorted(map(str, row))}; {_FORMAT_HINT}{typos}"
+
+
+def _no(row: dict[str, Any], key: str) -> str:
+    return f"its {key!r} is null" if key in row else f"no {key!r}"
 
 
 def _to_example(path: Path, row: Row, fmt: str, auto: bool, first_where: str, system: str | None) -> Example:

@@ -13,18 +13,21 @@ from typing import IO, Any, Literal
 
 from peftkit.base.catalog import DEFAULT_BASE
 from peftkit.cli import command
-from peftkit.errors import ConfigError, DataError, RequestError
+from peftkit.errors import DataError, RequestError
 from peftkit.io import unwritable_reason
 from peftkit.terminal import printable
+
+from .loading import (
+    adapter_specs,
+    load_model,  # noqa: F401  (callers from before eval/loading.py import it from here)
+    longest_answer,
+    warnings_as_notes,
+)
+from .loading import log as _log
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantize = Literal["nf4"] | None
 MetricName = Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"]
-FILE_MAX_NEW_TOKENS = 512  # the cap of --max-new-tokens 0 (auto) for files: longest reference + 8
-
-
-def _log(message: str) -> None:
-    print(f"peftkit: {printable(message)}", file=sys.stderr, flush=True)  # names come from the user's paths
 
 
 def _at_least(option: str, value: int, least: int, meaning: str = "") -> None:
@@ -32,78 +35,6 @@ def _at_least(option: str, value: int, least: int, meaning: str = "") -> None:
     crash deep inside generate)."""
     if value < least:
         raise RequestError(f"--{option} must be at least {least}{meaning}, got {value}")
-
-
-def adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
-    """(name, directory) for each --adapters entry: NAME=DIR names the adapter; otherwise the name is
-    made from the directory's name (valid and unique: "lora-v1.2" -> "lora-v1_2", a second
-    "adapter-best" -> "adapter-best-2"), so no directory name can fail. Never "base" (the base model's row)."""
-    from peftkit.naming import adapter_name_problem
-
-    parsed: list[tuple[str | None, Path]] = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        explicit = bool(sep and name and path) and not Path(spec).exists()  # a directory may contain "="
-        parsed.append((name, Path(path)) if explicit else (None, Path(spec)))
-    taken: list[str] = []
-    for spec, (name, _) in zip(specs, parsed, strict=True):
-        if name is not None:
-            problem = adapter_name_problem(name, taken)
-            if problem:
-                raise ConfigError(f"--adapters {spec!r}: adapter name {name!r} {problem}")
-            taken.append(name)
-    named = []
-    for name, path in parsed:
-        named.append((name or dir_adapter_name(path, taken), path))
-        taken.append(named[-1][0])
-    return named
-
-
-def dir_adapter_name(path: Path, taken: list[str]) -> str:
-    """A valid adapter name, not in `taken`, made from the name of the adapter's directory."""
-    from peftkit.naming import adapter_name_from
-
-    directory = path.parent if path.is_file() else path  # the adapter may be given as its weights file
-    return adapter_name_from(directory.resolve().name, taken)
-
-
-def load_model(
-    base: str,
-    adapters: list[tuple[str, Path]],
-    dtype: str,
-    *,
-    check_base: bool = True,
-    quantize: str | None = None,
-    registry: str | None = None,
-) -> tuple[Any, Any]:
-    """(model, tokenizer): the base, wrapped in an AdaptedModel with each (name, directory) loaded when
-    adapters are given (or the base is 4-bit: the adapted generate decodes it fast). check_base=False
-    skips the base-fingerprint check (--no-check-base)."""
-    from transformers.utils import logging as hf_logging
-
-    from peftkit.adapted import AdaptedModel
-    from peftkit.base import load_base
-    from peftkit.formats.peft import read_adapter
-    from peftkit.registry.paths import adapter_path, audit_base_override
-
-    registry_refs = {name: not Path(d).exists() for name, d in adapters}
-    adapters = [
-        (name, adapter_path(d, registry)) for name, d in adapters
-    ]  # a registry reference names files too
-    for _, d in adapters:  # fail on a bad adapter before the slow base-model load
-        read_adapter(d)
-    hf_logging.disable_progress_bar()
-    _log(f"loading base model {base} ...")
-    model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
-    if not adapters and not quantize:
-        return model, tokenizer
-    am = AdaptedModel(model)
-    for name, d in adapters:
-        _log(f"loading adapter {d} as {name!r} ...")
-        am.load_adapter(d, name, check_base=check_base)
-        if not check_base and registry_refs.get(name):  # the override of a registered version is audited
-            audit_base_override(d, base, am.base_fingerprint(), registry)
-    return am, tokenizer
 
 
 def check_output_file(path: Path, option: str, inputs: Sequence[tuple[str, Path]] = ()) -> None:
@@ -162,8 +93,10 @@ def eval(
 ) -> None:
     """Score the base model and each adapter on a dataset, side by side (greedy decoding).
 
-    All adapters are evaluated in the same mixed batches: every row of a batch is routed through its
-    own adapter in one generate call. Prints a table: adapter | metric | perplexity | n | seconds.
+    The adapters are evaluated in the same mixed batches: every row of a batch is routed through its
+    own adapter in one generate call. Adapters that cannot share one model (two methods on the same
+    modules, e.g. LoRA and IA3 with their default targets) are scored in a pass of their own on the
+    same base. Prints one table: adapter | metric | perplexity | n | seconds.
 
     Args:
         data: a built-in task (task:dates, task:extract, task:sentiment; task:NAME:SPLIT picks the split)
@@ -188,8 +121,10 @@ def eval(
             else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.source import load_data, parse_task_spec
+    from peftkit.eval.heldout import trained_on
     from peftkit.eval.metrics import check_references
-    from peftkit.eval.run import evaluate, format_table
+    from peftkit.eval.passes import open_side_by_side
+    from peftkit.eval.run import format_table
 
     named = adapter_specs(list(adapters or []))
     _check_eval_args(
@@ -208,25 +143,25 @@ def eval(
         raise DataError(f"data {data!r}: no examples to evaluate")
     metric = metric if metric != "auto" else task[0].metric if task else "exact_match"
     check_references(metric, [ex.answer for ex in examples])  # not after the model answered them all
-    model, tokenizer = load_model(
-        base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
-    )
-    names = [name for name, _ in named]
-    if max_new_tokens == 0:
-        max_new_tokens = task[0].max_new_tokens if task else longest_answer(tokenizer, examples) + 8
-    rows = len(examples) * (len(names) + 1)
-    _log(f"evaluating {len(examples)} examples x {len(names) + 1} models ({rows} rows), {metric} ...")
-    report = evaluate(
-        model,
-        tokenizer,
-        examples,
-        metric=metric,
-        adapters=[None, *names],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        with_perplexity=perplexity,
-        samples=max(samples, 3),
-    )
+    with warnings_as_notes():
+        side = open_side_by_side(
+            base, named, dtype, check_base=check_base, quantize=quantize, registry=registry
+        )
+        names = [name for name, _ in named]
+        if max_new_tokens == 0:
+            max_new_tokens = task[0].max_new_tokens if task else longest_answer(side.tokenizer, examples) + 8
+        rows = len(examples) * (len(names) + 1)
+        _log(f"evaluating {len(examples)} examples x {len(names) + 1} models ({rows} rows), {metric} ...")
+        report = side.evaluate(
+            examples,
+            metric=metric,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            with_perplexity=perplexity,
+            samples=max(samples, 3),
+        )
+    for name, directory in side.directories.items():  # a score on its own training data is no held-out one
+        report[name].trained_on = trained_on(directory, data, examples)
     print(format_table(report))
     for r in report.results if samples > 0 else ():
         for s in r.samples[:samples]:
@@ -269,18 +204,19 @@ def _write_report(path: Path, settings: dict[str, Any], report: Any) -> None:
     _log(f"wrote {path}")
 
 
-def longest_answer(tokenizer: Any, examples: list) -> int:
-    """The longest reference answer in tokens (capped): generation for a data file stops 8 past it."""
-    longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
-    return min(longest, FILE_MAX_NEW_TOKENS - 8)
-
-
 def _read_text(path: Path) -> str:
     """A prompts file's text, or a DataError that says what the file is instead (a directory, a
     binary file, another encoding), so no UnicodeDecodeError traceback reaches the user."""
     if path.is_dir():
         raise DataError(f"{path} is a directory; --prompts takes a text or JSONL file")
-    data = path.read_bytes()
+    if not path.exists():
+        raise DataError(
+            f"--prompts {path}: file not found; give a text file (one prompt per line) or a JSONL file"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # unreadable (permissions, a dangling link): the option and the reason
+        raise DataError(f"--prompts {path}: cannot be read: {err.strerror or err}") from None
     if b"\0" in data:
         raise DataError(f"{path} is a binary file (it has NUL bytes); --prompts takes a text or JSONL file")
     try:

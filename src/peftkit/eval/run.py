@@ -53,6 +53,7 @@ class AdapterResult:
     seconds: float  # its own run, or its share (by rows) of the mixed batches' time
     predictions: list[str] = field(repr=False)
     samples: list[Sample] = field(default_factory=list)
+    trained_on: int | None = None  # how many of the examples it was trained on, when known (eval/heldout.py)
 
 
 @dataclass
@@ -163,12 +164,13 @@ def _last_user(example: Example) -> str:
 
 
 def format_table(report: EvalReport) -> str:
-    """A plain aligned table: adapter | metric | perplexity | n | seconds."""
+    """A plain aligned table: adapter | metric | perplexity | n | seconds. A score on examples the
+    adapter was trained on is marked with a "*" and a line under the table that says so."""
     header = ("adapter", report.metric, "perplexity", "n", "seconds")
     rows = [
         (
             r.adapter,
-            f"{r.score:.3f}",
+            f"{r.score:.3f}{'*' if r.trained_on else ''}",
             "-" if r.perplexity is None or math.isnan(r.perplexity) else f"{r.perplexity:.3f}",
             str(r.n),
             f"{r.seconds:.1f}",
@@ -183,4 +185,10 @@ def format_table(report: EvalReport) -> str:
         )
         for row in [header, *rows]
     ]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    notes = [_not_held_out(r) for r in report.results if r.trained_on]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *notes])
+
+
+def _not_held_out(result: AdapterResult) -> str:
+    which = "these" if result.trained_on == result.n else f"{result.trained_on} of these"
+    return f"* {result.adapter!r} was trained on {which} {result.n} examples: its score is not held-out"

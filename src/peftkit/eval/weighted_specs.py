@@ -9,7 +9,7 @@ from typing import Any
 
 from peftkit.errors import RequestError
 
-from .commands import dir_adapter_name, load_model
+from .loading import dir_adapter_name, load_model
 
 
 def weighted_adapter_specs(specs: list[str]) -> tuple[list[tuple[str, Path]], dict[str, float]]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from ..errors import AdapterFileError, ConfigError, did_you_mean
+from ..errors import AdapterFileError, ConfigError
 from ..values import check_keys_are_text, number_from_text, short_repr
-from .config_fields import check, check_names, config_field, is_int, is_num
+from .config_fields import check, check_known_keys, check_names, config_field, is_int, is_num
 
 CONFIGS = ("houlsby", "pfeiffer")
 # Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
@@ -150,13 +150,7 @@ class BottleneckConfig:
             )
         known = {f.name for f in fields(cls)}
         check_keys_are_text(data, "bottleneck config", sorted(known))
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            key = unknown[0]
-            raise ConfigError(
-                f"unknown bottleneck config key {key!r}{did_you_mean(key, known)}; "
-                f"valid keys: {', '.join(sorted(known))}"
-            )
+        check_known_keys(data, known, "bottleneck")
         return cls(**data)
 
     def replace(self, **changes: Any) -> BottleneckConfig:

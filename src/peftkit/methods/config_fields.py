@@ -70,13 +70,54 @@ def from_mapping(cls: type, data: Any, label: str) -> Any:
         raise ConfigError(f"a {label} config must be a mapping of its fields, found {type(data).__name__}")
     known = [f.name for f in fields(cls)]
     check_keys_are_text(data, f"{label} config", sorted(known))
+    check_known_keys(data, known, label)
+    return cls(**data)
+
+
+# Names other tools and papers use for our fields (HF PEFT's own names are ours): a spelling check
+# cannot find "r" from "rank", so these are looked up first. Each maps to the fields it may mean, in
+# order; the first one the config has is suggested ("dropout" is lora_dropout or adapter_dropout).
+ALIASES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("rank", "lora_rank", "lora_r", "dim", "network_dim"), ("r",)),
+    **dict.fromkeys(("alpha", "network_alpha", "lora_scale", "scale"), ("lora_alpha", "scaling")),
+    **dict.fromkeys(("dropout", "network_dropout"), ("lora_dropout", "adapter_dropout")),
+    **dict.fromkeys(("target", "targets", "target_module", "modules", "target_layers"), ("target_modules",)),
+    **dict.fromkeys(("exclude", "excluded_modules"), ("exclude_modules",)),
+    **dict.fromkeys(("layers", "layer_indices"), ("layers_to_transform",)),
+    **dict.fromkeys(("dora",), ("use_dora",)),
+    **dict.fromkeys(("rslora", "rs_lora"), ("use_rslora",)),
+    **dict.fromkeys(
+        ("feedforward", "ff_modules", "feed_forward_modules", "ffn_modules"), ("feedforward_modules",)
+    ),
+    **dict.fromkeys(("size", "adapter_size", "bottleneck_dim"), ("bottleneck_size",)),
+    **dict.fromkeys(("reduction",), ("reduction_factor",)),
+    **dict.fromkeys(("activation", "act", "nonlinearity", "act_fn"), ("non_linearity",)),
+    **dict.fromkeys(
+        ("tokens", "num_tokens", "n_tokens", "virtual_tokens", "prefix_length", "prompt_length"),
+        ("num_virtual_tokens",),
+    ),
+    **dict.fromkeys(("init", "init_weights"), ("init_lora_weights", "init_ia3_weights", "init_weights")),
+}
+
+
+def suggestion(key: str, known: list[str] | set[str]) -> str:
+    """' (did you mean X?)' for an unknown config key: a well-known other name for one of our fields
+    (rank -> r, alpha -> lora_alpha, targets -> target_modules), else the closest spelling, else ''."""
+    normal = key.strip().lower().replace("-", "_")
+    for name in ALIASES.get(normal, ()):
+        if name in known and name != key:
+            return f" (did you mean {name!r}?)"
+    return did_you_mean(normal if normal in known else key, known)
+
+
+def check_known_keys(data: dict[str, Any], known: list[str] | set[str], label: str) -> None:
+    """Refuse the first key of `data` that `known` lacks, with a suggestion and the valid keys."""
     unknown = [k for k in data if k not in known]
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"unknown {label} config key {key!r}{did_you_mean(key, known)}; valid keys: {', '.join(sorted(known))}"
+            f"unknown {label} config key {key!r}{suggestion(key, known)}; valid keys: {', '.join(sorted(known))}"
         )
-    return cls(**data)
 
 
 def field_docs_of(cls: type) -> dict[str, str]:

@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import AdapterFileError, ConfigError, TargetError, did_you_mean
+from ..errors import AdapterFileError, ConfigError, TargetError
 from ..layer_types import ALL_LINEAR
 from ..values import check_keys_are_text
-from .config_fields import check, config_field, is_int
+from .config_fields import check, check_known_keys, config_field, is_int
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
 
@@ -132,12 +132,7 @@ class IA3Config:
             raise ConfigError(f"an IA³ config must be a mapping of its fields, found {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         check_keys_are_text(data, "IA³ config", sorted(known))
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            key = unknown[0]
-            raise ConfigError(
-                f"unknown IA³ config key {key!r}{did_you_mean(key, known)}; valid keys: {', '.join(sorted(known))}"
-            )
+        check_known_keys(data, known, "IA³")
         return cls(**data)
 
     def replace(self, **changes: Any) -> IA3Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as _json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,9 +66,12 @@ def registry_register(
         json: print the version as JSON
     """
     reg = Registry.open(registry)
+    before = {v.number for v in reg.versions(name)}
     version = reg.register(
         name, adapter_dir, user=user, description=description, tags=tag or [], parent=parent
     )
+    if version.number in before:  # the same files again: said, so a rerun is not taken for a new version
+        _note(f"{adapter_dir} is identical to {version.ref} ({version.stage}); no new version")
     _print_versions([version], json)
 
 
@@ -94,7 +98,7 @@ def registry_show(ref: str, registry: str | None = None, json: bool = False) -> 
         registry: the registry directory (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         json: print JSON
     """
-    version = Registry.open(registry, create=False).resolve_version(ref)
+    version = _shown_version(Registry.open(registry, create=False), ref)
     if json:
         _print_json(version.to_dict())
         return
@@ -102,6 +106,24 @@ def registry_show(ref: str, registry: str | None = None, json: bool = False) -> 
         text = ", ".join(f"{k} ({s[:12]})" for k, s in value.items()) if key == "files" else value
         if key != "facts":
             print(printable(f"{key:<18}{text}"))
+
+
+def _shown_version(reg: Registry, ref: str) -> Version:
+    """The version `registry show REF` shows: a bare NAME with no production version shows its latest
+    version, with a note that says which one and that none is in production."""
+    if "@" in ref:
+        return reg.resolve_version(ref)
+    versions = reg.versions(ref)
+    if not versions or any(v.stage == "production" for v in versions):
+        return reg.resolve_version(ref)  # its production version, or the error naming what exists
+    latest = versions[-1]
+    _note(f"{ref!r} has no production version; showing its latest, {latest.ref} ({latest.stage})")
+    return latest
+
+
+def _note(text: str) -> None:
+    """One `peftkit: ...` line on stderr: stdout stays the table or the JSON scripts read."""
+    print(printable(f"peftkit: {text}"), file=sys.stderr)
 
 
 @registry_command

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RegistryError, RequestError
+from ..errors import BaseModelMismatchError, RegistryError, RequestError
 
 if TYPE_CHECKING:
     from .store import Registry
@@ -56,21 +56,21 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
     """Evaluate and decide. Returns the result (stored with the promotion): each model's score and
     perplexity, the checks with their outcome, and `passed`."""
     from ..data.source import load_data, parse_task_spec
-    from ..eval.commands import load_model, longest_answer
-    from ..eval.run import evaluate
+    from ..eval.loading import longest_answer, warnings_as_notes
+    from ..eval.passes import open_side_by_side
 
     task = parse_task_spec(gate.data, "test")
     examples = load_data(gate.data, split="test", n=gate.n)
     metric = gate.metric if gate.metric != "auto" else task[0].metric if task else "exact_match"
     adapters = [("candidate", candidate)] + ([("production", production)] if production else [])
-    model, tokenizer = load_model(base, adapters, "auto")
-    max_new = gate.max_new_tokens or (
-        task[0].max_new_tokens if task else longest_answer(tokenizer, examples) + 8
-    )  # the same rule as `peftkit eval`, so both score a file alike
-    report = evaluate(
-        model, tokenizer, examples, metric=metric, adapters=[None, *(n for n, _ in adapters)],
-        max_new_tokens=max_new, with_perplexity=True, samples=0,
-    )  # fmt: skip
+    with warnings_as_notes():  # a candidate of another method than production's: a pass of its own
+        side = open_side_by_side(base, adapters, "auto")
+        max_new = gate.max_new_tokens or (
+            task[0].max_new_tokens if task else longest_answer(side.tokenizer, examples) + 8
+        )  # the same rule as `peftkit eval`, so both score a file alike
+        report = side.evaluate(
+            examples, metric=metric, max_new_tokens=max_new, with_perplexity=True, samples=0
+        )
     scores = {r.adapter: {"score": r.score, "perplexity": r.perplexity} for r in report.results}
     cand, plain = report["candidate"], report["base"]
     changed = (
@@ -109,14 +109,26 @@ def pass_gate(reg: Registry, version: Version) -> dict[str, Any]:
         )
     base = gate.base or version.base_model
     if not base:
-        raise RegistryError(f"{version.ref} does not record its base model: give the gate one (--base)")
+        raise RegistryError(
+            f"{version.ref} does not record its base model: give the gate one, "
+            f"`peftkit registry gate {version.name} DATA --base BASE`"
+        )
     data = gate.data
     if data.startswith(STORED):
         sha, _, filename = data.removeprefix(STORED).partition("/")
         data = str(_stored_file(reg, sha, filename, f"{version.name}'s gate data"))
     current = [v for v in reg.versions(version.name) if v.stage == "production"]
     production = reg.resolve(current[0].ref) if current else None  # damaged: an error, not "none"
-    result = run_gate(replace(gate, data=data), base, reg.resolve(version.ref), production)
+    try:
+        result = run_gate(replace(gate, data=data), base, reg.resolve(version.ref), production)
+    except BaseModelMismatchError:  # its advice (--no-check-base) is not promote's to take
+        scored = [version, *current]
+        records = "; ".join(f"{v.ref} records {v.base_model or 'no base name'}" for v in scored)
+        raise RegistryError(
+            f"the gate of {version.name!r} runs on base model {base!r}, and a version it scores was trained "
+            f"on another ({records}): give the gate that version's base, "
+            f"`peftkit registry gate {version.name} DATA --base BASE`"
+        ) from None
     result["production"] = current[0].number if current else None  # the promotion checks it is still so
     if not result["passed"]:
         failed = [check for check, ok in result["checks"].items() if not ok]

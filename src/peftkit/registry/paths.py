@@ -1,5 +1,5 @@
-"""Where commands meet the registry: an adapter argument that is a directory or a registry reference,
-and the audit entry for an adapter loaded onto another base model than the one it records."""
+"""Where commands meet the registry: an adapter argument that is a directory or a registry reference
+(or a training run's directory, answered with the adapter inside it), and the audit entry for an adapter loaded onto another base model than the one it records."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import AdapterFileError, RegistryError, RequestError, UnknownAdapterError
 from .refs import parse_ref
 from .store import Registry
+from .versions import check_not_a_run
 
 
 def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
@@ -16,6 +17,7 @@ def adapter_path(text: str | Path, registry: str | Path | None = None) -> Path:
     an adapter directory goes through here, so a reference works wherever a directory does."""
     path = Path(text)
     if path.exists():
+        check_not_a_run(path)
         return path
     try:
         ref = parse_ref(str(text))

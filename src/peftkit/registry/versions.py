@@ -98,6 +98,7 @@ def adapter_facts(directory: Path) -> dict[str, Any]:
     from ..formats import peft as fmt
     from ..identity import AdapterIdentity
 
+    check_not_a_run(directory)
     files = fmt.read_adapter(directory)  # an AdapterFileError for anything that is not an adapter
     spec, _ = fmt.config_from_peft(files.config, files.directory)
     identity = AdapterIdentity.from_metadata(files.metadata)
@@ -113,6 +114,31 @@ def adapter_facts(directory: Path) -> dict[str, Any]:
         "dataset_hash": identity.dataset_hash,
         "extra": extra,
     }
+
+
+def check_not_a_run(path: Path) -> None:
+    """Refuse a training run's directory given where an adapter goes, naming the adapter inside it
+    (adapter-best, else adapter-last), or saying that a full fine-tuning run's model is a base model."""
+    from ..errors import AdapterFileError
+    from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
+
+    if not path.is_dir() or (path / CONFIG_FILE).exists() or (path / WEIGHTS_FILE).exists():
+        return
+    for inside, why in (
+        ("adapter-best", "the lowest validation loss; adapter-last is where the run ended"),
+        ("adapter-last", "where the run ended; no validation ran, so it has no adapter-best"),
+    ):
+        if (path / inside / WEIGHTS_FILE).is_file():
+            raise AdapterFileError(
+                f"{path} is a training run's directory, not an adapter: give the adapter inside it, "
+                f"{path / inside} ({why})"
+            )
+    model = next((path / m for m in ("model-best", "model-last") if (path / m).is_dir()), None)
+    if model is not None:
+        raise AdapterFileError(
+            f"{path} is a full fine-tuning run's directory: {model} is a whole model, not an adapter; "
+            "load it as the base model instead"
+        )
 
 
 def adapter_files(directory: Path) -> list[Path]:

@@ -163,7 +163,8 @@ class AdapterCache:
             self.staging = AdaptedModel(self.model)
         try:
             path = self.loader(key)
-            checked = check_adapter_file(self.staging, path)
+            check_served_base(self.staging, path)  # first, as offline loads do, and in serve's words
+            checked = check_adapter_file(self.staging, path, check_base=False)
             if bias_choice(checked.config) != "none" or saved_modules_of(checked.config):
                 raise AdapterLoadError(
                     f"adapter {key!r} trains biases or whole modules (bias / modules_to_save), which would "
@@ -205,7 +206,7 @@ class AdapterCache:
         from ..methods import method_for
 
         try:
-            self.staging.load_adapter(path, STAGED, dtype=self.dtype)
+            self.staging.load_adapter(path, STAGED, dtype=self.dtype, check_base=False)  # checked in _load
             spec = method_for(self.staging.configs[STAGED])
             if not spec.wraps_layers:
                 return {PREFIX: self._prefix(spec)}
@@ -247,3 +248,29 @@ class AdapterCache:
         if keys.shape[2] >= self.max_len:
             raise AdapterLoadError(f"its prefix of {keys.shape[2]} tokens fills the server's max_len")
         return keys.clone(), values.clone()
+
+
+def check_served_base(staging: Any, path: Path) -> None:
+    """Refuse an adapter trained on another base model, with advice a server's operator can follow: a
+    server never loads an adapter onto another base (every request would share the mismatch), so the
+    offline commands' override does not exist here. Reads the file's header only."""
+    from safetensors import safe_open
+
+    from ..errors import BaseModelMismatchError
+    from ..formats.peft import WEIGHTS_FILE
+    from ..identity import AdapterIdentity
+
+    try:
+        with safe_open(str(path if path.is_file() else path / WEIGHTS_FILE), "pt") as f:
+            identity = AdapterIdentity.from_metadata(dict(f.metadata() or {}))
+    except Exception:  # noqa: BLE001 (missing or damaged: check_adapter_file, next, says what is wrong)
+        return
+    recorded, current = identity.base_fingerprint, staging.base_fingerprint()
+    if not recorded or recorded == current:
+        return  # no record (HF PEFT wrote it): the shape checks still apply
+    where = f"`peftkit serve --base {identity.base_model}`" if identity.base_model else "that base"
+    raise BaseModelMismatchError(
+        f"{path} was trained on base model {identity.base_model or 'another model'!r} (fingerprint "
+        f"{recorded[7:19]}), but this server's base model's fingerprint is {current[7:19]}. A server "
+        f"loads adapters only onto the base they were trained on: serve it from a server started with {where}"
+    )

@@ -105,6 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return ApiError(400, f"the request body is not valid JSON: {first.get('msg')}").response()
+        content_type = request.headers.get("content-type")
+        if not loc and not _is_json(content_type):  # the body was never read as JSON (curl -d sends a form)
+            return ApiError(400, _not_json_message(content_type), code="unsupported_media_type").response()
         where = ".".join(loc)
         return ApiError(400, f"{where or 'body'}: {first.get('msg')}", param=where or None).response()
 
@@ -120,6 +123,21 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, any_error)
     app.add_exception_handler(PeftkitError, any_error)
     app.add_exception_handler(Exception, any_error)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type header names JSON (application/json, or a +json type), as FastAPI reads it."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _not_json_message(content_type: str | None) -> str:
+    sent = f"this request's is {content_type!r}" if content_type else "this request has none"
+    return (
+        "send the request body as JSON with the header `Content-Type: application/json` "
+        f"({sent}; with curl: -H 'Content-Type: application/json')"
+    )
 
 
 # -- /openapi.json ---------------------------------------------------------------------------------

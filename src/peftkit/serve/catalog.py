@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PeftkitError, RegistryError, RequestError, UnknownAdapterError
+from ..errors import (
+    BaseModelMismatchError,
+    OtherBaseVersionError,
+    PeftkitError,
+    RegistryError,
+    RequestError,
+    UnknownAdapterError,
+)
 from .types import AdapterLoadError
 
 
@@ -89,6 +96,13 @@ class Catalog:
             return self.registry.resolve(key, base_fingerprint=self.base_fingerprint)
         except UnknownAdapterError:
             raise AdapterLoadError(f"no adapter {key!r} is served") from None
+        except OtherBaseVersionError:  # the registry's override is for Python callers, not for a server
+            other = BaseModelMismatchError(
+                f"{key} was trained on another base model than this server's (`peftkit registry show {key}` "
+                "names it): serve a version trained on this base, or serve this one from a server started "
+                "with the base it records"
+            )
+            raise AdapterLoadError.of(key, other) from None
         except PeftkitError as e:
             raise AdapterLoadError.of(key, e) from None
 

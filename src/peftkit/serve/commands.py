@@ -191,9 +191,10 @@ def prepare(
     from transformers.utils import logging as hf_logging
 
     from ..base import load_base, model_fingerprint
-    from ..eval.commands import adapter_specs
+    from ..eval.loading import adapter_specs
     from ..formats.peft import read_adapter
     from ..registry.refs import parse_ref
+    from ..registry.versions import check_not_a_run
     from .catalog import Catalog
     from .engine import Engine, EngineConfig
     from .http import create_app
@@ -204,6 +205,7 @@ def prepare(
     for name, directory in named:  # the files are checked before the slow base load
         if not directory.is_dir():
             raise ConfigError(f"--adapters {name}={directory}: no such adapter directory")
+        check_not_a_run(directory)  # a run's directory: the adapter inside it is named
         read_adapter(directory)
     reg = open_registry(registry, registry is not None)
     if config.preload and reg is None:

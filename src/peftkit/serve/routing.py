@@ -275,8 +275,29 @@ def _route_name(name: str, where: str) -> str:
 def route(model: str, caller: Caller, routes: Routes, catalog: Catalog, user: str | None = None) -> Target:
     """What a request's `model` runs on for `caller`. The base model's names and the default aliases
     give the caller's default adapter (else the base); a route gives its stable or canary target; any
-    other name goes to the catalog. A name the caller may not use is "not found" before any lookup.
-    The returned target's `model` is the concrete name that served, for the response."""
+    other name goes to the catalog. A name the caller may not use is "not found" before any lookup,
+    and every "not found" lists the names this caller may use (what its /v1/models lists, so nothing
+    about another tenant's names is revealed). The returned target's `model` is the concrete name
+    that served, for the response."""
+    try:
+        return _route(model, caller, routes, catalog, user)
+    except ModelNotFoundError as e:
+        try:
+            usable = [m["id"] for m in models_for(caller, routes, catalog)]
+        except PeftkitError:  # the registry cannot list its names now: the 404 is still the answer
+            raise e from None
+        raise ModelNotFoundError(f"{e} {usable_names(usable)}") from None
+
+
+def usable_names(usable: list[str], most: int = 20) -> str:
+    """ "Models you can use: `a`, `b`." for a 404's message (at most `most` names). The same for every
+    name the caller asks for: the answer for another tenant's name is the answer for a missing one."""
+    shown = ", ".join(f"`{n}`" for n in usable[:most])
+    more = f" and {len(usable) - most} more (GET /v1/models lists them all)" if len(usable) > most else ""
+    return f"Models you can use: {shown}{more}."
+
+
+def _route(model: str, caller: Caller, routes: Routes, catalog: Catalog, user: str | None) -> Target:
     if model in catalog.base_names or model in routes.default_aliases:
         if caller.default is None:
             return Target(catalog.base_names[0] if model in routes.default_aliases else model, None)
