@@ -266,6 +266,20 @@ def test_cli_refuses_other_bases_and_other_methods(tmp_path: Path, capsys) -> No
         args = ["combine", str(tmp_path / out), "--adapters", *(str(tmp_path / n) for n in names)]
         assert main([*args, "--weights", *["1"] * len(names), *base]) == 2
         assert message in capsys.readouterr().err
+    # Onto another base: refused with the way through, which combine has
+    tiny_llama().save_pretrained(tmp_path / "other")
+    args = [
+        "combine",
+        str(tmp_path / "o"),
+        "--adapters",
+        str(tmp_path / "lora0"),
+        "--base",
+        str(tmp_path / "other"),
+    ]
+    assert main(args) == 2
+    assert "--no-check-base" in capsys.readouterr().err
+    assert main([*args, "--no-check-base"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
 
 
 def test_weights_default_to_one_each(saved: Path, tmp_path: Path, capsys) -> None:

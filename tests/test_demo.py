@@ -103,3 +103,27 @@ def test_the_demo_refuses_an_out_that_holds_another_run(tiny_model_dir: Path, tm
     (demo / "config.yaml").write_bytes((real / "config.yaml").read_bytes())
     assert main([*args, "--out", str(demo)]) == 0
     assert json.loads((demo / "demo.json").read_text())["n"] == 2
+
+
+def test_an_interrupted_demo_says_the_demos_way_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The demo has no --resume: stopped mid-run, it says to run the same command again (which starts
+    it over), not train's `--resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "peftkit", "demo", "--base", str(tiny_model_dir), "--steps", "100000",
+               "--n-test", "1", "--min-score", "0", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    guard = time.monotonic() + 600  # a hang guard only
+    while not (out / "metrics.jsonl").is_file() or '"loss"' not in (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < guard, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Run the same `peftkit demo` command again" in err and "--resume" not in err, err

@@ -4,8 +4,7 @@ exists on each command that can show that message, as the real parser (`build_pa
 
 `flag_audit` reads the messages from the source and finds, through a call graph, which commands can
 show each. That over-approximates (a path may exist that no input takes), so `SEEN_ONLY_BY` narrows
-some messages to the commands that really show them, each with the reason; `ELSEWHERE` lists the dead
-ends that are known and left to the code's owners (they fail here once fixed, to be struck off). A
+some messages to the commands that really show them, each with the reason. A
 new message that suggests an option some command lacks fails here until the option exists there, the
 message changes, or an entry here says why that command never shows it.
 """
@@ -27,10 +26,28 @@ SEEN_ONLY_BY: dict[tuple[str, str], tuple[set[str], str]] = {
         f"to do in its own words (registry/gate.py); compare, tune, demo and tour: {LOADS_ITS_OWN}",
     ),
     ("peftkit.base.precision", "--dtype"): (
-        {"eval", "generate", "chat", "merge", "serve", "train", "compare", "tune"},
+        {"eval", "generate", "chat", "merge", "serve"},
         "warn_slow speaks only of a half dtype asked for explicitly: info, combine, demo, tour and the "
-        "registry load with `auto`, which never warns",
+        "registry load with `auto`, which never warns; train (resolve_precision), compare and tune "
+        "(warn_if_emulated) warn first naming their own key, and the warning is said once per process",
     ),
+    **{
+        (module, flag): (
+            {"train", "compare", "tune"},
+            "demo runs train's code, but into a directory that is new, empty or its own earlier demo (which "
+            "it replaces: overwrite=True), never resuming; an interrupted demo says the demo's own way on "
+            "(train(rerun=...))",
+        )
+        for module, flag in [
+            ("peftkit.train.checkpoint", "--allow-changed-inputs"),
+            ("peftkit.train.checkpoint", "--overwrite"),
+            ("peftkit.train.resume", "--allow-changed-inputs"),
+            ("peftkit.train.resume", "--overwrite"),
+            ("peftkit.train.resume", "--resume"),
+            ("peftkit.train.run_dir", "--overwrite"),
+            ("peftkit.train.run_dir", "--resume"),
+        ]
+    },
     ("peftkit.base.save", "--overwrite"): (
         {"merge", "train", "compare", "tune"},
         "tour checks merged-A with overwrite=True (it replaces its own); demo trains an adapter, and only a "
@@ -38,25 +55,7 @@ SEEN_ONLY_BY: dict[tuple[str, str], tuple[set[str], str]] = {
     ),
 }
 # Dead ends known and left to the code's owners (issue 18): (module, option, command).
-ELSEWHERE = {
-    # combine loads its adapters with the fingerprint check and has no --no-check-base (cli.py, combine.py).
-    ("peftkit.adapter_checks", "--no-check-base", "combine"),
-    # An explicit `precision: bf16` on a CPU without native bf16: train, compare and tune take no --dtype
-    # (base/precision.py warn_slow; their option is `precision`).
-    ("peftkit.base.precision", "--dtype", "train"),
-    ("peftkit.base.precision", "--dtype", "compare"),
-    ("peftkit.base.precision", "--dtype", "tune"),
-    # demo runs train's own code, whose messages name train's options (--overwrite, --resume,
-    # --allow-changed-inputs); demo takes --out only. Which of them a demo user can meet (Ctrl-C, a rerun
-    # into the same --out) is for demo's and train's owners to settle with item 18's output-directory policy.
-    ("peftkit.train.checkpoint", "--allow-changed-inputs", "demo"),
-    ("peftkit.train.checkpoint", "--overwrite", "demo"),
-    ("peftkit.train.resume", "--allow-changed-inputs", "demo"),
-    ("peftkit.train.resume", "--overwrite", "demo"),
-    ("peftkit.train.resume", "--resume", "demo"),
-    ("peftkit.train.run_dir", "--overwrite", "demo"),
-    ("peftkit.train.run_dir", "--resume", "demo"),
-}
+ELSEWHERE = {}
 
 
 def dead_ends() -> set[tuple[str, str, str]]:
@@ -69,7 +68,7 @@ def dead_ends() -> set[tuple[str, str, str]]:
 
 
 def test_every_suggested_option_exists_on_the_commands_that_show_it() -> None:
-    assert dead_ends() == ELSEWHERE
+    assert dead_ends() == set()
 
 
 def test_either_spelling_counts_and_a_missing_option_or_an_abbreviation_does_not() -> None:

@@ -284,9 +284,13 @@ def main(argv: list[str] | None = None) -> int:
             message += f" -> {e.filename2}"
         print(f"error: {printable(message, keep=chr(10))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP where a command stops on them as on Ctrl-C
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signum  # what a shell reports for a process that signal ended
 
 
 def _yaml_value(text: str) -> Any:
@@ -382,6 +386,7 @@ def combine(
     rank: int | None = None,
     base: str | None = None,
     seed: int | None = None,
+    check_base: bool = True,
     registry: str | None = None,
 ) -> None:
     """Combine LoRA adapters of one base into a new LoRA adapter, as HF PEFT's add_weighted_adapter does.
@@ -399,6 +404,8 @@ def combine(
         rank: svd: the new adapter's rank; unset, the largest input rank
         base: the base model; unset, the one the first adapter records
         seed: dare_*: seed for the random masks; unset, torch's global generator
+        check_base: refuse adapters whose recorded base fingerprint differs from --base's
+            (--no-check-base loads them anyway; names and shapes are still checked)
         registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
             else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
@@ -413,6 +420,7 @@ def combine(
         rank=rank,
         base=base,
         seed=seed,
+        check_base=check_base,
         registry=registry,
     )
     print(f"wrote {out}: {result.summary()}")

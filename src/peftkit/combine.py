@@ -293,11 +293,13 @@ def combine_files(
     base: str | None = None,
     name: str = "combined",
     seed: int | None = None,
+    check_base: bool = True,
     registry: str | None = None,
 ) -> CombineResult:
     """`peftkit combine`: load the saved LoRA adapters onto their base, combine them and save the new
     adapter to `out` in the PEFT format. `base` defaults to the base the first adapter records;
-    `weights` empty means 1 for each adapter. The request, the files and whether their ranks allow
+    `weights` empty means 1 for each adapter; check_base=False loads them onto a `base` whose
+    fingerprint differs from the one they record. The request, the files and whether their ranks allow
     `how` are checked before the base model loads."""
     from .adapted import AdaptedModel
     from .base import load_base
@@ -341,7 +343,9 @@ def combine_files(
     am = AdaptedModel(model)
     names: list[str] = []
     for d in dirs:
-        names.append(am.load_adapter(d, adapter_name_from(Path(d).name, [*names, name])))
+        names.append(
+            am.load_adapter(d, adapter_name_from(Path(d).name, [*names, name]), check_base=check_base)
+        )
     result = am.combine(names, weights, name, how, density=density, rank=rank, seed=seed)
     am.save_adapter(out, name)
     return result

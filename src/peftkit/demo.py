@@ -84,7 +84,8 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     print(f"peftkit demo: teach {base} the '{task}' task ({spec.description}) with LoRA")
     print(f"  {torch.get_num_threads()} CPU threads; training config saved as {out / 'config.yaml'}\n")
 
-    result = train(config, overwrite=overwrite)
+    again = "Run the same `peftkit demo` command again to start the demo over (it replaces this run)"
+    result = train(config, overwrite=overwrite, rerun=again)
     print(
         f"\ntrained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s)"
     )

@@ -100,21 +100,33 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
 def compute_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
     """The dtype to load and compute in: `dtype` None or "auto" -> `auto_dtype(device)`; a name or a
     torch.dtype as given, with a warning on stderr when `device` cannot compute it natively."""
-    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
-        return auto_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise BaseModelError(
-                f"dtype {dtype} is not a floating-point dtype; valid: auto, {', '.join(DTYPES)}"
-            )
-        chosen = dtype
-    elif isinstance(dtype, str) and dtype.lower() in DTYPES:
-        chosen = DTYPES[dtype.lower()]
-    else:
-        raise BaseModelError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}, or a torch.dtype")
+    chosen = _named(dtype) or auto_dtype(device)
     if not native(chosen, device):
         warn_slow(chosen)
     return chosen
+
+
+def warn_if_emulated(dtype: torch.dtype | str | None, device: torch.device | str, fix: str) -> None:
+    """The one-line warning, with `fix` as the way out, when `dtype` as asked for is not native on
+    `device`. For commands whose users choose the dtype by another name than --dtype (a config key):
+    called before `load_base`, it is the warning said (once per process)."""
+    chosen = _named(dtype)
+    if chosen is not None and not native(chosen, device):
+        warn_slow(chosen, fix)
+
+
+def _named(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`dtype` as a torch.dtype; None for None and "auto"."""
+    valid = f"valid: auto, {', '.join(DTYPES)}"
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise BaseModelError(f"dtype {dtype} is not a floating-point dtype; {valid}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise BaseModelError(f"unknown dtype {dtype!r}; {valid}, or a torch.dtype")
 
 
 def why(dtype: torch.dtype, device: torch.device | str) -> str:
@@ -151,9 +163,9 @@ def machine_line(device: torch.device | str = "cpu") -> str:
 _warned: set[torch.dtype] = set()
 
 
-def warn_slow(dtype: torch.dtype) -> None:
-    """Say once per process, in one line, that `dtype` is emulated on this CPU and how much slower a
-    matrix product measured here than in float32."""
+def warn_slow(dtype: torch.dtype, fix: str = "pass --dtype float32 (or auto)") -> None:
+    """Say once per process, in one line, that `dtype` is emulated on this CPU, how much slower a
+    matrix product measured here than in float32, and `fix`, the caller's way to choose float32."""
     if dtype in _warned:
         return
     _warned.add(dtype)
@@ -163,8 +175,8 @@ def warn_slow(dtype: torch.dtype) -> None:
     measured = f"a matrix product ran {ratio:.0f}x slower than in float32 here" if ratio >= 2 else (
         "it is emulated, and usually many times slower than float32")  # fmt: skip
     print(
-        f"peftkit: warning: this CPU has no native {name} (no {flags}): {measured}; pass --dtype "
-        "float32 (or auto) unless you need this dtype",
+        f"peftkit: warning: this CPU has no native {name} (no {flags}): {measured}; {fix} unless you "
+        "need this dtype",
         file=sys.stderr,
         flush=True,
     )
@@ -198,5 +210,5 @@ def resolve_precision(choice: str, device: torch.device | str) -> Precision:
     if choice == "auto":
         return "bf16" if auto_dtype(device) == torch.bfloat16 else "fp32"
     if choice == "bf16" and not native(torch.bfloat16, device):
-        warn_slow(torch.bfloat16)
+        warn_slow(torch.bfloat16, fix="set precision: fp32 (or auto)")
     return "bf16" if choice == "bf16" else "fp32"

@@ -138,7 +138,9 @@ def score_group(
     cannot wrap the same module: LoRA and IA3 both wrap k_proj) are scored together in mixed batches;
     the others on the next copy."""
     from ..base import load_base
+    from ..base.precision import warn_if_emulated
 
+    warn_if_emulated(settings.dtype, "cpu", "set evaluate: {dtype: auto} (or float32)")
     results: dict[str, Scores] = {}
     pending = list(group)
     while pending:

@@ -62,13 +62,11 @@ def train(
             raise ConfigError("--register keeps adapters; method full saves a whole model (drop --register)")
         check_name(register)
         reg = Registry.open(registry)
-    try:
-        result = run_training(
-            resolved, resume=resume, overwrite=overwrite, allow_changed_inputs=allow_changed_inputs
-        )
-    except KeyboardInterrupt as e:
-        _exit_as_signalled(e)
-        raise
+    # A stop signal raises TrainingInterrupted (a KeyboardInterrupt with the signal's number), which the
+    # CLI turns into exit status 128 + that number (130, 143, 129), as supervisors and compare/tune read it.
+    result = run_training(
+        resolved, resume=resume, overwrite=overwrite, allow_changed_inputs=allow_changed_inputs
+    )
     where = result.adapter_dir or result.model_dir
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); saved {where}"
@@ -78,14 +76,3 @@ def train(
         version = reg.register(register, result.adapter_dir, description=about)
         print(f"registered {version.ref} ({version.stage}) in {reg.root}")
     return 0
-
-
-def _exit_as_signalled(stop: KeyboardInterrupt) -> None:
-    """Exit with 128 + the number of the signal that stopped the run (what a shell reports for a
-    process a signal ended), for SIGTERM and SIGHUP; Ctrl-C's 130 is the CLI's for every command.
-    Supervisors (and compare and tune, which forward SIGTERM to their runs) read it."""
-    import signal
-
-    signum = getattr(stop, "signum", signal.SIGINT)
-    if signum != signal.SIGINT:
-        raise SystemExit(128 + signum) from None

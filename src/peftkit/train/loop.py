@@ -60,6 +60,7 @@ def train(
     resume: bool | str | Path = False,
     overwrite: bool = False,
     allow_changed_inputs: bool = False,
+    rerun: str | None = None,
 ) -> TrainResult:
     """Fine-tune `config.base` on `config.data`.
 
@@ -69,7 +70,8 @@ def train(
     or another base model is refused unless `allow_changed_inputs`, which says so loudly and records
     the change in the adapter's training.json. Ctrl-C, SIGTERM or SIGHUP stops after the current
     step, saves a checkpoint and the last adapter, and raises TrainingInterrupted (a
-    KeyboardInterrupt, with the signal's number); a second signal aborts at once.
+    KeyboardInterrupt, with the signal's number); a second signal aborts at once. `rerun` replaces
+    the advice then given (resume with --resume) for a caller with its own way to go on (the demo).
     """
     start = starting_point(config, run_dir(config), resume=resume, overwrite=overwrite)
     d = distributed.init()
@@ -101,12 +103,12 @@ def train(
             # A stopped run's checkpoint is written (by _fit); this saves its last weights too.
             result = _save(p, pos, trainable, time.perf_counter() - started, tokens, interrupted=stopped)
     except KeyboardInterrupt:  # a second stop signal, or Ctrl-C outside the main thread
-        reporter.message(abort_message(p))
+        reporter.message(f"aborted; {rerun}" if rerun else abort_message(p))
         raise
     finally:
         reporter.close()
     if stopped:  # say how to resume
-        raise_interrupted(p, pos, stop.signum or signal.SIGINT)
+        raise_interrupted(p, pos, stop.signum or signal.SIGINT, rerun)
     distributed.shutdown(d)
     return result
 

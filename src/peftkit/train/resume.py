@@ -182,16 +182,14 @@ def run_inputs(p: Prepared) -> dict[str, str]:
     return {k: str(p.lineage.get(k, "")) for k in INPUTS}
 
 
-def raise_interrupted(p: Prepared, pos: Position, signum: int) -> NoReturn:
+def raise_interrupted(p: Prepared, pos: Position, signum: int, rerun: str | None = None) -> NoReturn:
     """After stop signal `signum` stopped the run with its checkpoint and last weights saved: say how
-    to resume, and raise TrainingInterrupted."""
+    to resume (or `rerun`, the caller's own advice), and raise TrainingInterrupted."""
     path = path_for(p.out / "checkpoints", pos.step)
     if p.dist.main:
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        _say(
-            f"{how} after step {pos.step} of {p.total_steps}; saved {path} and {p.last_dir}. "
-            f"Run it again with {option('resume')} to continue from step {pos.step}"
-        )
+        advice = rerun or f"Run it again with {option('resume')} to continue from step {pos.step}"
+        _say(f"{how} after step {pos.step} of {p.total_steps}; saved {path} and {p.last_dir}. {advice}")
     distributed.shutdown(p.dist)
     raise TrainingInterrupted(pos.step, path, signum)
 

@@ -42,6 +42,7 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
 
     from ..adapted import AdaptedModel
     from ..base import load_base
+    from ..base.precision import warn_if_emulated
     from ..eval.run import evaluate
     from ..train.setup import _examples  # the very split training validated on
 
@@ -51,6 +52,7 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
         raise ConfigError(f"objective score: {config.data} gave no validation examples to score")
     data = config.val_data or config.data
     dtype = torch.bfloat16 if summary.get("precision") == "bf16" else torch.float32
+    warn_if_emulated(dtype, "cpu", "set precision: fp32 (or auto)")
     result = Path(summary["output"])
     if config.method == FULL:
         model, tokenizer = load_base(str(result), dtype=dtype)
