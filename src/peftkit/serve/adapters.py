@@ -260,6 +260,7 @@ def check_served_base(staging: Any, path: Path) -> None:
     from ..formats.peft import WEIGHTS_FILE
     from ..identity import AdapterIdentity
 
+    path = Path(path)  # the loader may give a str
     try:
         with safe_open(str(path if path.is_file() else path / WEIGHTS_FILE), "pt") as f:
             identity = AdapterIdentity.from_metadata(dict(f.metadata() or {}))
