@@ -244,6 +244,17 @@ def test_an_unknown_option_gets_a_did_you_mean_and_the_commands_usage(capsys) ->
     assert err.startswith("usage: peftkit train") and "did you mean --lora.r" in err
 
 
+def test_a_prefix_is_not_an_option(capsys) -> None:
+    """argparse's abbreviations read `--lora.rank 4` as `--lora.rank_pattern 4` (an error about a key
+    the user never typed); every prefix is refused, with the option meant, by its other name too."""
+    assert main(["train", "--lora.rank", "4"]) == 2
+    assert (
+        "unrecognized arguments: --lora.rank (--lora.rank: did you mean --lora.r?)" in capsys.readouterr().err
+    )
+    assert main(["eval", "task:dates", "--max-new", "3"]) == 2
+    assert "--max-new: did you mean --max-new-tokens?" in capsys.readouterr().err
+
+
 def test_the_other_spelling_reaches_the_command(capsys) -> None:
     """The issue's `peftkit generate --max_new_tokens ...` was "unrecognized arguments"; now the value
     arrives, and is checked, before any model loads."""

@@ -284,8 +284,8 @@ def test_cli_trains_from_a_yaml_file_with_command_line_overrides(tiny_model_dir,
 def test_cli_names_a_bad_key_and_exits_2(tmp_path, capsys):
     from peftkit.cli import main
 
-    assert main(["train", "--lora.rank", "4"]) == 2  # argparse: no such option
-    assert "--lora.rank" in capsys.readouterr().err
+    assert main(["train", "--lora.rank", "4"]) == 2  # argparse: no such option (not a prefix of rank_pattern)
+    assert "--lora.rank: did you mean --lora.r?" in capsys.readouterr().err
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 0.1\n")
     assert main(["train", str(cfg)]) == 2

@@ -26,7 +26,7 @@ def test_yaml_and_overrides_merge_over_the_defaults(tmp_path: Path) -> None:
     ("values", "fragment"),
     [
         ({"learnin_rate": 1}, "'learnin_rate'"),
-        ({"lora.rank": 4}, "unknown LoRA config key 'rank'; valid keys: alpha_pattern"),
+        ({"lora.rank": 4}, "unknown LoRA config key 'rank' (did you mean 'r'?); valid keys: alpha_pattern"),
         ({"lr": "fast"}, "lr: 'fast'"),
         ({"precision": "fp16"}, "precision: 'fp16'; expected one of 'auto', 'bf16', 'fp32'"),
         ({"batch_size": 0}, "batch_size: 0"),

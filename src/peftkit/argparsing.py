@@ -5,7 +5,7 @@ reported with the command's own usage.
 
 Spelling: an option that sets a config key is shown as the key is written in YAML (`--max_steps`,
 `--lora.r`); every other option with dashes (`--max-new-tokens`). Either spelling, `_` or `-`, is
-accepted everywhere, and so is an unambiguous prefix in either spelling.
+accepted everywhere; a prefix of an option is not one (see `Parser`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ ALIAS_SUFFIX = "@alias"
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser that accepts both spellings of its options (`--max_steps`, `--max-steps`) and
-    says which option was probably meant when one is unknown."""
+    says which option was probably meant when one is unknown. Prefixes are not options: argparse's
+    abbreviations would read `--lora.rank 4` as `--lora.rank_pattern 4`, and a new option would break
+    an abbreviation that worked before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
         if args is not None:
@@ -41,13 +47,31 @@ class Parser(argparse.ArgumentParser):
         for arg in extras:
             if arg.startswith("--"):
                 name = arg.split("=", 1)[0]
-                close = difflib.get_close_matches(canonical(name), [canonical(k) for k in known], n=1)
-                if close:
-                    hints.append(
-                        f"{name}: did you mean {known[[canonical(k) for k in known].index(close[0])]}?"
-                    )
+                meant = _other_name(name, known) or _close(name, known)
+                if meant:
+                    hints.append(f"{name}: did you mean {meant}?")
         text = f"unrecognized arguments: {' '.join(extras)}"
         return text + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def _close(name: str, known: list[str]) -> str | None:
+    """The known option spelt most like `name`."""
+    close = difflib.get_close_matches(canonical(name), [canonical(k) for k in known], n=1)
+    return known[[canonical(k) for k in known].index(close[0])] if close else None
+
+
+def _other_name(name: str, known: list[str]) -> str | None:
+    """A config option by a name other tools use for it (`--lora.rank` -> `--lora.r`), which no
+    spelling check finds."""
+    from peftkit.methods.config_fields import ALIASES
+
+    section, dot, key = name[2:].rpartition(".")
+    for field in ALIASES.get(key.lower().replace("-", "_"), ()):
+        flag = canonical(f"--{section}{dot}{field}")
+        found = [k for k in known if canonical(k) == flag]
+        if found:
+            return found[0]
+    return None
 
 
 def respell(args: list[str], options: dict[str, Any]) -> list[str]:
@@ -66,10 +90,10 @@ def respell(args: list[str], options: dict[str, Any]) -> list[str]:
 
 
 def _known_spelling(name: str, options: dict[str, Any]) -> str:
-    if name in options or any(o.startswith(name) for o in options):
-        return name  # exact, or a prefix argparse resolves (or calls ambiguous) itself
+    if name in options:
+        return name
     for swapped in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
-        if swapped in options or any(o.startswith(swapped) for o in options):
+        if swapped in options:
             return swapped
     return name
 
