@@ -307,6 +307,19 @@ def test_ranks_are_checked_from_the_files_before_the_weights_and_the_base(tmp_pa
     assert main([*args, "--how", "linear", "--weights", "1", "--base", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "need one rank" in err and "how=cat" in err, err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    args = [
+        "combine",
+        str(tmp_path / "mine"),
+        "--adapters",
+        str(tmp_path / "r2"),
+        "--base",
+        str(tmp_path / "nope"),
+    ]
+    assert main(args) == 2  # one output-directory rule: new, empty or an adapter's; refused before any load
+    assert "holds other files (notes.txt) and no adapter" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -316,6 +316,7 @@ def combine_files(
     clash = input_clash(Path(out), [("adapter directory", d) for d in dirs])
     if clash:
         raise RequestError(f"the output directory {out} {clash}; choose a directory of its own")
+    fmt.check_adapter_out(Path(out))  # new, empty or an adapter's: said before the slow load
     recorded: dict[Path, tuple[str | None, str | None]] = {}  # dir -> (base name, base fingerprint)
     ranks: dict[str, int] = {}
     for d in dirs:

@@ -161,6 +161,18 @@ def write_adapter(
     `.git` included) for the sake of two files.
     """
     directory = Path(directory)
+    check_adapter_out(directory)
+    with building_dir(directory, if_exists="replace") as tmp:
+        if directory.is_dir():  # (empty when it is the directory a training save is building)
+            copy_entries(directory, tmp, skip={WEIGHTS_FILE, CONFIG_FILE})
+        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt", **metadata})
+        write_json_atomic(tmp / CONFIG_FILE, config)
+    return directory
+
+
+def check_adapter_out(directory: Path) -> None:
+    """Refuse, before any work, a place `write_adapter` may not write: a file, the working directory
+    or one above it, a non-empty directory that holds no adapter."""
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"cannot save the adapter to {directory}: it exists and is not a directory")
     cwd = Path.cwd().resolve()
@@ -176,12 +188,6 @@ def write_adapter(
             f"({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) and no adapter; save into an "
             "empty directory or an adapter directory"
         )
-    with building_dir(directory, if_exists="replace") as tmp:
-        if directory.is_dir():  # (empty when it is the directory a training save is building)
-            copy_entries(directory, tmp, skip={WEIGHTS_FILE, CONFIG_FILE})
-        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt", **metadata})
-        write_json_atomic(tmp / CONFIG_FILE, config)
-    return directory
 
 
 def check_tensors(
