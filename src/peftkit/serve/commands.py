@@ -145,14 +145,23 @@ def served_names(base: str) -> list[str]:
 
 def _check_port(host: str, port: int) -> None:
     """Fail before the model loads when the address is taken or cannot be bound."""
+    _listening(host, port).close()
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) and listening: connections made from now on wait in its backlog
+    until the server accepts them, so the address can be announced before the server loop starts."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(2048)
     except OSError as e:
+        s.close()
         raise ConfigError(
             f"cannot listen on {host}:{port}: {e.strerror}; choose another --port or --host"
         ) from None
+    return s
 
 
 @dataclass
@@ -286,8 +295,9 @@ def serve(
         raise ConfigError(f"--port must be between 0 and 65535, got {port}")
     _check_port(host, port)
     server = prepare(base, adapters, registry, settings, engine_config)
-    _announce(server, host, port)
-    stopped_by = _run_until_stopped(server.app, host, port, settings.shutdown_deadline)
+    sock = _listening(host, port)  # listening before it is announced: a client may connect at once
+    _announce(server, host, sock.getsockname()[1])
+    stopped_by = _run_until_stopped(server.app, sock, settings.shutdown_deadline)
     how = f" on {signal.Signals(stopped_by).name}" if stopped_by is not None else ""
     print(f"peftkit serve: stopped{how}", file=sys.stderr, flush=True)
     return 0
@@ -309,24 +319,18 @@ def _announce(server: Server, host: str, port: int) -> None:
     print(f"peftkit serve: admin API {admin}", flush=True)
 
 
-def _run_until_stopped(app: Any, host: str, port: int, deadline: float) -> int | None:
-    """Run `app` under uvicorn until Ctrl-C or SIGTERM: the number of the signal that stopped it
-    (None if it stopped on its own)."""
+def _run_until_stopped(app: Any, sock: socket.socket, deadline: float) -> int | None:
+    """Run `app` under uvicorn on the listening `sock` until Ctrl-C or SIGTERM: the number of the
+    signal that stopped it (None if it stopped on its own)."""
     import uvicorn
 
-    uv = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        timeout_graceful_shutdown=max(1, math.ceil(deadline)),
-        log_level="warning",
-    )
+    uv = uvicorn.Config(app, timeout_graceful_shutdown=max(1, math.ceil(deadline)), log_level="warning")
     # Ctrl-C or SIGTERM is how a server is meant to stop: uvicorn shuts down gracefully, then
     # re-raises the signal into the handlers it found, which here only note it, so the exit is 0.
     stops: list[int] = []
     found = {s: signal.signal(s, lambda number, frame: stops.append(number)) for s in STOP_SIGNALS}
     try:
-        uvicorn.Server(uv).run()
+        uvicorn.Server(uv).run(sockets=[sock])
     finally:
         for number, handler in found.items():
             signal.signal(number, handler)
