@@ -116,19 +116,42 @@ def _make_placeholders(root: Path) -> None:
     AdaptedModel.attach(model, config).save_adapter(root / "path/to/adapter")
 
 
-@pytest.mark.integration
+def _stand_in_for_the_builtin(cache: Path, model_dir: Path) -> None:
+    """Put a tiny model where `load_base("smollm2-135m")` finds its converted checkpoint in the cache
+    `cache` (what the first load of the GGUF writes: the model directory and its fingerprint sidecar),
+    so every command that names the built-in model, or uses it by default, runs on the tiny one."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.base import model_fingerprint
+    from peftkit.base.catalog import DEFAULT_BASE
+    from peftkit.base.load import SIDECAR_NAME
+    from peftkit.base.sources import resolve_source
+
+    entry = cache / "models" / resolve_source(DEFAULT_BASE).cache_name
+    shutil.copytree(model_dir, entry)
+    fingerprint = model_fingerprint(AutoModelForCausalLM.from_pretrained(entry))
+    (entry / SIDECAR_NAME).write_text(json.dumps({"fingerprint": fingerprint, "source": "test", "format": 1}))
+
+
 def test_shell_commands_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_model_dir: Path
 ) -> None:
     """Every `peftkit` command line of the README runs, in order, as a reader would type it (with a
     small step and example budget appended), and exits 0. `make demo` runs its `peftkit demo`;
-    `make test` is this suite."""
+    `make test` is this suite. The built-in model is a tiny stand-in here (in a private cache, where
+    the converted GGUF would be): the commands are what is tested, and on the real model they took
+    six minutes of the suite's fifteen on a 2-core CPU; the real model's own tests are the
+    `integration` ones (test_integration.py, the Python examples below, test_base, test_eval)."""
     import io
     import sys
 
     from peftkit.cli import main
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))  # also for the processes it starts
+    _stand_in_for_the_builtin(tmp_path / "cache", tiny_model_dir)
     _make_placeholders(tmp_path)
     commands = [c for c in shell_commands() if c != "make test"]
     assert commands[0] == "make demo" and all(c.startswith(("peftkit ", "curl ")) for c in commands[1:])
