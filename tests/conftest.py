@@ -15,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tes
 # The suite behaves the same on CPUs with and without native bf16: `auto` is float32 everywhere (the
 # tests of the choice itself set this per test); subprocesses the tests start inherit it.
 os.environ["PEFTKIT_NATIVE_BF16"] = "0"
+# `make test` runs two pytest workers on two cores (pytest-xdist): each test, and each process a test
+# starts, gets one thread, since two threads per worker would make four on two cores (OpenMP spinning
+# then costs far more than it gains).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 VOCAB = 64
@@ -104,7 +110,7 @@ def _seed_and_threads(request: pytest.FixtureRequest):
     spinning cost far more than the arithmetic (100x on a busy 2-core machine)."""
     torch.manual_seed(0)
     before = torch.get_num_threads()
-    if "integration" not in request.keywords:
+    if "integration" not in request.keywords or WORKERS > 1:
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
