@@ -6,6 +6,7 @@ follows its parameters; the threaded front loads, unloads and stops cleanly."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -336,6 +337,18 @@ def test_an_adapter_evicted_while_its_requests_wait_is_loaded_again(adapters) ->
     engine.listeners.append(
         lambda name, data: loads.append(data["adapter"]) if name == "adapter_load" else None
     )
-    for (prompt, adapter, params), outputs in zip(reqs, engine.run(reqs), strict=True):
+    results = [engine.add_request(*reqs[0])]
+    while not engine.running:  # the first "lora" request holds the row and pins the slot
+        engine.step()
+    results += [engine.add_request(*r) for r in reqs[1:]]
+    # "ia3" is loaded before the first request ends, so the step that frees the slot gives it to
+    # "ia3" while the second "lora" request waits for the row (a load still in flight then would
+    # let that request take the row on the resident "lora" first).
+    engine.adapters.loads["ia3"].result()
+    while engine.busy:
+        engine.step()
+        if not engine.running and engine.adapters.busy:
+            time.sleep(0.001)
+    for (prompt, adapter, params), outputs in zip(reqs, results, strict=True):
         assert [o.token_id for o in outputs] == offline(prompt, adapters[adapter], params.max_tokens)
     assert loads == ["lora", "ia3", "lora"]
