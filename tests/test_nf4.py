@@ -140,19 +140,21 @@ def test_dequantize_equals_bitsandbytes_dequantize_4bit(out_dtype: torch.dtype) 
 
 
 @needs_bnb
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="bitsandbytes' AVX-512 kernel only"
-)
-def test_bitsandbytes_cpu_kernel_misreads_rows_that_straddle_blocks() -> None:
+def test_rows_that_straddle_blocks_dequantize_right_whatever_bitsandbytes_kernel_runs() -> None:
     """Why the bnb backend dequantizes such shapes in PyTorch: bitsandbytes 0.50.2's AVX-512 CPU
     kernel indexes absmax per row, so with 80 values a row (blocks straddle rows) it scales most
-    values by the wrong block. If this starts failing, bitsandbytes fixed it."""
+    values by the wrong block; its kernel for other CPUs reads them right. Ours is right on both (if
+    the AVX-512 branch starts failing, bitsandbytes fixed it)."""
     w = _weight((64, 80))
     data, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     theirs = bnb.functional.dequantize_4bit(data, state)
     ours = dequantize_nf4(quantize_nf4(w, compress_statistics=False), torch.float32, backend="bnb")
-    assert not torch.equal(theirs, ours)
-    assert (ours - w).norm() < 0.6 * (theirs - w).norm()
+    assert (ours - w).norm() / w.norm() < 0.12  # 4 bits' error (about 0.09), every block its own scale
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert not torch.equal(theirs, ours)
+        assert (ours - w).norm() < 0.6 * (theirs - w).norm()
+    else:
+        assert torch.equal(theirs, ours)
 
 
 def test_quantization_error_is_that_of_4_bits() -> None:
