@@ -139,6 +139,16 @@ def char_tokenizer():
     return fast
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_training_child():
+    """The training children a module's tests start run on one thread: two OpenMP threads on a busy
+    2-core machine are ten times slower for a tiny model, not faster (they spin). A module takes it
+    with `pytestmark = pytest.mark.usefixtures("one_thread_per_training_child")`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A saved tiny random Llama with the character tokenizer: an HF model directory that

@@ -25,13 +25,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ["lora-r4", "ia3", "prompt", "full"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_training_child():
-    """The training children these tests start run on one thread: two OpenMP threads on a busy 2-core
-    machine are ten times slower for a tiny model, not faster (they spin)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_training_child")
 
 
 def experiment_text(base: Path, ia3_lr: str = "1e-2") -> str:

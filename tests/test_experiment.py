@@ -10,14 +10,7 @@ from peftkit.errors import ConfigError
 from peftkit.experiment import read_experiment, run_training
 from peftkit.experiment.config import expand_dotted
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_training_child():
-    """The training children these tests start run on one thread: two OpenMP threads on a busy 2-core
-    machine are ten times slower for a tiny model, not faster (they spin)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_training_child")
 
 
 def write(path, text):

@@ -158,13 +158,21 @@ def test_train_register_files_the_adapter_with_its_training_facts(
     assert "training_config.yaml" in shown["files"]
 
 
+def other_base(tiny_model_dir: Path, out: Path, tokenizer: bool = False) -> None:
+    """Save the tiny model with other weights (the same architecture: another base) to `out`, with the
+    tiny model's tokenizer if asked."""
+    other, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)
+    other.save_pretrained(out)
+    if tokenizer:
+        load_base(str(tiny_model_dir))[1].save_pretrained(out)
+
+
 def test_another_base_is_refused_with_both_fingerprints_and_an_override_is_audited(
     tiny_model_dir, tmp_path, registry_env, capsys
 ) -> None:
-    other, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
-    with torch.no_grad():
-        other.model.norm.weight.mul_(1.5)  # the same architecture, other weights: another base
-    other.save_pretrained(tmp_path / "other")
+    other_base(tiny_model_dir, tmp_path / "other")
     assert (
         main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=5))]) == 0
     )
@@ -432,11 +440,7 @@ def test_a_gate_on_another_base_says_how_to_give_it_the_right_one(
     tiny_model_dir, tmp_path, registry_env, capsys
 ) -> None:
     """Not "pass --no-check-base", which promote does not take: the gate's own --base is what to change."""
-    other, _ = load_base(str(tiny_model_dir), dtype=torch.float32, tokenizer="optional")
-    with torch.no_grad():
-        other.model.norm.weight.mul_(1.5)  # the same architecture, other weights: another base
-    other.save_pretrained(tmp_path / "other")
-    load_base(str(tiny_model_dir))[1].save_pretrained(tmp_path / "other")  # the same tokenizer
+    other_base(tiny_model_dir, tmp_path / "other", tokenizer=True)
     assert (
         main(["registry", "register", "bot", str(adapter_for(tiny_model_dir, tmp_path / "a", seed=6))]) == 0
     )

@@ -24,13 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_training_child():
-    """The training children these tests start run on one thread: two OpenMP threads on a busy 2-core
-    machine are ten times slower for a tiny model, not faster (they spin)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_training_child")
 
 
 def write(path, data):
