@@ -68,7 +68,7 @@ def test_no_warning_where_bf16_is_native(monkeypatch, capsys, fresh_warnings) ->
 
 def test_eval_generate_and_chat_load_a_bf16_checkpoint_in_float32_without_native_bf16(tmp_path) -> None:
     """eval, generate and chat open their model through one function; `--dtype auto` there."""
-    from peftkit.eval.commands import load_model
+    from peftkit.eval.loading import load_model
 
     path = write_hf_dir(tmp_path / "bf16", tiny_model(), dtype=torch.bfloat16)
     model, _ = load_model(str(path), [], "auto")

@@ -151,6 +151,6 @@ def max_new_tokens_for(requested: int, data: str, tokenizer: Any, examples: list
     task = scored_task(data)
     if task is not None:
         return task.max_new_tokens
-    from ..eval.commands import longest_answer
+    from ..eval.loading import longest_answer
 
     return longest_answer(tokenizer, examples) + 8
