@@ -31,7 +31,7 @@ from ..experiment.stopping import interrupted_line, stop_signals
 from .objective import check_evaluation
 from .outdir import STUDY, STUDY_NAME, claim, locked, storage_url, take
 from .space import ALPHA_OVER_R, Param, parse_space
-from .trial import run_trial
+from .trial import finished, interrupt, run_trial
 
 DEFAULT_TRIALS = 20  # the budget when neither trials nor timeout is given
 MAX_FAILURES = 3  # this many failed trials in a row stop the search (a setup problem, not bad luck)
@@ -268,23 +268,6 @@ def retry_unfinished(study: Any, log: Callable[[str], None]) -> None:
         log(
             f"trial {t.number} was interrupted; it is queued again (in {t.user_attrs.get('run_dir', 'a new run')})"
         )
-
-
-def interrupt(study: Any, number: int, params: dict[str, Any], attrs: dict[str, Any]) -> None:
-    from optuna.trial import TrialState
-
-    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-    keep = {k: attrs[k] for k in ("run_dir", "variant") if k in attrs}
-    study.enqueue_trial(params, user_attrs={**keep, "retry_of": number})
-
-
-def finished(trials: list[Any]) -> list[Any]:
-    """Trials with a verdict (complete, pruned, failed); an interrupted one that is retried is not one."""
-    from optuna.trial import TrialState
-
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return [t for t in trials if t.state in done and t.number not in retried]
 
 
 def _loop(run: _Run) -> int:

@@ -79,8 +79,6 @@ def run_trial(run: Any, target: int | None) -> Any:
         trial.set_user_attr("run_dir", run_dir)
         state, value = _train(run, trial, chosen, Path(run.out) / run_dir)
     except KeyboardInterrupt:
-        from .study import interrupt
-
         interrupt(run.study, trial.number, trial.params, trial.user_attrs)
         run.stopped_trial = trial.number
         run.log(f"trial {trial.number} interrupted; rerun the same command to retry it and go on")
@@ -138,7 +136,6 @@ def _one_line(message: str) -> str:
 def progress_line(run: Any, t: Any, target: int | None) -> str:
     """One line per trial: its verdict, objective, parameters, steps and time, and the best so far."""
     from .report import format_params
-    from .study import finished
 
     done = len(finished(run.study.get_trials(deepcopy=False)))
     of = f"{done}/{target}" if target else f"{done}"
@@ -156,3 +153,21 @@ def progress_line(run: Any, t: Any, target: int | None) -> str:
     except ValueError:  # no complete trial yet
         pass
     return line
+
+
+def interrupt(study: Any, number: int, params: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """Mark an interrupted trial failed and queue its parameters again, in the same run directory."""
+    from optuna.trial import TrialState
+
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    keep = {k: attrs[k] for k in ("run_dir", "variant") if k in attrs}
+    study.enqueue_trial(params, user_attrs={**keep, "retry_of": number})
+
+
+def finished(trials: list[Any]) -> list[Any]:
+    """Trials with a verdict (complete, pruned, failed); an interrupted one that is retried is not one."""
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in trials if t.state in done and t.number not in retried]
