@@ -26,9 +26,9 @@ from test_serve_http import free_port, save_adapter
 from peftkit.cli import main
 from peftkit.errors import ConfigError
 from peftkit.registry import Registry
-from peftkit.serve.choices import ParamError
 from peftkit.serve.commands import ServeConfig, load_serve_config, prepare
 from peftkit.serve.tenants import Access, RateLimitedError, hash_key, user_bucket
+from peftkit.serve.types import ParamError
 
 KEYS = {
     "acme": "sk-acme",

@@ -22,10 +22,9 @@ from starlette.exceptions import HTTPException
 
 from ..errors import PeftkitError, RegistryError, UnknownAdapterError
 from .catalog import ModelNotFoundError
-from .choices import ParamError
 from .engine import ShuttingDownError
 from .tenants import Access, AdminDisabledError, AuthError, RateLimitedError
-from .types import AdapterLoadError, EngineError, EngineUnavailableError, QueueFullError
+from .types import AdapterLoadError, EngineError, EngineUnavailableError, ParamError, QueueFullError
 
 log = logging.getLogger("peftkit.serve")
 

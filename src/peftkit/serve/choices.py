@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import RequestError
 from .text import TextStream
-from .types import SamplingParams, TokenOutput
+from .types import ParamError, SamplingParams, TokenOutput
 
 
 def _f(default: Any, help: str) -> Any:
@@ -39,14 +38,6 @@ class Limits:
     default_max_tokens: int = _f(16, "max_tokens of a /v1/completions request that gives none (as in OpenAI)")
     max_n: int = _f(8, "the most choices (n) per request")
     max_prompts: int = _f(16, "the most prompts in one /v1/completions request")
-
-
-class ParamError(RequestError):
-    """A request parameter is out of the server's limits; `param` names it (HTTP 400)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def plan_max_tokens(

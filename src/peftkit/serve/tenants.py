@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, PeftkitError
-from .choices import ParamError
 from .routing import (  # noqa: F401 (re-exported: http.py, admin.py and commands.py import them from here)
     BUCKETS,
     Routes,
@@ -37,6 +36,7 @@ from .routing import (  # noqa: F401 (re-exported: http.py, admin.py and command
     route,
     user_bucket,
 )
+from .types import ParamError
 
 HASHED = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_RATE_KEYS = 100_000  # token buckets kept (least recently used dropped): any key is one when none are set

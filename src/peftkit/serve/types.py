@@ -81,6 +81,14 @@ class AdapterLoadError(RequestError):
         )
 
 
+class ParamError(RequestError):
+    """A request parameter is out of the server's limits; `param` names it (HTTP 400)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFullError(RequestError):
     """The engine's waiting queue is at its limit; retry later (HTTP 429)."""
 
