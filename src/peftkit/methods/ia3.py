@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import peftkit.methods.ia3_config as ia3_config
+
 from ..errors import RequestError
 from ..layer_types import dense_weight, float_dtype, layer_type, weight_device, weight_shape
 from ..routing import AdapterState, RowRouting, row_slots
-from . import ia3_config
 from .ia3_config import KEY_SUFFIX, IA3Config
 from .spec import MethodSpec
 

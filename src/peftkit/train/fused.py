@@ -18,8 +18,7 @@ import types
 import torch
 from torch import Tensor, nn
 
-from ..inject import unwrap
-from ..layer_types import float_dtype, is_quantized, weight_device
+from ..layer_types import float_dtype, is_quantized, unwrap, weight_device
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+import peftkit.train.distributed as distributed
+
 from ..data.batching import collate, length_grouped_batches
 from ..data.encode import Encoded
 from ..io import atomic_file
 from ..terminal import printable
-from . import distributed
 from .checkpoint import Position
 from .config import TrainConfig, save_config
 from .header import describe

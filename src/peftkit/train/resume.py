@@ -13,9 +13,10 @@ from typing import Any, NoReturn
 
 import torch
 
+import peftkit.train.distributed as distributed
+
 from ..errors import ConfigError, TrainingInterrupted, option
 from ..io import building_dir, copy_entries, remove_dir
-from . import distributed
 from .checkpoint import (
     BEST,
     INPUTS,

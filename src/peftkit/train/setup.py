@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import peftkit.train.distributed as distributed
+
 from ..adapted import AdaptedModel
 from ..base import load_base, save_model_dir
 from ..base.precision import resolve_precision
@@ -22,7 +24,6 @@ from ..data.files import dataset_hash, split_examples
 from ..data.source import load_data
 from ..errors import DataError
 from ..io import building_dir
-from . import distributed
 from .checkpoint import Position
 from .config import TrainConfig, save_config
 from .fused import fuse_for_training

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import peftkit.train.distributed as distributed
+
 from ..data.batching import collate
 from ..data.encode import IGNORE_INDEX
 from ..errors import TrainingDivergedError
-from . import distributed
 from .checkpoint import list_checkpoints, non_finite
 from .loss import head_loss_sum, labelled_hidden
 from .optim import Trainable
