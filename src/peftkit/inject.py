@@ -24,11 +24,8 @@ from typing import Any
 from torch import nn
 
 from .errors import TargetError, did_you_mean
-from .layer_types import ALL_LINEAR, is_linear
+from .layer_types import ALL_LINEAR, WRAPPED_ATTRS, is_linear, unwrap  # noqa: F401 (WRAPPED_ATTRS: its old home)
 from .methods.spec import MethodSpec
-
-# Names of the attributes our wrappers use for what they wrap (PEFT's names, so bias keys line up).
-WRAPPED_ATTRS = ("base_layer", "original_module")
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,6 @@ def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         inner = unwrap(child)
         yield name, inner
         yield from _walk(inner, f"{name}.")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside an adapter wrapper (or the module itself)."""
-    while getattr(module, "is_adapter_wrapper", False):
-        module = next(module._modules[a] for a in WRAPPED_ATTRS if a in module._modules)
-    return module
 
 
 def name_matches(name: str, spec: tuple[str, ...] | str) -> bool:

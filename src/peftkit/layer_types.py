@@ -17,6 +17,17 @@ ALL_LINEAR = "all-linear"
 """The target spec for every linear layer except the model's output head (HF PEFT's spelling)."""
 
 
+# Names of the attributes our wrappers use for what they wrap (PEFT's names, so bias keys line up).
+WRAPPED_ATTRS = ("base_layer", "original_module")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside an adapter wrapper (or the module itself)."""
+    while getattr(module, "is_adapter_wrapper", False):
+        module = next(module._modules[a] for a in WRAPPED_ATTRS if a in module._modules)
+    return module
+
+
 def layer_type(module: nn.Module) -> str | None:
     """The type name of a layer methods can wrap: "linear", "conv1d_gpt2" (transformers' GPT-2
     `Conv1D`, weight stored (in, out)), "embedding", "conv1d"/"conv2d"/"conv3d"; None otherwise."""

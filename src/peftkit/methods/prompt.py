@@ -28,7 +28,7 @@ from ..errors import (
     RequestError,
     ShapeMismatchError,
 )
-from ..inject import unwrap
+from ..layer_types import unwrap
 from ..prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
 from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
 from .spec import MethodSpec
