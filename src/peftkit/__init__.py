@@ -1,9 +1,7 @@
 """peftkit: parameter-efficient fine-tuning of language models, in the HF PEFT on-disk format."""
 
-__version__ = "0.1.0"
-
-from .adapted import AdaptedModel  # noqa: E402
-from .errors import (  # noqa: E402
+from .adapted import AdaptedModel
+from .errors import (
     AdapterFileError,
     AdapterNotFoundError,
     AdapterStateError,
@@ -18,11 +16,12 @@ from .errors import (  # noqa: E402
     TargetError,
     TrainingDivergedError,
 )
-from .methods import METHODS, LoraConfig  # noqa: E402
-from .methods.bottleneck_config import BottleneckConfig  # noqa: E402
-from .methods.ia3_config import IA3Config  # noqa: E402
-from .methods.prefix import PrefixTuningConfig  # noqa: E402
-from .methods.prompt import PromptTuningConfig  # noqa: E402
+from .methods import METHODS, LoraConfig
+from .methods.bottleneck_config import BottleneckConfig
+from .methods.ia3_config import IA3Config
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptTuningConfig
+from .version import __version__ as __version__
 
 
 def load_base(*args, **kwargs):  # noqa: ANN002, ANN003

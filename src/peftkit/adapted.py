@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
 from .adapter_checks import (
     bias_choice,
     check_adapter_file,
@@ -48,6 +47,7 @@ from .routing import (
     one_name_per_row,
 )
 from .saved_modules import ModulesToSave
+from .version import __version__
 from .weights import AdapterChoice, activation, active_weights, row_choices
 
 

@@ -230,7 +230,7 @@ def build_parser(commands: dict[str, Callable] | None = None) -> argparse.Argume
     """The `peftkit` parser with one subcommand per registered function."""
     import importlib
 
-    from . import __version__
+    from .version import __version__
 
     for module in COMMAND_MODULES:
         importlib.import_module(module)
