@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .db import Transaction
+if TYPE_CHECKING:  # annotations only: db imports this module to migrate old registries
+    from .db import Transaction
 
 GENESIS = "0" * 64
 _FIELDS = "seq, at, who, action, name, version, details, prev_hash, hash"

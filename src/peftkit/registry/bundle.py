@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import peftkit.registry.audit as audit
+
 from ..errors import RegistryError
 from ..io import atomic_file
-from . import audit
 from .blobs import CHUNK, file_sha256
 from .versions import manifest_digest
 

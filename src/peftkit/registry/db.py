@@ -195,7 +195,7 @@ def migrate(db: Database | PostgresDatabase) -> int:
                 if statement:
                     tx.execute(db.ddl(statement))
         if 0 < found < 2 <= SCHEMA_VERSION:  # versions from before the audit log get their entries now
-            from . import audit
+            import peftkit.registry.audit as audit
 
             for name, number, digest, who, when in tx.execute(
                 "SELECT name, number, digest, created_by, created_at FROM versions ORDER BY id"

@@ -25,6 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import peftkit.registry.audit as audit
+
 from ..errors import (
     OtherBaseVersionError,
     RegistryError,
@@ -33,7 +35,6 @@ from ..errors import (
     UnknownAdapterError,
 )
 from ..io import building_dir
-from . import audit
 from .blobs import BlobStore, file_sha256
 from .db import open_database
 from .gate import STORED, Gate, pass_gate
