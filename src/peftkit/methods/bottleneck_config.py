@@ -10,8 +10,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from ..errors import AdapterFileError, ConfigError
-from ..values import check_keys_are_text, number_from_text, short_repr
-from .config_fields import check, check_known_keys, check_names, config_field, is_int, is_num
+from ..values import number_from_text, short_repr
+from .config_fields import check, check_names, config_field, from_mapping, is_int, is_num
 
 CONFIGS = ("houlsby", "pfeiffer")
 # Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
@@ -144,14 +144,7 @@ class BottleneckConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
         """Build from a dict, rejecting unknown keys by name."""
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"a bottleneck adapter config must be a mapping of its fields, found {type(data).__name__}"
-            )
-        known = {f.name for f in fields(cls)}
-        check_keys_are_text(data, "bottleneck config", sorted(known))
-        check_known_keys(data, known, "bottleneck")
-        return cls(**data)
+        return from_mapping(cls, data, "bottleneck")
 
     def replace(self, **changes: Any) -> BottleneckConfig:
         """A copy with some fields changed (validated again). Derived defaults follow what they derive

@@ -67,7 +67,10 @@ def check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = T
 def from_mapping(cls: type, data: Any, label: str) -> Any:
     """A config of class `cls` from a dict, rejecting unknown keys by name (with a suggestion)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"a {label} config must be a mapping of its fields, found {type(data).__name__}")
+        article = "an" if label[0] in "AEIOU" else "a"
+        raise ConfigError(
+            f"{article} {label} config must be a mapping of its fields, found {type(data).__name__}"
+        )
     known = [f.name for f in fields(cls)]
     check_keys_are_text(data, f"{label} config", sorted(known))
     check_known_keys(data, known, label)

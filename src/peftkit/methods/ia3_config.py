@@ -15,8 +15,7 @@ from torch import Tensor
 
 from ..errors import AdapterFileError, ConfigError, TargetError
 from ..layer_types import ALL_LINEAR
-from ..values import check_keys_are_text
-from .config_fields import check, check_known_keys, config_field, is_int
+from .config_fields import check, config_field, from_mapping, is_int
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
 
@@ -128,12 +127,7 @@ class IA3Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IA3Config:
         """Build from a dict, rejecting unknown keys by name."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"an IA³ config must be a mapping of its fields, found {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        check_keys_are_text(data, "IA³ config", sorted(known))
-        check_known_keys(data, known, "IA³")
-        return cls(**data)
+        return from_mapping(cls, data, "IA³")
 
     def replace(self, **changes: Any) -> IA3Config:
         """A copy with some fields changed (validated again)."""
