@@ -29,8 +29,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import PeftkitError
+from ..train.step import PASSED_ON
+from ..train.step import stop_signals as _stop_signals
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = _stop_signals()  # the ones `peftkit train` takes as a stop (SIGINT, SIGTERM, SIGHUP)
 
 
 class Stopped(KeyboardInterrupt):
@@ -85,7 +87,7 @@ class Children:
         directly, from a control group's kill); a later one as SIGINT, which aborts a stopping run."""
         with self._lock:
             self.requests += 1
-            passed_on = signal.SIGUSR1 if self.requests == 1 and hasattr(signal, "SIGUSR1") else signal.SIGINT
+            passed_on = PASSED_ON if self.requests == 1 and PASSED_ON is not None else signal.SIGINT
             for pid, proc in list(self._running.items()):
                 # os.kill, not send_signal: that polls, and reaping here would take the child's exit
                 # (and its peak memory, read by os.wait4) from the thread that watches it.
