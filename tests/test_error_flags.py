@@ -29,7 +29,7 @@ SEEN_ONLY_BY: dict[tuple[str, str], tuple[set[str], str]] = {
         {"eval", "generate", "chat", "merge", "serve"},
         "warn_slow speaks only of a half dtype asked for explicitly: info, combine, demo, tour and the "
         "registry load with `auto`, which never warns; train (resolve_precision), compare and tune "
-        "(warn_if_emulated) warn first naming their own key, and the warning is said once per process",
+        "(load_base's dtype_advice) name their own key instead",
     ),
     **{
         (module, flag): (

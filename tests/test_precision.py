@@ -59,6 +59,24 @@ def test_an_explicit_bf16_without_native_support_is_honoured_with_one_warning_li
     assert resolve_precision("bf16", "cpu") == "bf16"  # training's precision: honoured too
 
 
+def test_a_command_that_sets_the_dtype_by_a_key_names_that_key(
+    monkeypatch, capsys, fresh_warnings, tiny_model_dir
+) -> None:
+    """compare (evaluate.dtype) and tune (precision) load through load_base with their own advice."""
+    from peftkit.base import load_base
+    from peftkit.base.precision import PRECISION_ADVICE
+    from peftkit.experiment.evaluation import DTYPE_ADVICE
+
+    monkeypatch.setenv("PEFTKIT_NATIVE_BF16", "0")
+    model, _ = load_base(str(tiny_model_dir), dtype="bfloat16", dtype_advice=DTYPE_ADVICE)
+    assert model.dtype == torch.bfloat16
+    err = capsys.readouterr().err
+    assert "set evaluate: {dtype: auto} (or float32)" in err and "--dtype" not in err
+    precision._warned.clear()  # said once per process: again, for the second command
+    load_base(str(tiny_model_dir), dtype=torch.bfloat16, dtype_advice=PRECISION_ADVICE)
+    assert "set precision: fp32 (or auto)" in capsys.readouterr().err
+
+
 def test_no_warning_where_bf16_is_native(monkeypatch, capsys, fresh_warnings) -> None:
     monkeypatch.setenv("PEFTKIT_NATIVE_BF16", "1")
     assert compute_dtype("bf16", "cpu") == torch.bfloat16

@@ -70,6 +70,7 @@ def load_base(
     cache_dir: str | Path | None = ...,
     tokenizer: Literal["required"] = ...,
     quantize: str | None = ...,
+    dtype_advice: str | None = ...,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
 
 
@@ -82,6 +83,7 @@ def load_base(
     cache_dir: str | Path | None = ...,
     tokenizer: Literal["optional"],
     quantize: str | None = ...,
+    dtype_advice: str | None = ...,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]: ...
 
 
@@ -93,6 +95,7 @@ def load_base(
     cache_dir: str | Path | None = None,
     tokenizer: Literal["required", "optional"] = "required",
     quantize: str | None = None,
+    dtype_advice: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, in eval mode, with its fingerprint attached.
 
@@ -108,6 +111,10 @@ def load_base(
     `NF4Linear` (see `peftkit.base.nf4`), computing in the loaded dtype (bf16 for a float16 load);
     None keeps the weights as loaded.
 
+    A `dtype` this device does not compute natively is loaded with a one-line warning saying how much
+    slower it is and how to choose float32: `dtype_advice` for a command whose users set the dtype
+    under another name than --dtype (e.g. "set precision: fp32 (or auto)").
+
     The model carries `_peftkit_fingerprint` (see `model_fingerprint`), `_peftkit_base_name`
     (`name_or_path` as given), `_peftkit_quantization` (`quantize`) and `_peftkit_stored_dtype` (the
     dtype of the checkpoint's files, whatever it was loaded in). The fingerprint is the
@@ -119,7 +126,7 @@ def load_base(
         valid = ", ".join(repr(q) for q in QUANTIZATIONS)
         raise BaseModelError(f"unknown quantize {quantize!r}; valid: {valid}")
     target = resolve_device(device)
-    torch_dtype = compute_dtype(dtype, target)
+    torch_dtype = compute_dtype(dtype, target, dtype_advice)
     root = resolve_cache_dir(cache_dir)
     source = resolve_source(name_or_path)
     if source.kind == "hub":

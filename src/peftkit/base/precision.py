@@ -97,22 +97,20 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if native(torch.bfloat16, device) else torch.float32
 
 
-def compute_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+PRECISION_ADVICE = "set precision: fp32 (or auto)"
+"""How a training config chooses float32 instead of a dtype this machine does not compute natively."""
+
+
+def compute_dtype(
+    dtype: torch.dtype | str | None, device: torch.device | str, advice: str | None = None
+) -> torch.dtype:
     """The dtype to load and compute in: `dtype` None or "auto" -> `auto_dtype(device)`; a name or a
-    torch.dtype as given, with a warning on stderr when `device` cannot compute it natively."""
+    torch.dtype as given, with a warning on stderr when `device` cannot compute it natively (`advice`:
+    how to choose float32 instead, if not by --dtype)."""
     chosen = _named(dtype) or auto_dtype(device)
     if not native(chosen, device):
-        warn_slow(chosen)
+        warn_slow(chosen, *([advice] if advice else []))
     return chosen
-
-
-def warn_if_emulated(dtype: torch.dtype | str | None, device: torch.device | str, fix: str) -> None:
-    """The one-line warning, with `fix` as the way out, when `dtype` as asked for is not native on
-    `device`. For commands whose users choose the dtype by another name than --dtype (a config key):
-    called before `load_base`, it is the warning said (once per process)."""
-    chosen = _named(dtype)
-    if chosen is not None and not native(chosen, device):
-        warn_slow(chosen, fix)
 
 
 def _named(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -210,5 +208,5 @@ def resolve_precision(choice: str, device: torch.device | str) -> Precision:
     if choice == "auto":
         return "bf16" if auto_dtype(device) == torch.bfloat16 else "fp32"
     if choice == "bf16" and not native(torch.bfloat16, device):
-        warn_slow(torch.bfloat16, fix="set precision: fp32 (or auto)")
+        warn_slow(torch.bfloat16, fix=PRECISION_ADVICE)
     return "bf16" if choice == "bf16" else "fp32"

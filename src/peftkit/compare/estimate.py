@@ -108,9 +108,10 @@ def measure(base: str, settings: EvalSettings, groups: list[int]) -> Plan:
     """Load `base` (timed), size the work with its tokenizer, and time a forward of a batch shaped like
     the scored task's, then one decode step after it."""
     from ..base import load_base
+    from ..experiment.evaluation import DTYPE_ADVICE
 
     t0 = time.perf_counter()
-    model, tokenizer = load_base(base, dtype=settings.dtype)
+    model, tokenizer = load_base(base, dtype=settings.dtype, dtype_advice=DTYPE_ADVICE)
     load_s = time.perf_counter() - t0
     parts = scoring_parts(settings, tokenizer, general_text(settings))
     quick = quick_settings(settings)

@@ -138,13 +138,12 @@ def score_group(
     cannot wrap the same module: LoRA and IA3 both wrap k_proj) are scored together in mixed batches;
     the others on the next copy."""
     from ..base import load_base
-    from ..base.precision import warn_if_emulated
+    from ..experiment.evaluation import DTYPE_ADVICE
 
-    warn_if_emulated(settings.dtype, "cpu", "set evaluate: {dtype: auto} (or float32)")
     results: dict[str, Scores] = {}
     pending = list(group)
     while pending:
-        model, tokenizer = load_base(load, dtype=settings.dtype, quantize=quantize)
+        model, tokenizer = load_base(load, dtype=settings.dtype, quantize=quantize, dtype_advice=DTYPE_ADVICE)
         net, placed, pending = _place(model, quantize, pending)
         results |= _score_loaded(net, tokenizer, placed, settings, text, _Progress(say, settings))
         del net, model

@@ -37,6 +37,10 @@ USED_BY = {
 """The keys each command uses; the others are accepted (a file serves both) and noted as unused."""
 
 
+DTYPE_ADVICE = "set evaluate: {dtype: auto} (or float32)"
+"""How a compare user chooses float32 instead of a dtype this machine does not compute natively."""
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """The `evaluate:` keys, each with its default (see the module docstring for who uses which)."""

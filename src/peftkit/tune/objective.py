@@ -42,7 +42,7 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
 
     from ..adapted import AdaptedModel
     from ..base import load_base
-    from ..base.precision import warn_if_emulated
+    from ..base.precision import PRECISION_ADVICE
     from ..eval.run import evaluate
     from ..train.setup import _examples  # the very split training validated on
 
@@ -52,14 +52,16 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
         raise ConfigError(f"objective score: {config.data} gave no validation examples to score")
     data = config.val_data or config.data
     dtype = torch.bfloat16 if summary.get("precision") == "bf16" else torch.float32
-    warn_if_emulated(dtype, "cpu", "set precision: fp32 (or auto)")
     result = Path(summary["output"])
     if config.method == FULL:
-        model, tokenizer = load_base(str(result), dtype=dtype)
+        model, tokenizer = load_base(str(result), dtype=dtype, dtype_advice=PRECISION_ADVICE)
         names: list[str | None] = [None]
     else:
         base, tokenizer = load_base(
-            config.base, dtype=dtype, **({"quantize": config.quantize} if config.quantize else {})
+            config.base,
+            dtype=dtype,
+            dtype_advice=PRECISION_ADVICE,
+            **({"quantize": config.quantize} if config.quantize else {}),
         )
         model = AdaptedModel(base)
         model.load_adapter(result, "trial")
