@@ -285,12 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {printable(message, keep=chr(10))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP where a command stops on them as on Ctrl-C
-        import signal
+        from .experiment.stopping import report_stop
 
-        signum = getattr(e, "signum", signal.SIGINT)
-        print("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}",
-              file=sys.stderr)  # fmt: skip
-        return 128 + signum  # what a shell reports for a process that signal ended
+        return report_stop(e)  # "interrupted" or "stopped by SIGTERM"; 128 + the signal, as a shell says
 
 
 def _yaml_value(text: str) -> Any:

@@ -35,12 +35,9 @@ def compare(
         overrides: training keys set on the command line for every variant (a variant's own keys win)
     """
     from ..experiment.outdir import default_out
-    from ..experiment.stopping import report_stop
     from .run import compare as run_compare
 
     out = out if out is not None else default_out("compare", experiment)
-    try:
-        run_compare(experiment, out, jobs=jobs, overrides=overrides or {}, say=lambda s: print(s, flush=True))
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: exit 128 + the signal (130, 143, 129)
-        return report_stop(e)
+    # Ctrl-C, SIGTERM or SIGHUP end it as a KeyboardInterrupt: the CLI exits 128 + the signal.
+    run_compare(experiment, out, jobs=jobs, overrides=overrides or {}, say=lambda s: print(s, flush=True))
     return 0

@@ -65,12 +65,8 @@ def tune(
     settings = Settings(
         objective, pruner, trials, timeout, None, pruner_startup, threads, variants, overwrite
     )
-    from ..experiment.stopping import report_stop
-
-    try:
-        result = tune_experiment(exp, out, settings, log=lambda line: print(printable(line), flush=True))
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: exit 128 + the signal (130, 143, 129)
-        return report_stop(e)
+    # Ctrl-C, SIGTERM or SIGHUP end it as a KeyboardInterrupt: the CLI exits 128 + the signal.
+    result = tune_experiment(exp, out, settings, log=lambda line: print(printable(line), flush=True))
     best = result.best
     if best is None:
         print(f"no trial completed; see {out / 'trials.md'} and the logs in {out / 'logs'}")
