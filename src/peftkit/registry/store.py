@@ -275,14 +275,14 @@ class Registry:
             removed = []
             for sha in self.blobs.all():
                 path = self.blobs.path(sha)
-                if sha not in used and time.time() - path.stat().st_mtime >= grace:
-                    path.unlink()
+                if sha not in used and _older_than(path, grace):
+                    path.unlink(missing_ok=True)
                     removed.append(sha)
             for tmp in self.blobs.partial():  # a copy a crashed writer left behind
-                if time.time() - tmp.stat().st_mtime >= grace:
+                if _older_than(tmp, grace):
                     tmp.unlink(missing_ok=True)
             for scratch in self.root.glob(".bundle-*"):  # what a killed import had unpacked
-                if time.time() - scratch.stat().st_mtime >= grace:
+                if _older_than(scratch, grace):
                     shutil.rmtree(scratch, ignore_errors=True)
             checkouts = self.root / "checkouts"
             stale = [p for p in checkouts.glob("*") if p.name != "files" and p.name not in digests]
@@ -460,3 +460,12 @@ def _split_files(url: str) -> tuple[str, str]:
         )
     rest = urlencode([(k, v) for k, v in query if k != "files"])
     return urlunsplit(parts._replace(query=rest)), files[-1]
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    """Whether `path` was last modified `seconds` ago or more; False once it is gone (a writer working
+    beside gc renames its partial copy into place and removes its unpacked bundle when done)."""
+    try:
+        return time.time() - path.stat().st_mtime >= seconds
+    except FileNotFoundError:
+        return False
