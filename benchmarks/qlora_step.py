@@ -34,7 +34,7 @@ def worker(system: str, steps: int, batch: int, seq: int, rank: int, dtype: str)
 
     import peftkit
     from peftkit.base import nf4
-    from peftkit.layer_types import is_quantized
+    from peftkit.core.layer_types import is_quantized
 
     torch.manual_seed(0)
     if system == "qlora_torch":

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from conftest import model_input, output, tiny_gpt2, tiny_llama
 
 from peftkit import AdaptedModel, AdapterFileError, AdapterStateError, ConfigError, TargetError
-from peftkit.info import adapter_info, format_info
 from peftkit.methods.bottleneck import BottleneckLayer
 from peftkit.methods.bottleneck_config import BottleneckConfig
+from peftkit.tools.info import adapter_info, format_info
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "base_model.model."

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 import peftkit
 from peftkit.cli import main
-from peftkit.combine import merge_task_tensors
 from peftkit.errors import PeftkitError
+from peftkit.tools.combine import merge_task_tensors
 
 peft = pytest.importorskip("peft")
 

@@ -20,7 +20,7 @@ FOREIGN = {"--no-deps", "--force-reinstall", "--nproc_per_node", "--shutdown_tim
 
 LOADS_ITS_OWN = "it loads only adapters it trained itself, on that very base, so the fingerprints agree"
 SEEN_ONLY_BY: dict[tuple[str, str], tuple[set[str], str]] = {
-    ("peftkit.adapter_checks", "--no-check-base"): (
+    ("peftkit.core.checks", "--no-check-base"): (
         {"eval", "generate", "chat", "merge", "combine"},
         f"serve checks the base itself (serve/adapters.py check_served_base); the registry gate says what "
         f"to do in its own words (registry/gate.py); compare, tune, demo and tour: {LOADS_ITS_OWN}",

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 import peftkit
 from peftkit import AdaptedModel, AdapterFileError, AdapterStateError, ConfigError, TargetError
 from peftkit.base.nf4 import NF4Linear, quantize_model
-from peftkit.info import adapter_info, format_info
 from peftkit.methods.ia3 import SPEC, IA3Layer
 from peftkit.methods.ia3_config import IA3Config, config_from_file
+from peftkit.tools.info import adapter_info, format_info
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's fan_in_fan_out, unmerge notes

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 from peftkit import AdaptedModel, LoraConfig, TargetError
-from peftkit.inject import find_targets
+from peftkit.core.inject import find_targets
+from peftkit.core.saved_modules import ModulesToSave
 from peftkit.methods import LoraLayer
-from peftkit.saved_modules import ModulesToSave
 
 PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 PROJ += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

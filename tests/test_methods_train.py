@@ -15,7 +15,7 @@ from peftkit import METHODS, AdaptedModel
 from peftkit.base import load_base
 from peftkit.cli import main
 from peftkit.identity import AdapterIdentity
-from peftkit.info import adapter_info
+from peftkit.tools.info import adapter_info
 from peftkit.train import distributed
 from peftkit.train.config import load_config
 from peftkit.train.loop import train

@@ -95,7 +95,7 @@ def test_eval_generate_and_chat_load_a_bf16_checkpoint_in_float32_without_native
 
 def test_merge_auto_merges_in_float32_and_saves_in_the_checkpoints_dtype(tmp_path, monkeypatch) -> None:
     from peftkit import AdaptedModel, LoraConfig
-    from peftkit.merge import merge_to_dir
+    from peftkit.tools.merge import merge_to_dir
 
     path = write_hf_dir(tmp_path / "bf16", tiny_model(), dtype=torch.bfloat16)
     am = AdaptedModel.attach(

@@ -1,6 +1,6 @@
 """Prompt tuning and prefix tuning: parity with HF PEFT (same weights, same logits for the real tokens;
 files load both ways; TEXT init), generation against a reference greedy loop, mixed batches against
-per-row runs, training, the errors, and the transformers cache API that `peftkit.prefix` relies on.
+per-row runs, training, the errors, and the transformers cache API that `peftkit.core.kv_prefix` relies on.
 
 HF PEFT 0.21.2's own `generate` is broken on transformers 5.x for both methods (it looks for
 `past_key_values` where transformers passes `cache`), so PEFT's forward is the oracle and generation is
@@ -22,12 +22,12 @@ from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama
 from torch import nn
 
 from peftkit import AdaptedModel, LoraConfig
+from peftkit.core.kv_prefix import cache_argument
 from peftkit.errors import ConfigError, RequestError, ShapeMismatchError, TargetError
-from peftkit.info import adapter_info, format_info
 from peftkit.methods import METHODS
 from peftkit.methods.prefix import PrefixTuningConfig, config_to_file
 from peftkit.methods.prompt import PromptTuningConfig
-from peftkit.prefix import cache_argument
+from peftkit.tools.info import adapter_info, format_info
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

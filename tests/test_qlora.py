@@ -17,8 +17,8 @@ from peftkit import AdaptedModel, AdapterStateError, LoraConfig
 from peftkit.base import load_base
 from peftkit.base.nf4 import NF4Linear, quantize_model
 from peftkit.cli import main
+from peftkit.core.layer_types import dequantize_model, fast_decoding
 from peftkit.identity import AdapterIdentity
-from peftkit.layer_types import dequantize_model, fast_decoding
 from peftkit.train.config import load_config
 from peftkit.train.loop import train
 

@@ -11,7 +11,7 @@ from conftest import VOCAB, tiny_llama
 from torch.nn import functional as F
 
 from peftkit import AdaptedModel, LoraConfig, RequestError
-from peftkit.adapter_checks import check_adapter_file
+from peftkit.core.checks import check_adapter_file
 from peftkit.serve import slots
 from peftkit.serve.scheduler import EngineConfig, EngineCore
 from peftkit.serve.types import SamplingParams
@@ -185,8 +185,8 @@ def test_a_sliding_window_shorter_than_max_len_is_refused() -> None:
 def test_base_tokens_do_not_widen_a_mixed_steps_slot_range() -> None:
     """The base model's slot is the banks' last: a step mixing base and adapter tokens keeps the
     dense range to the adapters' slots (base tokens get no columns)."""
-    rt = slots.Routing.build([16, 2, 3, 16], [(5, 7)], torch.float32, base=16)
+    rt = slots.StepSlots.build([16, 2, 3, 16], [(5, 7)], torch.float32, base=16)
     assert (rt.lo, rt.hi, rt.uniform) == (2, 4, None)
     assert rt.onehot[:, :, 0].tolist() == [[0, 0], [1, 0], [0, 1], [0, 0]]
-    only_base = slots.Routing.build([16, 16], [(5, 7)], torch.float32, base=16)
+    only_base = slots.StepSlots.build([16, 16], [(5, 7)], torch.float32, base=16)
     assert only_base.hi == only_base.lo  # no adapter among the decode tokens: nothing to add

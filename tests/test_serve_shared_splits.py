@@ -18,7 +18,7 @@ from test_serve_tenants import setup as setup  # noqa: F401 (the fixture, for th
 
 from peftkit.registry import Registry
 from peftkit.serve.commands import ServeConfig, prepare
-from peftkit.serve.routing import Routes, Split
+from peftkit.serve.routes import Routes, Split
 from peftkit.serve.tenants import user_bucket
 
 USERS = [f"shared-{i}" for i in range(40)]

@@ -1,6 +1,7 @@
 """peftkit: parameter-efficient fine-tuning of language models, in the HF PEFT on-disk format."""
 
-from .adapted import AdaptedModel
+from . import moved
+from .core.adapted import AdaptedModel
 from .errors import (
     AdapterFileError,
     AdapterNotFoundError,
@@ -22,6 +23,8 @@ from .methods.ia3_config import IA3Config
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
 from .version import __version__ as __version__
+
+moved.install()
 
 
 def load_base(*args, **kwargs):  # noqa: ANN002, ANN003

@@ -320,7 +320,7 @@ def info(adapter_dir: Path, json: bool = False, registry: str | None = None) -> 
         registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
             else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
-    from .info import adapter_info, format_info
+    from .tools.info import adapter_info, format_info
 
     facts = adapter_info(adapter_dir, registry)
     print(_json.dumps(facts, indent=2) if json else format_info(facts))
@@ -359,7 +359,7 @@ def merge(
         registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
             else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
-    from .merge import merge_to_dir
+    from .tools.merge import merge_to_dir
 
     merge_to_dir(
         base,
@@ -406,7 +406,7 @@ def combine(
         registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
             else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
-    from .combine import combine_files
+    from .tools.combine import combine_files
 
     result = combine_files(
         out,

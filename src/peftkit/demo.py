@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
+from .core.rows import BASE
 from .data.example import Message
 from .data.tasks import get_task
 from .errors import ConfigError
 from .io import is_nonempty_dir, write_json_atomic
-from .routing import BASE
 from .train.config import TrainConfig, save_config
 from .train.run_dir import check_run_dir, is_run_dir, local_inputs
 

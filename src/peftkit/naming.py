@@ -11,7 +11,7 @@ from collections.abc import Collection
 
 from torch import nn
 
-from .routing import BASE_NAMES
+from .core.rows import BASE_NAMES
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_\-]+")

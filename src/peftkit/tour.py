@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapted import AdaptedModel
+from .core.adapted import AdaptedModel
+from .core.rows import BASE
 from .methods import LoraConfig, LoraLayer
-from .routing import BASE
 
 PROMPTS = (
     "Name three primary colors.",
@@ -212,7 +212,7 @@ def mixed_batch_step(s: Session, am: AdaptedModel, outs: dict[str | None, Tensor
 
 
 def save_step(s: Session, am: AdaptedModel, out: Path, trainable: int) -> Path:
-    from .info import adapter_info, format_info
+    from .tools.info import adapter_info, format_info
 
     s.r.section("6. Save adapter A (HF PEFT format) and inspect it: `peftkit info`")
     path = am.save_adapter(out / "adapter-A", "A")
@@ -256,7 +256,7 @@ def merge_step(s: Session, am: AdaptedModel, unmerged_out: Tensor) -> Tensor:
 def export_step(s: Session, model: str, adapter_dir: Path, out: Path, dtype: str, merged_out: Tensor) -> None:
     from transformers import AutoModelForCausalLM
 
-    from .merge import merge_to_dir
+    from .tools.merge import merge_to_dir
 
     s.r.section("8. Export a merged model (`peftkit merge`) and reload it with plain transformers")
     s.r.line(f"$ peftkit merge {model} {adapter_dir} {out / 'merged-A'} --dtype {dtype} --overwrite")

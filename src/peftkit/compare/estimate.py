@@ -126,7 +126,7 @@ def measure(base: str, settings: EvalSettings, groups: list[int]) -> Plan:
 def _time_forwards(model: Any, rows: int, tokens: int, load_s: float) -> Timing:
     import torch
 
-    from ..prefix import cache_argument
+    from ..core.kv_prefix import cache_argument
 
     cache = cache_argument(model)  # `cache` since transformers 5, `past_key_values` before
     device = next(model.parameters()).device

@@ -152,7 +152,7 @@ def score_group(
 
 def _place(model: Any, quantize: str | None, models: list[Model]) -> tuple[Any, dict[str, Model], list]:
     """(the model to run, {alias: model} loaded on it, the models that did not fit and wait)."""
-    from ..adapted import AdaptedModel
+    from ..core.adapted import AdaptedModel
     from ..errors import TargetError
 
     if not quantize and all(m.adapter is None for m in models):
@@ -177,8 +177,8 @@ def _place(model: Any, quantize: str | None, models: list[Model]) -> tuple[Any, 
 def _score_loaded(
     net: Any, tokenizer: Any, placed: dict[str, Model], settings: EvalSettings, text: str, progress: _Progress
 ) -> dict[str, Scores]:
-    from ..adapted import AdaptedModel
-    from ..adapter_checks import check_can_share_a_batch
+    from ..core.adapted import AdaptedModel
+    from ..core.checks import check_can_share_a_batch
     from ..errors import RequestError
 
     names = [None if m.adapter is None else alias for alias, m in placed.items()]
@@ -210,11 +210,11 @@ def _task_scores(
     net: Any, tokenizer: Any, names: list, settings: EvalSettings, mixed: bool, progress: _Progress
 ) -> tuple:
     """({alias: task result}, {other task: {alias: result}}) via peftkit.eval.run.evaluate."""
+    from ..core.rows import BASE
     from ..data.source import load_data
     from ..data.tasks import get_task
     from ..eval.run import evaluate
     from ..experiment.evaluation import max_new_tokens_for
-    from ..routing import BASE
 
     def run(label: str, examples: list, metric: str, max_new: int) -> dict:
         progress(

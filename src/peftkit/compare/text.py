@@ -34,7 +34,7 @@ def text_perplexity(
 ) -> dict[str | None, tuple[float, int]]:
     """{adapter: (perplexity, tokens scored)} on `windows`, every adapter in the same mixed batches
     (`model` a plain causal LM when `adapters` is [None], else a peftkit.AdaptedModel)."""
-    from peftkit.adapted import AdaptedModel
+    from peftkit.core.adapted import AdaptedModel
 
     rows = [(w, a) for w in windows for a in adapters]  # window-major: a batch holds equal-length rows
     per_batch = max(1, min(batch_size, LOGIT_BUDGET // max(len(w) for w in windows)))

@@ -64,8 +64,8 @@ def decode_answer(tokenizer: Any, new_ids: Sequence[int], stop: Sequence[int]) -
 
 def _adapter_kwargs(model: Any, names: Sequence[AdapterChoice] | None) -> dict[str, Any]:
     """`adapter_names=` for an AdaptedModel (None rows = base model); nothing for a plain model."""
-    from peftkit.adapted import AdaptedModel
-    from peftkit.weights import row_choices
+    from peftkit.core.adapted import AdaptedModel
+    from peftkit.core.weights import row_choices
 
     if names is None:
         return {}
@@ -203,7 +203,7 @@ def _accepts(model: Any, name: str) -> bool:
     """Whether the (base) model's forward takes keyword `name`."""
     import inspect
 
-    from peftkit.adapted import AdaptedModel
+    from peftkit.core.adapted import AdaptedModel
 
     base = model.model if isinstance(model, AdaptedModel) else model
     return name in inspect.signature(base.forward).parameters

@@ -119,7 +119,7 @@ def load_model(
     adapters are given (or the base is 4-bit: the adapted generate decodes it fast). check_base=False
     skips the base-fingerprint check (--no-check-base). For generate and chat, which apply every adapter
     at once: two that cannot share the model are refused in words a command-line user can act on."""
-    from peftkit.adapted import AdaptedModel
+    from peftkit.core.adapted import AdaptedModel
 
     resolved, from_registry = resolve_adapters(adapters, registry)
     with warnings_as_notes():

@@ -72,7 +72,7 @@ def open_side_by_side(
 ) -> SideBySide:
     """Load the base and plan the passes (see the module docstring); the last pass planned stays
     loaded and is scored first, so no adapter is loaded more often than needed."""
-    from peftkit.adapted import AdaptedModel
+    from peftkit.core.adapted import AdaptedModel
 
     resolved, from_registry = resolve_adapters(adapters, registry)
 
@@ -124,7 +124,7 @@ def plan_passes(am: Any, adapters: Named, load: Callable[[Any, str, Path], None]
 def _load_pass(am: Any, named: Named, load: Callable[[Any, str, Path], None]) -> Any:
     """A fresh AdaptedModel over `am`'s base with every adapter taken off (nothing was merged, so the
     base's own modules are back unchanged) and `named` loaded."""
-    from peftkit.adapted import AdaptedModel
+    from peftkit.core.adapted import AdaptedModel
 
     fresh = AdaptedModel(am.unload())
     for name, directory in named:

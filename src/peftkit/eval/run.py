@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from peftkit.core.rows import BASE
 from peftkit.data.example import Example
 from peftkit.errors import RequestError
 from peftkit.eval.generation import answer_nll, generate_answers, perplexity, ppl_of
 from peftkit.eval.metrics import check_references, get_metric
-from peftkit.routing import BASE
 
 __all__ = [
     "AdapterResult",

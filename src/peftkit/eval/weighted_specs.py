@@ -49,11 +49,11 @@ def check_weighted_methods(
     """Refuse, from each adapter_config.json, a weight other than 1 on an adapter whose method cannot
     take one (DoRA, IA³, prompts, prefixes, bottlenecks, modules_to_save, trained biases): before the
     base model loads. Adapters whose config cannot be read are left to `load_model`, which says why."""
+    from peftkit.core.weights import config_weight_problem
     from peftkit.errors import PeftkitError
     from peftkit.formats.files import read_json
     from peftkit.formats.peft import CONFIG_FILE, config_from_peft
     from peftkit.registry.paths import adapter_path
-    from peftkit.weights import config_weight_problem
 
     for name, where in named:
         if weights.get(name, 1.0) == 1:

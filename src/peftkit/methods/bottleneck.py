@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.layer_types import float_dtype, layer_type, weight_device, weight_shape
+from ..core.rows import AdapterState, RowRouting, row_slots
 from ..errors import AdapterStateError
-from ..layer_types import float_dtype, layer_type, weight_device, weight_shape
-from ..routing import AdapterState, RowRouting, row_slots
 from .bottleneck_config import BottleneckConfig, config_from_file, config_to_file
 from .spec import MethodSpec
 

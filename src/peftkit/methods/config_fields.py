@@ -8,8 +8,8 @@ import re
 from dataclasses import MISSING, field, fields
 from typing import Any
 
+from ..core.layer_types import ALL_LINEAR
 from ..errors import ConfigError, did_you_mean
-from ..layer_types import ALL_LINEAR
 from ..values import check_keys_are_text, short_repr
 
 

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 import peftkit.methods.ia3_config as ia3_config
 
+from ..core.layer_types import dense_weight, float_dtype, layer_type, weight_device, weight_shape
+from ..core.rows import AdapterState, RowRouting, row_slots
 from ..errors import RequestError
-from ..layer_types import dense_weight, float_dtype, layer_type, weight_device, weight_shape
-from ..routing import AdapterState, RowRouting, row_slots
 from .ia3_config import KEY_SUFFIX, IA3Config
 from .spec import MethodSpec
 

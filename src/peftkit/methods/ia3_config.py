@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ..core.layer_types import ALL_LINEAR
 from ..errors import AdapterFileError, ConfigError, TargetError
-from ..layer_types import ALL_LINEAR
 from .config_fields import check, config_field, from_mapping, is_int
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 import peftkit.methods.lora_info as lora_info
 
+from ..core.layer_types import float_dtype, is_quantized, weight_device
+from ..core.rows import AdapterState, RowRouting, row_slots, row_weights
 from ..errors import RequestError
-from ..layer_types import float_dtype, is_quantized, weight_device
-from ..routing import AdapterState, RowRouting, row_slots, row_weights
 from .lora_config import LoraConfig, config_from_file, config_to_file, pattern_matches
 from .lora_kinds import SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
 from .spec import MethodSpec

@@ -7,8 +7,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..core.layer_types import ALL_LINEAR
 from ..errors import ConfigError
-from ..layer_types import ALL_LINEAR
 from ..values import number_from_text
 from .config_fields import (
     check,

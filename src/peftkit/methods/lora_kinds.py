@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer_types import dense_weight, layer_type, weight_shape
+from ..core.layer_types import dense_weight, layer_type, weight_shape
 
 
 class LayerKind(Protocol):

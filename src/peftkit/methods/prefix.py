@@ -1,6 +1,6 @@
 """Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"): the
 keys and values of P virtual tokens, learned directly in every attention layer; the base model is
-untouched. `peftkit.prefix` feeds them to the model as the start of its key/value cache.
+untouched. `peftkit.core.kv_prefix` feeds them to the model as the start of its key/value cache.
 
 The table is HF PEFT's: one row per virtual token, [layer 0 keys | layer 0 values | layer 1 keys | ...],
 each (H_kv, D) heads-major, so row width = num_layers * 2 * token_dim with token_dim = H_kv * D (PEFT's
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.kv_prefix import KV, Geometry, model_geometry
 from ..errors import ConfigError, ShapeMismatchError
-from ..prefix import KV, Geometry, model_geometry
 from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
 from .prompt import (
     GEOMETRY,

@@ -1,7 +1,7 @@
 """Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"): P
 trainable embeddings, soft tokens, in front of every input; the base model is untouched.
 
-peftkit feeds the soft tokens as a key/value prefix (`peftkit.prefix`): once per call they run
+peftkit feeds the soft tokens as a key/value prefix (`peftkit.core.kv_prefix`): once per call they run
 through the model at positions 0..P-1, and the real tokens attend to their keys and values. For the
 real tokens that is exactly HF PEFT's concatenation of embeddings (tests compare the logits); the
 logits cover the real tokens only, where PEFT's carry P extra positions in front.
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.kv_prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
+from ..core.layer_types import unwrap
 from ..errors import (
     AdapterFileError,
     ConfigError,
@@ -28,8 +30,6 @@ from ..errors import (
     RequestError,
     ShapeMismatchError,
 )
-from ..layer_types import unwrap
-from ..prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
 from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
 from .spec import MethodSpec
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..routing import AdapterState
+from ..core.rows import AdapterState
 
 
 class MethodConfig(Protocol):
@@ -73,7 +73,7 @@ class ModelAdapter(Protocol):
 
     def prefix_kv(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
         """Per attention layer, the key and value (H_kv, P, D) the real tokens attend to first; with
-        gradients when training. `peftkit.prefix` feeds them to the model (mask, positions, cache)."""
+        gradients when training. `peftkit.core.kv_prefix` feeds them to the model (mask, positions, cache)."""
         ...
 
 
@@ -97,7 +97,7 @@ class MethodSpec:
     starts_unchanged: bool = True
     # (config) -> why an adapter with this config cannot take an inference weight other than 1, or None
     # when it can (its change is additive: y = base(x) + w·Δ(x)); None here: no adapter of the method can
-    # (`peftkit.weights` then says so with the method's description).
+    # (`peftkit.core.weights` then says so with the method's description).
     weight_problem: Callable[[Any], str | None] | None = None
     # -- layer methods -----------------------------------------------------------------------------
     layer_cls: type | None = None

@@ -156,8 +156,8 @@ class AdapterCache:
     def _load(self, key: str) -> dict[str, Any]:
         """The adapter's slot tensors per served layer (or its prefix), checked. The staging model
         is left without the adapter whatever happens."""
-        from ..adapted import AdaptedModel
-        from ..adapter_checks import bias_choice, check_adapter_file, saved_modules_of
+        from ..core.adapted import AdaptedModel
+        from ..core.checks import bias_choice, check_adapter_file, saved_modules_of
 
         if self.staging is None:
             self.staging = AdaptedModel(self.model)

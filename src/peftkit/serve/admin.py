@@ -1,7 +1,7 @@
 """The admin API, behind its own key (serve.yaml `admin_key`; without one every /admin call is a 403):
 adapters loaded into or dropped from the engine's slots at run time, the cache state, and the routes'
 canary splits, each change of a split written to the registry's audit log, which every server on the
-registry routes by (a restarted one too; routing.py says how soon a running one sees it).
+registry routes by (a restarted one too; routes.py says how soon a running one sees it).
 
     GET  /admin/adapters                 every servable adapter: loaded or not, its slot, requests
     POST /admin/adapters/load            {"model": "support-bot@4"}
@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import PeftkitError, RequestError
 from .apierrors import ApiError
 from .catalog import Catalog, ModelNotFoundError
-from .routing import Routes, Split, audit_route
+from .routes import Routes, Split, audit_route
 from .tenants import Access
 from .types import AdapterBusyError, AdapterNotLoadedError
 

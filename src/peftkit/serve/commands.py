@@ -73,7 +73,7 @@ class ServeConfig(Limits):
 
     def access_and_routes(self) -> tuple[Any, Any]:
         """(tenants.Access, tenants.Routes) from the keys, tenants, routes and rate limit."""
-        from .routing import Routes
+        from .routes import Routes
         from .tenants import Access
 
         access = Access.from_config(self.admin_key, self.tenants, self.rate_limit)

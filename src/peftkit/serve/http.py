@@ -26,7 +26,7 @@ from ..errors import PeftkitError, RequestError
 from .apierrors import ApiError, as_api_error, install_error_handlers, install_openapi
 from .catalog import Catalog, Target
 from .choices import Choice, Fanout, Limits, plan_max_tokens
-from .routing import Routes, models_for, route
+from .routes import Routes, models_for, route
 from .tenants import Access, Caller
 from .text import chat_prompt_ids, check_stop, check_text
 from .types import SamplingParams

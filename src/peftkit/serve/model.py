@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import RequestError
-from .slots import FusedLinears, Routing, ServedLinear, packed_product
+from .slots import FusedLinears, ServedLinear, StepSlots, packed_product
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = {
@@ -124,7 +124,7 @@ class ServedModel(nn.Module):
         return per_layer * c.num_hidden_layers * model.lm_head.weight.element_size()
 
     def forward(
-        self, ids: Tensor, positions: Tensor, rt: Routing, layout: StepLayout, last: Tensor
+        self, ids: Tensor, positions: Tensor, rt: StepSlots, layout: StepLayout, last: Tensor
     ) -> Tensor:
         """Logits (M, vocab) in fp32 at the tokens `last` indexes, after writing every token's keys and
         values to the cache. ids, positions: (N,)."""

@@ -28,7 +28,7 @@ from ..errors import RequestError
 from .adapters import AdapterCache, Loader
 from .model import ServedModel, StepLayout
 from .sampling import sample
-from .slots import GATHERED, Routing
+from .slots import GATHERED, StepSlots
 from .types import QueueFullError, SamplingParams, TokenOutput
 
 EVENTS = {
@@ -211,7 +211,7 @@ class EngineCore:
             torch.tensor([s.cached + 1 for s in decode], dtype=torch.long),
             [(seq.row, seq.cached, n) for seq, n in prefill],
         )
-        rt = Routing.build(
+        rt = StepSlots.build(
             [s.slot for s in decode], [(n, seq.slot) for seq, n in prefill], self.dtype, self.device,
             base=self.base_slot,
         )  # fmt: skip

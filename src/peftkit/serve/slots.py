@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Routing:
+class StepSlots:
     """Which slot each token of one engine step uses; shared by every served layer of the step.
 
     The step's tokens are `decode` decode tokens (one per running sequence) followed by prefill
@@ -49,7 +49,7 @@ class Routing:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         base: int | None = None,
-    ) -> Routing:
+    ) -> StepSlots:
         """From the decode tokens' slots and the prefill chunks' (length, slot); `base` is the base
         model's slot, which adds nothing and so is left out of the decode tokens' slot range."""
         chunks, offset = [], len(decode_slots)
@@ -144,11 +144,11 @@ class ServedLinear(nn.Module):
         for role, bank in self.banks.items():
             bank[slot] = 0 if role in ("A", "Bt") else 1
 
-    def forward(self, x: Tensor, rt: Routing) -> Tensor:  # x: (N, in)
+    def forward(self, x: Tensor, rt: StepSlots) -> Tensor:  # x: (N, in)
         xs = x * self.banks["in_scale"].index_select(0, rt.slots) if "in_scale" in self.banks else x
         return self.finish(x, self.product(xs), rt)
 
-    def finish(self, x: Tensor, y: Tensor, rt: Routing, low_rank: bool = True) -> Tensor:
+    def finish(self, x: Tensor, y: Tensor, rt: StepSlots, low_rank: bool = True) -> Tensor:
         """The layer's output from its base product y = W·x (no bias yet; (N, out)): adapters and bias
         (`low_rank=False`: B·A·x is in y already, added for the whole fused group)."""
         banks, slots, bias = self.banks, rt.slots, self.base.bias
@@ -166,7 +166,7 @@ class ServedLinear(nn.Module):
 DENSE_WIDTH = 12  # slot ranges up to this wide take the dense path in mixed decode steps
 
 
-def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: Routing) -> Tensor:
+def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: StepSlots) -> Tensor:
     """y += B[s]·A[s]·x for each token's slot s, in place (y is the step's own product);
     x (N, in), a (S+1, R, in), bt (S+1, R, out), y (N, out). The base model's slot adds nothing."""
     base = a.shape[0] - 1
@@ -274,7 +274,7 @@ class FusedLinears:
             lin.banks["Bt"] = self.bt[:, i * rank : (i + 1) * rank, start : start + size]
             start += size
 
-    def __call__(self, x: Tensor, rt: Routing) -> list[Tensor]:
+    def __call__(self, x: Tensor, rt: StepSlots) -> list[Tensor]:
         if any("in_scale" in lin.banks for lin in self.linears):  # IA³ scales this input: one by one
             return [lin(x, rt) for lin in self.linears]
         y = self.product(x)  # (N, sum out)

@@ -1,7 +1,7 @@
 """Who may call the server: API keys (stored as sha256 hashes), tenants and the models each may use,
 and per-key rate limits. Everything here is parsed from serve.yaml and checked before the model loads;
 a wrong value names its place (`tenants.acme.keys[0]`). Routes (aliases, canary splits) are in
-routing.py; their names are re-exported here for the modules that import them from here.
+routes.py; their names are re-exported here for the modules that import them from here.
 
     access = Access.from_config(admin_key, tenants, rate_limit)
     caller = access.authenticate(request.headers.get("authorization", ""))  # AuthError: 401
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, PeftkitError
-from .routing import (  # noqa: F401 (re-exported: http.py, admin.py and commands.py import them from here)
+from .routes import (  # noqa: F401 (re-exported: http.py, admin.py and commands.py import them from here)
     BUCKETS,
     Routes,
     Split,

@@ -18,7 +18,7 @@ import types
 import torch
 from torch import Tensor, nn
 
-from ..layer_types import float_dtype, is_quantized, unwrap, weight_device
+from ..core.layer_types import float_dtype, is_quantized, unwrap, weight_device
 
 
 class _RMSNorm(torch.autograd.Function):

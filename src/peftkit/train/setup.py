@@ -15,9 +15,9 @@ from torch import nn
 
 import peftkit.train.distributed as distributed
 
-from ..adapted import AdaptedModel
 from ..base import load_base, save_model_dir
 from ..base.precision import resolve_precision
+from ..core.adapted import AdaptedModel
 from ..data.encode import IGNORE_INDEX, Encoded, encode_all
 from ..data.example import Example
 from ..data.files import dataset_hash, split_examples

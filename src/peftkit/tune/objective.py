@@ -40,9 +40,9 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
     """The task metric of the run's result (adapter-best, else adapter-last) on its validation examples."""
     import torch
 
-    from ..adapted import AdaptedModel
     from ..base import load_base
     from ..base.precision import PRECISION_ADVICE
+    from ..core.adapted import AdaptedModel
     from ..eval.run import evaluate
     from ..train.setup import _examples  # the very split training validated on
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from .errors import TargetError, did_you_mean
+from ..errors import TargetError, did_you_mean
+from ..methods.spec import MethodSpec
 from .layer_types import ALL_LINEAR, WRAPPED_ATTRS, is_linear, unwrap  # noqa: F401 (WRAPPED_ATTRS: its old home)
-from .methods.spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def find_targets(
     may warn about what it was asked (e.g. LoRA ranks above a layer's smaller dimension).
     `spec` defaults to the method whose config `config` is."""
     if spec is None:
-        from .methods import method_for
+        from ..methods import method_for
 
         spec = method_for(config)
     head = output_head(model)

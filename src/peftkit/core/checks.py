@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterStateError, BaseModelMismatchError, RequestError, TargetError, option
-from .formats import peft as fmt
-from .identity import AdapterIdentity
+from ..errors import AdapterStateError, BaseModelMismatchError, RequestError, TargetError, option
+from ..formats import peft as fmt
+from ..identity import AdapterIdentity
+from ..methods import MethodSpec, method_for, method_of_layer
 from .inject import Target, find_modules_to_save, find_targets
 from .layer_types import is_quantized
-from .methods import MethodSpec, method_for, method_of_layer
 from .saved_modules import ModulesToSave
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterStateError, RequestError, TargetError
-from .routing import AdapterState, generate_expansion
+from ..errors import AdapterStateError, RequestError, TargetError
+from .rows import AdapterState, generate_expansion
 
 KV = list[tuple[Tensor, Tensor]]  # per layer: key and value (H_kv, P, D) of one prefix
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .routing import AdapterState
+from .rows import AdapterState
 
 
 class ModulesToSave(nn.Module):

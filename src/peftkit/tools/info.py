@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .terminal import printable
+from ..terminal import printable
 
 # Projections of a transformer block in the order they run, so targets read naturally.
 _ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -19,11 +19,11 @@ def adapter_info(adapter_dir: str | Path, registry: str | None = None) -> dict[s
     """What `peftkit info` reports, as a JSON-ready dict: the facts every adapter has, then its
     method's own (for LoRA: `r` read from the tensors, `config_r` from adapter_config.json, and
     `rank_mismatches` where the two disagree, which keeps such an adapter from loading)."""
-    from .base.fingerprint import is_fingerprint, short_fingerprint
-    from .formats import peft as fmt
-    from .formats.files import dtype_name
-    from .identity import AdapterIdentity
-    from .registry.paths import adapter_path
+    from ..base.fingerprint import is_fingerprint, short_fingerprint
+    from ..formats import peft as fmt
+    from ..formats.files import dtype_name
+    from ..identity import AdapterIdentity
+    from ..registry.paths import adapter_path
 
     files = fmt.read_adapter(adapter_path(adapter_dir, registry))  # a directory, or a registry reference
     spec, config = fmt.config_from_peft(files.config, files.directory)
@@ -63,7 +63,7 @@ def _layer_order(suffix: str) -> tuple[int, str]:
 def format_info(facts: dict[str, Any]) -> str:
     """`peftkit info`'s text report. Every value is made printable: names and metadata come from the
     files, and a terminal would run the escape sequences a file can hide in them."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     f = facts
     spec = METHODS[f["method_name"]]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import RequestError
+from ..errors import RequestError
 
 BASE = "base"
 """The one name for "no adapter": a mixed batch's base-model rows, eval's base-model results. No adapter
@@ -27,7 +27,7 @@ _ids = itertools.count()
 class Weighted:
     """A weighted set of adapters for one row or for the whole model: output = base + Σ w·Δ.
 
-    Made (and checked) by `peftkit.weights`. Equal and hashed as a set, whatever the order of its
+    Made (and checked) by `peftkit.core.weights`. Equal and hashed as a set, whatever the order of its
     items ({"a": 0.7, "b": 0.3} is {"b": 0.3, "a": 0.7}), so generate's beams can compare rows."""
 
     items: tuple[tuple[str, float], ...]  # (adapter name, weight), each name once

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import AdapterFileError, ConfigError, RequestError
-from .methods.lora import LoraLayer
-from .methods.lora_config import LoraConfig
+from ..errors import AdapterFileError, ConfigError, RequestError
+from ..methods.lora import LoraLayer
+from ..methods.lora_config import LoraConfig
 
 if TYPE_CHECKING:
-    from .adapted import AdaptedModel
+    from ..core.adapted import AdaptedModel
 
 HOWS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")  # factors are merged entry by entry
@@ -301,13 +301,13 @@ def combine_files(
     `weights` empty means 1 for each adapter; check_base=False loads them onto a `base` whose
     fingerprint differs from the one they record. The request, the files and whether their ranks allow
     `how` are checked before the base model loads."""
-    from .adapted import AdaptedModel
-    from .base import load_base
-    from .formats import peft as fmt
-    from .identity import AdapterIdentity
-    from .naming import adapter_name_from
-    from .paths import input_clash
-    from .registry.paths import adapter_path
+    from ..base import load_base
+    from ..core.adapted import AdaptedModel
+    from ..formats import peft as fmt
+    from ..identity import AdapterIdentity
+    from ..naming import adapter_name_from
+    from ..paths import input_clash
+    from ..registry.paths import adapter_path
 
     weights = list(weights) if weights else [1.0] * len(adapter_dirs)  # unset: each weighs 1
     if how not in HOWS or not adapter_dirs:

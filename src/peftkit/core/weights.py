@@ -20,10 +20,10 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .adapter_checks import bias_choice, check_can_share_a_batch, saved_modules_of
-from .errors import AdapterStateError, RequestError
-from .methods import method_for
-from .routing import BASE_NAMES, RowChoice, Weighted
+from ..errors import AdapterStateError, RequestError
+from ..methods import method_for
+from .checks import bias_choice, check_can_share_a_batch, saved_modules_of
+from .rows import BASE_NAMES, RowChoice, Weighted
 
 if TYPE_CHECKING:
     from .adapted import AdaptedModel

@@ -17,7 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter_checks import (
+from ..errors import (
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    RequestError,
+)
+from ..formats import peft as fmt
+from ..identity import AdapterIdentity
+from ..methods import MethodSpec, is_adapter_layer, method_for, method_of_layer
+from ..naming import adapter_name_problem
+from ..version import __version__
+from .checks import (
     bias_choice,
     check_adapter_file,
     check_mergeable,
@@ -25,20 +36,10 @@ from .adapter_checks import (
     is_base_bias,
     saved_modules_of,
 )
-from .errors import (
-    AdapterNotFoundError,
-    AdapterStateError,
-    ConfigError,
-    RequestError,
-)
-from .formats import peft as fmt
-from .identity import AdapterIdentity
 from .inject import Target, find_modules_to_save, find_targets, get_module, set_module
+from .kv_prefix import generate_with_prefix, prefix_inputs, prefix_rows
 from .layer_types import dense_copy, fast_decoding, is_quantized
-from .methods import MethodSpec, is_adapter_layer, method_for, method_of_layer
-from .naming import adapter_name_problem
-from .prefix import generate_with_prefix, prefix_inputs, prefix_rows
-from .routing import (
+from .rows import (
     AdapterState,
     RowRouting,
     as_kwargs,
@@ -47,7 +48,6 @@ from .routing import (
     one_name_per_row,
 )
 from .saved_modules import ModulesToSave
-from .version import __version__
 from .weights import AdapterChoice, activation, active_weights, row_choices
 
 
@@ -224,7 +224,7 @@ class AdaptedModel(nn.Module):
         """Add adapter `name` combined from LoRA `adapters` (HF PEFT's `add_weighted_adapter`); how:
         linear, cat, svd, ties, dare_linear, dare_ties; options: density, rank (svd), seed (dare).
         Returns a `CombineResult` (for svd, the delta's relative reconstruction error)."""
-        from .combine import combine_adapters
+        from ..tools.combine import combine_adapters
 
         return combine_adapters(self, adapters, weights, name, how, **options)
 
@@ -249,7 +249,7 @@ class AdaptedModel(nn.Module):
 
     def set_adapter(self, names: str | list[str] | Mapping[str, float]) -> None:
         """Make `names` the active adapter(s); several active adapters add up. A {name: weight} mapping
-        weights each one's change (y = base + Σ w·Δ; LoRA and rsLoRA, see `peftkit.weights`)."""
+        weights each one's change (y = base + Σ w·Δ; LoRA and rsLoRA, see `peftkit.core.weights`)."""
         self.state.activate(*activation(self, names))
 
     def delete_adapter(self, name: str) -> None:
@@ -456,7 +456,7 @@ class AdaptedModel(nn.Module):
         cached = self.model.__dict__.get("_peftkit_fingerprint")
         if cached:
             return cached
-        from .base.fingerprint import fingerprint_tensors
+        from ..base.fingerprint import fingerprint_tensors
 
         config = getattr(self.model, "config", None)
         fp = fingerprint_tensors(

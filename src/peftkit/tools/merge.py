@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import RequestError
-from .paths import input_clash, input_paths
+from ..errors import RequestError
+from ..paths import input_clash, input_paths
 
 
 def _progress(message: str) -> None:
@@ -52,12 +52,12 @@ def merge_to_dir(
     log = log or _progress
     import torch
 
-    from .adapted import AdaptedModel
-    from .base import load_base, save_model_dir
-    from .base.save import check_model_out_dir
-    from .formats.peft import read_adapter
-    from .layer_types import dequantize_model
-    from .registry.paths import adapter_path, audit_base_override
+    from ..base import load_base, save_model_dir
+    from ..base.save import check_model_out_dir
+    from ..core.adapted import AdaptedModel
+    from ..core.layer_types import dequantize_model
+    from ..formats.peft import read_adapter
+    from ..registry.paths import adapter_path, audit_base_override
 
     out_dir = Path(out_dir)
     registry_ref = not Path(adapter_dir).exists()
