@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from ..cli import Positional, group_command
+from ..policy import promote
 from ..terminal import printable
 from .gate import Gate
 from .store import Registry, Version
@@ -167,7 +168,7 @@ def registry_promote(
         json: print the version as JSON, with the gate's result ("gate") when the gate ran
     """
     reg = Registry.open(registry, create=False)
-    version = reg.promote(ref, to, force=force, reason=reason, user=user)
+    version = promote(reg, ref, to, force=force, reason=reason, user=user)
     if not json:
         print(printable(f"{version.ref} is in {version.stage}"))
         return

@@ -37,7 +37,7 @@ from ..errors import (
 from ..io import building_dir
 from .blobs import BlobStore, file_sha256
 from .db import open_database
-from .gate import STORED, Gate, pass_gate
+from .gate import STORED, Gate, check_result
 from .refs import STAGES, Ref, check_name, parse_ref
 from .versions import Version, adapter_facts, adapter_files, default_user, find, insert, manifest_digest, now
 
@@ -109,12 +109,32 @@ class Registry:
             return version
 
     def promote(
-        self, ref: str, to: str, *, user: str | None = None, force: bool = False, reason: str = ""
+        self,
+        ref: str,
+        to: str,
+        *,
+        user: str | None = None,
+        force: bool = False,
+        reason: str = "",
+        gate_result: dict[str, Any] | None = None,
     ) -> Version:
         """Move a version up a stage: draft -> staging -> production. The production version it
-        replaces is archived (rollback brings it back). Promotion to production runs the name's
-        evaluation gate (`set_gate`) and stores its result with the promotion; `force=True` skips it,
-        and the audit log records that."""
+        replaces is archived (rollback brings it back). Promotion to production needs a pass of the
+        name's evaluation gate (`set_gate`): `gate_result` is the result `peftkit.policy.pass_gate`
+        returns, which is checked against the gate and stored with the promotion; `force=True` skips
+        the gate, and the audit log records that. `peftkit.policy.promote` runs the gate and calls this."""
+        version = self.check_promotion(ref, to)
+        details: dict[str, Any] = {"from": version.stage, "force": force, "reason": reason}
+        if to == "production" and not force:
+            gate = self.require_gate(version.name)
+            if gate_result is None:
+                return _promote_running_the_gate(self, ref, to, user=user, reason=reason)
+            check_result(gate, version.ref, gate_result)
+            details["gate"] = gate_result
+        return self._move(version, to, "promote", user, details)
+
+    def check_promotion(self, ref: str, to: str) -> Version:
+        """The version `ref` names, if it may be promoted `to` that stage (a RegistryError if not)."""
         if to not in ("staging", "production"):
             raise RequestError(
                 f"promote to 'staging' or 'production', not {to!r} (demote archives or drafts)"
@@ -125,10 +145,18 @@ class Registry:
             raise RegistryError(
                 f"{version.ref} is in {version.stage}; only a {' or '.join(allowed)} version goes to {to}"
             )
-        details: dict[str, Any] = {"from": version.stage, "force": force, "reason": reason}
-        if to == "production" and not force:
-            details["gate"] = pass_gate(self, version)
-        return self._move(version, to, "promote", user, details)
+        return version
+
+    def require_gate(self, name: str) -> Gate:
+        """`name`'s evaluation gate, or the RegistryError that says how to set one (or to --force)."""
+        gate = self.gate(name)
+        if gate is None:
+            raise RegistryError(
+                f"{name!r} has no evaluation gate, which promotion to production runs: set one with "
+                f"`peftkit registry gate {name} task:NAME --min-score X`, or promote with --force "
+                "(recorded in the audit log)"
+            )
+        return gate
 
     def set_gate(self, name: str, gate: Gate, *, user: str | None = None) -> Gate:
         """Set the evaluation gate of `name`'s promotions to production. An eval file (not a built-in
@@ -469,3 +497,20 @@ def _older_than(path: Path, seconds: float) -> bool:
         return time.time() - path.stat().st_mtime >= seconds
     except FileNotFoundError:
         return False
+
+
+def _promote_running_the_gate(reg: Registry, ref: str, to: str, **kwargs: Any) -> Version:
+    """Deprecated: `Registry.promote` to production without a gate result ran the gate itself. The gate
+    is policy above the registry now; this one call reaches it by name (not an import, so the registry
+    never loads evaluation code) until the next release removes it."""
+    import importlib
+    import warnings
+
+    warnings.warn(
+        "Registry.promote(ref, 'production') without gate_result runs the gate for the last time in this "
+        "release: call peftkit.policy.promote(registry, ref, 'production'), which runs the gate above the "
+        "registry and passes its result",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return importlib.import_module("peftkit.policy").promote(reg, ref, to, **kwargs)
