@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import peftkit
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.tools.combine import merge_task_tensors
+from peftkit.methods.lora_combine import merge_task_tensors
 
 peft = pytest.importorskip("peft")
 

@@ -224,7 +224,7 @@ class AdaptedModel(nn.Module):
         """Add adapter `name` combined from LoRA `adapters` (HF PEFT's `add_weighted_adapter`); how:
         linear, cat, svd, ties, dare_linear, dare_ties; options: density, rank (svd), seed (dare).
         Returns a `CombineResult` (for svd, the delta's relative reconstruction error)."""
-        from ..tools.combine import combine_adapters
+        from ..methods.lora_combine import combine_adapters
 
         return combine_adapters(self, adapters, weights, name, how, **options)
 
