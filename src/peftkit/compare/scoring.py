@@ -137,41 +137,27 @@ def score_group(
     """Score every model of one base: as many adapters as can sit on one loaded copy of it (two methods
     cannot wrap the same module: LoRA and IA3 both wrap k_proj) are scored together in mixed batches;
     the others on the next copy."""
-    from ..base import load_base
     from ..experiment.evaluation import DTYPE_ADVICE
+    from ..tools.opening import open_model
 
     results: dict[str, Scores] = {}
-    pending = list(group)
-    while pending:
-        model, tokenizer = load_base(load, dtype=settings.dtype, quantize=quantize, dtype_advice=DTYPE_ADVICE)
-        net, placed, pending = _place(model, quantize, pending)
-        results |= _score_loaded(net, tokenizer, placed, settings, text, _Progress(say, settings))
-        del net, model
+    asked: list = [(f"v{i}", m.adapter) for i, m in enumerate(group) if m.adapter is not None]
+    first = True
+    while first or asked:
+        opened = open_model(load, asked, dtype=settings.dtype, quantize=quantize, dtype_advice=DTYPE_ADVICE,
+                            together="passes")  # fmt: skip
+        loaded = {s.name for s in opened.sources if s not in opened.waiting}
+        placed = {  # {alias: model} loaded on this copy; the base models join the first
+            m.name if m.adapter is None else f"v{i}": m
+            for i, m in enumerate(group)
+            if (m.adapter is None and first) or f"v{i}" in loaded
+        }
+        results |= _score_loaded(
+            opened.model, opened.tokenizer, placed, settings, text, _Progress(say, settings)
+        )
+        first, asked = False, opened.waiting  # read already: the next copy takes the same files
+        del opened
     return results
-
-
-def _place(model: Any, quantize: str | None, models: list[Model]) -> tuple[Any, dict[str, Model], list]:
-    """(the model to run, {alias: model} loaded on it, the models that did not fit and wait)."""
-    from ..core.adapted import AdaptedModel
-    from ..errors import TargetError
-
-    if not quantize and all(m.adapter is None for m in models):
-        return model, {m.name: m for m in models}, []
-    net = AdaptedModel(model)  # also for a bare 4-bit base: the adapted generate decodes it fast
-    placed: dict[str, Model] = {}
-    rest = []
-    for i, m in enumerate(models):
-        if m.adapter is None:
-            placed[m.name] = m
-            continue
-        try:
-            net.load_adapter(m.adapter, f"v{i}")  # checks everything before it changes anything
-            placed[f"v{i}"] = m
-        except TargetError:
-            if not placed:  # alone on a fresh base: a real error
-                raise
-            rest.append(m)
-    return net, placed, rest
 
 
 def _score_loaded(

@@ -107,15 +107,16 @@ class AdaptedModel(nn.Module):
 
     def load_adapter(
         self,
-        path: str | Path,
+        path: str | Path | fmt.AdapterFiles,
         name: str = "default",
         *,
         trainable: bool = False,
         check_base: bool = True,
         dtype: torch.dtype | None = None,
     ) -> str:
-        """Load an adapter saved by peftkit or HF PEFT. Everything is checked before anything changes:
-        config, tensor names and shapes, and (when the file records it) the base model's fingerprint."""
+        """Load an adapter saved by peftkit or HF PEFT (its directory, or its files as `read_adapter` gave
+        them). Everything is checked before anything changes: config, tensor names and shapes, and (when
+        the file records it) the base model's fingerprint."""
         self._check_new_name(name)
         checked = check_adapter_file(self, path, check_base=check_base)
         files, spec, config, base_copies = checked.files, checked.spec, checked.config, checked.base_copies

@@ -35,10 +35,12 @@ class CheckedAdapter:
     base_copies: list[str]  # keys that are full copies of base weights (checked equal, not loaded)
 
 
-def check_adapter_file(am: AdaptedModel, path: str | Path, *, check_base: bool = True) -> CheckedAdapter:
-    """Read an adapter and check everything a load depends on: its config, the base model it was
-    trained on, the layers it targets, and every tensor's name and shape."""
-    files = fmt.read_adapter(path)
+def check_adapter_file(
+    am: AdaptedModel, path: str | Path | fmt.AdapterFiles, *, check_base: bool = True
+) -> CheckedAdapter:
+    """Read an adapter (or take its files, read already) and check everything a load depends on: its
+    config, the base model it was trained on, the layers it targets, and every tensor's name and shape."""
+    files = path if isinstance(path, fmt.AdapterFiles) else fmt.read_adapter(path)
     spec, config = fmt.config_from_peft(files.config, files.directory)
     identity = AdapterIdentity.from_metadata(files.metadata)
     if check_base:

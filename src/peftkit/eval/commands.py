@@ -160,8 +160,8 @@ def eval(
             with_perplexity=perplexity,
             samples=max(samples, 3),
         )
-    for name, directory in side.directories.items():  # a score on its own training data is no held-out one
-        report[name].trained_on = trained_on(directory, data, examples)
+    for name, source in side.sources.items():  # a score on its own training data is no held-out one
+        report[name].trained_on = trained_on(source.directory, data, examples, source.files.metadata)
     print(format_table(report))
     for r in report.results if samples > 0 else ():
         for s in r.samples[:samples]:

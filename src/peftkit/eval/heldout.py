@@ -20,12 +20,15 @@ from peftkit.data.example import Example
 CONFIG_FILE = "training_config.yaml"  # written beside the adapter by `peftkit train`
 
 
-def trained_on(adapter_dir: Path, data: str, examples: list[Example]) -> int | None:
+def trained_on(
+    adapter_dir: Path, data: str, examples: list[Example], metadata: dict[str, str] | None = None
+) -> int | None:
     """How many of `examples` (read from `data`) the adapter at `adapter_dir` was trained on; None when
-    that cannot be known. Never raises for an unreadable sidecar: the evaluation goes on without a note."""
+    that cannot be known. `metadata`: the adapter file's, when it was read already. Never raises for an
+    unreadable sidecar: the evaluation goes on without a note."""
     from peftkit.data.files import dataset_hash
 
-    recorded = _recorded_hash(adapter_dir)
+    recorded = _recorded_hash(adapter_dir, metadata)
     if recorded is None:
         return None
     if dataset_hash(examples) == recorded:  # exactly the training set, in order
@@ -37,13 +40,14 @@ def trained_on(adapter_dir: Path, data: str, examples: list[Example]) -> int | N
     return sum(_key(e) in keys for e in examples)
 
 
-def _recorded_hash(adapter_dir: Path) -> str | None:
+def _recorded_hash(adapter_dir: Path, metadata: dict[str, str] | None) -> str | None:
     from peftkit.errors import PeftkitError
     from peftkit.formats.peft import read_adapter
     from peftkit.identity import AdapterIdentity
 
     try:
-        return AdapterIdentity.from_metadata(read_adapter(adapter_dir).metadata).dataset_hash
+        metadata = read_adapter(adapter_dir).metadata if metadata is None else metadata
+        return AdapterIdentity.from_metadata(metadata).dataset_hash
     except PeftkitError:
         return None
 

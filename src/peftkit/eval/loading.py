@@ -1,8 +1,8 @@
-"""Opening the model that eval, generate, chat and the registry's gate run: the base, with the adapters
-they name loaded onto it (references resolved, files checked before the slow base load), and the notes
+"""How eval, generate, chat and the registry's gate open their model and talk while they do: adapter
+names from the command line, `peftkit.tools.opening.open_model` with progress lines, and the notes
 peftkit raises on the way shown as one `peftkit: ...` line each.
 
-Library code: commands and the registry import it; it imports no command module.
+Library code: commands and the policy import it; it imports no command module.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError, TargetError
+from peftkit.errors import ConfigError
 from peftkit.terminal import printable
 
 FILE_MAX_NEW_TOKENS = 512  # the cap of --max-new-tokens 0 (auto) for files: longest reference + 8
@@ -78,34 +78,6 @@ def dir_adapter_name(path: Path, taken: list[str]) -> str:
     return adapter_name_from(directory.resolve().name, taken)
 
 
-def resolve_adapters(
-    adapters: list[tuple[str, Path]], registry: str | None
-) -> tuple[list[tuple[str, Path]], set[str]]:
-    """(name, directory) with registry references resolved to their files, each adapter's files read
-    (a bad adapter fails before the slow base-model load), and the names that came from the registry."""
-    from peftkit.formats.peft import read_adapter
-    from peftkit.registry.paths import adapter_path
-
-    from_registry = {name for name, d in adapters if not Path(d).exists()}
-    resolved = [(name, adapter_path(d, registry)) for name, d in adapters]  # a reference names files too
-    for _, d in resolved:
-        read_adapter(d)
-    return resolved, from_registry
-
-
-def attach(
-    am: Any, name: str, directory: Path, *, base: str, check_base: bool, registry: str | None, audited: bool
-) -> None:
-    """Load one adapter onto `am` as `name`; `audited`: it came from the registry, so loading it onto
-    another base than its own (check_base=False) goes into the registry's audit log."""
-    from peftkit.registry.paths import audit_base_override
-
-    log(f"loading adapter {directory} as {name!r} ...")
-    am.load_adapter(directory, name, check_base=check_base)
-    if not check_base and audited:
-        audit_base_override(directory, base, am.base_fingerprint(), registry)
-
-
 def load_model(
     base: str,
     adapters: list[tuple[str, Path]],
@@ -115,42 +87,15 @@ def load_model(
     quantize: str | None = None,
     registry: str | None = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer): the base, wrapped in an AdaptedModel with each (name, directory) loaded when
-    adapters are given (or the base is 4-bit: the adapted generate decodes it fast). check_base=False
-    skips the base-fingerprint check (--no-check-base). For generate and chat, which apply every adapter
-    at once: two that cannot share the model are refused in words a command-line user can act on."""
-    from peftkit.core.adapted import AdaptedModel
+    """(model, tokenizer) for generate and chat, which apply every adapter at once: `open_model` with
+    progress lines and peftkit's notes on stderr, and two adapters that cannot share the model refused
+    in words a command-line user can act on. check_base=False skips the base-fingerprint check."""
+    from peftkit.tools.opening import open_model
 
-    resolved, from_registry = resolve_adapters(adapters, registry)
     with warnings_as_notes():
-        model, tokenizer = load_base_quietly(base, dtype, quantize)
-        if not resolved and not quantize:
-            return model, tokenizer
-        am = AdaptedModel(model)
-        for name, d in resolved:
-            try:
-                attach(am, name, d, base=base, check_base=check_base, registry=registry,
-                       audited=name in from_registry)  # fmt: skip
-            except TargetError as err:
-                if not am.adapters:  # alone on the base: the adapter's own problem, worded by the check
-                    raise
-                raise TargetError(
-                    f"adapter {name!r} cannot be active together with {', '.join(map(repr, am.adapters))}: "
-                    f"{str(err).split('. ')[0]}. Give them one at a time (`peftkit eval --adapters A B` "
-                    "scores adapters of different methods side by side)"
-                ) from None
-    return am, tokenizer
-
-
-def load_base_quietly(base: str, dtype: str, quantize: str | None) -> tuple[Any, Any]:
-    """The base model and tokenizer, with a progress line of ours instead of transformers' bars."""
-    from transformers.utils import logging as hf_logging
-
-    from peftkit.base import load_base
-
-    hf_logging.disable_progress_bar()
-    log(f"loading base model {base} ...")
-    return load_base(base, dtype=dtype, quantize=quantize)
+        opened = open_model(base, adapters, dtype=dtype, check_base=check_base, quantize=quantize,
+                            registry=registry, log=log)  # fmt: skip
+    return opened.model, opened.tokenizer
 
 
 def longest_answer(tokenizer: Any, examples: list) -> int:

@@ -14,17 +14,17 @@ adapter has been checked against the base (names, shapes, fingerprint) before th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import TargetError
+from peftkit.tools.opening import AdapterSource, OpenedModel, open_model
 
-from .loading import attach, load_base_quietly, log, resolve_adapters
+from .loading import log
 from .run import EvalReport, evaluate
 
-Named = list[tuple[str, Path]]
+Attach = Callable[[Any, Sequence[AdapterSource]], list[AdapterSource]]  # -> those that did not fit
 
 
 @dataclass
@@ -33,25 +33,30 @@ class SideBySide:
 
     model: Any  # an AdaptedModel (the base itself when there are no adapters and no 4-bit base)
     tokenizer: Any
-    passes: list[Named]  # passes[0] is loaded now
+    passes: list[list[AdapterSource]]  # passes[0] is loaded now
     order: list[str]  # the report's rows: "base", then the adapters as they were given
-    load: Callable[[Any, str, Path], None]  # loads one adapter onto the AdaptedModel
+    attach: Attach  # loads adapters onto the AdaptedModel
+
+    @property
+    def sources(self) -> dict[str, AdapterSource]:
+        """{adapter name: its source (files read once, a registry reference resolved)}."""
+        return {source.name: source for sources in self.passes for source in sources}
 
     @property
     def directories(self) -> dict[str, Path]:
         """{adapter name: its directory (a registry reference resolved)}."""
-        return {name: directory for named in self.passes for name, directory in named}
+        return {name: source.directory for name, source in self.sources.items()}
 
     def evaluate(self, examples: list, **options: Any) -> EvalReport:
         """`peftkit.eval.run.evaluate` of the base model and every adapter on `examples`, pass by pass
         (the base model's row in the first): one report, rows in the order the adapters were given."""
         t0 = time.perf_counter()
         reports = []
-        for number, named in enumerate(self.passes):
+        for number, sources in enumerate(self.passes):
+            names = [source.name for source in sources]
             if number:
-                log(f"pass {number + 1} of {len(self.passes)}: {', '.join(n for n, _ in named)} ...")
-                self.model = _load_pass(self.model, named, self.load)
-            names = [name for name, _ in named]
+                log(f"pass {number + 1} of {len(self.passes)}: {', '.join(names)} ...")
+                self.model = _load_pass(self.model, sources, self.attach)
             adapters = [None, *names] if number == 0 else names
             reports.append(evaluate(self.model, self.tokenizer, examples, adapters=adapters, **options))
         results = {r.adapter: r for report in reports for r in report.results}
@@ -63,7 +68,7 @@ class SideBySide:
 
 def open_side_by_side(
     base: str,
-    adapters: Named,
+    adapters: Sequence[tuple[str, str | Path]],
     dtype: str,
     *,
     check_base: bool = True,
@@ -72,61 +77,47 @@ def open_side_by_side(
 ) -> SideBySide:
     """Load the base and plan the passes (see the module docstring); the last pass planned stays
     loaded and is scored first, so no adapter is loaded more often than needed."""
-    from peftkit.core.adapted import AdaptedModel
+    from peftkit.tools.opening import attach_adapters
 
-    resolved, from_registry = resolve_adapters(adapters, registry)
+    def attach(am: Any, sources: Sequence[AdapterSource]) -> list[AdapterSource]:
+        return attach_adapters(am, sources, base=base, check_base=check_base, registry=registry,
+                               together="passes", log=log)  # fmt: skip
 
-    def load(am: Any, name: str, directory: Path) -> None:
-        attach(am, name, directory, base=base, check_base=check_base, registry=registry,
-               audited=name in from_registry)  # fmt: skip
-
-    model, tokenizer = load_base_quietly(base, dtype, quantize)
-    order = ["base", *(name for name, _ in resolved)]
-    if not resolved and not quantize:
-        return SideBySide(model, tokenizer, [[]], order, load)
+    opened = open_model(base, adapters, dtype=dtype, check_base=check_base, quantize=quantize,
+                        registry=registry, together="passes", log=log)  # fmt: skip
+    order = ["base", *(name for name, _ in adapters)]
+    if not adapters and not quantize:
+        return SideBySide(opened.model, opened.tokenizer, [[]], order, attach)
     # An AdaptedModel also for a bare 4-bit base: the adapted generate decodes it fast.
-    am, passes = plan_passes(AdaptedModel(model), resolved, load)
+    am, passes = plan_passes(opened, attach)
     passes = passes or [[]]  # a bare 4-bit base: one pass, the base model's row alone
-    return SideBySide(am, tokenizer, [passes[-1], *passes[:-1]], order, load)
+    return SideBySide(am, opened.tokenizer, [passes[-1], *passes[:-1]], order, attach)
 
 
-def plan_passes(am: Any, adapters: Named, load: Callable[[Any, str, Path], None]) -> tuple[Any, list[Named]]:
-    """(the AdaptedModel, the passes): each adapter joins the pass being filled unless it cannot share
-    the model with that pass's adapters (a TargetError while others are loaded: two methods on one
-    module), in which case it waits for the next pass. The last pass is left loaded. An adapter that
-    fails alone on the bare base has a problem of its own, which is raised."""
-    passes: list[Named] = []
-    waiting = list(adapters)
+def plan_passes(opened: OpenedModel, attach: Attach) -> tuple[Any, list[list[AdapterSource]]]:
+    """(the AdaptedModel, the passes): `opened` holds the first pass, and `waiting` the adapters that
+    could not share the model with it (a TargetError while others are loaded: two methods on one
+    module); each later pass takes what fits of what still waits. The last pass is left loaded."""
+    am, waiting = opened.model, opened.waiting
+    passes = [[s for s in opened.sources if s not in waiting]] if opened.sources else []
     while waiting:
-        if passes:
-            am = _load_pass(am, [], load)
-        placed: Named = []
-        left: Named = []
-        for name, directory in waiting:
-            try:
-                load(am, name, directory)  # checks everything before it changes anything
-                placed.append((name, directory))
-            except TargetError:
-                if not placed:
-                    raise
-                left.append((name, directory))
-        if left:
-            log(
-                f"{', '.join(repr(n) for n, _ in left)} cannot share one model with "
-                f"{', '.join(repr(n) for n, _ in placed)} (two methods cannot wrap one module): "
-                f"scored in a pass of {'its' if len(left) == 1 else 'their'} own on the same base"
-            )
-        passes.append(placed)
+        log(
+            f"{', '.join(repr(s.name) for s in waiting)} cannot share one model with "
+            f"{', '.join(repr(s.name) for s in passes[-1])} (two methods cannot wrap one module): "
+            f"scored in a pass of {'its' if len(waiting) == 1 else 'their'} own on the same base"
+        )
+        am = _load_pass(am, [], attach)
+        left = attach(am, waiting)
+        passes.append([s for s in waiting if s not in left])
         waiting = left
     return am, passes
 
 
-def _load_pass(am: Any, named: Named, load: Callable[[Any, str, Path], None]) -> Any:
+def _load_pass(am: Any, sources: Sequence[AdapterSource], attach: Attach) -> Any:
     """A fresh AdaptedModel over `am`'s base with every adapter taken off (nothing was merged, so the
-    base's own modules are back unchanged) and `named` loaded."""
+    base's own modules are back unchanged) and `sources` loaded."""
     from peftkit.core.adapted import AdaptedModel
 
     fresh = AdaptedModel(am.unload())
-    for name, directory in named:
-        load(fresh, name, directory)
+    attach(fresh, sources)
     return fresh

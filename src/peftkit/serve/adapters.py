@@ -201,7 +201,7 @@ class AdapterCache:
             tensors[t.name] = self._slot_ready(key, t.name, own)
         return tensors
 
-    def _through_model(self, key: str, path: Path) -> dict[str, Any]:
+    def _through_model(self, key: str, path: Any) -> dict[str, Any]:
         """Slot tensors (or a prefix) by attaching the adapter to the staging model, then removing it."""
         from ..methods import method_for
 
@@ -250,22 +250,26 @@ class AdapterCache:
         return keys.clone(), values.clone()
 
 
-def check_served_base(staging: Any, path: Path) -> None:
+def check_served_base(staging: Any, path: Any) -> None:
     """Refuse an adapter trained on another base model, with advice a server's operator can follow: a
     server never loads an adapter onto another base (every request would share the mismatch), so the
-    offline commands' override does not exist here. Reads the file's header only."""
+    offline commands' override does not exist here. Reads the file's header only (`path` may also be
+    the adapter's files, read already)."""
     from safetensors import safe_open
 
     from ..errors import BaseModelMismatchError
-    from ..formats.peft import WEIGHTS_FILE
+    from ..formats.peft import WEIGHTS_FILE, AdapterFiles
     from ..identity import AdapterIdentity
 
-    path = Path(path)  # the loader may give a str
-    try:
-        with safe_open(str(path if path.is_file() else path / WEIGHTS_FILE), "pt") as f:
-            identity = AdapterIdentity.from_metadata(dict(f.metadata() or {}))
-    except Exception:  # noqa: BLE001 (missing or damaged: check_adapter_file, next, says what is wrong)
-        return
+    if isinstance(path, AdapterFiles):
+        identity, path = AdapterIdentity.from_metadata(path.metadata), path.directory
+    else:
+        path = Path(path)  # the loader may give a str
+        try:
+            with safe_open(str(path if path.is_file() else path / WEIGHTS_FILE), "pt") as f:
+                identity = AdapterIdentity.from_metadata(dict(f.metadata() or {}))
+        except Exception:  # noqa: BLE001 (missing or damaged: check_adapter_file, next, says what is wrong)
+            return
     recorded, current = identity.base_fingerprint, staging.base_fingerprint()
     if not recorded or recorded == current:
         return  # no record (HF PEFT wrote it): the shape checks still apply

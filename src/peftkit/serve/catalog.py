@@ -62,6 +62,9 @@ class Catalog:
         self.adapters = dict(adapters or {})
         self.registry = registry  # a peftkit.registry.Registry, or None
         self.base_fingerprint = base_fingerprint
+        self.read: dict[
+            str, Any
+        ] = {}  # name -> its AdapterFiles, read at start-up: the first load takes them
         self.created = int(time.time())
         clash = [n for n in self.adapters if n in self.base_names]
         if clash:
@@ -85,11 +88,12 @@ class Catalog:
                 return Target(model, version.ref)
         raise ModelNotFoundError(not_found(model))
 
-    def loader(self, key: str) -> Path:
-        """The adapter directory for an engine key: a configured name's directory, or a registered
-        version's verified files (refused for another base). Failures are AdapterLoadError."""
+    def loader(self, key: str) -> Any:
+        """The adapter for an engine key: a configured name's files as start-up read them (once; its
+        directory after that), or a registered version's verified files (refused for another base).
+        Failures are AdapterLoadError."""
         if key in self.adapters:
-            return self.adapters[key]
+            return self.read.pop(key, None) or self.adapters[key]
         if self.registry is None or "@" not in key:
             raise AdapterLoadError(f"no adapter {key!r} is served")
         try:

@@ -197,13 +197,11 @@ def prepare(
     engine_config: Any | None = None,
 ) -> Server:
     """Check every input, load the base, start the engine with the adapters preloaded, build the app."""
-    from transformers.utils import logging as hf_logging
 
-    from ..base import load_base, model_fingerprint
+    from ..base import model_fingerprint
     from ..eval.loading import adapter_specs
-    from ..formats.peft import read_adapter
     from ..registry.refs import parse_ref
-    from ..registry.versions import check_not_a_run
+    from ..tools.opening import open_model, read_adapters
     from .catalog import Catalog
     from .engine import Engine, EngineConfig
     from .http import create_app
@@ -214,19 +212,19 @@ def prepare(
     for name, directory in named:  # the files are checked before the slow base load
         if not directory.is_dir():
             raise ConfigError(f"--adapters {name}={directory}: no such adapter directory")
-        check_not_a_run(directory)  # a run's directory: the adapter inside it is named
-        read_adapter(directory)
+    sources = read_adapters(named)  # a run's directory: the adapter inside it is named
     reg = open_registry(registry, registry is not None)
     if config.preload and reg is None:
         raise ConfigError("preload names registry versions, but no registry is open (give --registry)")
     for ref in config.preload:
         reg.resolve_version(parse_ref(ref))
     catalog = Catalog(served_names(base), dict(named), reg)
+    catalog.read = {source.name: source.files for source in sources}  # read once: the preload takes them
     access, routes = config.access_and_routes()
     routes.check(catalog)  # every route's versions exist
-    hf_logging.disable_progress_bar()
-    print(printable(f"peftkit serve: loading base model {base} ..."), file=sys.stderr, flush=True)
-    model, tokenizer = load_base(base, dtype=config.dtype)
+    opened = open_model(base, dtype=config.dtype, log=lambda message: print(
+        printable(f"peftkit serve: {message}"), file=sys.stderr, flush=True))  # fmt: skip
+    model, tokenizer = opened.model, opened.tokenizer
     catalog.base_fingerprint = model_fingerprint(model)
     if reg is not None:  # the splits every server on this registry routes by (its audit log)
         routes.follow(reg, catalog)

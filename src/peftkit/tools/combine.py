@@ -4,9 +4,11 @@ can be combined before the base model loads, open them on their base, combine (t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import AdapterFileError, RequestError
+from ..formats import peft as fmt
 from ..methods.lora_combine import (  # noqa: F401 (peftkit.combine's names)
     HOWS,
     CombineResult,
@@ -36,26 +38,27 @@ def combine_files(
     `weights` empty means 1 for each adapter; check_base=False loads them onto a `base` whose
     fingerprint differs from the one they record. The request, the files and whether their ranks allow
     `how` are checked before the base model loads."""
-    from ..base import load_base
-    from ..core.adapted import AdaptedModel
-    from ..formats import peft as fmt
     from ..identity import AdapterIdentity
     from ..naming import adapter_name_from
     from ..paths import input_clash
-    from ..registry.paths import adapter_path
+    from .opening import open_model, read_adapters
 
     weights = list(weights) if weights else [1.0] * len(adapter_dirs)  # unset: each weighs 1
     if how not in HOWS or not adapter_dirs:
         check_request(len(adapter_dirs), weights, how, density, rank)
-    dirs = [adapter_path(d, registry) for d in adapter_dirs]
-    clash = input_clash(Path(out), [("adapter directory", d) for d in dirs])
+    sources = read_adapters([(str(i), d) for i, d in enumerate(adapter_dirs)], registry)
+    names: list[str] = []
+    for i, source in enumerate(sources):  # each adapter named after its directory, unique
+        names.append(adapter_name_from(source.directory.name, [*names, name]))
+        sources[i] = replace(source, name=names[-1])
+    clash = input_clash(Path(out), [("adapter directory", s.directory) for s in sources])
     if clash:
         raise RequestError(f"the output directory {out} {clash}; choose a directory of its own")
     fmt.check_adapter_out(Path(out))  # new, empty or an adapter's: said before the slow load
     recorded: dict[Path, tuple[str | None, str | None]] = {}  # dir -> (base name, base fingerprint)
     ranks: dict[str, int] = {}
-    for d in dirs:
-        files = fmt.read_adapter(d)
+    for source in sources:
+        files, d = source.files, source.directory
         spec = fmt.method_of(files.config, files.directory)
         if spec.name != "lora":
             raise AdapterFileError(f"{d} is a {spec.label} adapter; combine takes LoRA adapters only")
@@ -75,13 +78,7 @@ def combine_files(
     base = base or next((b for b, _ in recorded.values() if b), None)
     if base is None:
         raise RequestError("the adapters record no base model; name it with --base")
-    model, _ = load_base(base, tokenizer="optional")
-    am = AdaptedModel(model)
-    names: list[str] = []
-    for d in dirs:
-        names.append(
-            am.load_adapter(d, adapter_name_from(Path(d).name, [*names, name]), check_base=check_base)
-        )
+    am = open_model(base, sources, tokenizer="optional", check_base=check_base, registry=registry).model
     result = am.combine(names, weights, name, how, density=density, rank=rank, seed=seed)
     am.save_adapter(out, name)
     return result

@@ -52,31 +52,38 @@ def merge_to_dir(
     log = log or _progress
     import torch
 
-    from ..base import load_base, save_model_dir
+    from ..base import save_model_dir
     from ..base.save import check_model_out_dir
-    from ..core.adapted import AdaptedModel
     from ..core.layer_types import dequantize_model
-    from ..formats.peft import read_adapter
-    from ..registry.paths import adapter_path, audit_base_override
+    from .opening import open_model, read_adapters
 
     out_dir = Path(out_dir)
-    registry_ref = not Path(adapter_dir).exists()
-    adapter_dir = adapter_path(adapter_dir, registry)  # a registry reference (NAME@3) names a directory too
-    check_out_dir(out_dir, input_paths(base, [Path(adapter_dir)]))
+    source = read_adapters([("default", adapter_dir)], registry)[0]  # a registry reference names files too
+    check_out_dir(out_dir, input_paths(base, [source.directory]))
     check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
-    read_adapter(adapter_dir)  # fail on a bad adapter before the slow base-model load
     t0 = time.perf_counter()
-    log(f"loading base model {base} ...")
+
+    def progress(message: str) -> None:  # the adapter's line says how long the base took
+        loaded = (
+            f"loaded in {time.perf_counter() - t0:.1f} s; " if message.startswith("loading adapter") else ""
+        )
+        log(loaded + message.replace(" as 'default' ...", " ..."))
+
     # auto: merged in float32, which every machine computes natively and which merges exactly, then
     # saved in the dtype the base's files are stored in (a bf16 checkpoint stays bf16 on disk).
-    model, tokenizer = load_base(
-        base, dtype="float32" if dtype == "auto" else dtype, tokenizer="optional", quantize=quantize
+    opened = open_model(
+        base,
+        [source],
+        dtype="float32" if dtype == "auto" else dtype,
+        tokenizer="optional",
+        quantize=quantize,
+        check_base=check_base,
+        registry=registry,
+        log=progress,
     )
+    am, tokenizer = opened.model, opened.tokenizer
+    model = am.model
     stored = getattr(model, "_peftkit_stored_dtype", None)
-    log(f"loaded in {time.perf_counter() - t0:.1f} s; loading adapter {adapter_dir} ...")
-    am = AdaptedModel.from_pretrained(model, adapter_dir, check_base=check_base)
-    if not check_base and registry_ref:  # loading a registered version onto another base is audited
-        audit_base_override(Path(adapter_dir), base, am.base_fingerprint(), registry)
     probe = _probe_ids(model) if quantize else None
     before = _logits(am, probe) if probe is not None else None
     merged = am.merge_and_unload()

@@ -40,10 +40,9 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
     """The task metric of the run's result (adapter-best, else adapter-last) on its validation examples."""
     import torch
 
-    from ..base import load_base
     from ..base.precision import PRECISION_ADVICE
-    from ..core.adapted import AdaptedModel
     from ..eval.run import evaluate
+    from ..tools.opening import open_model
     from ..train.setup import _examples  # the very split training validated on
 
     settings = read_evaluation(evaluation)
@@ -53,19 +52,14 @@ def validation_score(config: TrainConfig, summary: dict[str, Any], evaluation: d
     data = config.val_data or config.data
     dtype = torch.bfloat16 if summary.get("precision") == "bf16" else torch.float32
     result = Path(summary["output"])
+    options = {"dtype": dtype, "dtype_advice": PRECISION_ADVICE}
     if config.method == FULL:
-        model, tokenizer = load_base(str(result), dtype=dtype, dtype_advice=PRECISION_ADVICE)
+        opened = open_model(str(result), **options)
         names: list[str | None] = [None]
     else:
-        base, tokenizer = load_base(
-            config.base,
-            dtype=dtype,
-            dtype_advice=PRECISION_ADVICE,
-            **({"quantize": config.quantize} if config.quantize else {}),
-        )
-        model = AdaptedModel(base)
-        model.load_adapter(result, "trial")
+        opened = open_model(config.base, [("trial", result)], quantize=config.quantize or None, **options)
         names = ["trial"]
+    model, tokenizer = opened.model, opened.tokenizer
     report = evaluate(
         model, tokenizer, examples, metric=metric_for(settings.metric, data), adapters=names,
         max_new_tokens=max_new_tokens_for(settings.max_new_tokens, data, tokenizer, examples),
