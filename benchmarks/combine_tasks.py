@@ -34,7 +34,7 @@ from machine import Setting, add_dtype_option, default_device  # noqa: E402
 from peftkit import AdaptedModel, load_base
 from peftkit.core.rows import BASE
 from peftkit.data.tasks import get_task
-from peftkit.demo import demo_config
+from peftkit.cli.demo import demo_config
 from peftkit.eval.run import evaluate
 from peftkit.train.config import TrainConfig
 from peftkit.train.loop import train
@@ -52,7 +52,7 @@ HOWS = {
 
 
 def config(data: str, steps: int, out: Path, dtype: torch.dtype) -> TrainConfig:
-    """The demo's training run (peftkit.demo.demo_config) on `data` in `dtype`, without TensorBoard."""
+    """The demo's training run (peftkit.cli.demo.demo_config) on `data` in `dtype`, without TensorBoard."""
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     return demo_config("dates", steps, out, BASE_MODEL).replace(
         data=data, tensorboard=False, precision=precision

@@ -214,8 +214,10 @@ def test_a_positional_output_takes_out_too(argv: list[str], monkeypatch: pytest.
     seen: dict = {}
     real = cli.build_parser
 
-    def recording_parser(commands=None):  # every command replaced by one that records its arguments
-        parser = real(commands)
+    def recording_parser(
+        commands=None, **options
+    ):  # every command replaced by one that records its arguments
+        parser = real(commands, **options)
         for sub in command_parsers(parser).values():
             sub.set_defaults(_fn=lambda **kw: seen.update(kw) or 0)
         return parser

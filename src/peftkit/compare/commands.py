@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from ..cli import ConfigOptions, command
+from ..command_args import ConfigOptions
 from ..train.config import field_defaults, field_help
 
 
-@command
 def compare(
     experiment: Path,
     out: Path | None = None,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from peftkit.base.catalog import DEFAULT_BASE
-from peftkit.cli import command
 from peftkit.errors import DataError, RequestError
 from peftkit.io import unwritable_reason
 from peftkit.terminal import printable
@@ -73,7 +72,6 @@ def _is_report(path: Path) -> bool:
     return isinstance(data, dict) and isinstance(data.get("settings"), dict)
 
 
-@command
 def eval(
     data: str,
     base: str = DEFAULT_BASE,
@@ -267,7 +265,6 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
     return [list(with_system(tuple(p), system)) for p in prompts]
 
 
-@command
 def generate(
     prompt: list[str] | None = None,
     base: str = DEFAULT_BASE,
@@ -321,7 +318,6 @@ def generate(
         print(printable(f">>> {chat[-1].content}\n{answer}\n", keep="\n\t"), flush=True)
 
 
-@command
 def chat(
     base: str = DEFAULT_BASE,
     adapter: list[str] | None = None,

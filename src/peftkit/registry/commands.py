@@ -7,14 +7,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from ..cli import Positional, group_command
+from ..command_args import Positional
 from ..policy import promote
 from ..terminal import printable
 from .gate import Gate
 from .store import Registry, Version
-
-HELP = "the adapter registry: immutable versions, stages, rollback and an audit log"
-registry_command = group_command("registry", HELP)
 
 
 def _print_json(value: Any) -> None:
@@ -42,7 +39,6 @@ def _print_versions(versions: list[Version], json: bool) -> None:
         print(printable("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()))
 
 
-@registry_command
 def registry_register(
     name: str,
     adapter_dir: Path,
@@ -76,7 +72,6 @@ def registry_register(
     _print_versions([version], json)
 
 
-@registry_command
 def registry_list(
     name: Annotated[str | None, Positional()] = None, registry: str | None = None, json: bool = False
 ) -> None:
@@ -90,7 +85,6 @@ def registry_list(
     _print_versions(Registry.open(registry, create=False).versions(name), json)
 
 
-@registry_command
 def registry_show(ref: str, registry: str | None = None, json: bool = False) -> None:
     """Everything a version records: stage, method, base fingerprint, files, facts.
 
@@ -127,7 +121,6 @@ def _note(text: str) -> None:
     print(printable(f"peftkit: {text}"), file=sys.stderr)
 
 
-@registry_command
 def registry_path(ref: str, registry: str | None = None, json: bool = False) -> None:
     """Print the directory of a version's verified files (for tools that take an adapter directory,
     e.g. vLLM's --lora-modules NAME=PATH).
@@ -146,7 +139,6 @@ def registry_path(ref: str, registry: str | None = None, json: bool = False) -> 
         print(path)
 
 
-@registry_command
 def registry_promote(
     ref: str,
     to: Literal["staging", "production"] = "staging",
@@ -178,7 +170,6 @@ def registry_promote(
     _print_json(version.to_dict() | ({"gate": gate} if gate is not None else {}))
 
 
-@registry_command
 def registry_gate(
     name: str,
     data: str,
@@ -219,7 +210,6 @@ def registry_gate(
     _report(json, stored.to_dict(), f"gate for {name}: {stored.to_dict()}")
 
 
-@registry_command
 def registry_demote(
     ref: str,
     to: Literal["draft", "staging", "archived"] = "archived",
@@ -242,7 +232,6 @@ def registry_demote(
     _report(json, version.to_dict(), f"{version.ref} is in {version.stage}")
 
 
-@registry_command
 def registry_rollback(
     name: str, reason: str = "", user: str | None = None, registry: str | None = None, json: bool = False
 ) -> None:
@@ -259,7 +248,6 @@ def registry_rollback(
     _report(json, version.to_dict(), f"{version.ref} is in production again")
 
 
-@registry_command
 def registry_delete(
     ref: str, reason: str = "", user: str | None = None, registry: str | None = None, json: bool = False
 ) -> None:
@@ -276,7 +264,6 @@ def registry_delete(
     _report(json, version.to_dict(), f"deleted {version.ref} (its files stay until `peftkit registry gc`)")
 
 
-@registry_command
 def registry_gc(grace: float = 3600.0, registry: str | None = None, json: bool = False) -> None:
     """Remove stored files that no version refers to any more.
 
@@ -293,7 +280,6 @@ def registry_gc(grace: float = 3600.0, registry: str | None = None, json: bool =
         print(f"removed {len(removed)} unreferenced file(s)")
 
 
-@registry_command
 def registry_export(ref: str, out: Path, registry: str | None = None, json: bool = False) -> None:
     """Write one version, its metadata and its adapter's audit entries to a self-contained .tar bundle.
 
@@ -311,7 +297,6 @@ def registry_export(ref: str, out: Path, registry: str | None = None, json: bool
     _report(json, {"bundle": str(bundle), "version": version.to_dict()}, f"wrote {out}")
 
 
-@registry_command
 def registry_import(
     bundle: Path, user: str | None = None, registry: str | None = None, json: bool = False
 ) -> None:
@@ -328,7 +313,6 @@ def registry_import(
     _print_versions([import_bundle(Registry.open(registry), bundle, user=user)], json)
 
 
-@registry_command
 def registry_history(
     name: Annotated[str | None, Positional()] = None, registry: str | None = None, json: bool = False
 ) -> None:
@@ -348,7 +332,6 @@ def registry_history(
             print(printable(f"{entry.when}  {entry.who:<12} {entry.action:<9} {version:<20} {details}"))
 
 
-@registry_command
 def registry_check(registry: str | None = None, json: bool = False) -> int:
     """Verify the whole registry: every version's files against their hashes, and the audit chain.
 

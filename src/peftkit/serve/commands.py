@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from ..base.catalog import DEFAULT_BASE
-from ..cli import ConfigOptions, command
+from ..command_args import ConfigOptions
 from ..errors import ConfigError, RegistryError, RequestError
 from ..terminal import printable
 from .choices import Limits
@@ -251,7 +251,6 @@ def prepare(
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-@command
 def serve(
     base: str = DEFAULT_BASE,
     adapters: list[str] | None = None,

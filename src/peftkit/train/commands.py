@@ -6,11 +6,10 @@ import signal
 from pathlib import Path
 from typing import Annotated, Any
 
-from ..cli import ConfigOptions, Positional, command
+from ..command_args import ConfigOptions, Positional
 from .config import field_defaults, field_help
 
 
-@command
 def train(
     config: Annotated[Path | None, Positional()] = None,
     resume: bool = False,

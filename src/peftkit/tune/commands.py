@@ -6,13 +6,12 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from ..cli import ConfigOptions, command
+from ..command_args import ConfigOptions
 from ..errors import RequestError
 from ..terminal import printable
 from ..train.config import field_defaults, field_help
 
 
-@command
 def tune(
     experiment: Path,
     out: Path | None = None,
