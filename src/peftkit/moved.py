@@ -26,6 +26,9 @@ MOVED = {
     "peftkit.info": "peftkit.tools.info",
     "peftkit.merge": "peftkit.tools.merge",
     "peftkit.serve.routing": "peftkit.serve.routes",
+    "peftkit.argparsing": "peftkit.cli.argparsing",
+    "peftkit.demo": "peftkit.cli.demo",
+    "peftkit.tour": "peftkit.cli.tour",
 }
 """Old module name -> where it lives now."""
 
