@@ -5,6 +5,8 @@ attaching them), and Qwen3's per-head norms."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama
@@ -14,7 +16,7 @@ from peftkit import AdaptedModel, LoraConfig, RequestError
 from peftkit.core.checks import check_adapter_file
 from peftkit.serve import slots
 from peftkit.serve.scheduler import EngineConfig, EngineCore
-from peftkit.serve.types import SamplingParams
+from peftkit.serve.types import AdapterLoadError, SamplingParams
 
 
 def greedy_offline(model_fn, prompt: list[int], adapter: str | None, n: int) -> list[int]:
@@ -190,3 +192,19 @@ def test_base_tokens_do_not_widen_a_mixed_steps_slot_range() -> None:
     assert rt.onehot[:, :, 0].tolist() == [[0, 0], [1, 0], [0, 1], [0, 0]]
     only_base = slots.StepSlots.build([16, 16], [(5, 7)], torch.float32, base=16)
     assert only_base.hi == only_base.lo  # no adapter among the decode tokens: nothing to add
+
+
+def test_a_method_is_served_by_the_roles_it_declares() -> None:
+    """Capability, not a method's name: roles the slot banks hold are served; others, or none
+    declared, are refused in words a client can act on."""
+    spec = SimpleNamespace(label="Scaled", slot_tensors=lambda layer, name: {}, slot_roles=None)
+    with pytest.raises(AdapterLoadError, match="'k' is Scaled, which the server does not serve yet"):
+        slots.check_servable("k", spec)
+    slots.check_servable("k", replace_ns(spec, slot_roles=frozenset({"in_scale", "out_scale"})))
+    with pytest.raises(AdapterLoadError, match=r"slot tensors \(C\) the server's engine does not hold"):
+        slots.check_servable("k", replace_ns(spec, slot_roles=frozenset({"A", "C"})))
+    assert set(slots.BANKS) == {"A", "Bt", "in_scale", "out_scale", "bias_scale"}
+
+
+def replace_ns(ns: SimpleNamespace, **changes) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(ns), **changes})

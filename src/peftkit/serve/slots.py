@@ -4,9 +4,10 @@ an adapter writes one slot, never restacks the others.
 
     y = (W·(x ⊙ in_scale[s]) + B[s]·A[s]·x) ⊙ out_scale[s] + bias ⊙ bias_scale[s]     (s: the token's slot)
 
-LoRA and rsLoRA fill A and B (scaling folded into B), DoRA adds its per-output factor as out_scale,
-IA³ fills in_scale (feedforward layers) or out_scale and bias_scale: one path for all of them
-(`MethodSpec.slot_tensors`). Slot `capacity` is the base model: zeros and ones, never written.
+The roles of that algebra and their shapes are data (`SLOT_ROLES`); a method declares the roles its
+slot tensors use (`MethodSpec.slot_roles`) and is served if the engine holds them all: LoRA and rsLoRA
+fill A and B (scaling folded into B), DoRA adds its per-output factor as out_scale, IA³ fills in_scale
+(feedforward layers) or out_scale and bias_scale. Slot `capacity` is the base model: never written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,43 @@ from torch.nn import functional as F
 from .types import AdapterLoadError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotRole:
+    """One tensor of the slot algebra: its shape over "r" (the adapter's rank), "in" and "out" (the
+    layer's features), the value that means "no effect" (what an empty slot holds), and its bank."""
+
+    dims: tuple[str, ...]
+    empty: float  # 0 for a low-rank factor (adds nothing), 1 for a scale (keeps the value)
+    bank: str  # the bank that holds it; a bank named otherwise holds it transposed
+
+
+SLOT_ROLES: dict[str, SlotRole] = {
+    "A": SlotRole(("r", "in"), 0.0, "A"),
+    "B": SlotRole(("out", "r"), 0.0, "Bt"),  # held as Bt (r, out): a slot's leading rows are its rank
+    "in_scale": SlotRole(("in",), 1.0, "in_scale"),
+    "out_scale": SlotRole(("out",), 1.0, "out_scale"),
+    "bias_scale": SlotRole(("out",), 1.0, "bias_scale"),
+}
+# bank name -> (its dims in one slot, its empty value)
+BANKS: dict[str, tuple[tuple[str, ...], float]] = {
+    r.bank: (r.dims if r.bank == name else r.dims[::-1], r.empty) for name, r in SLOT_ROLES.items()
+}
+
+
+def check_servable(key: str, spec: Any) -> None:
+    """Refuse a layer method by capability: one whose spec declares no slot roles (or gives no slot
+    tensors), or roles the engine's banks do not hold. A method that fits needs no engine change."""
+    roles = spec.slot_roles if spec.slot_tensors is not None else None
+    if roles is None:
+        raise AdapterLoadError(f"adapter {key!r} is {spec.label}, which the server does not serve yet")
+    missing = sorted(set(roles) - SLOT_ROLES.keys())
+    if missing:
+        raise AdapterLoadError(
+            f"adapter {key!r} is {spec.label}, whose slot tensors ({', '.join(missing)}) the server's "
+            "engine does not hold; the server does not serve it yet"
+        )
 
 
 @dataclass
@@ -97,52 +136,64 @@ class ServedLinear(nn.Module):
         self.capacity, self.max_rank = capacity, max_rank
         self.out_features, self.in_features = base.weight.shape
         # A (S+1, R, in), Bt (S+1, R, out), in_scale, out_scale, bias_scale: allocated on first use
-        self.banks: dict[str, Tensor] = {}
+        self.banks: dict[str, Tensor] = {}  # by bank name (BANKS)
         self.fused: FusedLinears | None = None  # set when this layer's A and B live in a fused bank
         self.product = partial(F.linear, weight=base.weight)  # x -> W·x; `pack()` makes it faster
 
     def pack(self) -> None:
         self.product = packed_product(self.base.weight)
 
-    def _bank(self, role: str) -> Tensor:
-        if role in ("A", "Bt") and self.fused is not None:
+    def _bank(self, name: str) -> Tensor:
+        if name in ("A", "Bt") and self.fused is not None:
             self.fused.allocate()  # views into the fused banks, for every linear of the group
-        if role not in self.banks:
+        if name not in self.banks:
             w = self.base.weight
-            rows = self.capacity + 1
-            shape = {
-                "A": (rows, self.max_rank, self.in_features),
-                "Bt": (rows, self.max_rank, self.out_features),
-                "in_scale": (rows, self.in_features),
-            }.get(role, (rows, self.out_features))
-            fill = torch.zeros if role in ("A", "Bt") else torch.ones
-            self.banks[role] = fill(shape, dtype=w.dtype, device=w.device)
-        return self.banks[role]
+            dims, empty = BANKS[name]
+            shape = (self.capacity + 1, *(self._size[d] for d in dims))
+            self.banks[name] = torch.full(shape, empty, dtype=w.dtype, device=w.device)
+        return self.banks[name]
+
+    @property
+    def _size(self) -> dict[str, int]:
+        return {"r": self.max_rank, "in": self.in_features, "out": self.out_features}
 
     def check(self, tensors: dict[str, Tensor], where: str) -> None:
-        """Refuse what does not fit a slot, before anything is written."""
-        if "A" in tensors and tensors["A"].shape[0] > self.max_rank:
-            raise AdapterLoadError(
-                f"{where}: rank {tensors['A'].shape[0]} is over the server's max_rank {self.max_rank}; "
-                "start the server with a larger max_rank"
-            )
+        """Refuse what does not fit a slot, before anything is written. `tensors` are by bank (B as
+        Bt)."""
+        for name, value in tensors.items():
+            if name not in BANKS:
+                raise AdapterLoadError(
+                    f"{where}: the engine holds no slot tensor {name!r} (it holds {', '.join(SLOT_ROLES)})"
+                )
+            dims = BANKS[name][0]
+            if dims[0] == "r" and value.shape[0] > self.max_rank:
+                raise AdapterLoadError(
+                    f"{where}: rank {value.shape[0]} is over the server's max_rank {self.max_rank}; "
+                    "start the server with a larger max_rank"
+                )
+            want = tuple(value.shape[0] if d == "r" else self._size[d] for d in dims)
+            if tuple(value.shape) != want:
+                raise AdapterLoadError(
+                    f"{where}: {name} has shape {tuple(value.shape)}, the layer takes {want}"
+                )
 
     def write(self, slot: int, tensors: dict[str, Tensor]) -> None:
-        """Put one adapter's tensors at `slot` (roles it lacks are reset to 'no effect')."""
+        """Put one adapter's tensors at `slot` (roles it lacks are reset to 'no effect'); keys are
+        roles of SLOT_ROLES or bank names (Bt: B already transposed)."""
         self.clear(slot)
-        for role, value in tensors.items():
-            if role == "A":
-                self._bank("A")[slot, : value.shape[0]] = value
-            elif role == "B":
-                self._bank("Bt")[slot, : value.shape[1]] = value.T
-            elif role == "Bt":  # B already transposed: (r, out)
-                self._bank("Bt")[slot, : value.shape[0]] = value
+        for name, value in tensors.items():
+            role = SLOT_ROLES.get(name)
+            if role is not None and role.bank != name:
+                name, value = role.bank, value.T
+            bank = self._bank(name)
+            if BANKS[name][0][0] == "r":  # the adapter's rank fills the slot's leading rows
+                bank[slot, : value.shape[0]] = value
             else:
-                self._bank(role)[slot] = value
+                bank[slot] = value
 
     def clear(self, slot: int) -> None:
-        for role, bank in self.banks.items():
-            bank[slot] = 0 if role in ("A", "Bt") else 1
+        for name, bank in self.banks.items():
+            bank[slot] = BANKS[name][1]
 
     def forward(self, x: Tensor, rt: StepSlots) -> Tensor:  # x: (N, in)
         xs = x * self.banks["in_scale"].index_select(0, rt.slots) if "in_scale" in self.banks else x
