@@ -70,7 +70,8 @@ class StepSlots:
     """Which slot each token of one engine step uses; shared by every served layer of the step.
 
     The step's tokens are `decode` decode tokens (one per running sequence) followed by prefill
-    chunks, each (offset, length, slot): a run of one sequence's prompt tokens."""
+    chunks, each (offset, length, slot): a run of one sequence's prompt tokens. Everything but the
+    tensors is a host value, so the layers branch on it without waiting for a device."""
 
     slots: Tensor  # (N,) long: each token's slot
     decode: int
@@ -79,33 +80,7 @@ class StepSlots:
     lo: int = 0  # decode tokens' slots lie in [lo, hi): the banks' rows read as one view
     hi: int = 0
     onehot: Tensor | None = None  # (decode, hi - lo, 1): each decode token's slot within [lo, hi)
-
-    @classmethod
-    def build(
-        cls,
-        decode_slots: list[int],
-        prefill: list[tuple[int, int]],
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        base: int | None = None,
-    ) -> StepSlots:
-        """From the decode tokens' slots and the prefill chunks' (length, slot); `base` is the base
-        model's slot, which adds nothing and so is left out of the decode tokens' slot range."""
-        chunks, offset = [], len(decode_slots)
-        for length, slot in prefill:
-            chunks.append((offset, length, slot))
-            offset += length
-        slots = torch.tensor(decode_slots + [slot for length, slot in prefill for _ in range(length)])
-        distinct = set(decode_slots) | {slot for _, slot in prefill}
-        uniform = next(iter(distinct)) if len(distinct) == 1 else None
-        rt = cls(slots.to(device), len(decode_slots), chunks, uniform)
-        adapted = [s for s in decode_slots if s != base]
-        if adapted and uniform is None:
-            rt.lo, rt.hi = min(adapted), max(adapted) + 1
-            within = torch.tensor([s - rt.lo if s != base else -1 for s in decode_slots])
-            onehot = within[:, None] == torch.arange(rt.hi - rt.lo)  # a base token's row: all False
-            rt.onehot = onehot.to(device=device, dtype=dtype)[:, :, None]
-        return rt
+    first: int | None = None  # the first decode token's slot (read when it is the only one)
 
 
 def packed_product(weight: Tensor) -> Callable[[Tensor], Tensor]:
@@ -225,9 +200,8 @@ def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: StepSlots) -> 
         return y.addmm_(x @ a[rt.uniform].T, bt[rt.uniform]) if rt.uniform != base else y
     d = rt.decode
     if d == 1:  # one decode token: its own slot's factors (and no size-1 kernel to compile)
-        slot = int(rt.slots[0])
-        if slot != base:
-            y[:1].addmm_(x[:1] @ a[slot].T, bt[slot])
+        if rt.first != base:
+            y[:1].addmm_(x[:1] @ a[rt.first].T, bt[rt.first])
     elif rt.hi > rt.lo:  # decode tokens of several slots, some of them adapters'
         # A narrow slot range is cheaper as dense products over it than through the per-token
         # kernel, whose cost does not depend on the range (measured on the built-in model in bf16:
