@@ -261,7 +261,7 @@ def test_memory_budgets_size_the_kv_cache_and_the_adapter_slots(adapters) -> Non
     assert sized.max_batch == 2**20 // (per_token * 64)
     engine = core(adapters, kv_cache_mb=1, adapter_cache_mb=1, max_rank=4)
     assert (
-        engine.served.k_cache.numel() * 4 * 2 <= 2**20 < (engine.served.k_cache.numel() + 64 * 2 * 8) * 4 * 2
+        engine.served.cache.k.numel() * 4 * 2 <= 2**20 < (engine.served.cache.k.numel() + 64 * 2 * 8) * 4 * 2
     )
     assert engine.adapters.slots.capacity == sized.adapter_slots > 16  # a tiny model's slots are small
     with pytest.raises(RequestError, match="kv_cache_mb 1 MB is less than one sequence of max_len needs"):

@@ -5,6 +5,8 @@ attaching them), and Qwen3's per-head norms."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama
@@ -14,7 +16,8 @@ from peftkit import AdaptedModel, LoraConfig, RequestError
 from peftkit.core.checks import check_adapter_file
 from peftkit.serve import slots
 from peftkit.serve.scheduler import EngineConfig, EngineCore
-from peftkit.serve.types import SamplingParams
+from peftkit.serve.step import StepBuffers
+from peftkit.serve.types import AdapterLoadError, SamplingParams
 
 
 def greedy_offline(model_fn, prompt: list[int], adapter: str | None, n: int) -> list[int]:
@@ -182,11 +185,55 @@ def test_a_sliding_window_shorter_than_max_len_is_refused() -> None:
     EngineCore(MistralForCausalLM(config).eval(), None, None, EngineConfig(max_len=16))  # fits: served
 
 
+def running(slot: int, row: int, cached: int = 3, prompt: int = 3) -> SimpleNamespace:
+    """A sequence as a step reads it: `cached` tokens in row `row` of a `prompt`-token prompt."""
+    return SimpleNamespace(prompt=list(range(1, prompt + 1)), output=[40 + row], row=row, slot=slot,
+                           cached=cached, start=0)  # fmt: skip
+
+
 def test_base_tokens_do_not_widen_a_mixed_steps_slot_range() -> None:
     """The base model's slot is the banks' last: a step mixing base and adapter tokens keeps the
     dense range to the adapters' slots (base tokens get no columns)."""
-    rt = slots.StepSlots.build([16, 2, 3, 16], [(5, 7)], torch.float32, base=16)
+    buffers = StepBuffers(16, 8, 16, 32, torch.float32, "cpu")
+    chunk = running(7, 7, cached=0, prompt=5)
+    rt = buffers.fill([running(s, i) for i, s in enumerate([16, 2, 3, 16])], [(chunk, 5)]).slots
     assert (rt.lo, rt.hi, rt.uniform) == (2, 4, None)
     assert rt.onehot[:, :, 0].tolist() == [[0, 0], [1, 0], [0, 1], [0, 0]]
-    only_base = slots.StepSlots.build([16, 16], [(5, 7)], torch.float32, base=16)
+    only_base = buffers.fill([running(16, 0), running(16, 1)], [(chunk, 5)]).slots
     assert only_base.hi == only_base.lo  # no adapter among the decode tokens: nothing to add
+
+
+def test_a_steps_inputs_are_written_into_its_buffers() -> None:
+    """Decode tokens (rows 4 and 2: out of row order), then two prefill chunks, the second ending
+    its prompt: every input in place, the masks as attention reads them."""
+    buffers = StepBuffers(16, 8, 4, 32, torch.float32, "cpu")
+    decode = [running(1, 4, cached=5), running(4, 2, cached=2)]
+    first, second = running(0, 0, cached=0, prompt=6), running(0, 1, cached=2, prompt=4)
+    step = buffers.fill(decode, [(first, 3), (second, 2)])
+    assert step.ids.tolist() == [44, 42, 1, 2, 3, 3, 4]
+    assert step.positions.tolist() == [5, 2, 0, 1, 2, 2, 3]
+    assert step.rows.tolist() == [4, 2, 0, 0, 0, 1, 1]
+    assert step.slots.slots.tolist() == [1, 4, 0, 0, 0, 0, 0]
+    assert step.last.tolist() == [0, 1, 6] and step.finishing == [1] and step.chunk == 5
+    dec = step.decode
+    assert (dec.lo, dec.count, dec.span, dec.in_order, dec.within.tolist()) == (2, 3, 6, False, [2, 0])
+    assert (dec.mask[:, 0, 0] == 0).tolist() == [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1] * 6]
+    assert [(c.row, c.start, c.length, c.offset) for c in step.prefill] == [(0, 0, 3, 2), (1, 2, 2, 5)]
+    assert step.prefill[1].mask.tolist() == [[True, True, True, False], [True] * 4]
+    assert (step.slots.first, step.slots.lo, step.slots.hi) == (1, 1, 2)  # slot 4 is the base's
+
+
+def test_a_method_is_served_by_the_roles_it_declares() -> None:
+    """Capability, not a method's name: roles the slot banks hold are served; others, or none
+    declared, are refused in words a client can act on."""
+    spec = SimpleNamespace(label="Scaled", slot_tensors=lambda layer, name: {}, slot_roles=None)
+    with pytest.raises(AdapterLoadError, match="'k' is Scaled, which the server does not serve yet"):
+        slots.check_servable("k", spec)
+    slots.check_servable("k", replace_ns(spec, slot_roles=frozenset({"in_scale", "out_scale"})))
+    with pytest.raises(AdapterLoadError, match=r"slot tensors \(C\) the server's engine does not hold"):
+        slots.check_servable("k", replace_ns(spec, slot_roles=frozenset({"A", "C"})))
+    assert set(slots.BANKS) == {"A", "Bt", "in_scale", "out_scale", "bias_scale"}
+
+
+def replace_ns(ns: SimpleNamespace, **changes) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(ns), **changes})

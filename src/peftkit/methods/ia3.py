@@ -316,4 +316,5 @@ SPEC = MethodSpec(
     # switching the layers off, so they are never decayed.
     no_decay_roles=(KEY_SUFFIX,),
     slot_tensors=slot_tensors,
+    slot_roles=frozenset({"in_scale", "out_scale", "bias_scale"}),
 )

@@ -475,6 +475,7 @@ SPEC = MethodSpec(
     train_default=lambda: LoraConfig(r=16, lora_alpha=32),
     slot_tensors=slot_tensors,
     file_slot_tensors=file_slot_tensors,
+    slot_roles=frozenset({"A", "B", "out_scale"}),
     lr_scaled_roles=("lora_B",),
     no_decay_roles=("lora_magnitude",),
 )

@@ -131,6 +131,9 @@ class MethodSpec:
     # tensors without attaching the adapter (the server's fast load), or None where they need the
     # attached layer (e.g. DoRA's factor); None: always attach
     file_slot_tensors: Callable[[Any, str, dict[str, Tensor]], dict[str, Tensor] | None] | None = None
+    # the roles of the slot algebra the method's slot tensors use (A, B, in_scale, out_scale, bias_scale):
+    # the engine serves the method when it holds them all; None: the engine does not serve its layers
+    slot_roles: frozenset[str] | None = None
     # -- training ------------------------------------------------------------------------------------
     lr_scaled_roles: tuple[str, ...] = ()  # roles trained at lr x lora_plus_ratio (LoRA+: lora_B)
     no_decay_roles: tuple[str, ...] = ()  # roles never weight-decayed (besides biases and 1-d tensors)

@@ -4,8 +4,10 @@ adapters. Everything here but `_load` runs on the engine's thread.
 
 An adapter is loaded through an `AdaptedModel` over the served model (so it is read, checked and
 converted exactly as offline code does), turned into slot tensors (`MethodSpec.slot_tensors`) or a
-key/value prefix, and removed from that model again. What would change the shared base model itself
-is refused before anything loads: trained biases (`bias` other than "none") and `modules_to_save`.
+key/value prefix, and removed from that model again. A layer method is served when the engine's slot
+banks hold every role its spec declares (`slots.check_servable`). What would change the shared base
+model itself is refused before anything loads: trained biases (`bias` other than "none") and
+`modules_to_save`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..errors import PeftkitError, RequestError
 from .model import ServedModel
-from .slots import SlotTable
+from .slots import SlotTable, check_servable
 from .types import AdapterBusyError, AdapterLoadError, AdapterNotLoadedError
 
 STAGED = "staged"  # the adapter's name while it loads (keys like name@3 are no adapter names)
@@ -170,6 +172,8 @@ class AdapterCache:
                     f"adapter {key!r} trains biases or whole modules (bias / modules_to_save), which would "
                     "change the base model every other request shares; the server does not serve those",
                 )
+            if checked.spec.wraps_layers:
+                check_servable(key, checked.spec)
             return self._from_file(key, checked) or self._through_model(key, path)
         except (PeftkitError, RequestError) as e:
             raise AdapterLoadError.of(key, e) from None
@@ -210,10 +214,7 @@ class AdapterCache:
             spec = method_for(self.staging.configs[STAGED])
             if not spec.wraps_layers:
                 return {PREFIX: self._prefix(spec)}
-            if spec.slot_tensors is None:
-                raise AdapterLoadError(
-                    f"adapter {key!r} is {spec.label}, which the server does not serve yet"
-                )
+            check_servable(key, spec)
             tensors = {}
             for name, layer in self.staging.adapter_layers():
                 if STAGED not in layer.specs:

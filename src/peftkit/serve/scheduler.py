@@ -26,9 +26,10 @@ from torch import nn
 
 from ..errors import RequestError
 from .adapters import AdapterCache, Loader
-from .model import ServedModel, StepLayout
+from .model import ServedModel
 from .sampling import sample
-from .slots import GATHERED, StepSlots
+from .slots import GATHERED
+from .step import StepBuffers
 from .types import QueueFullError, SamplingParams, TokenOutput
 
 EVENTS = {
@@ -133,6 +134,8 @@ class EngineCore:
         self.dtype = model.lm_head.weight.dtype
         self.eos_ids = _eos_ids(model, tokenizer)
         self.base_slot = config.adapter_slots
+        self.buffers = StepBuffers(config.max_batch + config.chunk, config.max_batch, config.adapter_slots,
+                                   config.max_len, self.dtype, self.device)  # fmt: skip
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_rows = list(range(config.max_batch))
@@ -200,39 +203,14 @@ class EngineCore:
             return
         decode = [s for s in self.running if not s.prefilling]
         prefill = self._prefill_chunks()  # (sequence, tokens this step), oldest first
-        ids = [s.output[-1] for s in decode]
-        positions = [s.cached for s in decode]
-        for seq, n in prefill:
-            read = seq.cached - seq.start
-            ids += seq.prompt[read : read + n]
-            positions += list(range(seq.cached, seq.cached + n))
-        layout = StepLayout(
-            torch.tensor([s.row for s in decode], dtype=torch.long),
-            torch.tensor([s.cached + 1 for s in decode], dtype=torch.long),
-            [(seq.row, seq.cached, n) for seq, n in prefill],
-        )
-        rt = StepSlots.build(
-            [s.slot for s in decode], [(n, seq.slot) for seq, n in prefill], self.dtype, self.device,
-            base=self.base_slot,
-        )  # fmt: skip
-        last, done, offset = list(range(len(decode))), [], len(decode)
-        for seq, n in prefill:
-            offset += n
-            if seq.cached + n == seq.start + len(seq.prompt):  # its prompt is read: its first token now
-                last.append(offset - 1)
-                done.append(seq)
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = self.served(
-                torch.tensor(ids, device=self.device),
-                torch.tensor(positions, device=self.device),
-                rt,
-                layout,
-                torch.tensor(last, dtype=torch.long, device=self.device),
-            )
+            step = self.buffers.fill(decode, prefill)
+            logits = self.served(step)
         self.steps += 1
-        self._event("step", decode=len(decode), prefill=layout.chunk, batch=len(self.running),
+        self._event("step", decode=len(decode), prefill=step.chunk, batch=len(self.running),
                     seconds=time.perf_counter() - start)  # fmt: skip
+        done = [prefill[i][0] for i in step.finishing]  # their prompts are read: their first tokens now
         for seq in decode:
             seq.cached += 1
         for seq, n in prefill:
@@ -277,8 +255,7 @@ class EngineCore:
             if prefix is not None:  # a prompt- or prefix-tuned adapter: its keys and values come first
                 keys, values = prefix  # (layers, KVH, P, D)
                 seq.start = seq.cached = keys.shape[2]
-                self.served.k_cache[:, seq.row, :, : seq.start] = keys
-                self.served.v_cache[:, seq.row, :, : seq.start] = values
+                self.served.cache.write_prefix(seq.row, keys, values)
             if seq.adapter is not None:
                 self.adapters.acquire(seq.adapter)  # running on it: its slot is pinned
             self.running.append(seq)

@@ -4,9 +4,10 @@ an adapter writes one slot, never restacks the others.
 
     y = (W·(x ⊙ in_scale[s]) + B[s]·A[s]·x) ⊙ out_scale[s] + bias ⊙ bias_scale[s]     (s: the token's slot)
 
-LoRA and rsLoRA fill A and B (scaling folded into B), DoRA adds its per-output factor as out_scale,
-IA³ fills in_scale (feedforward layers) or out_scale and bias_scale: one path for all of them
-(`MethodSpec.slot_tensors`). Slot `capacity` is the base model: zeros and ones, never written.
+The roles of that algebra and their shapes are data (`SLOT_ROLES`); a method declares the roles its
+slot tensors use (`MethodSpec.slot_roles`) and is served if the engine holds them all: LoRA and rsLoRA
+fill A and B (scaling folded into B), DoRA adds its per-output factor as out_scale, IA³ fills in_scale
+(feedforward layers) or out_scale and bias_scale. Slot `capacity` is the base model: never written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +28,50 @@ from .types import AdapterLoadError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SlotRole:
+    """One tensor of the slot algebra: its shape over "r" (the adapter's rank), "in" and "out" (the
+    layer's features), the value that means "no effect" (what an empty slot holds), and its bank."""
+
+    dims: tuple[str, ...]
+    empty: float  # 0 for a low-rank factor (adds nothing), 1 for a scale (keeps the value)
+    bank: str  # the bank that holds it; a bank named otherwise holds it transposed
+
+
+SLOT_ROLES: dict[str, SlotRole] = {
+    "A": SlotRole(("r", "in"), 0.0, "A"),
+    "B": SlotRole(("out", "r"), 0.0, "Bt"),  # held as Bt (r, out): a slot's leading rows are its rank
+    "in_scale": SlotRole(("in",), 1.0, "in_scale"),
+    "out_scale": SlotRole(("out",), 1.0, "out_scale"),
+    "bias_scale": SlotRole(("out",), 1.0, "bias_scale"),
+}
+# bank name -> (its dims in one slot, its empty value)
+BANKS: dict[str, tuple[tuple[str, ...], float]] = {
+    r.bank: (r.dims if r.bank == name else r.dims[::-1], r.empty) for name, r in SLOT_ROLES.items()
+}
+
+
+def check_servable(key: str, spec: Any) -> None:
+    """Refuse a layer method by capability: one whose spec declares no slot roles (or gives no slot
+    tensors), or roles the engine's banks do not hold. A method that fits needs no engine change."""
+    roles = spec.slot_roles if spec.slot_tensors is not None else None
+    if roles is None:
+        raise AdapterLoadError(f"adapter {key!r} is {spec.label}, which the server does not serve yet")
+    missing = sorted(set(roles) - SLOT_ROLES.keys())
+    if missing:
+        raise AdapterLoadError(
+            f"adapter {key!r} is {spec.label}, whose slot tensors ({', '.join(missing)}) the server's "
+            "engine does not hold; the server does not serve it yet"
+        )
+
+
 @dataclass
 class StepSlots:
     """Which slot each token of one engine step uses; shared by every served layer of the step.
 
     The step's tokens are `decode` decode tokens (one per running sequence) followed by prefill
-    chunks, each (offset, length, slot): a run of one sequence's prompt tokens."""
+    chunks, each (offset, length, slot): a run of one sequence's prompt tokens. Everything but the
+    tensors is a host value, so the layers branch on it without waiting for a device."""
 
     slots: Tensor  # (N,) long: each token's slot
     decode: int
@@ -40,33 +80,7 @@ class StepSlots:
     lo: int = 0  # decode tokens' slots lie in [lo, hi): the banks' rows read as one view
     hi: int = 0
     onehot: Tensor | None = None  # (decode, hi - lo, 1): each decode token's slot within [lo, hi)
-
-    @classmethod
-    def build(
-        cls,
-        decode_slots: list[int],
-        prefill: list[tuple[int, int]],
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        base: int | None = None,
-    ) -> StepSlots:
-        """From the decode tokens' slots and the prefill chunks' (length, slot); `base` is the base
-        model's slot, which adds nothing and so is left out of the decode tokens' slot range."""
-        chunks, offset = [], len(decode_slots)
-        for length, slot in prefill:
-            chunks.append((offset, length, slot))
-            offset += length
-        slots = torch.tensor(decode_slots + [slot for length, slot in prefill for _ in range(length)])
-        distinct = set(decode_slots) | {slot for _, slot in prefill}
-        uniform = next(iter(distinct)) if len(distinct) == 1 else None
-        rt = cls(slots.to(device), len(decode_slots), chunks, uniform)
-        adapted = [s for s in decode_slots if s != base]
-        if adapted and uniform is None:
-            rt.lo, rt.hi = min(adapted), max(adapted) + 1
-            within = torch.tensor([s - rt.lo if s != base else -1 for s in decode_slots])
-            onehot = within[:, None] == torch.arange(rt.hi - rt.lo)  # a base token's row: all False
-            rt.onehot = onehot.to(device=device, dtype=dtype)[:, :, None]
-        return rt
+    first: int | None = None  # the first decode token's slot (read when it is the only one)
 
 
 def packed_product(weight: Tensor) -> Callable[[Tensor], Tensor]:
@@ -97,52 +111,64 @@ class ServedLinear(nn.Module):
         self.capacity, self.max_rank = capacity, max_rank
         self.out_features, self.in_features = base.weight.shape
         # A (S+1, R, in), Bt (S+1, R, out), in_scale, out_scale, bias_scale: allocated on first use
-        self.banks: dict[str, Tensor] = {}
+        self.banks: dict[str, Tensor] = {}  # by bank name (BANKS)
         self.fused: FusedLinears | None = None  # set when this layer's A and B live in a fused bank
         self.product = partial(F.linear, weight=base.weight)  # x -> W·x; `pack()` makes it faster
 
     def pack(self) -> None:
         self.product = packed_product(self.base.weight)
 
-    def _bank(self, role: str) -> Tensor:
-        if role in ("A", "Bt") and self.fused is not None:
+    def _bank(self, name: str) -> Tensor:
+        if name in ("A", "Bt") and self.fused is not None:
             self.fused.allocate()  # views into the fused banks, for every linear of the group
-        if role not in self.banks:
+        if name not in self.banks:
             w = self.base.weight
-            rows = self.capacity + 1
-            shape = {
-                "A": (rows, self.max_rank, self.in_features),
-                "Bt": (rows, self.max_rank, self.out_features),
-                "in_scale": (rows, self.in_features),
-            }.get(role, (rows, self.out_features))
-            fill = torch.zeros if role in ("A", "Bt") else torch.ones
-            self.banks[role] = fill(shape, dtype=w.dtype, device=w.device)
-        return self.banks[role]
+            dims, empty = BANKS[name]
+            shape = (self.capacity + 1, *(self._size[d] for d in dims))
+            self.banks[name] = torch.full(shape, empty, dtype=w.dtype, device=w.device)
+        return self.banks[name]
+
+    @property
+    def _size(self) -> dict[str, int]:
+        return {"r": self.max_rank, "in": self.in_features, "out": self.out_features}
 
     def check(self, tensors: dict[str, Tensor], where: str) -> None:
-        """Refuse what does not fit a slot, before anything is written."""
-        if "A" in tensors and tensors["A"].shape[0] > self.max_rank:
-            raise AdapterLoadError(
-                f"{where}: rank {tensors['A'].shape[0]} is over the server's max_rank {self.max_rank}; "
-                "start the server with a larger max_rank"
-            )
+        """Refuse what does not fit a slot, before anything is written. `tensors` are by bank (B as
+        Bt)."""
+        for name, value in tensors.items():
+            if name not in BANKS:
+                raise AdapterLoadError(
+                    f"{where}: the engine holds no slot tensor {name!r} (it holds {', '.join(SLOT_ROLES)})"
+                )
+            dims = BANKS[name][0]
+            if dims[0] == "r" and value.shape[0] > self.max_rank:
+                raise AdapterLoadError(
+                    f"{where}: rank {value.shape[0]} is over the server's max_rank {self.max_rank}; "
+                    "start the server with a larger max_rank"
+                )
+            want = tuple(value.shape[0] if d == "r" else self._size[d] for d in dims)
+            if tuple(value.shape) != want:
+                raise AdapterLoadError(
+                    f"{where}: {name} has shape {tuple(value.shape)}, the layer takes {want}"
+                )
 
     def write(self, slot: int, tensors: dict[str, Tensor]) -> None:
-        """Put one adapter's tensors at `slot` (roles it lacks are reset to 'no effect')."""
+        """Put one adapter's tensors at `slot` (roles it lacks are reset to 'no effect'); keys are
+        roles of SLOT_ROLES or bank names (Bt: B already transposed)."""
         self.clear(slot)
-        for role, value in tensors.items():
-            if role == "A":
-                self._bank("A")[slot, : value.shape[0]] = value
-            elif role == "B":
-                self._bank("Bt")[slot, : value.shape[1]] = value.T
-            elif role == "Bt":  # B already transposed: (r, out)
-                self._bank("Bt")[slot, : value.shape[0]] = value
+        for name, value in tensors.items():
+            role = SLOT_ROLES.get(name)
+            if role is not None and role.bank != name:
+                name, value = role.bank, value.T
+            bank = self._bank(name)
+            if BANKS[name][0][0] == "r":  # the adapter's rank fills the slot's leading rows
+                bank[slot, : value.shape[0]] = value
             else:
-                self._bank(role)[slot] = value
+                bank[slot] = value
 
     def clear(self, slot: int) -> None:
-        for role, bank in self.banks.items():
-            bank[slot] = 0 if role in ("A", "Bt") else 1
+        for name, bank in self.banks.items():
+            bank[slot] = BANKS[name][1]
 
     def forward(self, x: Tensor, rt: StepSlots) -> Tensor:  # x: (N, in)
         xs = x * self.banks["in_scale"].index_select(0, rt.slots) if "in_scale" in self.banks else x
@@ -174,9 +200,8 @@ def add_low_rank(y: Tensor, x: Tensor, a: Tensor, bt: Tensor, rt: StepSlots) -> 
         return y.addmm_(x @ a[rt.uniform].T, bt[rt.uniform]) if rt.uniform != base else y
     d = rt.decode
     if d == 1:  # one decode token: its own slot's factors (and no size-1 kernel to compile)
-        slot = int(rt.slots[0])
-        if slot != base:
-            y[:1].addmm_(x[:1] @ a[slot].T, bt[slot])
+        if rt.first != base:
+            y[:1].addmm_(x[:1] @ a[rt.first].T, bt[rt.first])
     elif rt.hi > rt.lo:  # decode tokens of several slots, some of them adapters'
         # A narrow slot range is cheaper as dense products over it than through the per-token
         # kernel, whose cost does not depend on the range (measured on the built-in model in bf16:
