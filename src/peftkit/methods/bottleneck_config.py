@@ -6,12 +6,12 @@ docs/formats.md): the fields below, `peft_type` "BOTTLENECK" and a `format_versi
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AdapterFileError, ConfigError
 from ..values import number_from_text, short_repr
-from .config_fields import check, check_names, config_field, from_mapping, is_int, is_num
+from .config_fields import check, check_names, config_field, is_int, is_num, method_config
 
 CONFIGS = ("houlsby", "pfeiffer")
 # Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)  # the adapter_config.json format_version values this peftkit reads
 
 
+@method_config("bottleneck")
 @dataclass(frozen=True)
 class BottleneckConfig:
     """Bottleneck adapters: y + scaling · up(act(down(dropout(y)))) on each target layer's output y.
@@ -136,16 +137,7 @@ class BottleneckConfig:
             return self.bottleneck_size
         return max(1, int(width // self.reduction_factor))
 
-    # -- conversion -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of the resolved fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "bottleneck")
-
+    # -- conversion (to_dict, from_dict, field_docs and defaults come from `method_config`) ---------
     def replace(self, **changes: Any) -> BottleneckConfig:
         """A copy with some fields changed (validated again). Derived defaults follow what they derive
         from: a new `config` brings its own default targets (unless the targets were chosen), and
@@ -162,16 +154,6 @@ class BottleneckConfig:
             if changes.get(key) is not None and other not in changes:
                 data[other] = None
         return self.from_dict(data)
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Each field's default as declared (None where it is derived from other fields)."""
-        return {f.name: None if f.default is MISSING else f.default for f in fields(cls)}
 
 
 # -- the adapter_config.json of a bottleneck adapter ---------------------------------------------------

@@ -1,12 +1,14 @@
 """What every method's config dataclass shares: documented fields, value checks that name the key and
-what would be valid, and building from a mapping that names unknown keys with a suggestion."""
+what would be valid, building from a mapping that names unknown keys with a suggestion, and the
+`method_config` decorator that gives a config the `MethodConfig` protocol methods."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import MISSING, field, fields
-from typing import Any
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, field, fields
+from typing import Any, TypeVar
 
 from ..core.layer_types import ALL_LINEAR
 from ..errors import ConfigError, did_you_mean
@@ -129,7 +131,52 @@ def field_docs_of(cls: type) -> dict[str, str]:
 
 
 def defaults_of(cls: type) -> dict[str, Any]:
+    """Each field's default as declared (a default derived from other fields, such as the bottleneck
+    adapter's target_modules, is declared None)."""
     return {
         f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
         for f in fields(cls)
     }
+
+
+# -- the protocol methods, written once ----------------------------------------------------------------
+C = TypeVar("C", bound=type)
+
+
+def method_config(label: str) -> Callable[[C], C]:
+    """Class decorator for a method's frozen config dataclass (put it above `@dataclass`): adds the
+    `MethodConfig` methods to_dict, from_dict, replace, field_docs and defaults, except those the class
+    defines itself (the bottleneck config's `replace` re-derives its defaults). `label` names the
+    method in messages: "unknown LoRA config key 'rank' (did you mean 'r'?)".
+
+    A decorator, not a base class: configs share these methods, not an ancestor (STYLE.md, point 3)."""
+
+    def from_dict(cls: type, data: dict[str, Any]) -> Any:
+        """Build from a dict, rejecting unknown keys by name."""
+        return from_mapping(cls, data, label)
+
+    protocol = {
+        "to_dict": _to_dict,
+        "from_dict": classmethod(from_dict),
+        "replace": _replace,
+        "field_docs": classmethod(field_docs_of),
+        "defaults": classmethod(defaults_of),
+    }
+
+    def decorate(cls: C) -> C:
+        for name, method in protocol.items():
+            if name not in cls.__dict__:
+                setattr(cls, name, method)
+        return cls
+
+    return decorate
+
+
+def _to_dict(self: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of the fields (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _replace(self: Any, **changes: Any) -> Any:
+    """A copy with some fields changed (validated again)."""
+    return self.from_dict({**self.to_dict(), **changes})

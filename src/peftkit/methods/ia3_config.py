@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import Tensor
 
 from ..core.layer_types import ALL_LINEAR
 from ..errors import AdapterFileError, ConfigError, TargetError
-from .config_fields import check, config_field, from_mapping, is_int
+from .config_fields import check, config_field, is_int, method_config
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
 
 
+@method_config("IA³")
 @dataclass(frozen=True)
 class IA3Config:
     """IA³: a learned vector per target layer rescales its output (y = base(x) ⊙ l), or, for
     feedforward modules, its input (y = base(x ⊙ l)); the vectors start at 1 (a no-op).
 
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    to_dict, from_dict, replace, field_docs and defaults come from `method_config`.
     """
 
     target_modules: tuple[str, ...] | str = config_field(
@@ -118,30 +120,6 @@ class IA3Config:
     def is_feedforward(self, module_name: str) -> bool:
         """Whether IA³ scales module `module_name`'s input (else its output)."""
         return _matches(module_name, self.feedforward_modules)
-
-    # -- conversion -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IA3Config:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "IA³")
-
-    def replace(self, **changes: Any) -> IA3Config:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Each field's default value."""
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
 def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, regex: bool = True) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.layer_types import ALL_LINEAR
@@ -15,21 +15,21 @@ from .config_fields import (
     check_names,
     check_regex,
     config_field,
-    defaults_of,
-    field_docs_of,
-    from_mapping,
     is_int,
     is_num,
+    method_config,
 )
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
+@method_config("LoRA")
 @dataclass(frozen=True)
 class LoraConfig:
     """A LoRA adapter: ΔW = (lora_alpha / r) · B·A on the target layers, B = 0 at init.
 
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    to_dict, from_dict, replace, field_docs and defaults come from `method_config`.
     """
 
     r: int = config_field(8, "rank of the update (the inner dimension of B·A)")
@@ -151,29 +151,6 @@ class LoraConfig:
     def scaling(self, r: int, alpha: float) -> float:
         """The factor the update B·A is multiplied by."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    # -- conversion -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "LoRA")
-
-    def replace(self, **changes: Any) -> LoraConfig:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return field_docs_of(cls)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return defaults_of(cls)
 
 
 def pattern_matches(key: str, name: str) -> bool:

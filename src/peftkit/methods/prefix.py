@@ -11,7 +11,7 @@ adapter holds the table itself.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..core.kv_prefix import KV, Geometry, model_geometry
 from ..errors import ConfigError, ShapeMismatchError
-from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
+from .config_fields import check, config_field, is_int, method_config
 from .prompt import (
     GEOMETRY,
     check_common,
@@ -35,6 +35,7 @@ from .spec import MethodSpec
 ROLE = "prompt_embeddings"  # HF PEFT's (bare) file key for the prefix table
 
 
+@method_config("prefix tuning")
 @dataclass(frozen=True)
 class PrefixTuningConfig:
     """Prefix tuning: P learned key/value vectors per attention layer, attended to before the input.
@@ -67,28 +68,6 @@ class PrefixTuningConfig:
         size = self.encoder_hidden_size
         ok = size is None or (is_int(size) and size > 0)
         check(ok, "encoder_hidden_size", size, "a positive integer, or null (token_dim)")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PrefixTuningConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "prefix tuning")
-
-    def replace(self, **changes: Any) -> PrefixTuningConfig:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return field_docs_of(cls)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return defaults_of(cls)
 
 
 def prefix_geometry(g: Geometry) -> dict[str, int]:

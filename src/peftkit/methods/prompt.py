@@ -13,7 +13,7 @@ for configs of virtual tokens (fields, checks, the model's geometry) are shared 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..errors import (
     RequestError,
     ShapeMismatchError,
 )
-from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
+from .config_fields import check, config_field, defaults_of, is_int, method_config
 from .spec import MethodSpec
 
 ROLE = "prompt_embeddings"  # the file key (bare, as HF PEFT stores it) and the tensor's role
@@ -105,6 +105,7 @@ def input_embeddings(model: nn.Module) -> nn.Module:
 
 
 # -- the config -------------------------------------------------------------------------------------
+@method_config("prompt tuning")
 @dataclass(frozen=True)
 class PromptTuningConfig:
     """Prompt tuning: P soft tokens (trainable embeddings) in front of every input.
@@ -152,28 +153,6 @@ class PromptTuningConfig:
                 "prompt_tuning_init_text into token ids), e.g. 'smollm2-135m'"
             )
             check(bool(tok), "tokenizer_name_or_path", tok, tokenizer)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PromptTuningConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "prompt tuning")
-
-    def replace(self, **changes: Any) -> PromptTuningConfig:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return field_docs_of(cls)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return defaults_of(cls)
 
 
 def prompt_geometry(g: Geometry) -> dict[str, int]:
