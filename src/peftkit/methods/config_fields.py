@@ -51,19 +51,30 @@ def check_regex(what: str, pattern: Any) -> None:
         raise ConfigError(f"{what} is not a valid regular expression: {e}") from None
 
 
-def check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
-    """A non-empty list of module names (a tuple by now), one regex string (if allowed) or "all-linear",
-    or None (if allowed)."""
+def check_names(
+    key: str,
+    value: Any,
+    *,
+    allow_none: bool,
+    allow_regex: bool = True,
+    allow_empty: bool = False,
+    expected: str | None = None,
+) -> None:
+    """A list of module names (a tuple by now; non-empty unless allowed), one regex string (if allowed)
+    or "all-linear", or None (if allowed). A failure says what was expected: `expected` if given (IA³
+    words all of its failures so), else what the value lacks."""
     if value is None:
-        check(allow_none, key, value, "a module name, a list of names, or a regex")
+        check(allow_none, key, value, expected or "a module name, a list of names, or a regex")
         return
     if isinstance(value, str):
-        check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
+        valid = expected or "a non-empty list of module names or a regex string"
+        check(allow_regex and bool(value), key, value, valid)
         if value != ALL_LINEAR:
             check_regex(key, value)
         return
-    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
-    check(ok, key, value, "a non-empty list of module names")
+    ok = isinstance(value, tuple) and (allow_empty or len(value) > 0)
+    ok = ok and all(isinstance(v, str) and v for v in value)
+    check(ok, key, value, expected or "a non-empty list of module names")
 
 
 def from_mapping(cls: type, data: Any, label: str) -> Any:

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from ..core.layer_types import ALL_LINEAR
 from ..errors import AdapterFileError, ConfigError, TargetError
-from .config_fields import check, config_field, is_int, method_config
+from .config_fields import check, check_names, config_field, method_config
+from .targets import (
+    embed_targets,
+    exclude_modules_field,
+    layers_pattern_field,
+    layers_to_transform_field,
+    modules_to_save_field,
+)
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
 
@@ -27,6 +34,7 @@ class IA3Config:
     feedforward modules, its input (y = base(x ⊙ l)); the vectors start at 1 (a no-op).
 
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    `targets`: the layers to scale as one `Targets` value (what `peftkit.core.inject` reads).
     to_dict, from_dict, replace, field_docs and defaults come from `method_config`.
     """
 
@@ -42,18 +50,10 @@ class IA3Config:
         "names that are also in target_modules, a regex over the full name, or [] for none. GPT-2 "
         "style models use e.g. ['mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = config_field(
-        None, "layers never to scale, matched like target_modules"
-    )
-    layers_to_transform: tuple[int, ...] | None = config_field(
-        None, "only scale layers with these indices (the number in e.g. 'model.layers.3.mlp')"
-    )
-    layers_pattern: tuple[str, ...] | None = config_field(
-        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
-    )
-    modules_to_save: tuple[str, ...] | None = config_field(
-        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
-    )
+    exclude_modules: tuple[str, ...] | str | None = exclude_modules_field("scale")
+    layers_to_transform: tuple[int, ...] | None = layers_to_transform_field("scale")
+    layers_pattern: tuple[str, ...] | None = layers_pattern_field()
+    modules_to_save: tuple[str, ...] | None = modules_to_save_field()
     init_ia3_weights: bool = config_field(
         True, "true: vectors start at 1 (the adapter is a no-op); false: random around 1 (for tests)"
     )
@@ -65,19 +65,11 @@ class IA3Config:
                 value = sorted(value)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if isinstance(self.layers_pattern, (str, list)):
-            pattern = self.layers_pattern
-            object.__setattr__(
-                self, "layers_pattern", (pattern,) if isinstance(pattern, str) else tuple(pattern)
-            )
-        layers = self.layers_to_transform
-        if is_int(layers):
-            object.__setattr__(self, "layers_to_transform", (layers,))
-        elif isinstance(layers, list):
-            object.__setattr__(self, "layers_to_transform", tuple(layers))
         self._validate()
 
     def _validate(self) -> None:
+        # IA³ words its module-list errors its own way, so it checks those lists before `embed_targets`
+        # (which then finds them valid) checks the layer fields.
         _check_names("target_modules", self.target_modules, allow_none=False, allow_empty=False)
         if self.feedforward_modules == ALL_LINEAR:
             raise ConfigError(
@@ -93,19 +85,7 @@ class IA3Config:
             self.init_ia3_weights,
             "true or false",
         )
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
-            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
-        if self.layers_pattern is not None:
-            pattern = self.layers_pattern
-            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            check(
-                ok,
-                "layers_pattern",
-                self.layers_pattern,
-                "a module-list name like 'layers' or a list of them",
-            )
+        embed_targets(self)  # target_modules ... modules_to_save, normalised, and `self.targets`
         if isinstance(self.target_modules, tuple) and isinstance(self.feedforward_modules, tuple):
             # As HF PEFT: with both given as lists, every feedforward name must be a target name.
             for entry in self.feedforward_modules:
@@ -129,19 +109,7 @@ def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, r
         + (" ([] for none)" if allow_empty else "")
         + (" or a regex" if regex else "")
     )
-    if value is None:
-        check(allow_none, key, value, what)
-        return
-    if isinstance(value, str):
-        check(regex and bool(value), key, value, what)
-        if value != ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ConfigError(f"{key} is not a valid regular expression: {e}") from None
-        return
-    ok = isinstance(value, tuple) and (allow_empty or len(value) > 0)
-    check(ok and all(isinstance(v, str) and v for v in value), key, value, what)
+    check_names(key, value, allow_none=allow_none, allow_regex=regex, allow_empty=allow_empty, expected=what)
 
 
 def _matches(name: str, spec: tuple[str, ...] | str) -> bool:

@@ -10,14 +10,13 @@ from typing import Any
 from ..core.layer_types import ALL_LINEAR
 from ..errors import ConfigError
 from ..values import number_from_text
-from .config_fields import (
-    check,
-    check_names,
-    check_regex,
-    config_field,
-    is_int,
-    is_num,
-    method_config,
+from .config_fields import check, check_regex, config_field, is_int, is_num, method_config
+from .targets import (
+    embed_targets,
+    exclude_modules_field,
+    layers_pattern_field,
+    layers_to_transform_field,
+    modules_to_save_field,
 )
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -29,6 +28,7 @@ class LoraConfig:
     """A LoRA adapter: ΔW = (lora_alpha / r) · B·A on the target layers, B = 0 at init.
 
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    `targets`: the layers to adapt as one `Targets` value (what `peftkit.core.inject` reads).
     to_dict, from_dict, replace, field_docs and defaults come from `method_config`.
     """
 
@@ -42,15 +42,9 @@ class LoraConfig:
         "name that matches no full name, like 'q_proj', means [q_proj]), or 'all-linear' (every "
         "linear layer except the output head)",
     )
-    exclude_modules: tuple[str, ...] | str | None = config_field(
-        None, "layers never to adapt, matched like target_modules"
-    )
-    layers_to_transform: tuple[int, ...] | None = config_field(
-        None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
-    )
-    layers_pattern: tuple[str, ...] | None = config_field(
-        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
-    )
+    exclude_modules: tuple[str, ...] | str | None = exclude_modules_field()
+    layers_to_transform: tuple[int, ...] | None = layers_to_transform_field()
+    layers_pattern: tuple[str, ...] | None = layers_pattern_field()
     rank_pattern: dict[str, int] = config_field(
         dict, "per-module rank overrides {regex matched as a name suffix: r}"
     )
@@ -67,22 +61,9 @@ class LoraConfig:
         "std 1/r, zero B; false: random A and B, so the adapter is not a no-op (for tests)",
     )
     bias: str = config_field("none", "which biases train with the adapter: 'none', 'all' or 'lora_only'")
-    modules_to_save: tuple[str, ...] | None = config_field(
-        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
-    )
+    modules_to_save: tuple[str, ...] | None = modules_to_save_field()
 
     def __post_init__(self) -> None:
-        as_tuple = ("exclude_modules", "target_modules", "modules_to_save", "layers_pattern")
-        for name in as_tuple:
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.layers_pattern, str):
-            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
-        elif isinstance(self.layers_to_transform, list):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
         for name in ("lora_alpha", "lora_dropout"):
             object.__setattr__(self, name, number_from_text(getattr(self, name)))
         for name in ("rank_pattern", "alpha_pattern"):
@@ -117,22 +98,7 @@ class LoraConfig:
         )
         check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
         check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
-        check_names("target_modules", self.target_modules, allow_none=False)
-        check_names("exclude_modules", self.exclude_modules, allow_none=True)
-        check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
-            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
-        if self.layers_pattern is not None:
-            pattern = self.layers_pattern
-            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            check(
-                ok,
-                "layers_pattern",
-                self.layers_pattern,
-                "a module-list name like 'layers' or a list of them",
-            )
+        embed_targets(self)  # target_modules ... modules_to_save, normalised, and `self.targets`
         for key, value in self.rank_pattern.items():
             check_regex(f"rank_pattern key {key!r}", key)
             check(is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
