@@ -11,14 +11,8 @@ from typing import Any
 
 from ..errors import AdapterFileError, ConfigError
 from ..values import number_from_text, short_repr
-from .config_fields import check, config_field, is_int, is_num, method_config
-from .targets import (
-    embed_targets,
-    exclude_modules_field,
-    layers_pattern_field,
-    layers_to_transform_field,
-    modules_to_save_field,
-)
+from .config_fields import check, config_field, config_from_fields, is_int, is_num, method_config
+from .targets import embed_targets, target_field
 
 CONFIGS = ("houlsby", "pfeiffer")
 # Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
@@ -56,9 +50,9 @@ class BottleneckConfig:
         "'all-linear'); null: the placement's Llama-family layers (houlsby: o_proj and down_proj; "
         "pfeiffer: down_proj). Other architectures name theirs, e.g. GPT-2 ['attn.c_proj', 'mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = exclude_modules_field()
-    layers_to_transform: tuple[int, ...] | None = layers_to_transform_field()
-    layers_pattern: tuple[str, ...] | None = layers_pattern_field()
+    exclude_modules: tuple[str, ...] | str | None = target_field("exclude_modules")
+    layers_to_transform: tuple[int, ...] | None = target_field("layers_to_transform")
+    layers_pattern: tuple[str, ...] | None = target_field("layers_pattern")
     bottleneck_size: int | None = config_field(
         None, "the adapter's inner width (64 when neither this nor reduction_factor is set)"
     )
@@ -73,7 +67,7 @@ class BottleneckConfig:
     init_weights: bool = config_field(
         True, "true: zero up-projection, so the model starts unchanged; false: random (for tests)"
     )
-    modules_to_save: tuple[str, ...] | None = modules_to_save_field()
+    modules_to_save: tuple[str, ...] | None = target_field("modules_to_save")
 
     def __post_init__(self) -> None:
         for name in ("reduction_factor", "adapter_dropout", "scaling"):
@@ -164,7 +158,4 @@ def config_from_file(data: dict[str, Any], source: Any) -> BottleneckConfig:
             f"{source}: the bottleneck adapter has format_version {short_repr(version)}; this peftkit reads "
             f"format_version {readable} ({fix})"
         )
-    try:
-        return BottleneckConfig.from_dict(data)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    return config_from_fields(BottleneckConfig, data, source)

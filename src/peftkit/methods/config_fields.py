@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, field, fields
 from typing import Any, TypeVar
 
 from ..core.layer_types import ALL_LINEAR
-from ..errors import ConfigError, did_you_mean
+from ..errors import AdapterFileError, ConfigError, did_you_mean
 from ..values import check_keys_are_text, short_repr
 
 
@@ -148,6 +148,40 @@ def defaults_of(cls: type) -> dict[str, Any]:
         f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
         for f in fields(cls)
     }
+
+
+# -- a config from the method part of an adapter_config.json --------------------------------------------
+def file_fields(
+    cls: type,
+    data: dict[str, Any],
+    source: Any,
+    ignored: set[str],
+    *,
+    adapter: str = "adapter",
+    unsupported: str = "a PEFT feature peftkit does not support",
+) -> dict[str, Any]:
+    """The keys of `data` that config class `cls` has. Any other key set to a value is refused unless
+    it is in `ignored` (keys that mean nothing for trained weights): loading an adapter without what
+    such a key asks for would give another model than the one trained."""
+    known = {f.name for f in fields(cls)}
+    ours: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known:
+            ours[key] = value
+        elif key not in ignored and value not in (None, False, {}, [], ""):
+            raise AdapterFileError(
+                f"{source}: the {adapter} uses {key}={value!r}, {unsupported}; "
+                "load it with HF PEFT, or re-train without that option"
+            )
+    return ours
+
+
+def config_from_fields(cls: type, data: dict[str, Any], source: Any) -> Any:
+    """`cls.from_dict(data)`, with a bad value reported as the file's (an AdapterFileError naming `source`)."""
+    try:
+        return cls.from_dict(data)  # type: ignore[attr-defined]
+    except ConfigError as e:
+        raise AdapterFileError(f"{source}: {e}") from None
 
 
 # -- the protocol methods, written once ----------------------------------------------------------------

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from ..core.layer_types import ALL_LINEAR
 from ..errors import AdapterFileError, ConfigError, TargetError
-from .config_fields import check, check_names, config_field, method_config
-from .targets import (
-    embed_targets,
-    exclude_modules_field,
-    layers_pattern_field,
-    layers_to_transform_field,
-    modules_to_save_field,
-)
+from .config_fields import check, check_names, config_field, config_from_fields, file_fields, method_config
+from .targets import embed_targets, file_targets, target_field
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
 
@@ -50,10 +44,10 @@ class IA3Config:
         "names that are also in target_modules, a regex over the full name, or [] for none. GPT-2 "
         "style models use e.g. ['mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = exclude_modules_field("scale")
-    layers_to_transform: tuple[int, ...] | None = layers_to_transform_field("scale")
-    layers_pattern: tuple[str, ...] | None = layers_pattern_field()
-    modules_to_save: tuple[str, ...] | None = modules_to_save_field()
+    exclude_modules: tuple[str, ...] | str | None = target_field("exclude_modules", "scale")
+    layers_to_transform: tuple[int, ...] | None = target_field("layers_to_transform", "scale")
+    layers_pattern: tuple[str, ...] | None = target_field("layers_pattern")
+    modules_to_save: tuple[str, ...] | None = target_field("modules_to_save")
     init_ia3_weights: bool = config_field(
         True, "true: vectors start at 1 (the adapter is a no-op); false: random around 1 (for tests)"
     )
@@ -163,16 +157,9 @@ def config_to_file(config: IA3Config, targets: list[str], kinds: list[str]) -> d
 
 def config_from_file(data: dict[str, Any], source: Any) -> IA3Config:
     """An IA3Config from the IA³ fields of an adapter_config.json written by peftkit or HF PEFT."""
-    known = {f.name for f in fields(IA3Config)}
-    ours: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in known:
-            ours[key] = value
-        elif key not in _IGNORED_KEYS and value not in (None, False, {}, [], ""):
-            raise AdapterFileError(
-                f"{source}: the adapter uses {key}={value!r}, an option peftkit's IA³ does not support; "
-                "load it with HF PEFT, or re-train without that option"
-            )
+    ours = file_fields(
+        IA3Config, data, source, _IGNORED_KEYS, unsupported="an option peftkit's IA³ does not support"
+    )
     for key in ("target_modules", "feedforward_modules"):
         if ours.get(key) is None:
             # HF PEFT fills these from its per-architecture tables when they are null; its own saves
@@ -182,12 +169,7 @@ def config_from_file(data: dict[str, Any], source: Any) -> IA3Config:
                 "(e.g. target_modules ['k_proj', 'v_proj', 'down_proj'] and feedforward_modules ['down_proj'] "
                 "for a Llama-family model)"
             )
-    if ours.get("layers_pattern") == []:
-        ours["layers_pattern"] = None
-    try:
-        return IA3Config.from_dict(ours)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    return config_from_fields(IA3Config, file_targets(ours), source)
 
 
 # -- `peftkit info` ------------------------------------------------------------------------------------

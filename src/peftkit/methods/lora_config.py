@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.layer_types import ALL_LINEAR
-from ..errors import ConfigError
 from ..values import number_from_text
-from .config_fields import check, check_regex, config_field, is_int, is_num, method_config
-from .targets import (
-    embed_targets,
-    exclude_modules_field,
-    layers_pattern_field,
-    layers_to_transform_field,
-    modules_to_save_field,
+from .config_fields import (
+    check,
+    check_regex,
+    config_field,
+    config_from_fields,
+    file_fields,
+    is_int,
+    is_num,
+    method_config,
 )
+from .targets import embed_targets, file_targets, target_field
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -42,9 +44,9 @@ class LoraConfig:
         "name that matches no full name, like 'q_proj', means [q_proj]), or 'all-linear' (every "
         "linear layer except the output head)",
     )
-    exclude_modules: tuple[str, ...] | str | None = exclude_modules_field()
-    layers_to_transform: tuple[int, ...] | None = layers_to_transform_field()
-    layers_pattern: tuple[str, ...] | None = layers_pattern_field()
+    exclude_modules: tuple[str, ...] | str | None = target_field("exclude_modules")
+    layers_to_transform: tuple[int, ...] | None = target_field("layers_to_transform")
+    layers_pattern: tuple[str, ...] | None = target_field("layers_pattern")
     rank_pattern: dict[str, int] = config_field(
         dict, "per-module rank overrides {regex matched as a name suffix: r}"
     )
@@ -61,7 +63,7 @@ class LoraConfig:
         "std 1/r, zero B; false: random A and B, so the adapter is not a no-op (for tests)",
     )
     bias: str = config_field("none", "which biases train with the adapter: 'none', 'all' or 'lora_only'")
-    modules_to_save: tuple[str, ...] | None = modules_to_save_field()
+    modules_to_save: tuple[str, ...] | None = target_field("modules_to_save")
 
     def __post_init__(self) -> None:
         for name in ("lora_alpha", "lora_dropout"):
@@ -157,16 +159,7 @@ def config_from_file(data: dict[str, Any], source: Any) -> LoraConfig:
     """A LoraConfig from the LoRA fields of an adapter_config.json written by peftkit or HF PEFT."""
     from ..errors import AdapterFileError
 
-    known = set(LoraConfig.defaults())
-    ours: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in known:
-            ours[key] = value
-        elif key not in _IGNORED_KEYS and value not in (None, False, {}, [], ""):
-            raise AdapterFileError(
-                f"{source}: the adapter uses {key}={value!r}, a PEFT feature peftkit does not support; "
-                "load it with HF PEFT, or re-train without that option"
-            )
+    ours = file_fields(LoraConfig, data, source, _IGNORED_KEYS)
     init = ours.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() in _INIT_ONLY:
         ours["init_lora_weights"] = True
@@ -176,9 +169,4 @@ def config_from_file(data: dict[str, Any], source: Any) -> LoraConfig:
             "convert it to a plain LoRA with HF PEFT first (save_pretrained with "
             "path_initial_model_for_weight_conversion)"
         )
-    if ours.get("layers_pattern") == []:
-        ours["layers_pattern"] = None
-    try:
-        return LoraConfig.from_dict(ours)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    return config_from_fields(LoraConfig, file_targets(ours), source)

@@ -60,28 +60,26 @@ def embed_targets(config: Any) -> None:
     object.__setattr__(config, "targets", targets)  # not a dataclass field: no key of its own
 
 
+def file_targets(fields: dict[str, Any]) -> dict[str, Any]:
+    """A layer method's fields read from an adapter_config.json, with layers_pattern [] (HF PEFT's
+    spelling of "none" in some files) as null, so a loaded config says it the one way."""
+    return {**fields, "layers_pattern": None} if fields.get("layers_pattern") == [] else fields
+
+
 def _as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
 # -- the fields every layer method's config declares (the same words in each) ------------------------
-def exclude_modules_field(verb: str = "adapt") -> Any:
-    return config_field(None, f"layers never to {verb}, matched like target_modules")
+_HELP = {
+    "exclude_modules": "layers never to {verb}, matched like target_modules",
+    "layers_to_transform": "only {verb} layers with these indices (the number in e.g. 'model.layers.3.mlp')",
+    "layers_pattern": "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')",
+    "modules_to_save": "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix",
+}
 
 
-def layers_to_transform_field(verb: str = "adapt") -> Any:
-    return config_field(
-        None, f"only {verb} layers with these indices (the number in e.g. 'model.layers.3.mlp')"
-    )
-
-
-def layers_pattern_field() -> Any:
-    return config_field(
-        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
-    )
-
-
-def modules_to_save_field() -> Any:
-    return config_field(
-        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
-    )
+def target_field(name: str, verb: str = "adapt") -> Any:
+    """Config field `name` (one of `_HELP`'s; default None), with its documentation; `verb` says what
+    the method does to a layer ("scale" for IA³)."""
+    return config_field(None, _HELP[name].format(verb=verb))
