@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import peftkit.methods.virtual_tokens as virtual_tokens
+
 from ..core.kv_prefix import KV, Geometry, model_geometry
 from ..errors import ConfigError, ShapeMismatchError
-from . import virtual_tokens
 from .config_fields import check, config_field, is_int, method_config
 from .spec import MethodSpec
 from .virtual_tokens import GEOMETRY, check_common, check_geometry, geometry_field

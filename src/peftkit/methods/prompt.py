@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import peftkit.methods.virtual_tokens as virtual_tokens
+
 from ..core.kv_prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
 from ..errors import ConfigError, PeftkitError, RequestError, ShapeMismatchError
-from . import virtual_tokens
 from .config_fields import check, config_field, method_config
 from .spec import MethodSpec
 from .virtual_tokens import GEOMETRY, check_common, check_geometry, geometry_field
