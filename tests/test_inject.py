@@ -16,7 +16,9 @@ from torch import nn
 from peftkit import AdaptedModel, LoraConfig, TargetError
 from peftkit.core.inject import find_targets
 from peftkit.core.saved_modules import ModulesToSave
-from peftkit.methods import LoraLayer
+from peftkit.errors import ConfigError
+from peftkit.methods import METHODS, LoraLayer
+from peftkit.methods.targets import Targets
 
 PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 PROJ += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -219,6 +221,27 @@ def test_layers_to_transform_on_llama(pattern: str | list[str] | None) -> None:
 def test_layers_to_transform_with_gpt2s_layer_list() -> None:
     names = adapted(tiny_gpt2(), target_modules=["c_attn", "c_fc"], layers_to_transform=0, layers_pattern="h")
     assert names == {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"}
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bottleneck"])
+def test_layer_configs_embed_their_target_fields_as_one_targets_value(method: str) -> None:
+    """What matching reads is one `Targets`, normalised like the flat fields the file and CLI keep."""
+    fields = {"target_modules": ["q_proj"], "exclude_modules": ["layers.0.self_attn.q_proj"]}
+    fields |= {"layers_to_transform": 1, "layers_pattern": "layers", "modules_to_save": ["lm_head"]}
+    extra = {"feedforward_modules": []} if method == "ia3" else {}
+    config = METHODS[method].config_cls(**fields, **extra)
+    expected = Targets(("q_proj",), ("layers.0.self_attn.q_proj",), (1,), ("layers",), ("lm_head",))
+    assert config.targets == expected
+    assert {k: config.to_dict()[k] for k in fields} == {
+        "target_modules": ["q_proj"],
+        "exclude_modules": ["layers.0.self_attn.q_proj"],
+        "layers_to_transform": [1],
+        "layers_pattern": ["layers"],
+        "modules_to_save": ["lm_head"],
+    }
+    assert config.replace(layers_to_transform=[0]).targets.layers_to_transform == (0,)
+    with pytest.raises(ConfigError, match="layers_to_transform"):
+        Targets("q_proj", layers_to_transform=[-1])
 
 
 def test_layers_pattern_that_is_not_in_the_names_matches_nothing() -> None:

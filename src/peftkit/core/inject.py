@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import TargetError, did_you_mean
 from ..methods.spec import MethodSpec
+from ..methods.targets import Targets
 from .layer_types import ALL_LINEAR, WRAPPED_ATTRS, is_linear, unwrap  # noqa: F401 (WRAPPED_ATTRS: its old home)
 
 
@@ -102,8 +103,9 @@ def find_targets(
     head = output_head(model)
     modules = list(base_modules(model))
     names = [n for n, _ in modules]
-    saved_names = [n for n, _ in find_modules_to_save(model, _opt(config, "modules_to_save"), strict=False)]
-    target_spec = resolve_spec(config.target_modules, names)
+    wanted: Targets = config.targets  # a layer method's config embeds its target fields as one value
+    saved_names = [n for n, _ in find_modules_to_save(model, wanted.modules_to_save, strict=False)]
+    target_spec = resolve_spec(wanted.target_modules, names)
     targets: list[Target] = []
     for name, module in modules:
         if target_spec == ALL_LINEAR:
@@ -111,25 +113,20 @@ def find_targets(
                 continue
         elif not name_matches(name, target_spec):
             continue
-        if _filtered_out(name, config):
+        if _filtered_out(name, wanted):
             continue
         targets.append(Target(name, module, _wrappable_kind(name, module, spec)))
     if not targets:
-        raise TargetError(_nothing_matched(model, config, spec, modules))
+        raise TargetError(_nothing_matched(model, wanted, spec, modules))
     for t in targets:
         if _inside(t.name, saved_names):
             raise TargetError(
                 f"{t.name!r} is both a {spec.name} target and (inside) a modules_to_save entry; choose one"
             )
     if strict:
-        _check_entries_used(model, config, names)
+        _check_entries_used(model, wanted, names)
         spec.check_new_targets(config, targets)
     return targets
-
-
-def _opt(config: Any, key: str) -> Any:
-    """An optional config field (None when the method has no such field)."""
-    return getattr(config, key, None)
 
 
 def resolve_spec(spec: tuple[str, ...] | str, names: list[str]) -> tuple[str, ...] | str:
@@ -146,12 +143,12 @@ def resolve_spec(spec: tuple[str, ...] | str, names: list[str]) -> tuple[str, ..
 _PLAIN_NAME = re.compile(r"[\w.\-]+")  # a module name or dotted path; "." is the only regex syntax
 
 
-def _filtered_out(name: str, config: Any) -> bool:
-    exclude = _opt(config, "exclude_modules")
+def _filtered_out(name: str, targets: Targets) -> bool:
+    exclude = targets.exclude_modules
     if exclude is not None and name_matches(name, exclude):
         return True
-    layers = _opt(config, "layers_to_transform")
-    return layers is not None and layer_index(name, _opt(config, "layers_pattern")) not in layers
+    layers = targets.layers_to_transform
+    return layers is not None and layer_index(name, targets.layers_pattern) not in layers
 
 
 def _wrappable_kind(name: str, module: nn.Module, spec: MethodSpec) -> Any:
@@ -169,27 +166,27 @@ def _wrappable_kind(name: str, module: nn.Module, spec: MethodSpec) -> Any:
 
 
 def _nothing_matched(
-    model: nn.Module, config: Any, spec: MethodSpec, modules: list[tuple[str, nn.Module]]
+    model: nn.Module, targets: Targets, spec: MethodSpec, modules: list[tuple[str, nn.Module]]
 ) -> str:
     assert spec.kind_of is not None
     adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if spec.kind_of(m) is not None})
     hint = ""
-    if isinstance(config.target_modules, str) and config.target_modules != ALL_LINEAR:
+    if isinstance(targets.target_modules, str) and targets.target_modules != ALL_LINEAR:
         hint = (
             r"; a single string is a regex over the full module name (start it with '.*\.' to match "
             "the end of names), a list matches names or dotted suffixes"
         )
     return (
-        f"target_modules={_show(config.target_modules)} matched no layer of {type(model).__name__}"
-        f"{_filters(config)}; layers that could be adapted end in: {', '.join(adaptable) or 'none'}{hint}"
+        f"target_modules={_show(targets.target_modules)} matched no layer of {type(model).__name__}"
+        f"{_filters(targets)}; layers that could be adapted end in: {', '.join(adaptable) or 'none'}{hint}"
     )
 
 
-def _check_entries_used(model: nn.Module, config: Any, names: list[str]) -> None:
+def _check_entries_used(model: nn.Module, targets: Targets, names: list[str]) -> None:
     """Every list entry of target_modules / exclude_modules must match some module: a misspelt one
     would otherwise be ignored while the others match (HF PEFT only errors when nothing matches)."""
     for key in ("target_modules", "exclude_modules"):
-        spec = _opt(config, key)
+        spec = getattr(targets, key)
         if isinstance(spec, tuple):
             for entry in spec:
                 if not any(name_matches(n, (entry,)) for n in names):
@@ -248,10 +245,10 @@ def _show(spec: tuple[str, ...] | str) -> str:
     return repr(spec) if isinstance(spec, str) else repr(list(spec))
 
 
-def _filters(config: Any) -> str:
+def _filters(targets: Targets) -> str:
     parts = []
-    if _opt(config, "exclude_modules") is not None:
-        parts.append(f"exclude_modules={_show(config.exclude_modules)}")
-    if _opt(config, "layers_to_transform") is not None:
-        parts.append(f"layers_to_transform={list(config.layers_to_transform)}")
+    if targets.exclude_modules is not None:
+        parts.append(f"exclude_modules={_show(targets.exclude_modules)}")
+    if targets.layers_to_transform is not None:
+        parts.append(f"layers_to_transform={list(targets.layers_to_transform)}")
     return f" (with {', '.join(parts)})" if parts else ""

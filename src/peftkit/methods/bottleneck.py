@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.layer_types import float_dtype, layer_type, weight_device, weight_shape
-from ..core.rows import AdapterState, RowRouting, row_slots
+import peftkit.methods.layer_machinery as layers
+
+from ..core.layer_types import layer_type, weight_device, weight_shape
+from ..core.rows import AdapterState, RowRouting
 from ..errors import AdapterStateError
 from .bottleneck_config import BottleneckConfig, config_from_file, config_to_file
 from .spec import MethodSpec
@@ -69,17 +71,14 @@ class BottleneckLayer(nn.Module):
 
     is_adapter_wrapper = True
 
+    specs: dict[str, AdapterSpec]
+    kind: str
+
     def __init__(self, base_layer: nn.Module, kind: str, state: AdapterState) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.kind = kind
+        layers.setup(self, base_layer, kind, state)  # `merged` stays empty: a bottleneck never merges
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
-        self.specs: dict[str, AdapterSpec] = {}
-        self.merged: list[str] = []  # always empty: a bottleneck adapter never merges
-        self.unmerged_weight: Tensor | None = None
-        self.state = state
-        self._cache: dict[str, tuple[tuple, Any]] = {}
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(
@@ -89,8 +88,7 @@ class BottleneckLayer(nn.Module):
         and bias) is zero, so the layer's output is unchanged until training moves it."""
         width = out_features(self.base_layer, self.kind)
         size = config.size_for(width)
-        base_dtype, device = float_dtype(self.base_layer), weight_device(self.base_layer)
-        dtype = dtype or (base_dtype if base_dtype.is_floating_point else torch.float32)
+        dtype, device = layers.adapter_dtype(self.base_layer, dtype), weight_device(self.base_layer)
         down = nn.Linear(width, size, device=device, dtype=dtype)  # Kaiming-uniform, as nn.Linear
         up = nn.Linear(size, width, device=device, dtype=dtype)
         if config.init_weights:
@@ -100,16 +98,13 @@ class BottleneckLayer(nn.Module):
                 up.bias.zero_()
         self.adapter_down[name] = down
         self.adapter_up[name] = up
-        self.specs[name] = AdapterSpec(size, config.non_linearity, config.adapter_dropout, config.scaling)
-        self._cache.clear()
+        layers.added(
+            self, name, AdapterSpec(size, config.non_linearity, config.adapter_dropout, config.scaling)
+        )
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` from this layer."""
-        for table in (self.adapter_down, self.adapter_up):
-            if name in table:
-                del table[name]
-        self.specs.pop(name, None)
-        self._cache.clear()
+        layers.delete(self, name, (self.adapter_down, self.adapter_up))
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """This layer's parameters of adapter `name`, by role (the roles are the file key suffixes)."""
@@ -119,14 +114,12 @@ class BottleneckLayer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
-        state = self.state
-        if state.disabled or not self.specs:
+        if layers.bypassed(self):
             return result
-        if state.rows is not None:
-            return self._forward_mixed(result, state.rows)
-        for name in state.active:  # in sequence: each adapter reads the previous one's output
-            if name in self.specs:
-                result = self._apply(name, result)
+        if self.state.rows is not None:
+            return self._forward_mixed(result, self.state.rows)
+        for name in layers.unmerged_active(self):  # in sequence: each reads the previous one's output
+            result = self._apply(name, result)
         return result
 
     def _apply(self, name: str, y: Tensor) -> Tensor:
@@ -141,10 +134,9 @@ class BottleneckLayer(nn.Module):
 
     def _forward_mixed(self, y: Tensor, routing: RowRouting) -> Tensor:
         """Each row through its own adapter (or none): one gathered bmm per projection."""
-        # (N,) slot per row; len(specs) means "no adapter on this layer"
-        slots, uniform = row_slots(routing, list(self.specs), y, self._cache)
-        if uniform is not None:  # every row the same: the plain path
-            return y if uniform == len(self.specs) else self._apply(list(self.specs)[uniform], y)
+        slots, same = layers.row_dispatch(self, routing, y)  # (N,) slot per row
+        if same is not None:  # every row the same: the plain path
+            return self._apply(same[0], y) if same else y
         dw, db, uw, ub, dropouts, act_ids, act_names = self._stacks()
         n = y.shape[0]
         y3 = y.reshape(n, -1, y.shape[-1]).to(dw.dtype)  # (N, L, out)
@@ -165,16 +157,12 @@ class BottleneckLayer(nn.Module):
         dropout rates (n+1,), each slot's activation index (n+1,) and the activations' names.
 
         Narrower adapters are zero-padded to m_max: the padded units are act(0) = 0 for every
-        activation offered, and their up columns are zero. Cached while the parameters are unchanged
-        (keyed by version counters); rebuilt on every call while they train, so gradients flow.
+        activation offered, and their up columns are zero. Cached by `layers.stacked`.
         """
+        return layers.stacked(self, self._build_stacks)
+
+    def _build_stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[str]]:
         names = list(self.specs)
-        params = [p for n in names for p in self.adapter_tensors(n).values()]
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (tuple((p._version, p.data_ptr()) for p in params), torch.is_inference_mode_enabled())
-        hit = self._cache.get("stacks")
-        if not training and hit is not None and hit[0] == key:
-            return hit[1]
         m = max(s.size for s in self.specs.values())
         dtype = self.adapter_down[names[0]].weight.dtype
         down = [self.adapter_down[n] for n in names]
@@ -188,10 +176,7 @@ class BottleneckLayer(nn.Module):
         ids = [act_names.index(self.specs[n].non_linearity) for n in names] + [0]  # base slot: any
         act_ids = torch.tensor(ids, device=dw.device)
         dropouts = torch.tensor([self.specs[n].dropout for n in names] + [0.0], device=dw.device)
-        value = (dw, db, uw, ub, dropouts, act_ids, act_names)
-        if not training:
-            self._cache["stacks"] = (key, value)
-        return value
+        return dw, db, uw, ub, dropouts, act_ids, act_names
 
     # -- merging: not possible ----------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:

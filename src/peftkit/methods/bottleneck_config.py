@@ -6,12 +6,13 @@ docs/formats.md): the fields below, `peft_type` "BOTTLENECK" and a `format_versi
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AdapterFileError, ConfigError
 from ..values import number_from_text, short_repr
-from .config_fields import check, check_names, config_field, from_mapping, is_int, is_num
+from .config_fields import check, config_field, config_from_fields, is_int, is_num, method_config
+from .targets import embed_targets, target_field
 
 CONFIGS = ("houlsby", "pfeiffer")
 # Where each placement puts its adapters, by Llama-family layer names: o_proj ends the attention
@@ -25,6 +26,7 @@ FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)  # the adapter_config.json format_version values this peftkit reads
 
 
+@method_config("bottleneck")
 @dataclass(frozen=True)
 class BottleneckConfig:
     """Bottleneck adapters: y + scaling · up(act(down(dropout(y)))) on each target layer's output y.
@@ -33,6 +35,7 @@ class BottleneckConfig:
     resolved here, so the stored config holds the real values: `target_modules` None becomes the
     placement's layers (`DEFAULT_TARGETS`), and with neither `bottleneck_size` nor `reduction_factor`
     set, `bottleneck_size` becomes 64. `replace()` re-derives them when what they depend on changes.
+    `targets`: the layers to adapt as one `Targets` value (what `peftkit.core.inject` reads).
     """
 
     config: str = config_field(
@@ -47,15 +50,9 @@ class BottleneckConfig:
         "'all-linear'); null: the placement's Llama-family layers (houlsby: o_proj and down_proj; "
         "pfeiffer: down_proj). Other architectures name theirs, e.g. GPT-2 ['attn.c_proj', 'mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = config_field(
-        None, "layers never to adapt, matched like target_modules"
-    )
-    layers_to_transform: tuple[int, ...] | None = config_field(
-        None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
-    )
-    layers_pattern: tuple[str, ...] | None = config_field(
-        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
-    )
+    exclude_modules: tuple[str, ...] | str | None = target_field("exclude_modules")
+    layers_to_transform: tuple[int, ...] | None = target_field("layers_to_transform")
+    layers_pattern: tuple[str, ...] | None = target_field("layers_pattern")
     bottleneck_size: int | None = config_field(
         None, "the adapter's inner width (64 when neither this nor reduction_factor is set)"
     )
@@ -70,21 +67,9 @@ class BottleneckConfig:
     init_weights: bool = config_field(
         True, "true: zero up-projection, so the model starts unchanged; false: random (for tests)"
     )
-    modules_to_save: tuple[str, ...] | None = config_field(
-        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
-    )
+    modules_to_save: tuple[str, ...] | None = target_field("modules_to_save")
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        if isinstance(self.layers_pattern, str):
-            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
-        layers = self.layers_to_transform
-        if is_int(layers):
-            object.__setattr__(self, "layers_to_transform", (layers,))
-        elif isinstance(layers, list):
-            object.__setattr__(self, "layers_to_transform", tuple(layers))
         for name in ("reduction_factor", "adapter_dropout", "scaling"):
             object.__setattr__(self, name, number_from_text(getattr(self, name)))
         check(self.config in CONFIGS, "config", self.config, f"one of {CONFIGS}")
@@ -117,17 +102,7 @@ class BottleneckConfig:
         check(is_num(p) and 0 <= p < 1, "adapter_dropout", p, "a number in [0, 1)")
         check(is_num(self.scaling) and self.scaling > 0, "scaling", self.scaling, "a positive number")
         check(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "true or false")
-        check_names("target_modules", self.target_modules, allow_none=False)
-        check_names("exclude_modules", self.exclude_modules, allow_none=True)
-        check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
-            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
-        if self.layers_pattern is not None:
-            pattern = self.layers_pattern
-            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            check(ok, "layers_pattern", pattern, "a module-list name like 'layers' or a list of them")
+        embed_targets(self)  # target_modules ... modules_to_save, normalised, and `self.targets`
 
     # -- derived values -------------------------------------------------------------------------
     def size_for(self, width: int) -> int:
@@ -136,16 +111,7 @@ class BottleneckConfig:
             return self.bottleneck_size
         return max(1, int(width // self.reduction_factor))
 
-    # -- conversion -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of the resolved fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "bottleneck")
-
+    # -- conversion (to_dict, from_dict, field_docs and defaults come from `method_config`) ---------
     def replace(self, **changes: Any) -> BottleneckConfig:
         """A copy with some fields changed (validated again). Derived defaults follow what they derive
         from: a new `config` brings its own default targets (unless the targets were chosen), and
@@ -162,16 +128,6 @@ class BottleneckConfig:
             if changes.get(key) is not None and other not in changes:
                 data[other] = None
         return self.from_dict(data)
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Each field's default as declared (None where it is derived from other fields)."""
-        return {f.name: None if f.default is MISSING else f.default for f in fields(cls)}
 
 
 # -- the adapter_config.json of a bottleneck adapter ---------------------------------------------------
@@ -202,7 +158,4 @@ def config_from_file(data: dict[str, Any], source: Any) -> BottleneckConfig:
             f"{source}: the bottleneck adapter has format_version {short_repr(version)}; this peftkit reads "
             f"format_version {readable} ({fix})"
         )
-    try:
-        return BottleneckConfig.from_dict(data)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    return config_from_fields(BottleneckConfig, data, source)

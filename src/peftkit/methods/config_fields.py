@@ -1,15 +1,17 @@
 """What every method's config dataclass shares: documented fields, value checks that name the key and
-what would be valid, and building from a mapping that names unknown keys with a suggestion."""
+what would be valid, building from a mapping that names unknown keys with a suggestion, and the
+`method_config` decorator that gives a config the `MethodConfig` protocol methods."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import MISSING, field, fields
-from typing import Any
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, field, fields
+from typing import Any, TypeVar
 
 from ..core.layer_types import ALL_LINEAR
-from ..errors import ConfigError, did_you_mean
+from ..errors import AdapterFileError, ConfigError, did_you_mean
 from ..values import check_keys_are_text, short_repr
 
 
@@ -49,19 +51,30 @@ def check_regex(what: str, pattern: Any) -> None:
         raise ConfigError(f"{what} is not a valid regular expression: {e}") from None
 
 
-def check_names(key: str, value: Any, *, allow_none: bool, allow_regex: bool = True) -> None:
-    """A non-empty list of module names (a tuple by now), one regex string (if allowed) or "all-linear",
-    or None (if allowed)."""
+def check_names(
+    key: str,
+    value: Any,
+    *,
+    allow_none: bool,
+    allow_regex: bool = True,
+    allow_empty: bool = False,
+    expected: str | None = None,
+) -> None:
+    """A list of module names (a tuple by now; non-empty unless allowed), one regex string (if allowed)
+    or "all-linear", or None (if allowed). A failure says what was expected: `expected` if given (IA³
+    words all of its failures so), else what the value lacks."""
     if value is None:
-        check(allow_none, key, value, "a module name, a list of names, or a regex")
+        check(allow_none, key, value, expected or "a module name, a list of names, or a regex")
         return
     if isinstance(value, str):
-        check(allow_regex and bool(value), key, value, "a non-empty list of module names or a regex string")
+        valid = expected or "a non-empty list of module names or a regex string"
+        check(allow_regex and bool(value), key, value, valid)
         if value != ALL_LINEAR:
             check_regex(key, value)
         return
-    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
-    check(ok, key, value, "a non-empty list of module names")
+    ok = isinstance(value, tuple) and (allow_empty or len(value) > 0)
+    ok = ok and all(isinstance(v, str) and v for v in value)
+    check(ok, key, value, expected or "a non-empty list of module names")
 
 
 def from_mapping(cls: type, data: Any, label: str) -> Any:
@@ -129,7 +142,86 @@ def field_docs_of(cls: type) -> dict[str, str]:
 
 
 def defaults_of(cls: type) -> dict[str, Any]:
+    """Each field's default as declared (a default derived from other fields, such as the bottleneck
+    adapter's target_modules, is declared None)."""
     return {
         f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
         for f in fields(cls)
     }
+
+
+# -- a config from the method part of an adapter_config.json --------------------------------------------
+def file_fields(
+    cls: type,
+    data: dict[str, Any],
+    source: Any,
+    ignored: set[str],
+    *,
+    adapter: str = "adapter",
+    unsupported: str = "a PEFT feature peftkit does not support",
+) -> dict[str, Any]:
+    """The keys of `data` that config class `cls` has. Any other key set to a value is refused unless
+    it is in `ignored` (keys that mean nothing for trained weights): loading an adapter without what
+    such a key asks for would give another model than the one trained."""
+    known = {f.name for f in fields(cls)}
+    ours: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known:
+            ours[key] = value
+        elif key not in ignored and value not in (None, False, {}, [], ""):
+            raise AdapterFileError(
+                f"{source}: the {adapter} uses {key}={value!r}, {unsupported}; "
+                "load it with HF PEFT, or re-train without that option"
+            )
+    return ours
+
+
+def config_from_fields(cls: type, data: dict[str, Any], source: Any) -> Any:
+    """`cls.from_dict(data)`, with a bad value reported as the file's (an AdapterFileError naming `source`)."""
+    try:
+        return cls.from_dict(data)  # type: ignore[attr-defined]
+    except ConfigError as e:
+        raise AdapterFileError(f"{source}: {e}") from None
+
+
+# -- the protocol methods, written once ----------------------------------------------------------------
+C = TypeVar("C", bound=type)
+
+
+def method_config(label: str) -> Callable[[C], C]:
+    """Class decorator for a method's frozen config dataclass (put it above `@dataclass`): adds the
+    `MethodConfig` methods to_dict, from_dict, replace, field_docs and defaults, except those the class
+    defines itself (the bottleneck config's `replace` re-derives its defaults). `label` names the
+    method in messages: "unknown LoRA config key 'rank' (did you mean 'r'?)".
+
+    A decorator, not a base class: configs share these methods, not an ancestor (STYLE.md, point 3)."""
+
+    def from_dict(cls: type, data: dict[str, Any]) -> Any:
+        """Build from a dict, rejecting unknown keys by name."""
+        return from_mapping(cls, data, label)
+
+    protocol = {
+        "to_dict": _to_dict,
+        "from_dict": classmethod(from_dict),
+        "replace": _replace,
+        "field_docs": classmethod(field_docs_of),
+        "defaults": classmethod(defaults_of),
+    }
+
+    def decorate(cls: C) -> C:
+        for name, method in protocol.items():
+            if name not in cls.__dict__:
+                setattr(cls, name, method)
+        return cls
+
+    return decorate
+
+
+def _to_dict(self: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of the fields (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _replace(self: Any, **changes: Any) -> Any:
+    """A copy with some fields changed (validated again)."""
+    return self.from_dict({**self.to_dict(), **changes})

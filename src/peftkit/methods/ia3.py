@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 import peftkit.methods.ia3_config as ia3_config
+import peftkit.methods.layer_machinery as layers
 
-from ..core.layer_types import dense_weight, float_dtype, layer_type, weight_device, weight_shape
-from ..core.rows import AdapterState, RowRouting, row_slots
+from ..core.layer_types import layer_type, weight_device, weight_shape
+from ..core.rows import AdapterState, RowRouting
 from ..errors import RequestError
 from .ia3_config import KEY_SUFFIX, IA3Config
 from .spec import MethodSpec
@@ -108,18 +109,15 @@ class IA3Layer(nn.Module):
 
     is_adapter_wrapper = True
 
+    specs: dict[str, AdapterSpec]
+    kind: IA3Kind
+
     def __init__(self, base_layer: nn.Module, kind: IA3Kind, state: AdapterState) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.kind = kind
+        layers.setup(self, base_layer, kind, state)
         self.ia3_l = nn.ParameterDict()
-        self.specs: dict[str, AdapterSpec] = {}
-        self.merged: list[str] = []
-        # The weight and bias before any merge, so unmerge restores them bit for bit (not W·l / l).
-        self.register_buffer("unmerged_weight", None, persistent=False)
+        # An output-scaling merge scales the bias too: its exact pre-merge value, for unmerge.
         self.register_buffer("unmerged_bias", None, persistent=False)
-        self.state = state
-        self._cache: dict[str, tuple[tuple, Any]] = {}
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(
@@ -127,24 +125,17 @@ class IA3Layer(nn.Module):
     ) -> None:
         """Create adapter `name` on this layer: ones, or (init_ia3_weights=False) random around 1."""
         feedforward = config.is_feedforward(module_name)
-        base_dtype = float_dtype(self.base_layer)
-        dtype = dtype or (base_dtype if base_dtype.is_floating_point else torch.float32)
+        dtype = layers.adapter_dtype(self.base_layer, dtype)
         shape = self.kind.vector_shape(self.base_layer, feedforward)
         vector = torch.ones(shape)
         if not config.init_ia3_weights:
             vector += INIT_NOISE * torch.randn(shape)
         self.ia3_l[name] = nn.Parameter(vector.to(weight_device(self.base_layer), dtype))
-        self.specs[name] = AdapterSpec(feedforward)
-        self._cache.clear()
+        layers.added(self, name, AdapterSpec(feedforward))
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` from this layer (it must not be merged)."""
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into this layer; unmerge first")
-        if name in self.ia3_l:
-            del self.ia3_l[name]
-        self.specs.pop(name, None)
-        self._cache.clear()
+        layers.delete(self, name, (self.ia3_l,))
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """This layer's parameters of adapter `name`, by role: ia3_l."""
@@ -152,13 +143,11 @@ class IA3Layer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        state = self.state
-        if state.disabled or not self.specs:
+        if layers.bypassed(self):
             return self.base_layer(x, *args, **kwargs)
-        if state.rows is not None:
-            return self._forward_mixed(x, state.rows, args, kwargs)
-        names = [n for n in state.active if n in self.specs and n not in self.merged]
-        return self._scaled(x, names, args, kwargs)
+        if self.state.rows is not None:
+            return self._forward_mixed(x, self.state.rows, args, kwargs)
+        return self._scaled(x, layers.unmerged_active(self), args, kwargs)
 
     def _scaled(self, x: Tensor, names: list[str], args: tuple, kwargs: dict) -> Tensor:
         """The base layer with adapters `names` applied (their vectors multiplied, as HF PEFT does)."""
@@ -174,11 +163,9 @@ class IA3Layer(nn.Module):
         return result
 
     def _forward_mixed(self, x: Tensor, routing: RowRouting, args: tuple, kwargs: dict) -> Tensor:
-        # (N,) slot per row; len(specs) means "no adapter on this layer"
-        rows, uniform = row_slots(routing, list(self.specs), x, self._cache)
-        if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
-            names = list(self.specs)
-            return self._scaled(x, names[uniform : uniform + 1], args, kwargs)
+        rows, same = layers.row_dispatch(self, routing, x)  # (N,) slot per row
+        if same is not None:  # one adapter (or none) for the whole batch: the plain path
+            return self._scaled(x, same, args, kwargs)
         on_input, on_output = self._stacks()  # (n + 1, in) / (n + 1, out), or None; ones for other rows
         if on_input is not None:
             scale = self.kind.on_rows(on_input.index_select(0, rows), x.dim())  # (N, .., in) / (N, in, ..)
@@ -192,17 +179,13 @@ class IA3Layer(nn.Module):
     # -- per-row routing and stacked vectors ---------------------------------------------------------
     def _stacks(self) -> tuple[Tensor | None, Tensor | None]:
         """Every adapter's vector as a row of an input stack (feedforward adapters) and an output stack
-        (the others), ones where an adapter does not scale that side, plus a ones row for base rows.
-
-        Cached while the vectors are unchanged (keyed by their version counters); rebuilt on every call
-        while they train, so gradients flow through the stack.
+        (the others), ones where an adapter does not scale that side, plus a ones row for base rows:
+        (n + 1, in) and (n + 1, out), None for a side no adapter scales. Cached by `layers.stacked`.
         """
+        return layers.stacked(self, self._build_stacks)
+
+    def _build_stacks(self) -> tuple[Tensor | None, Tensor | None]:
         params = list(self.ia3_l.values())
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (tuple((p._version, p.data_ptr()) for p in params), torch.is_inference_mode_enabled())
-        hit = self._cache.get("stacks")
-        if not training and hit is not None and hit[0] == key:
-            return hit[1]
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
         fan_in, fan_out = self.kind.dims(self.base_layer)
         stacks = []
@@ -216,27 +199,20 @@ class IA3Layer(nn.Module):
                 for n, s in self.specs.items()
             ]
             stacks.append(torch.stack([*vectors, ones]))  # (n + 1, width)
-        value = (stacks[0], stacks[1])
-        if not training:
-            self._cache["stacks"] = (key, value)
-        return value
+        return stacks[0], stacks[1]
 
     # -- merging ------------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
         """Fold adapters into the base weight (and, for output scaling, the bias). Idempotent; the
         pre-merge weight and bias are kept for unmerge."""
-        todo = [n for n in names if n in self.specs and n not in self.merged]
+        todo = layers.to_merge(self, names)
         if not todo:
             return
         base = self.base_layer
-        if self.unmerged_weight is None:
-            self.unmerged_weight = dense_weight(base).detach().clone()
-            self.unmerged_bias = base.bias.detach().clone() if base.bias is not None else None
-        merged = self.merged + todo
         compute = torch.promote_types(self.unmerged_weight.dtype, torch.float32)
         weight = self.unmerged_weight.to(compute)
         bias = self.unmerged_bias.to(compute) if self.unmerged_bias is not None else None
-        for n in merged:  # recomputed from the original weight, so merging twice changes nothing
+        for n in self.merged + todo:  # recomputed from the original weight, so merging twice changes nothing
             v, feedforward = self.ia3_l[n].detach().to(compute).flatten(), self.specs[n].feedforward
             weight = weight * self.kind.on_weight(base, v, feedforward)
             if bias is not None and not feedforward:
@@ -245,21 +221,11 @@ class IA3Layer(nn.Module):
             base.weight.copy_(weight.to(base.weight.dtype))
             if bias is not None:
                 base.bias.copy_(bias.to(base.bias.dtype))
-        self.merged = merged
-        self._cache.clear()
+        layers.merged(self, todo)
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight and bias."""
-        if self.unmerged_weight is None:
-            return
-        with torch.no_grad():
-            self.base_layer.weight.copy_(self.unmerged_weight)
-            if self.unmerged_bias is not None:
-                self.base_layer.bias.copy_(self.unmerged_bias)
-        self.unmerged_weight = None
-        self.unmerged_bias = None
-        self.merged = []
-        self._cache.clear()
+        layers.unmerge(self)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}({'input' if s.feedforward else 'output'})" for n, s in self.specs.items())

@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from ..core.layer_types import ALL_LINEAR
 from ..errors import AdapterFileError, ConfigError, TargetError
-from .config_fields import check, config_field, from_mapping, is_int
+from .config_fields import check, check_names, config_field, config_from_fields, file_fields, method_config
+from .targets import embed_targets, file_targets, target_field
 
 KEY_SUFFIX = "ia3_l"  # HF PEFT's file key suffix (and parameter name) for an IA³ vector
 
 
+@method_config("IA³")
 @dataclass(frozen=True)
 class IA3Config:
     """IA³: a learned vector per target layer rescales its output (y = base(x) ⊙ l), or, for
     feedforward modules, its input (y = base(x ⊙ l)); the vectors start at 1 (a no-op).
 
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    `targets`: the layers to scale as one `Targets` value (what `peftkit.core.inject` reads).
+    to_dict, from_dict, replace, field_docs and defaults come from `method_config`.
     """
 
     target_modules: tuple[str, ...] | str = config_field(
@@ -40,18 +44,10 @@ class IA3Config:
         "names that are also in target_modules, a regex over the full name, or [] for none. GPT-2 "
         "style models use e.g. ['mlp.c_proj']",
     )
-    exclude_modules: tuple[str, ...] | str | None = config_field(
-        None, "layers never to scale, matched like target_modules"
-    )
-    layers_to_transform: tuple[int, ...] | None = config_field(
-        None, "only scale layers with these indices (the number in e.g. 'model.layers.3.mlp')"
-    )
-    layers_pattern: tuple[str, ...] | None = config_field(
-        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
-    )
-    modules_to_save: tuple[str, ...] | None = config_field(
-        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
-    )
+    exclude_modules: tuple[str, ...] | str | None = target_field("exclude_modules", "scale")
+    layers_to_transform: tuple[int, ...] | None = target_field("layers_to_transform", "scale")
+    layers_pattern: tuple[str, ...] | None = target_field("layers_pattern")
+    modules_to_save: tuple[str, ...] | None = target_field("modules_to_save")
     init_ia3_weights: bool = config_field(
         True, "true: vectors start at 1 (the adapter is a no-op); false: random around 1 (for tests)"
     )
@@ -63,19 +59,11 @@ class IA3Config:
                 value = sorted(value)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if isinstance(self.layers_pattern, (str, list)):
-            pattern = self.layers_pattern
-            object.__setattr__(
-                self, "layers_pattern", (pattern,) if isinstance(pattern, str) else tuple(pattern)
-            )
-        layers = self.layers_to_transform
-        if is_int(layers):
-            object.__setattr__(self, "layers_to_transform", (layers,))
-        elif isinstance(layers, list):
-            object.__setattr__(self, "layers_to_transform", tuple(layers))
         self._validate()
 
     def _validate(self) -> None:
+        # IA³ words its module-list errors its own way, so it checks those lists before `embed_targets`
+        # (which then finds them valid) checks the layer fields.
         _check_names("target_modules", self.target_modules, allow_none=False, allow_empty=False)
         if self.feedforward_modules == ALL_LINEAR:
             raise ConfigError(
@@ -91,19 +79,7 @@ class IA3Config:
             self.init_ia3_weights,
             "true or false",
         )
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
-            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
-        if self.layers_pattern is not None:
-            pattern = self.layers_pattern
-            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            check(
-                ok,
-                "layers_pattern",
-                self.layers_pattern,
-                "a module-list name like 'layers' or a list of them",
-            )
+        embed_targets(self)  # target_modules ... modules_to_save, normalised, and `self.targets`
         if isinstance(self.target_modules, tuple) and isinstance(self.feedforward_modules, tuple):
             # As HF PEFT: with both given as lists, every feedforward name must be a target name.
             for entry in self.feedforward_modules:
@@ -119,30 +95,6 @@ class IA3Config:
         """Whether IA³ scales module `module_name`'s input (else its output)."""
         return _matches(module_name, self.feedforward_modules)
 
-    # -- conversion -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IA3Config:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "IA³")
-
-    def replace(self, **changes: Any) -> IA3Config:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Each field's default value."""
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-
 
 def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, regex: bool = True) -> None:
     """A list of module names (tuple), or (with `regex`) one regex string; None only if allowed."""
@@ -151,19 +103,7 @@ def _check_names(key: str, value: Any, *, allow_none: bool, allow_empty: bool, r
         + (" ([] for none)" if allow_empty else "")
         + (" or a regex" if regex else "")
     )
-    if value is None:
-        check(allow_none, key, value, what)
-        return
-    if isinstance(value, str):
-        check(regex and bool(value), key, value, what)
-        if value != ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ConfigError(f"{key} is not a valid regular expression: {e}") from None
-        return
-    ok = isinstance(value, tuple) and (allow_empty or len(value) > 0)
-    check(ok and all(isinstance(v, str) and v for v in value), key, value, what)
+    check_names(key, value, allow_none=allow_none, allow_regex=regex, allow_empty=allow_empty, expected=what)
 
 
 def _matches(name: str, spec: tuple[str, ...] | str) -> bool:
@@ -217,16 +157,9 @@ def config_to_file(config: IA3Config, targets: list[str], kinds: list[str]) -> d
 
 def config_from_file(data: dict[str, Any], source: Any) -> IA3Config:
     """An IA3Config from the IA³ fields of an adapter_config.json written by peftkit or HF PEFT."""
-    known = {f.name for f in fields(IA3Config)}
-    ours: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in known:
-            ours[key] = value
-        elif key not in _IGNORED_KEYS and value not in (None, False, {}, [], ""):
-            raise AdapterFileError(
-                f"{source}: the adapter uses {key}={value!r}, an option peftkit's IA³ does not support; "
-                "load it with HF PEFT, or re-train without that option"
-            )
+    ours = file_fields(
+        IA3Config, data, source, _IGNORED_KEYS, unsupported="an option peftkit's IA³ does not support"
+    )
     for key in ("target_modules", "feedforward_modules"):
         if ours.get(key) is None:
             # HF PEFT fills these from its per-architecture tables when they are null; its own saves
@@ -236,12 +169,7 @@ def config_from_file(data: dict[str, Any], source: Any) -> IA3Config:
                 "(e.g. target_modules ['k_proj', 'v_proj', 'down_proj'] and feedforward_modules ['down_proj'] "
                 "for a Llama-family model)"
             )
-    if ours.get("layers_pattern") == []:
-        ours["layers_pattern"] = None
-    try:
-        return IA3Config.from_dict(ours)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    return config_from_fields(IA3Config, file_targets(ours), source)
 
 
 # -- `peftkit info` ------------------------------------------------------------------------------------

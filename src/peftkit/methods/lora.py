@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import peftkit.methods.layer_machinery as layers
 import peftkit.methods.lora_info as lora_info
 
-from ..core.layer_types import float_dtype, is_quantized, weight_device
-from ..core.rows import AdapterState, RowRouting, row_slots, row_weights
+from ..core.layer_types import is_quantized, weight_device
+from ..core.rows import AdapterState, RowRouting, row_weights
 from ..errors import RequestError
 from .lora_config import LoraConfig, config_from_file, config_to_file, pattern_matches
 from .lora_kinds import SUPPORTED_TYPES, LayerKind, kind_of, unsupported_reason
@@ -47,20 +48,16 @@ class LoraLayer(nn.Module):
 
     is_adapter_wrapper = True
 
+    specs: dict[str, AdapterSpec]
+    kind: LayerKind
+
     def __init__(self, base_layer: nn.Module, kind: LayerKind, state: AdapterState) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.kind = kind
+        layers.setup(self, base_layer, kind, state)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()
-        self.specs: dict[str, AdapterSpec] = {}
-        self.merged: list[str] = []
         self.merged_weights: dict[str, float] = {}  # the inference weight each merged adapter went in with
-        # The weight before any merge, so unmerge restores it bit for bit (not W + Δ − Δ).
-        self.register_buffer("unmerged_weight", None, persistent=False)
-        self.state = state
-        self._cache: dict[str, tuple[tuple, Any]] = {}
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(
@@ -70,29 +67,22 @@ class LoraLayer(nn.Module):
         r, alpha = config.rank_and_alpha(module_name)
         dropout = config.lora_dropout if self.kind.supports_dropout else 0.0
         spec = AdapterSpec(r, alpha, config.scaling(r, alpha), dropout, config.use_dora)
-        base_dtype, device = float_dtype(self.base_layer), weight_device(self.base_layer)
-        dtype = dtype or (base_dtype if base_dtype.is_floating_point else torch.float32)
+        dtype, device = layers.adapter_dtype(self.base_layer, dtype), weight_device(self.base_layer)
         a_shape, b_shape = self.kind.factor_shapes(self.base_layer, r)
         a = torch.empty(a_shape, device=device, dtype=dtype)
         b = torch.empty(b_shape, device=device, dtype=dtype)
         _init_factors(a, b, config.init_lora_weights, r, is_embedding=self.kind.name == "embedding")
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
-        self.specs[name] = spec
-        if spec.use_dora:
+        layers.added(self, name, spec)
+        if spec.use_dora:  # m starts at ‖W + s·B·A‖ per output feature, so the layer starts as W + s·B·A
             norm = self._weight_norm(name).to(dtype)
             self.lora_magnitude[name] = nn.Parameter(norm.reshape(self.kind.magnitude_shape(self.base_layer)))
-        self._cache.clear()
+            self._cache.clear()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` from this layer (it must not be merged)."""
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into this layer; unmerge first")
-        for table in (self.lora_A, self.lora_B, self.lora_magnitude):
-            if name in table:
-                del table[name]
-        self.specs.pop(name, None)
-        self._cache.clear()
+        layers.delete(self, name, (self.lora_A, self.lora_B, self.lora_magnitude))
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """This layer's parameters of adapter `name`, by role: lora_A, lora_B and (DoRA) lora_magnitude."""
@@ -108,17 +98,15 @@ class LoraLayer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        state = self.state
-        if state.disabled or not self.specs:
+        if layers.bypassed(self):
             return result
-        if state.rows is not None:
-            return self._forward_mixed(x, result, state.rows)
-        names = [n for n in state.active if n in self.specs and n not in self.merged]
+        if self.state.rows is not None:
+            return self._forward_mixed(x, result, self.state.rows)
         base = result
         # DoRA's W·x term must come from the base output, so DoRA adapters go first (out of place);
         # the plain ones may then add in place.
-        for name in sorted(names, key=lambda n: not self.specs[n].use_dora):
-            result = self._add_adapter(x, result, name, base, state.weight(name))
+        for name in sorted(layers.unmerged_active(self), key=lambda n: not self.specs[n].use_dora):
+            result = self._add_adapter(x, result, name, base, self.state.weight(name))
         return result
 
     def _add_adapter(
@@ -141,12 +129,9 @@ class LoraLayer(nn.Module):
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
         if routing.weights is not None:
             return self._forward_weighted(x, result, routing)
-        # (N,) slot per row; len(specs) means "no adapter on this layer"
-        rows, uniform = row_slots(routing, list(self.specs), x, self._cache)
-        if uniform is not None:  # one adapter (or none) for the whole batch: the plain path
-            if uniform == len(self.specs):
-                return result
-            return self._add_adapter(x, result, list(self.specs)[uniform], result)
+        rows, same = layers.row_dispatch(self, routing, x)  # (N,) slot per row
+        if same is not None:  # one adapter (or none) for the whole batch: the plain path
+            return self._add_adapter(x, result, same[0], result) if same else result
         sa, sb, dropouts, factors = self._stacks()
         xd, dropped = x, False
         if self.training and x.is_floating_point() and bool((dropouts > 0).any()):
@@ -198,17 +183,13 @@ class LoraLayer(nn.Module):
 
     # -- per-row routing and stacked factors --------------------------------------------------------
     def _stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """All adapters' factors stacked (plus a zero slot for base rows), scaling folded into B.
+        """All adapters' factors stacked (plus a zero slot for base rows), scaling folded into B, in the
+        layout the layer kind's `stack` gives; dropout rates (n+1,); and, with DoRA adapters, each slot's
+        factor m/‖W+sBA‖ (n+1, out), ones for the others. Cached by `layers.stacked`, also keyed by the
+        base weight (a DoRA factor reads it)."""
+        return layers.stacked(self, self._build_stacks, self._base_version())
 
-        Cached while the parameters are unchanged (keyed by their version counters); rebuilt on
-        every call while they train, so gradients flow through the stack.
-        """
-        params = [p for n in self.specs for p in self.adapter_tensors(n).values()]
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (_versions(params), self._base_version(), torch.is_inference_mode_enabled())
-        hit = self._cache.get("stacks")
-        if not training and hit is not None and hit[0] == key:
-            return hit[1]
+    def _build_stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         names = list(self.specs)
         r_max = max(s.r for s in self.specs.values())
         a = [self.lora_A[n] for n in names] + [torch.zeros_like(self.lora_A[names[0]])]
@@ -223,10 +204,7 @@ class LoraLayer(nn.Module):
             factors = torch.stack(
                 [self._dora_factor(n).reshape(-1) if self.specs[n].use_dora else ones for n in names] + [ones]
             )
-        value = (sa, sb, dropouts, factors)
-        if not training:
-            self._cache["stacks"] = (key, value)
-        return value
+        return sa, sb, dropouts, factors
 
     def _base_version(self) -> tuple:
         """Changes whenever the base weight (or the pre-merge copy) does: a cache key."""
@@ -239,16 +217,13 @@ class LoraLayer(nn.Module):
     def _weight_norm(self, name: str) -> Tensor:
         """‖W + s·B·A‖ per output feature, from the unmerged weight; detached, cached by version."""
         a, b = self.lora_A[name], self.lora_B[name]
-        w = self.unmerged_weight
-        key = (_versions([a, b]), self._base_version(), torch.is_inference_mode_enabled())
-        hit = self._cache.get(f"norm:{name}")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():  # a 4-bit base is dequantized here only when A or B changed
-            matrix = self.kind.weight_matrix(self.base_layer, w).float() + self.delta_matrix(name)
-            norm = torch.linalg.vector_norm(matrix, dim=1)  # (out,)
-        self._cache[f"norm:{name}"] = (key, norm)
-        return norm
+
+        @torch.no_grad()  # a 4-bit base is dequantized here only when A or B changed
+        def norm() -> Tensor:
+            matrix = self.kind.weight_matrix(self.base_layer, self.unmerged_weight).float()  # (out, in_flat)
+            return torch.linalg.vector_norm(matrix + self.delta_matrix(name), dim=1)  # (out,)
+
+        return layers.cached(self, f"norm:{name}", (layers.versions([a, b]), self._base_version()), norm)
 
     def _dora_factor(self, name: str) -> Tensor:
         """m / ‖W + s·B·A‖, shaped like the magnitude so it broadcasts over the output channels."""
@@ -266,17 +241,14 @@ class LoraLayer(nn.Module):
     def merge(self, names: list[str]) -> None:
         """Fold adapters into the base weight, each with its inference weight (the one it is active with,
         else 1). Idempotent; the pre-merge weight is kept for unmerge."""
-        todo = [n for n in names if n in self.specs and n not in self.merged]
+        todo = layers.to_merge(self, names)
         if not todo:
             return
         weight = self.base_layer.weight
-        if self.unmerged_weight is None:
-            self.unmerged_weight = weight.detach().clone()
-        merged = self.merged + todo
         self.merged_weights |= {n: self.state.weight(n) for n in todo}
-        w0 = self.kind.weight_matrix(self.base_layer, self.unmerged_weight).float()
+        w0 = self.kind.weight_matrix(self.base_layer, self.unmerged_weight).float()  # (out, in_flat)
         new = w0.clone()
-        for n in merged:  # recomputed from the original weight, so the merge order does not matter
+        for n in self.merged + todo:  # recomputed from the original weight: the merge order does not matter
             delta = self.delta_matrix(n)
             if self.specs[n].use_dora:
                 f = self.lora_magnitude[n].detach().float().reshape(-1) / self._weight_norm(n).float()
@@ -285,19 +257,12 @@ class LoraLayer(nn.Module):
                 new += delta * self.merged_weights[n]
         with torch.no_grad():
             weight.copy_(self.kind.to_native(self.base_layer, new).to(weight.dtype))
-        self.merged = merged
-        self._cache.clear()
+        layers.merged(self, todo)
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight."""
-        if self.unmerged_weight is None:
-            return
-        with torch.no_grad():
-            self.base_layer.weight.copy_(self.unmerged_weight)
-        self.unmerged_weight = None
-        self.merged = []
+        layers.unmerge(self)
         self.merged_weights = {}
-        self._cache.clear()
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={s.r}{', dora' if s.use_dora else ''})" for n, s in self.specs.items())
@@ -348,13 +313,6 @@ def _init_factors(a: Tensor, b: Tensor, init: bool | str, r: int, *, is_embeddin
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
-
-
-def _versions(tensors: list[Tensor]) -> tuple:
-    # Cache keys: a tensor's version counter moves on every in-place update (optimizer steps,
-    # load_state_dict), its data pointer on reassignment. Keys also hold the inference-mode flag,
-    # because tensors made under inference_mode cannot enter autograd later.
-    return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 # -- what the shared code needs to know about LoRA (its MethodSpec entry) ------------------------------

@@ -4,32 +4,34 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.layer_types import ALL_LINEAR
-from ..errors import ConfigError
 from ..values import number_from_text
 from .config_fields import (
     check,
-    check_names,
     check_regex,
     config_field,
-    defaults_of,
-    field_docs_of,
-    from_mapping,
+    config_from_fields,
+    file_fields,
     is_int,
     is_num,
+    method_config,
 )
+from .targets import embed_targets, file_targets, target_field
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
+@method_config("LoRA")
 @dataclass(frozen=True)
 class LoraConfig:
     """A LoRA adapter: ΔW = (lora_alpha / r) · B·A on the target layers, B = 0 at init.
 
     Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    `targets`: the layers to adapt as one `Targets` value (what `peftkit.core.inject` reads).
+    to_dict, from_dict, replace, field_docs and defaults come from `method_config`.
     """
 
     r: int = config_field(8, "rank of the update (the inner dimension of B·A)")
@@ -42,15 +44,9 @@ class LoraConfig:
         "name that matches no full name, like 'q_proj', means [q_proj]), or 'all-linear' (every "
         "linear layer except the output head)",
     )
-    exclude_modules: tuple[str, ...] | str | None = config_field(
-        None, "layers never to adapt, matched like target_modules"
-    )
-    layers_to_transform: tuple[int, ...] | None = config_field(
-        None, "only adapt layers with these indices (the number in e.g. 'model.layers.3.mlp')"
-    )
-    layers_pattern: tuple[str, ...] | None = config_field(
-        None, "name(s) of the layer list that layers_to_transform indexes (e.g. 'layers', 'h')"
-    )
+    exclude_modules: tuple[str, ...] | str | None = target_field("exclude_modules")
+    layers_to_transform: tuple[int, ...] | None = target_field("layers_to_transform")
+    layers_pattern: tuple[str, ...] | None = target_field("layers_pattern")
     rank_pattern: dict[str, int] = config_field(
         dict, "per-module rank overrides {regex matched as a name suffix: r}"
     )
@@ -67,22 +63,9 @@ class LoraConfig:
         "std 1/r, zero B; false: random A and B, so the adapter is not a no-op (for tests)",
     )
     bias: str = config_field("none", "which biases train with the adapter: 'none', 'all' or 'lora_only'")
-    modules_to_save: tuple[str, ...] | None = config_field(
-        None, "modules trained in full alongside the adapter (e.g. a classification head), matched by suffix"
-    )
+    modules_to_save: tuple[str, ...] | None = target_field("modules_to_save")
 
     def __post_init__(self) -> None:
-        as_tuple = ("exclude_modules", "target_modules", "modules_to_save", "layers_pattern")
-        for name in as_tuple:
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.layers_pattern, str):
-            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
-        elif isinstance(self.layers_to_transform, list):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
         for name in ("lora_alpha", "lora_dropout"):
             object.__setattr__(self, name, number_from_text(getattr(self, name)))
         for name in ("rank_pattern", "alpha_pattern"):
@@ -117,22 +100,7 @@ class LoraConfig:
         )
         check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
         check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
-        check_names("target_modules", self.target_modules, allow_none=False)
-        check_names("exclude_modules", self.exclude_modules, allow_none=True)
-        check_names("modules_to_save", self.modules_to_save, allow_none=True, allow_regex=False)
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            ok = isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers)
-            check(ok, "layers_to_transform", layers, "a layer index or a list of them")
-        if self.layers_pattern is not None:
-            pattern = self.layers_pattern
-            ok = isinstance(pattern, tuple) and all(isinstance(p, str) and p for p in pattern)
-            check(
-                ok,
-                "layers_pattern",
-                self.layers_pattern,
-                "a module-list name like 'layers' or a list of them",
-            )
+        embed_targets(self)  # target_modules ... modules_to_save, normalised, and `self.targets`
         for key, value in self.rank_pattern.items():
             check_regex(f"rank_pattern key {key!r}", key)
             check(is_int(value) and value > 0, f"rank_pattern[{key!r}]", value, "a positive integer")
@@ -151,29 +119,6 @@ class LoraConfig:
     def scaling(self, r: int, alpha: float) -> float:
         """The factor the update B·A is multiplied by."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    # -- conversion -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "LoRA")
-
-    def replace(self, **changes: Any) -> LoraConfig:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return field_docs_of(cls)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return defaults_of(cls)
 
 
 def pattern_matches(key: str, name: str) -> bool:
@@ -214,16 +159,7 @@ def config_from_file(data: dict[str, Any], source: Any) -> LoraConfig:
     """A LoraConfig from the LoRA fields of an adapter_config.json written by peftkit or HF PEFT."""
     from ..errors import AdapterFileError
 
-    known = set(LoraConfig.defaults())
-    ours: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in known:
-            ours[key] = value
-        elif key not in _IGNORED_KEYS and value not in (None, False, {}, [], ""):
-            raise AdapterFileError(
-                f"{source}: the adapter uses {key}={value!r}, a PEFT feature peftkit does not support; "
-                "load it with HF PEFT, or re-train without that option"
-            )
+    ours = file_fields(LoraConfig, data, source, _IGNORED_KEYS)
     init = ours.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() in _INIT_ONLY:
         ours["init_lora_weights"] = True
@@ -233,9 +169,4 @@ def config_from_file(data: dict[str, Any], source: Any) -> LoraConfig:
             "convert it to a plain LoRA with HF PEFT first (save_pretrained with "
             "path_initial_model_for_weight_conversion)"
         )
-    if ours.get("layers_pattern") == []:
-        ours["layers_pattern"] = None
-    try:
-        return LoraConfig.from_dict(ours)
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    return config_from_fields(LoraConfig, file_targets(ours), source)

@@ -11,35 +11,29 @@ adapter holds the table itself.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+import peftkit.methods.virtual_tokens as virtual_tokens
+
 from ..core.kv_prefix import KV, Geometry, model_geometry
 from ..errors import ConfigError, ShapeMismatchError
-from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
-from .prompt import (
-    GEOMETRY,
-    check_common,
-    check_geometry,
-    from_file,
-    geometry_field,
-    geometry_rows,
-    input_embeddings,
-    model_dtype,
-)
+from .config_fields import check, config_field, is_int, method_config
 from .spec import MethodSpec
+from .virtual_tokens import GEOMETRY, check_common, check_geometry, geometry_field
 
 ROLE = "prompt_embeddings"  # HF PEFT's (bare) file key for the prefix table
 
 
+@method_config("prefix tuning")
 @dataclass(frozen=True)
 class PrefixTuningConfig:
     """Prefix tuning: P learned key/value vectors per attention layer, attended to before the input.
 
-    Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    Frozen and checked on construction; the geometry fields stay null until a model fills them.
     """
 
     num_virtual_tokens: int = config_field(20, "virtual tokens per layer (the prefix's length P)")
@@ -68,37 +62,10 @@ class PrefixTuningConfig:
         ok = size is None or (is_int(size) and size > 0)
         check(ok, "encoder_hidden_size", size, "a positive integer, or null (token_dim)")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PrefixTuningConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "prefix tuning")
-
-    def replace(self, **changes: Any) -> PrefixTuningConfig:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return field_docs_of(cls)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return defaults_of(cls)
-
 
 def prefix_geometry(g: Geometry) -> dict[str, int]:
     """The geometry fields of a prefix-tuning file for a model: HF PEFT counts key/value heads."""
-    return {
-        "token_dim": g.kv_heads * g.head_dim,
-        "num_layers": g.layers,
-        "num_attention_heads": g.kv_heads,
-        "num_transformer_submodules": 1,
-    }
+    return virtual_tokens.file_geometry(g.kv_heads * g.head_dim, g.layers, g.kv_heads)
 
 
 class PrefixEncoder(nn.Module):
@@ -148,7 +115,7 @@ class PrefixEncoder(nn.Module):
 
     def prefix_kv(self, model: nn.Module) -> KV:
         layers, heads, head_dim = self.shape
-        table = self.table().to(model_dtype(model))  # (P, L * 2 * H * D)
+        table = self.table().to(virtual_tokens.model_dtype(model))  # (P, L * 2 * H * D)
         kv = table.view(table.shape[0], 2 * layers, heads, head_dim).permute(1, 2, 0, 3)  # (2L, H, P, D)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
 
@@ -157,7 +124,7 @@ def make_adapter(model: nn.Module, config: PrefixTuningConfig) -> PrefixEncoder:
     """A new prefix for `model`, initialised at random (HF PEFT's init; prefixes have no no-op value)."""
     geometry = model_geometry(model)
     check_geometry(config, prefix_geometry(geometry), model, "prefix tuning", ConfigError)
-    weight = input_embeddings(model).weight
+    weight = virtual_tokens.input_embeddings(model).weight
     return PrefixEncoder(geometry, config, weight.dtype, weight.device)
 
 
@@ -171,9 +138,9 @@ def expected_shapes(model: nn.Module, config: PrefixTuningConfig) -> dict[str, t
 def config_to_file(config: PrefixTuningConfig, adapter: PrefixEncoder | None = None) -> dict[str, Any]:
     """The prefix-tuning part of adapter_config.json, with the model's geometry when the adapter is
     given (HF PEFT fills geometry left null from the model it loads into)."""
-    data = {**config.to_dict(), "init_weights": None, "modules_to_save": None}
-    if adapter is not None:
-        data.update(adapter.fields)
+    data = virtual_tokens.config_to_file(
+        config, None if adapter is None else adapter.fields, {"init_weights": None}
+    )
     if data["encoder_hidden_size"] is None and data["token_dim"] is not None:
         data["encoder_hidden_size"] = data["token_dim"]  # PEFT's default, written as PEFT writes it
     return data
@@ -181,7 +148,7 @@ def config_to_file(config: PrefixTuningConfig, adapter: PrefixEncoder | None = N
 
 def config_from_file(data: dict[str, Any], source: Any) -> PrefixTuningConfig:
     """A PrefixTuningConfig from an adapter_config.json (`init_weights` only chose starting values)."""
-    return from_file(
+    return virtual_tokens.from_file(
         PrefixTuningConfig, data, source, "prefix tuning", {"init_weights", "modules_to_save"}, {}
     )
 
@@ -203,7 +170,7 @@ def info_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("virtual tokens", f"{f['num_virtual_tokens']} per layer (table row width {f['row_width']})")]
     if f["prefix_projection"]:
         rows.append(("projection", "trained through an MLP; the file holds the computed prefixes"))
-    return rows + geometry_rows(f, heads="key/value heads")
+    return rows + virtual_tokens.geometry_rows(f, heads="key/value heads")
 
 
 SPEC = MethodSpec(

@@ -6,14 +6,14 @@ through the model at positions 0..P-1, and the real tokens attend to their keys 
 real tokens that is exactly HF PEFT's concatenation of embeddings (tests compare the logits); the
 logits cover the real tokens only, where PEFT's carry P extra positions in front.
 
-Field names and the file (one tensor, `prompt_embeddings` (P, hidden)) are HF PEFT's. The helpers
-for configs of virtual tokens (fields, checks, the model's geometry) are shared with prefix tuning.
+Field names and the file (one tensor, `prompt_embeddings` (P, hidden)) are HF PEFT's; what it shares
+with prefix tuning (fields, checks, the model's geometry, the file) is in `virtual_tokens`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,95 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import peftkit.methods.virtual_tokens as virtual_tokens
+
 from ..core.kv_prefix import KV, Geometry, cache_argument, check_no_checkpointing, model_geometry
-from ..core.layer_types import unwrap
-from ..errors import (
-    AdapterFileError,
-    ConfigError,
-    PeftkitError,
-    RequestError,
-    ShapeMismatchError,
-)
-from .config_fields import check, config_field, defaults_of, field_docs_of, from_mapping, is_int
+from ..errors import ConfigError, PeftkitError, RequestError, ShapeMismatchError
+from .config_fields import check, config_field, method_config
 from .spec import MethodSpec
+from .virtual_tokens import GEOMETRY, check_common, check_geometry, geometry_field
 
 ROLE = "prompt_embeddings"  # the file key (bare, as HF PEFT stores it) and the tensor's role
 INIT_CHOICES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
-GEOMETRY = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
-
-
-# -- config helpers shared with prefix tuning ------------------------------------------------------
-def geometry_field(what: str) -> Any:
-    return config_field(
-        None, f"filled from the base model when the adapter is made ({what}); a file's value must match it"
-    )
-
-
-def check_common(config: Any) -> None:
-    """The checks every virtual-token config shares: the prompt's length and the geometry fields."""
-    n = config.num_virtual_tokens
-    check(is_int(n) and n > 0, "num_virtual_tokens", n, "a positive integer, e.g. 20")
-    for key in GEOMETRY:
-        value = getattr(config, key)
-        check(
-            value is None or (is_int(value) and value > 0),
-            key,
-            value,
-            "a positive integer, or null (from the model)",
-        )
-
-
-def check_geometry(config: Any, found: dict[str, int], model: nn.Module, label: str, error: type) -> None:
-    """Each geometry field the config sets must be the model's: else `error` naming field and fix."""
-    for key, value in found.items():
-        given = getattr(config, key)
-        if given is not None and given != value:
-            raise error(
-                f"the {label} adapter has {key}={given}, but this base model ({type(model).__name__}) has "
-                f"{key}={value}: it was made for another base model. Use the base model it was made for"
-                + (" (or leave the field unset: it is filled from the model)" if error is ConfigError else "")
-            )
-
-
-def from_file(
-    cls: type, data: dict[str, Any], source: Any, label: str, ignored: set[str], changes: dict[str, Any]
-) -> Any:
-    """A config from the method part of an adapter_config.json (peftkit's or HF PEFT's). Keys in
-    `ignored` only chose starting values (the file's tensors replace them); `changes` are applied."""
-    known = set(defaults_of(cls))
-    ours: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in known:
-            ours[key] = value
-        elif key not in ignored and value not in (None, False, {}, [], ""):
-            raise AdapterFileError(
-                f"{source}: the {label} adapter uses {key}={value!r}, a PEFT feature peftkit does not "
-                "support; "
-                "load it with HF PEFT, or re-train without that option"
-            )
-    try:
-        return cls.from_dict({**ours, **changes})
-    except ConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model computes in (its token embeddings'): prompts and prefixes are cast to it."""
-    return input_embeddings(model).weight.dtype
-
-
-def input_embeddings(model: nn.Module) -> nn.Module:
-    """The model's own token-embedding table, seen through any adapter that wraps it (a LoRA on
-    embed_tokens must not leak into a soft prompt's starting values)."""
-    return unwrap(model.get_input_embeddings())
 
 
 # -- the config -------------------------------------------------------------------------------------
+@method_config("prompt tuning")
 @dataclass(frozen=True)
 class PromptTuningConfig:
     """Prompt tuning: P soft tokens (trainable embeddings) in front of every input.
 
-    Validated on construction and never mutated afterwards; `replace()` returns a new config.
+    Frozen and checked on construction (`prompt_tuning_init` upper-cased: 'text' in YAML means TEXT).
     """
 
     num_virtual_tokens: int = config_field(20, "soft tokens in front of every input (the prompt's length P)")
@@ -153,37 +83,10 @@ class PromptTuningConfig:
             )
             check(bool(tok), "tokenizer_name_or_path", tok, tokenizer)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PromptTuningConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        return from_mapping(cls, data, "prompt tuning")
-
-    def replace(self, **changes: Any) -> PromptTuningConfig:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation (used by the CLI and the docs)."""
-        return field_docs_of(cls)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return defaults_of(cls)
-
 
 def prompt_geometry(g: Geometry) -> dict[str, int]:
     """The geometry fields of a prompt-tuning file for a model (HF PEFT's values: query heads)."""
-    return {
-        "token_dim": g.hidden,
-        "num_layers": g.layers,
-        "num_attention_heads": g.heads,
-        "num_transformer_submodules": 1,
-    }
+    return virtual_tokens.file_geometry(g.hidden, g.layers, g.heads)
 
 
 # -- the adapter ------------------------------------------------------------------------------------
@@ -207,7 +110,7 @@ class PromptEmbedding(nn.Module):
         and values; with gradients, so training reaches the embeddings through them."""
         check_no_checkpointing(model)
         backbone = getattr(model, "base_model", model)  # the decoder without its head: no logits to compute
-        embeds = self.prompt_embeddings.to(model_dtype(model))[None]  # (1, P, H)
+        embeds = self.prompt_embeddings.to(virtual_tokens.model_dtype(model))[None]  # (1, P, H)
         out = backbone(inputs_embeds=embeds, use_cache=True)
         cache = getattr(out, cache_argument(backbone), None)  # outputs name the cache as the forward does
         if cache is None:
@@ -219,7 +122,7 @@ def make_adapter(model: nn.Module, config: PromptTuningConfig) -> PromptEmbeddin
     """A new prompt for `model`, initialised as `config.prompt_tuning_init` says."""
     geometry = prompt_geometry(model_geometry(model))
     check_geometry(config, geometry, model, "prompt tuning", ConfigError)
-    embeddings = input_embeddings(model)
+    embeddings = virtual_tokens.input_embeddings(model)
     with torch.no_grad():
         weight = initial_prompt(config, embeddings, geometry["token_dim"])  # (P, H)
     return PromptEmbedding(weight.detach().clone(), geometry)
@@ -280,10 +183,9 @@ def expected_shapes(model: nn.Module, config: PromptTuningConfig) -> dict[str, t
 def config_to_file(config: PromptTuningConfig, adapter: PromptEmbedding | None = None) -> dict[str, Any]:
     """The prompt-tuning part of adapter_config.json, with the model's geometry when the adapter is
     given (HF PEFT fills geometry left null from the model it loads into)."""
-    data = {**config.to_dict(), "tokenizer_kwargs": None, "modules_to_save": None}
-    if adapter is not None:
-        data.update(adapter.geometry)
-    return data
+    return virtual_tokens.config_to_file(
+        config, None if adapter is None else adapter.geometry, {"tokenizer_kwargs": None}
+    )
 
 
 def config_from_file(data: dict[str, Any], source: Any) -> PromptTuningConfig:
@@ -297,7 +199,7 @@ def config_from_file(data: dict[str, Any], source: Any) -> PromptTuningConfig:
     }
     loaded = {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
     ignored = init_only | {"modules_to_save"}
-    return from_file(PromptTuningConfig, data, source, "prompt tuning", ignored, loaded)
+    return virtual_tokens.from_file(PromptTuningConfig, data, source, "prompt tuning", ignored, loaded)
 
 
 def describe(config: PromptTuningConfig, tensors: dict[str, Tensor], modules: list[str]) -> dict[str, Any]:
@@ -314,15 +216,8 @@ def info_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
     """Prompt tuning's lines of the text report."""
     return [
         ("virtual tokens", f"{f['num_virtual_tokens']} soft tokens of width {f['token_dim']}"),
-        *geometry_rows(f),
+        *virtual_tokens.geometry_rows(f),
     ]
-
-
-def geometry_rows(f: dict[str, Any], heads: str = "attention heads") -> list[tuple[str, str]]:
-    """The model the file says it was made for (when it says: HF PEFT's files do, peftkit's may not)."""
-    if not f.get("num_layers"):
-        return []
-    return [("made for", f"{f['num_layers']} layers, {f['num_attention_heads']} {heads}")]
 
 
 SPEC = MethodSpec(

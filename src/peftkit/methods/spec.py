@@ -81,7 +81,8 @@ class ModelAdapter(Protocol):
 class MethodSpec:
     """One adapter method: its config, what it wraps and how, its file format and its capabilities.
 
-    Layer methods set `wrap`/`layer_cls`/`kind_of`; whole-model methods set `make_model_adapter`.
+    Layer methods set `wrap`/`layer_cls`/`kind_of` (their configs embed a `Targets` as `config.targets`);
+    whole-model methods set `make_model_adapter`.
     """
 
     name: str  # the registry key, `method:` in a training config
