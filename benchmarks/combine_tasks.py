@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import Setting, add_dtype_option, default_device  # noqa: E402
 
 from peftkit import AdaptedModel, load_base
+from peftkit.cli.demo import demo_config
 from peftkit.core.rows import BASE
 from peftkit.data.tasks import get_task
-from peftkit.cli.demo import demo_config
 from peftkit.eval.run import evaluate
 from peftkit.train.config import TrainConfig
 from peftkit.train.loop import train

@@ -179,9 +179,6 @@ SPEC = MethodSpec(
     description="P learned key/value vectors in every attention layer; nothing to merge into the weights",
     config_cls=PrefixTuningConfig,
     peft_type="PREFIX_TUNING",
-    supports_merge=False,
-    supports_mixed_batch=True,
-    starts_unchanged=False,
     variants={"prefix": {}, "projection": {"prefix_projection": True, "num_virtual_tokens": 3}},
     make_model_adapter=make_adapter,
     model_expected_shapes=expected_shapes,
@@ -189,6 +186,5 @@ SPEC = MethodSpec(
     config_from_file=config_from_file,
     describe=describe,
     info_rows=info_rows,
-    # transformers drops the cache of checkpointed layers while training (tests/test_prompt_prefix.py).
-    supports_gradient_checkpointing=False,
+    **virtual_tokens.SPEC_FLAGS,
 )

@@ -226,9 +226,6 @@ SPEC = MethodSpec(
     description="P trainable soft-token embeddings in front of every input; nothing to merge into weights",
     config_cls=PromptTuningConfig,
     peft_type="PROMPT_TUNING",
-    supports_merge=False,
-    supports_mixed_batch=True,
-    starts_unchanged=False,
     # Two lengths, so the contract's mixed batches hold prompts of different lengths side by side.
     variants={"prompt": {}, "short": {"num_virtual_tokens": 3}},
     make_model_adapter=make_adapter,
@@ -237,6 +234,5 @@ SPEC = MethodSpec(
     config_from_file=config_from_file,
     describe=describe,
     info_rows=info_rows,
-    # transformers drops the cache of checkpointed layers while training (tests/test_prompt_prefix.py).
-    supports_gradient_checkpointing=False,
+    **virtual_tokens.SPEC_FLAGS,
 )

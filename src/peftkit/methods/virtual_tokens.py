@@ -100,3 +100,14 @@ def geometry_rows(f: dict[str, Any], heads: str = "attention heads") -> list[tup
     if not f.get("num_layers"):
         return []
     return [("made for", f"{f['num_layers']} layers, {f['num_attention_heads']} {heads}")]
+
+
+# What every virtual-token method's spec says alike: nothing to merge, rows of a batch may differ, a
+# new adapter already changes the outputs (its tokens take a share of every attention softmax), and
+# transformers drops the cache of checkpointed layers while training (tests/test_prompt_prefix.py).
+SPEC_FLAGS: dict[str, Any] = {
+    "supports_merge": False,
+    "supports_mixed_batch": True,
+    "starts_unchanged": False,
+    "supports_gradient_checkpointing": False,
+}
