@@ -185,3 +185,42 @@ def test_imports_by_name_are_only_the_known_ones():
         if "import_module(" in p.read_text() or "__import__(" in p.read_text()
     }
     assert users <= set(known), f"new import by name in {sorted(users - set(known))}: list it here with why"
+
+
+# The rooms, lowest first (docs/architecture.md draws them): a module may import its own room and the
+# rooms below it. The CLI and command modules stand above all of them.
+LAYERS = [
+    ("foundation", "errors io values identity terminal version command_args config_files moved"),
+    ("base, data", "base data paths"),
+    ("what adapter layers read", "core.rows core.kv_prefix core.layer_types naming"),
+    ("methods", "methods"),
+    ("formats", "formats"),
+    ("core, registry", "core registry"),
+    ("tools and the package's exports", "tools __init__"),
+    ("train, eval", "train eval"),
+    ("policy", "policy"),
+    ("experiments", "experiment"),
+    ("serve, compare, tune", "serve compare tune"),
+]
+
+
+def layer_of(module: str) -> int:
+    name = module.removeprefix(PACKAGE + ".") if module != PACKAGE else "__init__"
+    best = None
+    for level, (_, rooms) in enumerate(LAYERS):
+        for room in rooms.split():
+            if (name == room or name.startswith(room + ".")) and (best is None or len(room) > len(best[1])):
+                best = (level, room)
+    assert best is not None, f"{module} is in no layer: add its room to LAYERS"
+    return best[0]
+
+
+def test_every_import_points_down_the_layers():
+    upward = sorted(
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for module, targets in GRAPH.items()
+        if not is_command_layer(module) and module != PACKAGE + ".__main__"
+        for target in targets
+        if not is_command_layer(target) and layer_of(target) > layer_of(module)
+    )
+    assert upward == []

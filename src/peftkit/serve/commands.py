@@ -110,17 +110,10 @@ def field_defaults() -> dict[str, Any]:
 def load_serve_config(path: Path | None, overrides: dict[str, Any] | None = None) -> tuple[ServeConfig, Any]:
     """(ServeConfig, EngineConfig) from a YAML file (optional) and `--KEY VALUE` overrides; unknown or
     invalid keys are named. Nothing heavy is loaded."""
-    from ..train.config import _read_yaml, build
+    from ..config_files import build, read_config_file
     from .engine import EngineConfig
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = _read_yaml(Path(path))
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
-        data = dict(loaded or {})
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         section, dot, leaf = key.partition(".")
         if dot:
