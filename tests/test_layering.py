@@ -224,3 +224,14 @@ def test_every_import_points_down_the_layers():
         if not is_command_layer(target) and layer_of(target) > layer_of(module)
     )
     assert upward == []
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(__import__("peftkit.moved").moved.MOVED.items()))
+def test_an_old_module_name_imports_the_moved_module_and_warns(old, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new) and module.__spec__.name == new

@@ -69,3 +69,21 @@ def test_a_registered_version_on_another_base_is_audited_by_combine(
     entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["action"] for e in entries] == ["register", "override"]  # the directory is not audited
     assert entries[-1]["details"]["base_fingerprint"] != entries[-1]["details"]["recorded"]
+
+
+def test_the_architecture_docs_example_opens_a_model(tiny_model_dir, tmp_path) -> None:
+    """docs/architecture.md's open_model example runs (on the tiny model and an adapter of its own)."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs/architecture.md").read_text()
+    block = textwrap.dedent(re.search(r"```python\n(.*?)^\s*```", text, re.S | re.M).group(1))
+    adapter = lora_for(tiny_model_dir, tmp_path / "dates", seed=5)
+    code = block.replace('"smollm2-135m"', repr(str(tiny_model_dir))).replace(
+        '"out/demo/adapter-best"', repr(str(adapter))
+    )
+    assert code != block and str(adapter) in code
+    namespace: dict = {}
+    exec(compile(code, "docs/architecture.md", "exec"), namespace)
+    assert namespace["model"].adapters == ["dates"] and namespace["tokenizer"] is not None
