@@ -31,6 +31,7 @@ from peftkit.base import (
     short_fingerprint,
 )
 from peftkit.base.cache import building_dir
+from peftkit.base.facts import base_facts
 from peftkit.base.load import SIDECAR_NAME
 from peftkit.errors import BaseModelError
 
@@ -117,7 +118,7 @@ def test_loading_a_saved_dir_gives_identical_logits(hf_dir, tmp_path):
     assert torch.equal(logits(model), logits(original))
     assert not model.training
     assert model.device.type == "cpu"
-    assert model._peftkit_base_name == str(path)
+    assert base_facts(model).name == str(path)
     assert tokenizer("w5 w17")["input_ids"] == [5, 17]
 
 
@@ -136,7 +137,7 @@ def test_dtype_choices(tmp_path, dtype, expected):
     path = write_hf_dir(tmp_path / "tiny", tiny_model(), dtype=torch.bfloat16)
     model, _ = load_base(str(path), dtype=dtype, cache_dir=tmp_path / "cache")
     assert {p.dtype for p in model.parameters()} == {expected}
-    assert model._peftkit_stored_dtype == torch.bfloat16  # what the files hold, whatever was loaded
+    assert base_facts(model).stored_dtype == torch.bfloat16  # what the files hold, whatever was loaded
 
 
 @pytest.mark.parametrize("native", ["0", "1"])
@@ -244,7 +245,7 @@ def test_gguf_is_converted_once_and_matches_transformers(tmp_path, capfd):
 
     direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
     assert torch.equal(logits(model), logits(direct))
-    assert model._peftkit_fingerprint == model_fingerprint(direct)
+    assert base_facts(model).fingerprint == model_fingerprint(direct)
 
     again, _ = load_base(str(path), cache_dir=cache)
     assert "converting" not in capfd.readouterr().err
@@ -259,7 +260,7 @@ def test_gguf_cache_entry_follows_the_file(tmp_path):
     os.remove(path)
     second, _ = load_base(str(write_tiny_gguf(path, seed=1)), cache_dir=cache)
     assert len(list((cache / "models").iterdir())) == 2
-    assert first._peftkit_fingerprint != second._peftkit_fingerprint
+    assert base_facts(first).fingerprint != base_facts(second).fingerprint
     assert not torch.equal(logits(first), logits(second))
 
 
@@ -278,8 +279,8 @@ def test_fingerprint_is_stable_across_loads_and_dtypes(hf_dir, tmp_path):
     fp32_again, _ = load_base(str(path), dtype="float32", cache_dir=tmp_path / "c2")
     bf16, _ = load_base(str(path), dtype="bf16", cache_dir=tmp_path / "c3")
     expected = model_fingerprint(original)
-    assert fp32._peftkit_fingerprint == fp32_again._peftkit_fingerprint == expected
-    assert bf16._peftkit_fingerprint == expected
+    assert base_facts(fp32).fingerprint == base_facts(fp32_again).fingerprint == expected
+    assert base_facts(bf16).fingerprint == expected
     assert model_fingerprint(bf16, refresh=True) == expected
 
 
@@ -292,7 +293,7 @@ def test_float16_load_carries_the_checkpoint_fingerprint(tmp_path):
     assert fp16.dtype == torch.float16
     assert model_fingerprint(fp16, refresh=True) != model_fingerprint(model)  # the premise
     fp16, _ = load_base(str(path), dtype="fp16", cache_dir=tmp_path / "cache2")
-    assert fp16._peftkit_fingerprint == model_fingerprint(model)
+    assert base_facts(fp16).fingerprint == model_fingerprint(model)
 
 
 def test_fingerprint_changes_with_one_weight_element():
@@ -340,7 +341,7 @@ def test_fingerprint_hashes_integer_tensors_exactly():
 def test_model_fingerprint_is_cached_until_refresh():
     model = tiny_model()
     first = model_fingerprint(model)
-    assert model._peftkit_fingerprint == first
+    assert base_facts(model).fingerprint == first
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1.0
     assert model_fingerprint(model) == first
@@ -358,7 +359,7 @@ def test_sidecar_is_reused_instead_of_recomputed(hf_dir, tmp_path):
     sidecar.write_text(json.dumps({"fingerprint": planted, "source": str(path), "format": 1}))
     mtime = sidecar.stat().st_mtime_ns
     model, _ = load_base(str(path), cache_dir=cache)
-    assert model._peftkit_fingerprint == planted
+    assert base_facts(model).fingerprint == planted
     assert sidecar.stat().st_mtime_ns == mtime
 
 
@@ -369,7 +370,7 @@ def test_sidecar_is_recomputed_when_the_dir_changes(hf_dir, tmp_path):
     write_hf_dir(path, tiny_model(seed=1))  # new weights in the same place
     second, _ = load_base(str(path), cache_dir=cache)
     assert len(list((cache / "fingerprints").iterdir())) == 2
-    assert second._peftkit_fingerprint != first._peftkit_fingerprint
+    assert base_facts(second).fingerprint != base_facts(first).fingerprint
 
 
 def test_save_model_dir_loads_with_plain_transformers(hf_dir, tmp_path):
@@ -512,7 +513,7 @@ def test_builtin_is_cached_and_reloaded_from_the_cache(builtin, builtin_cache, c
     assert "converting" not in capfd.readouterr().err
     assert Path(model.config._name_or_path) == entry
     assert tokenizer.chat_template and tokenizer.pad_token is not None
-    assert model._peftkit_base_name == DEFAULT_BASE
+    assert base_facts(model).name == DEFAULT_BASE
 
 
 @pytest.mark.integration

@@ -14,6 +14,7 @@ from conftest import char_tokenizer, model_input, output, tiny_gpt2, tiny_llama
 from torch import nn
 
 from peftkit.base import nf4
+from peftkit.base.facts import base_facts
 from peftkit.base.nf4 import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
 from peftkit.errors import BaseModelError
 
@@ -385,8 +386,8 @@ def test_load_base_nf4_keeps_the_checkpoint_fingerprint(tiny_model_dir, tmp_path
 
     plain, _ = load_base(str(tiny_model_dir), device="cpu", cache_dir=tmp_path)
     model, _ = load_base(str(tiny_model_dir), device="cpu", cache_dir=tmp_path / "other", quantize="nf4")
-    assert model._peftkit_fingerprint == plain._peftkit_fingerprint
-    assert model._peftkit_quantization == "nf4" and plain._peftkit_quantization is None
+    assert base_facts(model).fingerprint == base_facts(plain).fingerprint
+    assert base_facts(model).quantization == "nf4" and base_facts(plain).quantization is None
     assert type(model.model.layers[0].self_attn.q_proj) is NF4Linear and type(model.lm_head) is nn.Linear
     assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.float32  # the checkpoint's dtype
     with pytest.raises(BaseModelError, match=r"unknown quantize 'int4'; valid: None, 'nf4'"):

@@ -167,17 +167,19 @@ def fingerprint_tensors(
 
 
 def model_fingerprint(model: nn.Module, *, refresh: bool = False) -> str:
-    """Fingerprint of a plain transformers model, cached on it as `model._peftkit_fingerprint`.
+    """Fingerprint of a plain transformers model, cached in its `BaseFacts` (`peftkit.base.facts`).
 
     The cached value is returned as is on later calls (and is what `load_base` sets from its
     sidecar file); pass `refresh=True` after changing the weights in place.
     """
-    cached = getattr(model, "_peftkit_fingerprint", None)
+    from peftkit.base.facts import base_facts
+
+    cached = base_facts(model).fingerprint
     if isinstance(cached, str) and not refresh:
         return cached
     config = model.config.to_dict() if hasattr(model, "config") else None
     fingerprint = fingerprint_tensors(config, model.state_dict().items())
-    model._peftkit_fingerprint = fingerprint
+    base_facts(model).fingerprint = fingerprint
     return fingerprint
 
 

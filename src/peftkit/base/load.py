@@ -31,6 +31,7 @@ from peftkit.base.cache import (
     write_json_atomic,
 )
 from peftkit.base.catalog import DEFAULT_BASE
+from peftkit.base.facts import base_facts
 from peftkit.base.fingerprint import is_fingerprint, model_fingerprint
 from peftkit.base.precision import compute_dtype
 from peftkit.base.save import gguf_flag_cleared
@@ -115,9 +116,9 @@ def load_base(
     slower it is and how to choose float32: `dtype_advice` for a command whose users set the dtype
     under another name than --dtype (e.g. "set precision: fp32 (or auto)").
 
-    The model carries `_peftkit_fingerprint` (see `model_fingerprint`), `_peftkit_base_name`
-    (`name_or_path` as given), `_peftkit_quantization` (`quantize`) and `_peftkit_stored_dtype` (the
-    dtype of the checkpoint's files, whatever it was loaded in). The fingerprint is the
+    The model carries its `BaseFacts` (`peftkit.base.facts`, read with `base_facts(model)`): the
+    fingerprint (see `model_fingerprint`), the name (`name_or_path` as given), the quantization
+    (`quantize`) and the stored dtype (the dtype of the checkpoint's files, whatever it was loaded in). The fingerprint is the
     checkpoint's, taken before quantizing, so an adapter trained on the 4-bit base matches the
     full-precision one. The tokenizer gets the eos token as pad token if it has none; nothing
     else is changed.
@@ -141,7 +142,7 @@ def load_base(
             sidecar = model_dir / SIDECAR_NAME
         tok = _load_tokenizer(model_dir, optional=tokenizer == "optional")
         model = _load_model(model_dir, torch_dtype)
-        model._peftkit_stored_dtype = stored_dtype(model_dir / "config.json")
+        base_facts(model).stored_dtype = stored_dtype(model_dir / "config.json")
         _attach_fingerprint(model, sidecar, lambda: _load_model(model_dir, "auto"), torch_dtype)
     if tok is not None:
         _ensure_pad_token(tok)
@@ -157,8 +158,8 @@ def load_base(
             )
     model.to(target)
     model.eval()
-    model._peftkit_base_name = name_or_path
-    model._peftkit_quantization = quantize
+    facts = base_facts(model)
+    facts.name, facts.quantization = name_or_path, quantize
     return model, tok
 
 
@@ -228,10 +229,10 @@ def _attach_fingerprint(
     load_reference: Callable[[], PreTrainedModel],
     dtype: torch.dtype | Literal["auto"],
 ) -> None:
-    """Set `model._peftkit_fingerprint` from the sidecar, computing and storing it when missing."""
+    """Set the model's fingerprint from the sidecar, computing and storing it when missing."""
     stored = read_json(sidecar) if sidecar is not None else None
     if stored is not None and is_fingerprint(stored.get("fingerprint")):
-        model._peftkit_fingerprint = stored["fingerprint"]
+        base_facts(model).fingerprint = stored["fingerprint"]
         return
     if dtype in ("auto", torch.float32, torch.bfloat16):
         # Rounding to bfloat16 gives the same bytes from a float32, bfloat16 or native load.
@@ -240,7 +241,7 @@ def _attach_fingerprint(
         # A float16 load has lost bits (and range) that a bfloat16 rounding of the checkpoint
         # keeps, so the identity is taken from a CPU load in the checkpoint's own dtype.
         fingerprint = model_fingerprint(load_reference())
-        model._peftkit_fingerprint = fingerprint
+        base_facts(model).fingerprint = fingerprint
     if sidecar is not None:
         _try_write_sidecar(sidecar, fingerprint, str(getattr(model.config, "_name_or_path", "")))
 
@@ -270,7 +271,7 @@ def _load_from_hub(
     # A hub snapshot is immutable, so its commit hash keys the sidecar; without one, no sidecar.
     commit = getattr(model.config, "_commit_hash", None)
     sidecar = root / "fingerprints" / f"hub-{short_hash(repo_id, commit)}.json" if commit else None
-    model._peftkit_stored_dtype = getattr(AutoConfig.from_pretrained(repo_id, **kwargs), "dtype", None)
+    base_facts(model).stored_dtype = getattr(AutoConfig.from_pretrained(repo_id, **kwargs), "dtype", None)
     reference = lambda: AutoModelForCausalLM.from_pretrained(repo_id, dtype="auto", **kwargs)
     _attach_fingerprint(model, sidecar, reference, dtype)
     return model, tokenizer

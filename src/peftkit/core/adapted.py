@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,9 @@ from .rows import (
 )
 from .saved_modules import ModulesToSave
 from .weights import AdapterChoice, activation, active_weights, row_choices
+
+if TYPE_CHECKING:
+    from ..base.facts import BaseFacts
 
 
 class AdaptedModel(nn.Module):
@@ -173,7 +176,7 @@ class AdaptedModel(nn.Module):
             adapter_name=name,
             base_model=self.base_model_name() or "",
             base_fingerprint=self.base_fingerprint(),
-            base_quantization=getattr(self.model, "_peftkit_quantization", None),
+            base_quantization=self.base.quantization,
             dataset_hash=dataset_hash,
             training=AdapterIdentity.for_training(training or {}),
         )
@@ -360,7 +363,7 @@ class AdaptedModel(nn.Module):
         self.model_adapters.clear()
         self.state.active = ()
         if merged:  # the weights changed: this is no longer the base the fingerprint describes
-            self.model.__dict__.pop("_peftkit_fingerprint", None)
+            self.base.fingerprint = None
         return self.model
 
     def unload(self) -> nn.Module:
@@ -447,14 +450,22 @@ class AdaptedModel(nn.Module):
             self.state.rows = before
 
     # -- the base model -----------------------------------------------------------------------------
+    @property
+    def base(self) -> BaseFacts:
+        """What is known of the base model: its name, fingerprint (once computed), quantization and
+        stored dtype (`peftkit.base.facts`); the same value `load_base` recorded on the model."""
+        from ..base.facts import base_facts
+
+        return base_facts(self.model)
+
     def base_model_name(self) -> str | None:
-        name = getattr(self.model, "_peftkit_base_name", None)
+        name = self.base.name
         config = getattr(self.model, "config", None)
         return name or (getattr(config, "_name_or_path", None) or None)
 
     def base_fingerprint(self) -> str:
         """The base model's fingerprint (config + unmerged weights), computed once and cached."""
-        cached = self.model.__dict__.get("_peftkit_fingerprint")
+        cached = self.base.fingerprint
         if cached:
             return cached
         from ..base.fingerprint import fingerprint_tensors
@@ -463,7 +474,7 @@ class AdaptedModel(nn.Module):
         fp = fingerprint_tensors(
             config.to_dict() if hasattr(config, "to_dict") else None, self.base_tensors()
         )
-        self.model._peftkit_fingerprint = fp
+        self.base.fingerprint = fp
         return fp
 
     def base_tensors(self) -> Iterator[tuple[str, Tensor]]:

@@ -178,7 +178,7 @@ def note_quantization(am: AdaptedModel, identity: AdapterIdentity, source: Path)
     reverse (the fingerprint is the checkpoint's, before quantization), with a note that says so."""
     if not identity.saved_by_peftkit:
         return
-    trained, here = identity.base_quantization, getattr(am.model, "_peftkit_quantization", None)
+    trained, here = identity.base_quantization, am.base.quantization
     if trained != here:
         warnings.warn(
             f"{source} was trained on the {_form(trained)} form of this base model and is loaded onto its "

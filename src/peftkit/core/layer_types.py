@@ -95,7 +95,9 @@ def dequantize_model(model: nn.Module) -> int:
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         setattr(holder, child, dense_copy(getattr(holder, child)))
-    model.__dict__.pop("_peftkit_quantization", None)
+    from ..base.facts import base_facts
+
+    base_facts(model).quantization = None
     return len(names)
 
 

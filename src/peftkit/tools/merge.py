@@ -83,7 +83,7 @@ def merge_to_dir(
     )
     am, tokenizer = opened.model, opened.tokenizer
     model = am.model
-    stored = getattr(model, "_peftkit_stored_dtype", None)
+    stored = am.base.stored_dtype
     probe = _probe_ids(model) if quantize else None
     before = _logits(am, probe) if probe is not None else None
     merged = am.merge_and_unload()

@@ -16,6 +16,7 @@ from torch import nn
 import peftkit.train.distributed as distributed
 
 from ..base import load_base, save_model_dir
+from ..base.facts import base_facts
 from ..base.precision import resolve_precision
 from ..core.adapted import AdaptedModel
 from ..data.encode import IGNORE_INDEX, Encoded, encode_all
@@ -113,7 +114,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Prepared:
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / per_step) / config.grad_accum)
     total = config.max_steps or config.epochs * steps_per_epoch
     out = run_dir(config)
-    fingerprint = net.base_fingerprint() if is_adapter else getattr(model, "_peftkit_fingerprint", "")
+    fingerprint = net.base_fingerprint() if is_adapter else (base_facts(model).fingerprint or "")
     lineage = {
         "base": config.base,
         "base_fingerprint": fingerprint,
