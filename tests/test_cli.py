@@ -550,3 +550,28 @@ def test_tour_checks_its_arguments_before_loading(
     assert (tmp_path / "mine/merged-A/notes.txt").read_text() == "keep me"
     assert (tmp_path / "other/adapter-A/notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in base_dir.iterdir()) == base_files
+
+
+def test_a_shared_parameter_takes_its_help_from_its_type(capsys) -> None:
+    """generate documents --registry, --dtype and --quantize through their types (command_args), not its
+    docstring; a parameter with neither is refused when the parser is built."""
+    from typing import get_args
+
+    from peftkit.cli.generator import add_function
+    from peftkit.command_args import AdapterRegistry, Help, Quantize
+
+    assert main(["generate", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for marked in (AdapterRegistry, Quantize):
+        text = next(m for m in get_args(marked) if isinstance(m, Help)).text
+        assert " ".join(text.split()) in shown
+
+    def undocumented(registry: str | None = None) -> None:
+        """Nothing.
+
+        Args:
+            other: not the parameter
+        """
+
+    with pytest.raises(TypeError, match="'registry' is not documented"):
+        add_function(argparse.ArgumentParser().add_subparsers(), "x", undocumented)

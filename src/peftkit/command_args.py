@@ -8,7 +8,7 @@ the CLI: command modules sit below it and import these markers from here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
 
 class Positional:
@@ -30,3 +30,32 @@ class ConfigOptions:
     ) -> None:
         self.keys = keys
         self.defaults = defaults or dict
+
+
+class Help:
+    """A parameter's `--help` text, for a parameter that means the same in every command that takes it:
+    the type carries it, so the commands' docstrings need not repeat it (one given there wins)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+# Parameters the commands that open a base model with adapters share, with their one help text.
+Base = Annotated[str, Help("the base model: a built-in name, an HF model directory or a .gguf file")]
+Dtype = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"],
+    Help(
+        "the dtype to load the base in and compute in (auto: bf16 where this machine computes it "
+        "natively, else float32)"
+    ),
+]
+Quantize = Annotated[
+    Literal["nf4"] | None, Help("nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)")
+]
+AdapterRegistry = Annotated[
+    str | None,
+    Help(
+        "the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY, else "
+        "~/.peftkit/registry; a directory or a postgresql:// URL)"
+    ),
+]

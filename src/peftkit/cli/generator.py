@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from ..command_args import ConfigOptions, Positional
+from ..command_args import ConfigOptions, Help, Positional
 from .argparsing import ALIAS_SUFFIX, AliasOf, aliases_for, canonical, default_text
 
 
@@ -84,9 +84,14 @@ def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentP
     hints = typing.get_type_hints(fn, include_extras=True)
     params = inspect.signature(fn).parameters
     for pname, param in params.items():
-        if pname not in param_help:
-            raise TypeError(f"{fn.__name__}: parameter {pname!r} is not documented in its Args: section")
         metadata = getattr(_unwrap_optional(hints[pname]), "__metadata__", ())
+        shared = [m.text for m in metadata if isinstance(m, Help)]
+        if pname not in param_help and not shared:
+            raise TypeError(f"{fn.__name__}: parameter {pname!r} is not documented in its Args: section")
+        param_help.setdefault(pname, shared[0] if shared else "")
+        if shared:  # the type only carried the help: argparse sees the type inside
+            hints[pname] = typing.get_args(_unwrap_optional(hints[pname]))[0]
+            metadata = ()
         options = [m for m in metadata if isinstance(m, ConfigOptions)]
         if options:
             parser.set_defaults(**{pname: param.default})

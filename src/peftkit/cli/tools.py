@@ -6,8 +6,10 @@ import json as _json
 from pathlib import Path
 from typing import Literal
 
+from ..command_args import AdapterRegistry
 
-def info(adapter_dir: Path, json: bool = False, registry: str | None = None) -> None:
+
+def info(adapter_dir: Path, json: bool = False, registry: AdapterRegistry = None) -> None:
     """Describe a saved adapter: method, rank, alpha, targets, size, dtype and the base it was trained on.
 
     Reads the files only (no base model is loaded); works on adapters saved by peftkit and by HF PEFT.
@@ -16,8 +18,6 @@ def info(adapter_dir: Path, json: bool = False, registry: str | None = None) -> 
     Args:
         adapter_dir: the adapter directory (adapter_config.json + adapter_model.safetensors)
         json: print the facts as one JSON object instead of text
-        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
-            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from ..tools.info import adapter_info, format_info
 
@@ -33,7 +33,7 @@ def merge(
     overwrite: bool = False,
     check_base: bool = True,
     quantize: Literal["nf4"] | None = None,
-    registry: str | None = None,
+    registry: AdapterRegistry = None,
 ) -> None:
     """Fold an adapter into its base model and write a plain HF model directory (with its tokenizer).
 
@@ -54,8 +54,6 @@ def merge(
         quantize: nf4: merge a QLoRA adapter into the base as it trained on: the 4-bit base,
             dequantized (the output is full precision; re-quantizing would lose the update). Prints
             how far the merged model's logits are from the unmerged 4-bit model's
-        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
-            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from ..tools.merge import merge_to_dir
 
@@ -81,7 +79,7 @@ def combine(
     base: str | None = None,
     seed: int | None = None,
     check_base: bool = True,
-    registry: str | None = None,
+    registry: AdapterRegistry = None,
 ) -> None:
     """Combine LoRA adapters of one base into a new LoRA adapter, as HF PEFT's add_weighted_adapter does.
 
@@ -100,8 +98,6 @@ def combine(
         seed: dare_*: seed for the random masks; unset, torch's global generator
         check_base: refuse adapters whose recorded base fingerprint differs from --base's
             (--no-check-base loads them anyway; names and shapes are still checked)
-        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
-            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from ..tools.combine import combine_files
 

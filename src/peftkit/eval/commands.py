@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from peftkit.base.catalog import DEFAULT_BASE
+from peftkit.command_args import AdapterRegistry, Base, Dtype, Quantize
 from peftkit.errors import DataError, RequestError
 from peftkit.io import unwritable_reason
 from peftkit.terminal import printable
@@ -24,8 +25,6 @@ from .loading import (
 )
 from .loading import log as _log
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Quantize = Literal["nf4"] | None
 MetricName = Literal["auto", "exact_match", "json_match", "accuracy", "token_f1", "rouge_l"]
 
 
@@ -74,7 +73,7 @@ def _is_report(path: Path) -> bool:
 
 def eval(
     data: str,
-    base: str = DEFAULT_BASE,
+    base: Base = DEFAULT_BASE,
     adapters: list[str] | None = None,
     split: Literal["train", "test"] = "test",
     n: int = 200,
@@ -87,7 +86,7 @@ def eval(
     json: Path | None = None,
     check_base: bool = True,
     quantize: Quantize = None,
-    registry: str | None = None,
+    registry: AdapterRegistry = None,
 ) -> None:
     """Score the base model and each adapter on a dataset, side by side (greedy decoding).
 
@@ -100,7 +99,6 @@ def eval(
         data: a built-in task (task:dates, task:extract, task:sentiment; task:NAME:SPLIT picks the split)
             or a dataset file/directory (JSONL, JSON, CSV, HF dataset dir); the last assistant turn is
             the reference answer
-        base: the base model: a built-in name, an HF model directory or a .gguf file
         adapters: adapter directories to evaluate next to the base model, each named after its directory
             (made a valid, unique name), or NAME=DIR to name it
         split: the split of a built-in task (files are one split)
@@ -108,15 +106,11 @@ def eval(
         metric: auto = the task's own metric for a built-in task, exact_match for files
         max_new_tokens: tokens to generate per answer; 0 = auto (the task's, or the longest reference + 8)
         batch_size: rows per generate call (each example counts once per adapter)
-        dtype: the dtype to load the base in and compute in (auto: bf16 where this machine computes it natively, else float32)
         perplexity: also measure the perplexity of the reference answers
         samples: print this many (prompt, reference, prediction) examples per adapter
         json: also write the report (with every prediction) to this JSON file
         check_base: refuse adapters whose recorded base fingerprint differs from this base's
             (--no-check-base loads them anyway; names and shapes are still checked)
-        quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
-        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
-            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.source import load_data, parse_task_spec
     from peftkit.eval.heldout import trained_on
@@ -267,7 +261,7 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[Any]]:
 
 def generate(
     prompt: list[str] | None = None,
-    base: str = DEFAULT_BASE,
+    base: Base = DEFAULT_BASE,
     adapter: list[str] | None = None,
     prompts: Path | None = None,
     system: str | None = None,
@@ -276,13 +270,12 @@ def generate(
     dtype: Dtype = "auto",
     check_base: bool = True,
     quantize: Quantize = None,
-    registry: str | None = None,
+    registry: AdapterRegistry = None,
 ) -> None:
     """Answer prompts with the base model or an adapter (greedy decoding) and print each answer.
 
     Args:
         prompt: the prompts, each one user message
-        base: the base model: a built-in name, an HF model directory or a .gguf file
         adapter: adapter directories to answer with, each DIR or DIR=WEIGHT; several are active at once
             and their changes add up, each times its weight (default 1; weights other than 1 for LoRA
             adapters), e.g. --adapter dates=0.7 sentiment=0.5 (none: the base model alone)
@@ -290,12 +283,8 @@ def generate(
         system: a system prompt for every prompt that has none
         max_new_tokens: the most tokens to generate per answer (at least 1)
         batch_size: prompts per generate call
-        dtype: the dtype to load the base in and compute in (auto: bf16 where this machine computes it natively, else float32)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
-        quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
-        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
-            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.example import Message, with_system
     from peftkit.eval.generation import generate_answers
@@ -319,14 +308,14 @@ def generate(
 
 
 def chat(
-    base: str = DEFAULT_BASE,
+    base: Base = DEFAULT_BASE,
     adapter: list[str] | None = None,
     system: str | None = None,
     max_new_tokens: int = 256,
     dtype: Dtype = "auto",
     check_base: bool = True,
     quantize: Quantize = None,
-    registry: str | None = None,
+    registry: AdapterRegistry = None,
 ) -> None:
     """Talk to the base model or an adapter; the conversation so far is kept as context.
 
@@ -334,18 +323,13 @@ def chat(
     prints each answer (greedy). Commands: /reset starts a new conversation, /quit (or Ctrl-D) exits.
 
     Args:
-        base: the base model: a built-in name, an HF model directory or a .gguf file
         adapter: adapter directories to chat with, each DIR or DIR=WEIGHT; several are active at once
             and their changes add up, each times its weight (default 1; weights other than 1 for LoRA
             adapters), e.g. --adapter dates=0.7 sentiment=0.5 (none: the base model alone)
         system: a system prompt for the conversation
         max_new_tokens: the most tokens per answer (at least 1)
-        dtype: the dtype to load the base in and compute in (auto: bf16 where this machine computes it natively, else float32)
         check_base: refuse an adapter whose recorded base fingerprint differs from this base's
             (--no-check-base loads it anyway; names and shapes are still checked)
-        quantize: nf4: load the base with 4-bit NF4 linear layers (as QLoRA trained on it)
-        registry: the adapter registry that NAME@N references come from (default: $PEFTKIT_REGISTRY,
-            else ~/.peftkit/registry; a directory or a postgresql:// URL)
     """
     from peftkit.data.example import Message
     from peftkit.eval.generation import generate_answers
