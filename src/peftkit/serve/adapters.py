@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import PeftkitError, RequestError
 from .model import ServedModel
-from .slots import SlotTable, check_servable
+from .slots import SLOT_ROLES, SlotTable, check_servable
 from .types import AdapterBusyError, AdapterLoadError, AdapterNotLoadedError
 
 STAGED = "staged"  # the adapter's name while it loads (keys like name@3 are no adapter names)
@@ -202,7 +202,7 @@ class AdapterCache:
             own = spec.file_slot_tensors(checked.config, t.name, saved)
             if own is None:
                 return None
-            tensors[t.name] = self._slot_ready(key, t.name, own)
+            tensors[t.name] = self._slot_ready(key, t.name, own, spec)
         return tensors
 
     def _through_model(self, key: str, path: Any) -> dict[str, Any]:
@@ -221,18 +221,27 @@ class AdapterCache:
                     continue
                 if name not in self.served.linears:
                     raise AdapterLoadError(f"adapter {key!r} adapts {name}, which the server does not serve")
-                tensors[name] = self._slot_ready(key, name, spec.slot_tensors(layer, STAGED))
+                tensors[name] = self._slot_ready(key, name, spec.slot_tensors(layer, STAGED), spec)
             return tensors
         finally:
             if STAGED in self.staging.configs:
                 self.staging.delete_adapter(STAGED)
 
-    def _slot_ready(self, key: str, name: str, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One layer's slot tensors as the engine thread copies them: B transposed here, on the
-        worker, and each contiguous; checked against the slot's size."""
-        if "B" in own:
-            own["Bt"] = own.pop("B").T
-        ready = {role: t.contiguous() for role, t in own.items()}
+    def _slot_ready(
+        self, key: str, name: str, own: dict[str, torch.Tensor], spec: Any
+    ) -> dict[str, torch.Tensor]:
+        """One layer's slot tensors as the engine thread copies them: by bank (B transposed into Bt, as
+        `SLOT_ROLES` says), here on the worker, each contiguous; checked against the roles the method
+        declares and against the slot's size."""
+        undeclared = sorted(set(own) - set(spec.slot_roles or ()))
+        if undeclared:
+            raise AdapterLoadError(
+                f"adapter {key!r}: {spec.label} gave slot tensors {undeclared} its spec's slot_roles do not declare"
+            )
+        ready = {}
+        for role, t in own.items():
+            bank = SLOT_ROLES[role].bank if role in SLOT_ROLES else role
+            ready[bank] = (t.T if bank != role else t).contiguous()
         self.served.linears[name].check(ready, f"adapter {key!r}, layer {name}")
         return ready
 

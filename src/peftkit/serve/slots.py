@@ -77,10 +77,10 @@ class StepSlots:
     decode: int
     prefill: list[tuple[int, int, int]]
     uniform: int | None  # the slot every token shares, if they do
+    first: int | None  # the first decode token's slot (read when it is the only one), None without one
     lo: int = 0  # decode tokens' slots lie in [lo, hi): the banks' rows read as one view
     hi: int = 0
     onehot: Tensor | None = None  # (decode, hi - lo, 1): each decode token's slot within [lo, hi)
-    first: int | None = None  # the first decode token's slot (read when it is the only one)
 
 
 def packed_product(weight: Tensor) -> Callable[[Tensor], Tensor]:

@@ -96,11 +96,14 @@ class StepBuffers:
         on_host = self.device.type == "cpu"
         self.device_buf = self.host if on_host else torch.empty_like(self.host, device=device)
         self.np = {name: self.host.numpy()[i : i + sizes[name]] for name, i in self.at.items()}
+        self.copied: torch.cuda.Event | None = None  # the last host -> device copy (a GPU only)
         self.arange = torch.arange(max(max_len, capacity + 1), device=device)  # (max_len,)
 
     def fill(self, decode: Sequence[Running], prefill: Sequence[tuple[Running, int]]) -> Step:
         """The step that decodes one token of each of `decode` and reads `n` prompt tokens of each
         (sequence, n) of `prefill`, as of the sequences' state now (before the step)."""
+        if self.copied is not None:  # a step that sampled nothing waited for nothing: the previous
+            self.copied.synchronize()  # copy may still be queued, and it reads the host buffer
         h, d = self.np, len(decode)
         cached = [s.cached for s in decode]
         drows = [s.row for s in decode]
@@ -123,8 +126,10 @@ class StepBuffers:
         if facts is not None:
             h["span_lens"][: facts[1]] = facts[4]
         slot_facts = self._slot_facts(dslots, [c[4] for c in chunks])
-        if self.device_buf is not self.host:  # one transfer; the host buffer is rewritten only after
-            self.device_buf.copy_(self.host, non_blocking=True)  # sampling has waited for this step
+        if self.device_buf is not self.host:  # one transfer, waited for before the next fill
+            self.device_buf.copy_(self.host, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
         return Step(
             self._view("ids", offset), self._view("positions", offset), self._view("rows", offset),
             self._view("last", m), self._step_slots(offset, d, dslots[0] if d else None, chunks, *slot_facts),
@@ -175,8 +180,9 @@ class StepBuffers:
 
     def _step_slots(self, n: int, d: int, first: int | None, chunks: list[tuple], uniform: int | None,
                     lo: int, hi: int) -> StepSlots:  # fmt: skip
-        rt = StepSlots(self._view("slots", n), d, [(c[3], c[2], c[4]) for c in chunks], uniform, lo, hi)
-        rt.first = first
+        rt = StepSlots(
+            self._view("slots", n), d, [(c[3], c[2], c[4]) for c in chunks], uniform, first, lo, hi
+        )
         if hi > lo:  # (d, hi - lo, 1): a base token's row is all zeros
             onehot = self._view("slot_index", d)[:, None] == self.arange[: hi - lo]
             rt.onehot = onehot.to(self.dtype)[:, :, None]
