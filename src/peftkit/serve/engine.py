@@ -50,6 +50,9 @@ class Engine:
         self.error: BaseException | None = None
         self.lock = threading.Lock()  # held by the thread while it changes the core
         self.snapshot: tuple[dict[str, Any], list[dict[str, Any]]] = ({}, [])
+        # Answers to load/unload calls, given once the snapshot shows their effect: a caller that lists
+        # the adapters right after its call then sees it (the engine thread adds and runs these).
+        self.answers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], Exception | None]] = []
         self.thread = threading.Thread(target=self._loop, name="peftkit-engine", daemon=True)
 
     @classmethod
@@ -129,9 +132,7 @@ class Engine:
         """Load an adapter into a slot now (AdapterLoadError if it cannot be served)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._send(
-            lambda: self.core.preload(key, lambda error: loop.call_soon_threadsafe(_settle, done, error))
-        )
+        self._send(lambda: self.core.preload(key, lambda error: self._answer(loop, done, error)))
         await done
 
     async def unload(self, key: str) -> None:
@@ -144,9 +145,9 @@ class Engine:
             try:
                 self.core.adapters.unload(key)
             except RequestError as e:
-                loop.call_soon_threadsafe(_settle, done, e)
+                self._answer(loop, done, e)
             else:
-                loop.call_soon_threadsafe(_settle, done, None)
+                self._answer(loop, done, None)
 
         self._send(drop)
         await done
@@ -165,8 +166,14 @@ class Engine:
         """The engine's counters as of its last step (a snapshot)."""
         return self.snapshot[0]
 
+    def _answer(
+        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], error: Exception | None
+    ) -> None:
+        """Settle a load/unload call after the next snapshot (on the engine's thread)."""
+        self.answers.append((loop, done, error))
+
     def _publish(self) -> None:
-        """A new snapshot, made on the engine's thread between steps."""
+        """A new snapshot, made on the engine's thread between steps; then the calls it answers."""
         core, cache = self.core, self.core.adapters
         stats = {
             "running": len(core.running),
@@ -180,6 +187,9 @@ class Engine:
             {"key": k, "slot": s, "requests": cache.running.get(k, 0)} for k, s in cache.slots.keys.items()
         ]
         self.snapshot = (stats, resident)
+        answers, self.answers = self.answers, []
+        for loop, done, error in answers:
+            loop.call_soon_threadsafe(_settle, done, error)
 
     def stop(self, deadline: float = 10.0) -> None:
         """Take no new requests, let in-flight ones finish for up to `deadline` seconds, end the rest
@@ -230,6 +240,8 @@ class Engine:
         except BaseException as e:  # the engine died: every request in flight gets the error
             self.error = e
             self.core.fail_all(EngineUnavailableError(f"the engine stopped: {type(e).__name__}"))
+            for loop, done, _ in self.answers:  # a load or unload it had done, but not yet shown
+                loop.call_soon_threadsafe(_settle, done, EngineUnavailableError("the engine stopped"))
             raise
 
     def _step(self) -> None:
