@@ -56,6 +56,7 @@ def pass_gate(reg: Registry, version: Version) -> dict[str, Any]:
             f"`peftkit registry gate {version.name} DATA --base BASE`"
         ) from None
     result["production"] = current[0].number if current else None  # the promotion checks it is still so
+    result["data"] = gate.data  # the eval set it ran on, as the gate names it (a task, or a content hash)
     if not result["passed"]:
         failed = [check for check, ok in result["checks"].items() if not ok]
         raise RegistryError(

@@ -72,15 +72,25 @@ def gate_checks(
 
 
 def check_result(gate: Gate | None, ref: str, result: Any) -> None:
-    """Refuse a gate result that is not a pass of `gate` as it is set now: the checks the gate's
-    thresholds give for the result's scores must be the result's checks, and all must hold."""
+    """Refuse a gate result that is not a pass of `gate` as it is set now: it must have run on the
+    gate's eval set (its `data`: a built-in task, or the stored file's content hash), have scored the
+    production version exactly when it names one, and the checks the gate's thresholds give for its
+    scores must be its checks, all of them holding."""
     if gate is None:
         raise RegistryError(f"{ref} has a gate result but its name has no gate: set one, then promote again")
     try:
         metric, scores, checks = result["metric"], result["scores"], result["checks"]
         expected = gate_checks(gate, metric, scores, bool(checks["changes_the_base_model"]))
+        data, production = result["data"], result["production"]
     except (KeyError, TypeError) as e:
         raise RegistryError(f"{ref}'s gate result is malformed (missing {e}); run the gate again") from None
+    if data != gate.data:
+        raise RegistryError(
+            f"{ref}'s gate result is for eval set {data!r}, the gate's is {gate.data!r}: run it again"
+        )
+    if (production is not None) != ("production" in scores):
+        raise RegistryError(f"{ref}'s gate result names production version {production} but scores "
+                            f"{'none' if production is not None else 'one'}: run the gate again")  # fmt: skip
     if expected != checks or result.get("passed") is not True or not all(checks.values()):
         raise RegistryError(
             f"{ref}'s gate result is not a pass of its gate as set now (checks {checks}, the gate's "
