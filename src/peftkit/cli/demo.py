@@ -72,8 +72,8 @@ def check_demo_args(steps: int, n_test: int, min_score: float) -> None:
 def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score: float) -> bool:
     """Train, evaluate base vs adapter on the held-out split, show fresh answers. True if the
     adapter reaches `min_score` on the held-out examples."""
-    from .. import AdaptedModel, load_base
     from ..eval.run import evaluate, format_table
+    from ..tools.opening import open_model
     from ..train.loop import train
 
     started = time.perf_counter()
@@ -91,9 +91,10 @@ def run_demo(task: str, steps: int, out: Path, base: str, n_test: int, min_score
     )
 
     bf16 = result.summary["precision"] == "bf16"
-    model, tokenizer = load_base(base, dtype=torch.bfloat16 if bf16 else torch.float32)
-    am = AdaptedModel(model)
-    am.load_adapter(result.adapter_dir, "adapter")
+    opened = open_model(
+        base, [("adapter", result.adapter_dir)], dtype=torch.bfloat16 if bf16 else torch.float32
+    )
+    am, tokenizer = opened.model, opened.tokenizer
     examples = spec.examples("test", n_test)
     print(f"\nheld-out test split ({len(examples)} examples the adapter never saw; --n-test sets how many), "
           "base and adapter in the same mixed batches:")  # fmt: skip

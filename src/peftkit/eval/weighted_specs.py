@@ -43,40 +43,38 @@ def weighted_adapter_specs(specs: list[str]) -> tuple[list[tuple[str, Path]], di
     return named, weights
 
 
-def check_weighted_methods(
-    named: list[tuple[str, Path]], weights: dict[str, float], registry: str | None = None
-) -> None:
-    """Refuse, from each adapter_config.json, a weight other than 1 on an adapter whose method cannot
-    take one (DoRA, IA³, prompts, prefixes, bottlenecks, modules_to_save, trained biases): before the
-    base model loads. Adapters whose config cannot be read are left to `load_model`, which says why."""
+def check_weighted_methods(sources: list[Any], weights: dict[str, float], given: dict[str, str]) -> None:
+    """Refuse, from each adapter's config (its files read already, `AdapterSource`), a weight other
+    than 1 on an adapter whose method cannot take one (DoRA, IA³, prompts, prefixes, bottlenecks,
+    modules_to_save, trained biases): before the base model loads. `given`: {name: what was typed}."""
     from peftkit.core.weights import config_weight_problem
     from peftkit.errors import PeftkitError
-    from peftkit.formats.files import read_json
-    from peftkit.formats.peft import CONFIG_FILE, config_from_peft
-    from peftkit.registry.paths import adapter_path
+    from peftkit.formats.peft import config_from_peft
 
-    for name, where in named:
-        if weights.get(name, 1.0) == 1:
+    for source in sources:
+        if weights.get(source.name, 1.0) == 1:
             continue
         try:
-            path = adapter_path(where, registry)
-            directory = path.parent if path.is_file() else path
-            _, config = config_from_peft(read_json(directory / CONFIG_FILE, "adapter config"), directory)
+            _, config = config_from_peft(source.files.config, source.directory)
         except PeftkitError:
-            continue
+            continue  # the load says what is wrong with it, in its own words
         problem = config_weight_problem(config)
         if problem:
+            where = given[source.name]
             raise RequestError(
-                f"--adapter {where}={weights[name]:g}: this adapter takes weight 1 only: {problem}. "
+                f"--adapter {where}={weights[source.name]:g}: this adapter takes weight 1 only: {problem}. "
                 f"Give {where} without =WEIGHT, or combine LoRA adapters with `peftkit combine`"
             )
 
 
 def load_weighted(base: str, specs: list[str], dtype: str, **options: Any) -> tuple[Any, Any]:
     """`load_model` with the --adapter entries loaded and all of them active, each with its weight."""
+    from peftkit.tools.opening import read_adapters
+
     named, weights = weighted_adapter_specs(specs)  # a bad weight fails before the slow load
-    check_weighted_methods(named, weights, options.get("registry"))
-    model, tokenizer = load_model(base, named, dtype, **options)
+    sources = read_adapters(named, options.get("registry"))  # each file read once, here
+    check_weighted_methods(sources, weights, {name: str(where) for name, where in named})
+    model, tokenizer = load_model(base, sources, dtype, **options)
     if len(named) > 1 or weights:
         model.set_adapter({name: weights.get(name, 1.0) for name, _ in named})
     return model, tokenizer

@@ -54,7 +54,6 @@ def merge_to_dir(
 
     from ..base import save_model_dir
     from ..base.save import check_model_out_dir
-    from ..core.layer_types import dequantize_model
     from .opening import open_model, read_adapters
 
     out_dir = Path(out_dir)
@@ -82,19 +81,8 @@ def merge_to_dir(
         log=progress,
     )
     am, tokenizer = opened.model, opened.tokenizer
-    model = am.model
     stored = am.base.stored_dtype
-    probe = _probe_ids(model) if quantize else None
-    before = _logits(am, probe) if probe is not None else None
-    merged = am.merge_and_unload()
-    if quantize:
-        dequantize_model(merged)
-        after = _logits(merged, probe)
-        diff = (after - before).abs().max().item()
-        log(
-            f"merged into the dequantized {quantize} base; max |merged - unmerged| logit difference on a probe "
-            f"batch: {diff:.3g} (logits span {before.abs().max().item():.3g})"
-        )
+    merged = _merge(am, quantize, log)
     if dtype == "auto" and isinstance(stored, torch.dtype) and stored != torch.float32:
         merged.to(stored)
     log(
@@ -103,6 +91,23 @@ def merge_to_dir(
     save_model_dir(merged, tokenizer, out_dir, overwrite=overwrite)
     log(f"done in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return out_dir
+
+
+def _merge(am: object, quantize: str | None, log: Callable[[str], None]) -> object:
+    """The merged plain model; over a 4-bit base, dequantized, with how far its logits moved said."""
+    from ..core.layer_types import dequantize_model
+
+    probe = _probe_ids(am.model) if quantize else None
+    before = _logits(am, probe) if probe is not None else None
+    merged = am.merge_and_unload()
+    if quantize:
+        dequantize_model(merged)
+        diff = (_logits(merged, probe) - before).abs().max().item()
+        log(
+            f"merged into the dequantized {quantize} base; max |merged - unmerged| logit difference on a probe "
+            f"batch: {diff:.3g} (logits span {before.abs().max().item():.3g})"
+        )
+    return merged
 
 
 def _probe_ids(model: object) -> object:

@@ -70,7 +70,7 @@ def open_model(
     base: str,
     adapters: Adapters = (),
     *,
-    dtype: str = "auto",
+    dtype: Any = "auto",  # a name ("auto", "float32", ...) or a torch dtype
     quantize: str | None = None,
     check_base: bool = True,
     registry: str | None = None,
