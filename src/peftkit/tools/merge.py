@@ -62,12 +62,6 @@ def merge_to_dir(
     check_model_out_dir(out_dir, overwrite=overwrite)  # not empty, not a model, not writable
     t0 = time.perf_counter()
 
-    def progress(message: str) -> None:  # the adapter's line says how long the base took
-        loaded = (
-            f"loaded in {time.perf_counter() - t0:.1f} s; " if message.startswith("loading adapter") else ""
-        )
-        log(loaded + message.replace(" as 'default' ...", " ..."))
-
     # auto: merged in float32, which every machine computes natively and which merges exactly, then
     # saved in the dtype the base's files are stored in (a bf16 checkpoint stays bf16 on disk).
     opened = open_model(
@@ -78,8 +72,9 @@ def merge_to_dir(
         quantize=quantize,
         check_base=check_base,
         registry=registry,
-        log=progress,
+        log=log,
     )
+    log(f"loaded in {time.perf_counter() - t0:.1f} s")
     am, tokenizer = opened.model, opened.tokenizer
     stored = am.base.stored_dtype
     merged = _merge(am, quantize, log)
