@@ -32,6 +32,7 @@ COMMAND_MAP: dict[str, str] = {
     "info": "peftkit.cli.tools:info",
     "merge": "peftkit.cli.tools:merge",
     "combine": "peftkit.cli.tools:combine",
+    "compress": "peftkit.cli.tools:compress",
     "tour": "peftkit.cli.tour:tour",
     "demo": "peftkit.cli.demo:demo",
     "train": "peftkit.train.commands:train",

@@ -1,4 +1,4 @@
-"""`peftkit info`, `peftkit merge` and `peftkit combine`: parse, then call the tools in `peftkit.tools`."""
+"""`peftkit info`, `merge`, `combine` and `compress`: parse, then call the tools in `peftkit.tools`."""
 
 from __future__ import annotations
 
@@ -114,3 +114,44 @@ def combine(
         registry=registry,
     )
     print(f"wrote {out}: {result.summary()}")
+
+
+def compress(
+    adapter_dir: Path,
+    out: Path,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: Literal["fp16", "bf16"] | None = None,
+    overwrite: bool = False,
+    json: bool = False,
+    registry: AdapterRegistry = None,
+) -> None:
+    """Reduce a LoRA adapter's rank by SVD and write the smaller adapter in the PEFT format.
+
+    Each layer's update s·B·A is truncated to its largest singular values: at most --rank R of them, or
+    the fewest that keep the fraction --energy E of the layer's squared singular values (give one of
+    the two). Singular values that are numerically zero are never kept, so --energy 1.0 keeps every
+    update exactly, at its true rank. Reads the files only (no base model is loaded); prints each
+    layer's rank, parameters, bytes and relative error ||dW - dW'|| / ||dW||, then the totals. The
+    output loads in peftkit, HF PEFT and vLLM (every layer's scaling is 1). docs/compress.md has the
+    math and the rules.
+
+    Args:
+        adapter_dir: the LoRA or rsLoRA adapter directory (or registry reference) to compress
+        out: the directory to write the compressed adapter to (not the adapter's own)
+        rank: keep at most this many singular values per layer
+        energy: keep the fewest singular values whose squares reach this fraction, in (0, 1], of each
+            layer's total
+        dtype: store the new factors in fp16 or bf16 (unset: the input's dtype)
+        overwrite: replace OUT if it holds an adapter (never a directory of other files)
+        json: print the result as one JSON object instead of the table
+    """
+    from ..tools.compress import compress_adapter
+
+    result = compress_adapter(
+        adapter_dir, out, rank=rank, energy=energy, dtype=dtype, overwrite=overwrite, registry=registry
+    )
+    if json:
+        print(_json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{result.table()}\nwrote {out}: LoRA r={result.r} on {len(result.rows)} layers")
