@@ -188,6 +188,27 @@ def test_peft_loads_the_output_and_gives_peftkits_logits(saved: Path, tmp_path: 
             assert (ours - original).abs().max() > 1e-3  # a truncation the comparison would notice
 
 
+@pytest.mark.parametrize("target", [{"energy": 0.8}, {"rank": 2}])
+def test_ranks_and_updates_match_peft_convert_to_lora(saved: Path, tmp_path: Path, target: dict) -> None:
+    """HF PEFT's own LoRA-to-LoRA conversion (`convert_to_lora`, an int rank or a float energy, linear
+    layers only) on the loaded model picks the same rank per layer and gives the same updates."""
+    result = compress_adapter(saved / "patterns", tmp_path / "out", **target)
+    model = peft.PeftModel.from_pretrained(fresh_base(saved), saved / "patterns")
+    with pytest.warns(UserWarning, match="already a LoRA adapter"):
+        config, state = peft.convert_to_lora(model, rank=target.get("energy", target.get("rank")))
+    theirs = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = state[key.replace("lora_A", "lora_B")]
+            theirs[module] = scaling(config.to_dict(), module) * (b.double() @ a.double())
+            assert a.shape[0] == next(r.rank_after for r in result.rows if r.module == module), module
+    ours = deltas(tmp_path / "out")
+    assert ours.keys() == theirs.keys()
+    for module, delta in ours.items():
+        assert relative(delta, theirs[module]) < 1e-5, module
+
+
 def test_a_rank_deficient_adapter_compresses_to_its_true_rank(saved: Path, tmp_path: Path) -> None:
     result = compress_adapter(saved / "deficient", tmp_path / "out", energy=1.0)
     assert set(ranks(tmp_path / "out").values()) == {3} and result.r == 3
