@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import peftkit
-from peftkit.cli import main
+from peftkit.cli import build_parser, main
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora_compress import compress_layer, kept_rank
 from peftkit.tools.compress import compress_adapter
@@ -344,3 +345,18 @@ def test_the_command_prints_the_table_and_json(saved: Path, tmp_path: Path, caps
     assert main(["compress", str(saved / "lora"), str(tmp_path / "o2"), "--rank", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --rank must be a positive integer, got 0\n" and not (tmp_path / "o2").exists()
+
+
+def test_the_docs_commands_parse_and_show_todays_report(saved: Path, tmp_path: Path) -> None:
+    text = (Path(__file__).parents[1] / "docs/compress.md").read_text()
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    commands = [line for kind, body in blocks if kind == "bash" for line in body.splitlines() if line.strip()]
+    assert commands and all(line.startswith("peftkit compress ") for line in commands)
+    for line in commands:
+        build_parser().parse_args(shlex.split(line)[1:])
+    (shown,) = [body.splitlines() for kind, body in blocks if kind == "" and body.startswith("module")]
+    table = compress_adapter(saved / "lora", tmp_path / "out", energy=0.95).table().splitlines()
+    assert shown[0].split() == table[0].split()
+    numbers = re.compile(r"\d[\d,.]*")  # the docs show another adapter's numbers, in today's words
+    total = next(line for line in table if line.startswith("total:"))
+    assert numbers.sub("N", total) in {numbers.sub("N", line) for line in shown}
