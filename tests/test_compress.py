@@ -347,6 +347,13 @@ def test_the_command_prints_the_table_and_json(saved: Path, tmp_path: Path, caps
     assert err == "error: --rank must be a positive integer, got 0\n" and not (tmp_path / "o2").exists()
 
 
+def test_a_registry_reference_names_the_adapter(saved: Path, tmp_path: Path, capsys) -> None:
+    registry = str(tmp_path / "registry")
+    assert main(["registry", "register", "mine", str(saved / "lora"), "--registry", registry]) == 0
+    result = compress_adapter("mine@1", tmp_path / "out", rank=3, registry=registry)
+    assert set(ranks(tmp_path / "out").values()) == {3} and len(result.rows) == 7
+
+
 def test_the_docs_commands_parse_and_show_todays_report(saved: Path, tmp_path: Path) -> None:
     text = (Path(__file__).parents[1] / "docs/compress.md").read_text()
     blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)

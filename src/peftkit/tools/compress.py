@@ -146,7 +146,6 @@ def compress_adapter(
     dtype: "fp16" or "bf16" stores the new factors in it (None: each factor's input dtype). OUT may
     not be, hold or lie inside the adapter, and an existing non-empty OUT is refused unless
     `overwrite` (and then only one that holds an adapter). All of that is checked before any work."""
-    from ..paths import input_clash
     from ..registry.paths import adapter_path
 
     check_target(rank, energy)
@@ -154,14 +153,7 @@ def compress_adapter(
         raise RequestError(f"dtype {dtype!r} is not one compress stores; choose {' or '.join(DTYPES)}")
     path, out = adapter_path(adapter, registry), Path(out)
     directory = path.parent if path.is_file() else path
-    clash = input_clash(out, [("adapter directory", directory)])
-    if clash:
-        raise RequestError(f"the output directory {out} {clash}; choose a directory of its own")
-    fmt.check_adapter_out(out)  # not a file, nor the working directory, nor a directory of other files
-    if is_nonempty_dir(out) and not overwrite:
-        raise RequestError(
-            f"{out} already holds an adapter; pass {option('overwrite')} to replace it, or choose a new directory"
-        )
+    _check_out(out, directory, overwrite)
     files = fmt.read_adapter(path)
     config = _lora_config(files)
     factors = _factor_keys(files)
@@ -205,6 +197,20 @@ def _row(
         norm_sq=layer.norm_sq,
         error_sq=layer.error_sq,
     )
+
+
+def _check_out(out: Path, adapter_dir: Path, overwrite: bool) -> None:
+    """OUT is not, inside or around the adapter; and new, empty, or (with `overwrite`) an adapter's."""
+    from ..paths import input_clash
+
+    clash = input_clash(out, [("adapter directory", adapter_dir)])
+    if clash:
+        raise RequestError(f"the output directory {out} {clash}; choose a directory of its own")
+    fmt.check_adapter_out(out)  # not a file, nor the working directory, nor a directory of other files
+    if is_nonempty_dir(out) and not overwrite:  # so it holds an adapter: replaced only when asked to
+        raise RequestError(
+            f"{out} already holds an adapter; pass {option('overwrite')} to replace it, or choose a new directory"
+        )
 
 
 def _lora_config(files: fmt.AdapterFiles) -> LoraConfig:
