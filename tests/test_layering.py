@@ -196,7 +196,7 @@ LAYERS = [
     ("methods", "methods"),
     ("formats", "formats"),
     ("core, registry", "core registry"),
-    ("tools and the package's exports", "tools __init__"),
+    ("tools, exports and the package's names", "tools export __init__"),
     ("train, eval", "train eval"),
     ("policy", "policy"),
     ("experiments", "experiment"),

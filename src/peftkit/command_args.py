@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 
 class Positional:
     """Marks a parameter that has a default as an optional positional argument (`CONFIG` in
-    `peftkit train [CONFIG]`): `config: Annotated[Path | None, Positional()] = None`."""
+    `peftkit train [CONFIG]`): `config: Annotated[Path | None, Positional()] = None`. On a list, any
+    number of them, and a keyword-only parameter after it is the positional that follows
+    (`BASE [ADAPTER ...] OUT`)."""
 
 
 class ConfigOptions:

@@ -69,6 +69,13 @@ GROUP_MAP: dict[str, tuple[str, dict[str, str]]] = {
             )
         },  # fmt: skip
     ),
+    "export": (
+        "write models and adapters for llama.cpp and Ollama (GGUF files)",
+        {
+            "gguf": "peftkit.export.commands:export_gguf",
+            "gguf-adapter": "peftkit.export.commands:export_gguf_adapter",
+        },
+    ),
 }
 """Command group (`peftkit registry ...`) -> (its one-line help, {subcommand: "module:function"})."""
 

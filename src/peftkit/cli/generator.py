@@ -99,10 +99,11 @@ def add_function(subparsers: Any, name: str, fn: Callable) -> argparse.ArgumentP
             continue
         if any(isinstance(m, Positional) for m in metadata):
             hint = _unwrap_optional(typing.get_args(_unwrap_optional(hints[pname]))[0])
+            many = typing.get_origin(hint) is list  # `BASE [ADAPTER ...] OUT`: any number, maybe none
             parser.add_argument(
                 pname,
-                nargs="?",
-                type=hint,
+                nargs="*" if many else "?",
+                type=typing.get_args(hint)[0] if many else hint,
                 default=param.default,
                 metavar=pname.upper(),
                 help=param_help[pname],

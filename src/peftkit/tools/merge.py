@@ -77,7 +77,7 @@ def merge_to_dir(
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
     am, tokenizer = opened.model, opened.tokenizer
     stored = am.base.stored_dtype
-    merged = _merge(am, quantize, log)
+    merged = merged_model(am, quantize, log)
     if dtype == "auto" and isinstance(stored, torch.dtype) and stored != torch.float32:
         merged.to(stored)
     log(
@@ -88,7 +88,7 @@ def merge_to_dir(
     return out_dir
 
 
-def _merge(am: object, quantize: str | None, log: Callable[[str], None]) -> object:
+def merged_model(am: object, quantize: str | None, log: Callable[[str], None]) -> object:
     """The merged plain model; over a 4-bit base, dequantized, with how far its logits moved said."""
     from ..core.layer_types import dequantize_model
 
