@@ -13,23 +13,16 @@ export (`peftkit export gguf BASE ADAPTER OUT.gguf`) that carries them.
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import RequestError
 from .gguf_arch import GgufArch, arch_of
-from .gguf_write import ADAPTER_TYPES, check_out_file, check_type, encode, write_gguf
+from .gguf_write import ADAPTER_TYPES, Log, check_out_file, check_type, encode, progress, write_gguf
 from .modelfile import check_modelfile, write_modelfile
 
-Log = Callable[[str], None]
 NAME = "adapter"  # the adapter's name on the model it is opened on
-
-
-def _progress(message: str) -> None:
-    print(f"peftkit: {message}", file=sys.stderr, flush=True)
 
 
 def export_adapter_gguf(
@@ -52,7 +45,7 @@ def export_adapter_gguf(
     from ..paths import input_paths
     from ..tools.opening import open_model, read_adapters
 
-    log = log or _progress
+    log = log or progress
     out = Path(out)
     check_type(qtype, ADAPTER_TYPES, what="adapter")
     source = read_adapters([(NAME, adapter)], registry)[0]

@@ -9,9 +9,8 @@ q/k rows in llama.cpp's order, and the tokenizer goes into the metadata (`gguf_v
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,16 @@ from .gguf_arch import GgufArch, arch_of, extra_tensors, write_hparams
 from .gguf_vocab import write_vocab
 from .gguf_write import (
     MODEL_TYPES,
+    Log,
     check_free_space,
     check_out_file,
     check_type,
     encode,
     file_type,
+    progress,
     write_gguf,
 )
 from .modelfile import check_modelfile, write_modelfile
-
-Log = Callable[[str], None]
-
-
-def _progress(message: str) -> None:
-    print(f"peftkit: {message}", file=sys.stderr, flush=True)
 
 
 def export_model_gguf(
@@ -59,7 +54,7 @@ def export_model_gguf(
     from ..tools.merge import merged_model
     from ..tools.opening import open_model, read_adapters
 
-    log = log or _progress
+    log = log or progress
     out = Path(out)
     check_type(qtype, MODEL_TYPES)
     if quantize and not adapters:

@@ -9,6 +9,7 @@ before any work, and the write itself (complete under its final name, or not the
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ from ..errors import RequestError
 from ..io import atomic_file, unwritable_reason
 from ..paths import input_clash
 
+Log = Callable[[str], None]
+
 MODEL_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ADAPTER_TYPES = ("f32", "f16", "q8_0")
 BLOCK = 32  # Q8_0 and Q4_0 quantize rows in blocks of 32 values
+
+
+def progress(message: str) -> None:
+    """The exporters' default log: one `peftkit: ...` line on stderr."""
+    print(f"peftkit: {message}", file=sys.stderr, flush=True)
 
 
 def check_type(qtype: str, allowed: tuple[str, ...], *, what: str = "model") -> None:
