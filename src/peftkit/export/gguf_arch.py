@@ -13,6 +13,7 @@ HF row i and row 2i+1 takes HF row i + d/2. qwen2/qwen3 rotate halves in llama.c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,7 @@ class GgufArch:
     def tensor_name(self, hf_name: str) -> str | None:
         """The GGUF name of an HF tensor ("model.norm.weight" -> "output_norm.weight"); None for a
         tensor llama.cpp does not load (rotary caches, a tied lm_head)."""
-        import gguf
-
-        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.name)
-        names = gguf.get_tensor_name_map(arch, self.n_layers)
-        return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        return _name_map(self.name, self.n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def llama_rows(self, gguf_name: str, rows: np.ndarray) -> np.ndarray:
         """`rows` (a q/k weight, bias or LoRA B: rows are output features) in llama.cpp's row order."""
@@ -72,6 +69,15 @@ class GgufArch:
         params.setdefault("rope_theta", getattr(self.config, "rope_theta", 10000.0))
         params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
         return params
+
+
+@functools.cache
+def _name_map(arch_name: str, n_layers: int) -> Any:
+    """The `gguf` package's HF -> GGUF tensor name map of an architecture (built once: it is large)."""
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    return gguf.get_tensor_name_map(arch, n_layers)
 
 
 def arch_of(config: Any) -> GgufArch:
