@@ -322,7 +322,9 @@ def test_the_cli_takes_adapters_between_the_base_and_the_output(model_dirs, tmp_
     a1 = save_adapter(base, tmp_path / "a1", peftkit.LoraConfig(r=4, target_modules=["q_proj"]), seed=1)
     a2 = save_adapter(base, tmp_path / "a2", peftkit.LoraConfig(r=4, target_modules=["v_proj"]), seed=2)
     out = tmp_path / "two.gguf"
-    assert main(["export", "gguf", str(base), str(a1), str(a2), str(out), "--type", "f32"]) == 0
+    assert (
+        main(["export", "gguf", str(base), str(a1), str(a2), str(out), "--type", "F32"]) == 0
+    )  # as llama.cpp spells it
     reference = open_model(str(base), [("a1", a1), ("a2", a2)], dtype="float32").model
     reference.set_adapter(["a1", "a2"])
     with llama(out) as llm:

@@ -47,7 +47,7 @@ def export_adapter_gguf(
 
     log = log or progress
     out = Path(out)
-    check_type(qtype, ADAPTER_TYPES, what="adapter")
+    qtype = check_type(qtype, ADAPTER_TYPES, what="adapter")
     source = read_adapters([(NAME, adapter)], registry)[0]
     refuse_unsupported(source.files, str(adapter))
     base = base or source.files.config.get("base_model_name_or_path")

@@ -56,7 +56,7 @@ def export_model_gguf(
 
     log = log or progress
     out = Path(out)
-    check_type(qtype, MODEL_TYPES)
+    qtype = check_type(qtype, MODEL_TYPES)
     if quantize and not adapters:
         raise RequestError("--quantize nf4 merges a QLoRA adapter into its 4-bit base; name the adapter")
     sources = read_adapters([(f"adapter{i}", a) for i, a in enumerate(adapters)], registry)

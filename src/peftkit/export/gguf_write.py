@@ -32,11 +32,12 @@ def progress(message: str) -> None:
     print(f"peftkit: {message}", file=sys.stderr, flush=True)
 
 
-def check_type(qtype: str, allowed: tuple[str, ...], *, what: str = "model") -> None:
-    """Refuse an encoding the writer does not produce; for a model, say how llama.cpp makes the others
-    (its k-quants and i-quants come from `llama-quantize`, which starts from our f16 or q8_0 file)."""
-    if qtype in allowed:
-        return
+def check_type(qtype: str, allowed: tuple[str, ...], *, what: str = "model") -> str:
+    """The encoding's name as the writer knows it (`Q8_0`, as llama.cpp spells it, is `q8_0`); refuse
+    one it does not produce, and for a model say how llama.cpp makes the others (its k-quants and
+    i-quants come from `llama-quantize`, which starts from our f16 or q8_0 file)."""
+    if qtype.lower() in allowed:
+        return qtype.lower()
     hint = ""
     if what == "model" and qtype.lower().startswith(("q", "iq", "tq")):
         hint = (
