@@ -70,6 +70,60 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE gates (name TEXT PRIMARY KEY, config TEXT NOT NULL);
     """,
+    # 4: production monitoring (traffic.py, watch.py): captured traffic samples, feedback on responses,
+    # what each adapter name is watched for, and the results of drift checks and re-evaluations.
+    # Times are Unix seconds (DOUBLE PRECISION: PostgreSQL's REAL would round them to minutes).
+    """
+    CREATE TABLE samples (
+        id INTEGER PRIMARY KEY,
+        response_id TEXT NOT NULL,
+        choice INTEGER NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        model TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        prompt TEXT,
+        output TEXT,
+        prompt_sha256 TEXT NOT NULL,
+        output_sha256 TEXT NOT NULL,
+        prompt_chars INTEGER NOT NULL,
+        output_chars INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        finish_reason TEXT NOT NULL,
+        latency DOUBLE PRECISION NOT NULL,
+        ttft DOUBLE PRECISION,
+        bytes INTEGER NOT NULL
+    );
+    CREATE INDEX samples_by_name ON samples (name, id);
+    CREATE INDEX samples_by_response ON samples (response_id);
+    CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY,
+        response_id TEXT NOT NULL UNIQUE,
+        at DOUBLE PRECISION NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        model TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        score DOUBLE PRECISION NOT NULL,
+        label TEXT NOT NULL,
+        comment TEXT NOT NULL
+    );
+    CREATE INDEX feedback_by_name ON feedback (name, id);
+    CREATE TABLE watches (name TEXT PRIMARY KEY, config TEXT NOT NULL);
+    CREATE TABLE monitor_results (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        alert INTEGER NOT NULL,
+        result TEXT NOT NULL
+    );
+    CREATE INDEX monitor_results_by_name ON monitor_results (name, kind, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

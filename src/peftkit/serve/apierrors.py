@@ -149,6 +149,7 @@ ERRORS: dict[str, tuple[int, ...]] = {
     "GET /v1/models": (401, 503),
     "POST /v1/completions": _GENERATION,
     "POST /v1/chat/completions": _GENERATION,
+    "POST /v1/feedback": (401, 404, 429, 503),
     "GET /admin/adapters": (401, 403, 503),
     "GET /admin/routes": (401, 403),
     "POST /admin/adapters/load": (401, 403, 404, 503),
@@ -164,7 +165,8 @@ DESCRIPTIONS = {
     401: "The key is missing or wrong (code invalid_api_key; on /admin, invalid_admin_key).",
     403: "The admin API is disabled: no admin_key is configured (code admin_disabled).",
     404: "What the request names is not there (for a model, or one this key may not use: code "
-    "model_not_found; on /admin also a route, or an adapter that is not loaded: adapter_not_loaded).",
+    "model_not_found; for feedback, a response id this key was not served: response_not_found; on "
+    "/admin also a route, or an adapter that is not loaded: adapter_not_loaded).",
     409: "The adapter still has requests running (code adapter_busy).",
     429: "The key's rate limit is reached (code rate_limit_exceeded) or the engine's queue is full "
     "(queue_full): retry after Retry-After seconds.",

@@ -77,6 +77,7 @@ class Choice:
     count: int = 0  # tokens the engine generated (usage counts these, the end-of-sequence token too)
     tokens: list[TokenOutput] = field(default_factory=list)  # those with text (for logprobs)
     finish_reason: str | None = None
+    first_at: float | None = None  # time.perf_counter() of its first token
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Fanout:
         self.tenant = tenant  # the metrics' tenant label ("" when the server has no tenants)
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.started = time.perf_counter()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.buffer: list[Any] = []
         self.tasks: list[asyncio.Task] = []
@@ -167,6 +169,8 @@ class Fanout:
         try:
             async for out in outputs:
                 timer.token()
+                if choice.first_at is None:
+                    choice.first_at = time.perf_counter()
                 choice.count += 1
                 finished = out.finish_reason is not None
                 hidden = out.finish_reason == "stop" and out.token_id in ends

@@ -53,6 +53,26 @@ class ServeConfig(Limits):
     routes: Any = _f(dict, "routes: NAME: TARGET (an alias) or {stable, canary, canary_percent}")
     default_aliases: tuple[str, ...] = _f(tuple, "model names that mean the caller's default adapter")
     rate_limit: Any = _f(None, "every key's rate limit: {requests_per_minute: N, burst: M}; null: none")
+    capture: float = _f(
+        0.0,
+        "the share of responses stored with their prompts in the registry for monitoring (0: none, "
+        "the default; 0.1: one in ten); needs a registry",
+    )
+    capture_text: bool = _f(
+        True, "store the prompt and output text (off: only their sha256 hashes and lengths)"
+    )
+    capture_redact: tuple[str, ...] = _f(
+        tuple, "regular expressions whose matches are replaced by [REDACTED] before anything is stored"
+    )
+    capture_adapters: Any = _f(dict, "capture rates by adapter name: {NAME: RATE} (beats capture)")
+    capture_tenants: Any = _f(
+        dict, "capture rates by tenant: {TENANT: RATE} (beats the adapter's; 0 opts out)"
+    )
+    capture_max_rows: int = _f(10_000, "samples kept per adapter name (the oldest go first)")
+    capture_max_bytes: int = _f(50_000_000, "bytes of samples kept per adapter name (the oldest go first)")
+    feedback_memory: int = _f(
+        100_000, "recent responses remembered, so POST /v1/feedback can name their adapter"
+    )
 
     def __post_init__(self) -> None:
         for key in ("max_prompt_tokens", "max_tokens"):
@@ -70,6 +90,13 @@ class ServeConfig(Limits):
         if not isinstance(self.engine, dict):
             raise ConfigError(f"engine must be a mapping of engine settings, found {self.engine!r}")
         self.access_and_routes()  # checked now, before anything loads
+        self.capture_policy()
+
+    def capture_policy(self) -> Any:
+        """The capture.CapturePolicy of the capture* keys."""
+        from .capture import CapturePolicy
+
+        return CapturePolicy.from_config(self)
 
     def access_and_routes(self) -> tuple[Any, Any]:
         """(tenants.Access, tenants.Routes) from the keys, tenants, routes and rate limit."""
@@ -169,13 +196,13 @@ class Server:
     routes: Any = None
 
 
-def open_registry(location: str | None, explicit: bool) -> Any:
-    """The registry requests may name versions from: --registry (must exist), else $PEFTKIT_REGISTRY or
-    the default location when a registry is there; None otherwise."""
+def open_registry(location: str | None, explicit: bool, create: bool = False) -> Any:
+    """The registry requests may name versions from: --registry (must exist unless `create`), else
+    $PEFTKIT_REGISTRY or the default location when a registry is there (or `create`); None otherwise."""
     from ..registry import Registry
 
     try:
-        return Registry.open(location, create=False)
+        return Registry.open(location, create=create)
     except RegistryError:
         if explicit:
             raise
@@ -206,7 +233,8 @@ def prepare(
         if not directory.is_dir():
             raise ConfigError(f"--adapters {name}={directory}: no such adapter directory")
     sources = read_adapters(named)  # a run's directory: the adapter inside it is named
-    reg = open_registry(registry, registry is not None)
+    capture = config.capture_policy()
+    reg = open_registry(registry, registry is not None, create=capture.on)  # samples are stored there
     if config.preload and reg is None:
         raise ConfigError("preload names registry versions, but no registry is open (give --registry)")
     for ref in config.preload:
@@ -237,6 +265,7 @@ def prepare(
         access=access,
         routes=routes,
         deadline=config.shutdown_deadline,
+        capture=capture,
     )
     return Server(app, engine, catalog, config, access, routes)
 
@@ -307,6 +336,15 @@ def _announce(server: Server, host: str, port: int) -> None:
         print("peftkit serve: no API keys are configured: any key is accepted (local use)", flush=True)
     admin = "on (/admin, with the admin key)" if access.admin else "off (no admin_key)"
     print(f"peftkit serve: admin API {admin}", flush=True)
+    capture, reg = server.config.capture_policy(), server.catalog.registry
+    where = f"the registry {reg.db}" if reg is not None else "no registry: counted only"
+    if capture.on:
+        kept = "prompts and outputs" if capture.text else "hashes and lengths of prompts and outputs"
+        print(
+            printable(f"peftkit serve: capturing {capture.rate:g} of responses ({kept}) into {where}"),
+            flush=True,
+        )
+    print(printable(f"peftkit serve: feedback at /v1/feedback is stored in {where}"), flush=True)
 
 
 def _run_until_stopped(app: Any, sock: socket.socket, deadline: float) -> int | None:

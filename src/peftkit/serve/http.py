@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import PeftkitError, RequestError
 from .apierrors import ApiError, as_api_error, install_error_handlers, install_openapi
+from .capture import CapturePolicy, Observer
 from .catalog import Catalog, Target
 from .choices import Choice, Fanout, Limits, plan_max_tokens
 from .routes import Routes, models_for, route
@@ -127,27 +128,35 @@ def create_app(
     access: Access | None = None,
     routes: Routes | None = None,
     deadline: float = 10.0,
+    capture: CapturePolicy | None = None,
 ) -> FastAPI:
     """The FastAPI app over a started engine. On shutdown it stops the engine, letting requests in
     flight finish within `deadline` seconds (uvicorn first waits for open connections). Without
-    `access`, any key is accepted and the admin API is disabled."""
+    `access`, any key is accepted and the admin API is disabled. `capture` says which responses are
+    sampled into the catalog's registry (none by default); POST /v1/feedback is always there."""
+    from .admin import install_admin  # (admin.py imports ApiError from here)
+    from .feedback import install_feedback
+
     access = access or Access([], None, None)
     routes = routes or Routes()
-    app = FastAPI(title="peftkit serve", lifespan=_lifespan(engine, deadline))
+    app = FastAPI(title="peftkit serve")
     app.state.ready = False
     install_error_handlers(app)
     install_openapi(app, access)
     _add_probes(app, engine, access)
-    _add_openai_api(app, _Api(engine, tokenizer, catalog, limits or Limits(), routes), access)
-    from .admin import install_admin  # (admin.py imports ApiError from here)
-
+    metrics = _add_monitoring(app, engine, access, routes)
+    observer = Observer(capture or CapturePolicy(), catalog.registry, tokenizer, metrics)
+    app.router.lifespan_context = _lifespan(engine, deadline, observer)
+    app.state.observer = observer
+    _add_openai_api(app, _Api(engine, tokenizer, catalog, limits or Limits(), routes, observer), access)
+    install_feedback(app, observer, catalog.registry, access, _authenticator(access))
     install_admin(app, engine, catalog, access, routes)
-    _add_monitoring(app, engine, access, routes)
     return app
 
 
-def _lifespan(engine: Any, deadline: float):
-    """The app's lifespan: ready while it runs; on shutdown, the engine stops within `deadline`."""
+def _lifespan(engine: Any, deadline: float, observer: Observer):
+    """The app's lifespan: ready while it runs; on shutdown, the engine stops within `deadline`, then
+    the captured samples still queued are stored."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -155,6 +164,7 @@ def _lifespan(engine: Any, deadline: float):
         yield
         app.state.ready = False
         await run_in_threadpool(engine.stop, deadline)
+        await run_in_threadpool(observer.close)
 
     return lifespan
 
@@ -200,7 +210,7 @@ def _add_openai_api(app: FastAPI, api: _Api, access: Access) -> None:
         return await api.chat(req, who, request)
 
 
-def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -> None:
+def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -> Any:
     """/metrics, /metrics.json and /dashboard (metrics.py), with the routes' canary splits; with
     tenants, the metrics answer only the admin key, as they name every tenant and adapter."""
     from .metrics import install_metrics
@@ -211,6 +221,7 @@ def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -
     )
     if access.enabled:
         app.add_middleware(_AdminOnly, access=access, paths=("/metrics", "/metrics.json"))
+    return metrics
 
 
 class _AdminOnly:
@@ -237,6 +248,7 @@ class _Api:
     catalog: Catalog
     limits: Limits
     routes: Routes
+    observer: Observer
 
     async def _target(self, req: _Sampling, who: Caller, request: Request) -> Target:
         # On the thread pool: resolving a registry reference reads the database.
@@ -345,9 +357,22 @@ class _Api:
     ) -> Any:
         chat = kind == "chat.completion"
         headers = {"x-peftkit-adapter": target.key or self.catalog.base_names[0]}  # what served it
+        done = (run.id, target.key, req.model, run.tenant, "chat" if chat else "completion", run)
         if not req.stream:
             await run.wait()
+            self.observer.done(*done)
             return JSONResponse(run.response(kind, target.model, sum(prompt_lengths), chat), headers=headers)
         usage = bool((req.stream_options or {}).get("include_usage"))
-        stream = run.sse(kind, target.model, sum(prompt_lengths), chat, usage)
+        stream = _observed(run.sse(kind, target.model, sum(prompt_lengths), chat, usage), self.observer, done)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+async def _observed(
+    stream: AsyncIterator[str], observer: Observer, done: tuple[Any, ...]
+) -> AsyncIterator[str]:
+    """`stream`, then the response handed to the observer (however the stream ended)."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        observer.done(*done)

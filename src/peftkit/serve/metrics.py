@@ -53,6 +53,9 @@ _HELP = {
     "load": "time to load an adapter's files and check them (successful loads)",
     "evictions": "idle adapters that left their slot for another",
     "http": "HTTP responses, by route and status",
+    "captured": "traffic samples stored in the registry (one per choice of a sampled response)",
+    "dropped": "traffic samples not stored (the capture queue was full, or the registry failed)",
+    "feedback": "feedback given on responses (POST /v1/feedback), by label: up, down, neutral",
 }
 _ERRORS = ((QueueFullError, "queue_full"), (ShuttingDownError, "shutting_down"),
            (AdapterLoadError, "adapter_load_failed"))  # fmt: skip
@@ -112,6 +115,9 @@ class Metrics:
         )
         self.evictions = Counter("peftkit_adapter_evictions", _HELP["evictions"], per_adapter, registry=r)
         self.http = Counter("peftkit_http_requests", _HELP["http"], ["path", "status"], registry=r)
+        self.captured = Counter("peftkit_capture_samples", _HELP["captured"], per_adapter, registry=r)
+        self.capture_dropped = Counter("peftkit_capture_dropped", _HELP["dropped"], registry=r)
+        self.feedback = Counter("peftkit_feedback", _HELP["feedback"], [*per_adapter, "label"], registry=r)
         self.engine = engine
         self.views: dict[str, Callable[[], Any]] = {}
         if engine is not None:
