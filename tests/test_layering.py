@@ -198,7 +198,7 @@ LAYERS = [
     ("core, registry", "core registry"),
     ("tools, exports and the package's names", "tools export __init__"),
     ("train, eval", "train eval"),
-    ("policy", "policy"),
+    ("policy", "policy monitor"),
     ("experiments", "experiment"),
     ("serve, compare, tune", "serve compare tune"),
 ]

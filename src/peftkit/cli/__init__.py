@@ -76,6 +76,13 @@ GROUP_MAP: dict[str, tuple[str, dict[str, str]]] = {
             "gguf-adapter": "peftkit.export.commands:export_gguf_adapter",
         },
     ),
+    "monitor": (
+        "watch production adapters: drift, re-evaluation, A/B decisions",
+        {
+            name: f"peftkit.monitor.commands:monitor_{name}"
+            for name in ("watch", "drift", "reeval", "run", "ab")
+        },
+    ),
 }
 """Command group (`peftkit registry ...`) -> (its one-line help, {subcommand: "module:function"})."""
 

@@ -39,14 +39,11 @@ def pass_gate(reg: Registry, version: Version) -> dict[str, Any]:
             f"{version.ref} does not record its base model: give the gate one, "
             f"`peftkit registry gate {version.name} DATA --base BASE`"
         )
-    data = gate.data
-    if data.startswith(STORED):
-        sha, _, filename = data.removeprefix(STORED).partition("/")
-        data = str(stored_file(reg, sha, filename, f"{version.name}'s gate data"))
+    readable = gate_data(reg, gate, f"{version.name}'s gate data")
     current = [v for v in reg.versions(version.name) if v.stage == "production"]
     production = reg.resolve(current[0].ref) if current else None  # damaged: an error, not "none"
     try:
-        result = run_gate(replace(gate, data=data), base, reg.resolve(version.ref), production)
+        result = run_gate(readable, base, reg.resolve(version.ref), production)
     except BaseModelMismatchError:  # its advice (--no-check-base) is not promote's to take
         scored = [version, *current]
         records = "; ".join(f"{v.ref} records {v.base_model or 'no base name'}" for v in scored)
@@ -69,22 +66,8 @@ def pass_gate(reg: Registry, version: Version) -> dict[str, Any]:
 def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) -> dict[str, Any]:
     """Evaluate and decide. Returns the result (stored with the promotion): each model's score and
     perplexity, the checks with their outcome, and `passed`."""
-    from ..data.source import load_data, parse_task_spec
-    from ..eval.loading import longest_answer, warnings_as_notes
-    from ..eval.passes import open_side_by_side
-
-    task = parse_task_spec(gate.data, "test")
-    examples = load_data(gate.data, split="test", n=gate.n)
-    metric = gate.metric if gate.metric != "auto" else task[0].metric if task else "exact_match"
     adapters = [("candidate", candidate)] + ([("production", production)] if production else [])
-    with warnings_as_notes():  # a candidate of another method than production's: a pass of its own
-        side = open_side_by_side(base, adapters, "auto")
-        max_new = gate.max_new_tokens or (
-            task[0].max_new_tokens if task else longest_answer(side.tokenizer, examples) + 8
-        )  # the same rule as `peftkit eval`, so both score a file alike
-        report = side.evaluate(
-            examples, metric=metric, max_new_tokens=max_new, with_perplexity=True, samples=0
-        )
+    metric, examples, max_new, report = evaluate_on_gate(gate, base, adapters)
     scores = {r.adapter: {"score": r.score, "perplexity": r.perplexity} for r in report.results}
     cand, plain = report["candidate"], report["base"]
     changed = (
@@ -100,3 +83,32 @@ def run_gate(gate: Gate, base: str, candidate: Path, production: Path | None) ->
         "checks": checks,
         "passed": all(checks.values()),
     }
+
+
+def evaluate_on_gate(gate: Gate, base: str, adapters: list[tuple[str, Path]]) -> tuple[str, list, int, Any]:
+    """The base model and each (name, directory) of `adapters` scored on the gate's eval set (its `data`
+    a task or a readable file), side by side: (metric, examples, max_new_tokens, the EvalReport)."""
+    from ..data.source import load_data, parse_task_spec
+    from ..eval.loading import longest_answer, warnings_as_notes
+    from ..eval.passes import open_side_by_side
+
+    task = parse_task_spec(gate.data, "test")
+    examples = load_data(gate.data, split="test", n=gate.n)
+    metric = gate.metric if gate.metric != "auto" else task[0].metric if task else "exact_match"
+    with warnings_as_notes():  # a candidate of another method than production's: a pass of its own
+        side = open_side_by_side(base, adapters, "auto")
+        max_new = gate.max_new_tokens or (
+            task[0].max_new_tokens if task else longest_answer(side.tokenizer, examples) + 8
+        )  # the same rule as `peftkit eval`, so both score a file alike
+        report = side.evaluate(
+            examples, metric=metric, max_new_tokens=max_new, with_perplexity=True, samples=0
+        )
+    return metric, examples, max_new, report
+
+
+def gate_data(reg: Registry, gate: Gate, what: str) -> Gate:
+    """`gate` with its data readable here: a stored eval file becomes the path of its verified copy."""
+    if not gate.data.startswith(STORED):
+        return gate
+    sha, _, filename = gate.data.removeprefix(STORED).partition("/")
+    return replace(gate, data=str(stored_file(reg, sha, filename, what)))

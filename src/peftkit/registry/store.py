@@ -410,7 +410,7 @@ class Registry:
         `name` (e.g. the server's canary split: action "route"); the registry's own actions write
         theirs themselves."""
         check_name(name)
-        if action in ("register", "promote", "demote", "rollback", "delete", "import", "gate"):
+        if action in ("register", "promote", "demote", "rollback", "delete", "import", "gate", "watch"):
             raise RequestError(
                 f"the audit action {action!r} is the registry's own; it is written by that change"
             )

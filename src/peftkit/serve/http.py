@@ -144,7 +144,7 @@ def create_app(
     install_error_handlers(app)
     install_openapi(app, access)
     _add_probes(app, engine, access)
-    metrics = _add_monitoring(app, engine, access, routes)
+    metrics = _add_monitoring(app, engine, access, routes, catalog.registry)
     observer = Observer(capture or CapturePolicy(), catalog.registry, tokenizer, metrics)
     app.router.lifespan_context = _lifespan(engine, deadline, observer)
     app.state.observer = observer
@@ -210,15 +210,22 @@ def _add_openai_api(app: FastAPI, api: _Api, access: Access) -> None:
         return await api.chat(req, who, request)
 
 
-def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes) -> Any:
-    """/metrics, /metrics.json and /dashboard (metrics.py), with the routes' canary splits; with
-    tenants, the metrics answer only the admin key, as they name every tenant and adapter."""
+def _add_monitoring(app: FastAPI, engine: Any, access: Access, routes: Routes, registry: Any) -> Any:
+    """/metrics, /metrics.json and /dashboard (metrics.py), with the routes' canary splits and, with a
+    registry, the monitor's newest results (watching.py); with tenants, the metrics answer only the
+    admin key, as they name every tenant and adapter."""
     from .metrics import install_metrics
 
     metrics = install_metrics(app, engine)
     metrics.views["splits"] = lambda: (
         [{"route": n, **s.to_dict()} for n, s in list(routes.splits.items())] or None
     )
+    if registry is not None:
+        from .watching import MonitorCollector
+
+        monitor = MonitorCollector(registry)
+        metrics.registry.register(monitor)
+        metrics.views["monitor"] = monitor.view
     if access.enabled:
         app.add_middleware(_AdminOnly, access=access, paths=("/metrics", "/metrics.json"))
     return metrics
