@@ -204,7 +204,9 @@ def test_monitor_run_reports_a_registry_that_is_down_then_catches_up(tiny_model_
     r = subprocess.run([sys.executable, "-m", "peftkit", "monitor", "run", "--registry", down],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "cannot connect to the registry database" in r.stderr
-    assert "Traceback" not in r.stderr and r.stderr.startswith("error: cannot connect to the registry database")
+    assert "Traceback" not in r.stderr and r.stderr.startswith(
+        "error: cannot connect to the registry database"
+    )
     reg = Registry.open(tmp_path / "reg")
     rng = random.Random(4)
     store(reg, [traffic(i, words(rng), iso(rng)) for i in range(40)])
