@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser promtool demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,12 +33,20 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium is missing: install Debian's chromium package (apt-get install chromium) for the dashboard test"; fi; }
 
+# tests/test_monitor_alerts.py checks deploy/prometheus's alerting rules with the real promtool (Debian's
+# prometheus package): installed here the same way.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus) for the alert rules test"; fi; }
+
 demo: setup
 	$(VENV)/bin/peftkit demo
 
 # Two pytest workers on a 2-core machine (pytest-xdist; each test and each process it starts on one
 # thread, see tests/conftest.py): about half the wall time of one.
-test: setup browser
+test: setup browser promtool
 	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist worksteal
 
 lint: setup
