@@ -160,25 +160,29 @@ def test_ab_decides_known_differences_and_rarely_declares_one_that_is_not_there(
     assert few["decision"] == "continue"  # 10 per arm decides nothing, however large the gap looks
 
 
-def test_ab_on_a_route_rolls_back_a_worse_canary_in_the_audit_log(tmp_path) -> None:
+def canary_traffic(reg: Registry, seed: int = 3) -> None:
+    """Route `support` split 50/50 between bot@1 and bot@2, with 120 captured requests each: users like
+    bot@1's answers 80% of the time, bot@2's 45%."""
+    from peftkit.registry.traffic import put_feedback
     from peftkit.serve.routes import Split, audit_route
 
-    reg = Registry.open(tmp_path / "reg")
     audit_route(reg, "support", None, Split("bot@1", "bot@2", 50), "ops", "start the canary")
-    rng = random.Random(3)
-    rows, fb = [], []
+    rng = random.Random(seed)
+    rows = []
     for i in range(240):
         version = "1" if i % 2 else "2"
         rows.append(traffic(i, words(rng), iso(rng), name="bot", version=version, model="support",
                             latency=0.1 + 0.01 * rng.random()))  # fmt: skip
-        up = rng.random() < (0.8 if version == "1" else 0.45)
-        fb.append(Feedback(rows[-1].response_id, time.time(), "bot", version, "support", "", 1.0 if up else -1.0,
-                           "up" if up else "down"))  # fmt: skip
     store(reg, rows)
-    from peftkit.registry.traffic import put_feedback
+    for row in rows:
+        up = rng.random() < (0.8 if row.version == "1" else 0.45)
+        put_feedback(reg.db, Feedback(row.response_id, time.time(), "bot", row.version, "support", "",
+                                      1.0 if up else -1.0, "up" if up else "down"))  # fmt: skip
 
-    for f in fb:
-        put_feedback(reg.db, f)
+
+def test_ab_on_a_route_rolls_back_a_worse_canary_in_the_audit_log(tmp_path) -> None:
+    reg = Registry.open(tmp_path / "reg")
+    canary_traffic(reg)
     result = ab_decision(reg, "support")
     assert result["decision"] == "rollback" and "feedback" in result["reason"]
     assert result["requests"] == {"stable": 120, "canary": 120}
@@ -242,3 +246,38 @@ def test_the_server_exports_the_newest_monitor_results(tiny_model_dir, tmp_path)
     assert value(metrics, "peftkit_monitor_checked_timestamp_seconds", kind="drift", adapter="a") > 0
     (drift,) = snapshot["monitor"]
     assert drift["kind"] == "drift" and drift["alert"] and drift["signals"]["prompt_length"][2] is True
+
+
+def test_the_servers_own_schedule_rolls_back_a_worse_canary_it_routes(tiny_model_dir, tmp_path) -> None:
+    from test_monitor_capture import wait_for
+
+    from peftkit.serve.commands import ServeConfig, prepare
+    from peftkit.serve.engine import EngineConfig
+
+    reg = Registry.open(tmp_path / "reg")
+    for seed in (1, 2):
+        reg.register("bot", save_adapter(tiny_model_dir, tmp_path / f"bot{seed}", seed))
+    canary_traffic(reg)
+    config = ServeConfig(monitor_every=0.5, monitor_rollback=True, monitor_nice=0)  # (a busy CI machine)
+    prepared = prepare(
+        str(tiny_model_dir), [], str(tmp_path / "reg"), config, EngineConfig(max_len=64, max_batch=2)
+    )
+    assert prepared.routes.get("support").canary == "bot@2"
+    with served_app(prepared.app) as url:
+        rolled = wait_for(lambda: prepared.routes.get("support").canary is None, timeout=240)
+        ran = wait_for(
+            lambda: value(scrape(url), "peftkit_monitor_runs_total", result="alert") >= 1, timeout=60
+        )
+    print(
+        "DBG",
+        [(e.seq, e.details) for e in reg.history("support")],
+        prepared.routes.splits,
+        prepared.routes._feed.seq,
+    )
+    assert rolled  # the run rolled it back in the audit log, and this server routes by that log
+    last = [e for e in reg.history("support") if e.action == "route"][-1]
+    assert (
+        last.details["after"]["canary"] is None
+        and "significantly worse on feedback" in last.details["reason"]
+    )
+    assert ran  # the run that rolled back ended with exit 1 (an alert), counted by the server

@@ -149,6 +149,8 @@ def monitor_reeval(name: str, registry: str | None = None, json: bool = False) -
 def monitor_run(
     names: Annotated[list[str] | None, Positional()] = None,
     base: str | None = None,
+    ab: bool = False,
+    rollback: bool = False,
     registry: str | None = None,
     json: bool = False,
 ) -> int:
@@ -162,6 +164,8 @@ def monitor_run(
         names: only these adapter names (default: all)
         base: the base model that reads the prompts in drift checks (default: the one each version
             records, else the built-in)
+        ab: also decide every route's canary split (`peftkit monitor ab`)
+        rollback: with --ab, roll back every canary decided worse (audited; the servers follow)
         registry: the registry (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
         json: print every result as JSON
     """
@@ -181,7 +185,11 @@ def monitor_run(
             except PeftkitError as e:
                 report["errors"][f"{kind} {name}"] = str(e)
                 _log(f"{kind} of {name} failed: {e}")
+    if ab:
+        report["ab"] = _decide_canaries(reg, names, rollback)
+        report["errors"].update({f"ab {r}": v["error"] for r, v in report["ab"].items() if "error" in v})
     alerts = [f"{k} {n}" for k in ("reeval", "drift") for n, r in report[k].items() if r["alert"]]
+    alerts += [f"ab {n}" for n, r in report.get("ab", {}).items() if r.get("decision") == "rollback"]
     report["alerts"] = alerts
     if json:
         print(_json.dumps(report, indent=2))
@@ -245,6 +253,29 @@ def monitor_ab(
         )
     if result.get("rolled_back"):
         print(printable(f"  rolled back: {route} now sends everyone to {result['stable']}"))
+
+
+def _decide_canaries(reg: Registry, names: list[str] | None, rollback: bool) -> dict[str, Any]:
+    """The A/B decision of every route whose newest split has a canary (and its rollback, if asked)."""
+    from .ab import ab_decision
+
+    newest: dict[str, Any] = {}
+    for entry in reg.history():
+        if entry.action == "route":
+            newest[entry.name] = entry.details.get("after") or {}
+    out: dict[str, Any] = {}
+    for route, split in sorted(newest.items()):
+        if not split.get("canary") or (names and route not in names):
+            continue
+        try:
+            result = ab_decision(reg, route)
+            if rollback and result["decision"] == "rollback":
+                result["rolled_back"] = _roll_back(reg, route, result, None)
+                _log(f"rolled back the canary of {route}: {result['reason']}")
+            out[route] = result
+        except PeftkitError as e:
+            out[route] = {"error": str(e)}
+    return out
 
 
 def _roll_back(reg: Registry, route: str, result: dict[str, Any], user: str | None) -> dict[str, Any]:

@@ -73,6 +73,13 @@ class ServeConfig(Limits):
     feedback_memory: int = _f(
         100_000, "recent responses remembered, so POST /v1/feedback can name their adapter"
     )
+    monitor_every: float = _f(
+        0.0, "seconds between the server's own `peftkit monitor run --ab` (0: never; cron can run it instead)"
+    )
+    monitor_rollback: bool = _f(
+        False, "let that run roll back a canary decided significantly worse (audited)"
+    )
+    monitor_nice: int = _f(19, "CPU niceness of those runs (19: the lowest, so serving comes first)")
 
     def __post_init__(self) -> None:
         for key in ("max_prompt_tokens", "max_tokens"):
@@ -82,6 +89,13 @@ class ServeConfig(Limits):
         for key in ("default_max_tokens", "max_n", "max_prompts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"invalid value for {key}: {getattr(self, key)}; expected at least 1")
+        every = self.monitor_every
+        if isinstance(every, bool) or not (
+            isinstance(every, (int, float)) and math.isfinite(every) and every >= 0
+        ):
+            raise ConfigError(f"invalid value for monitor_every: {every!r}; expected seconds >= 0")
+        if isinstance(self.monitor_nice, bool) or self.monitor_nice not in range(0, 20):
+            raise ConfigError(f"invalid value for monitor_nice: {self.monitor_nice!r}; expected 0 to 19")
         if not (math.isfinite(self.shutdown_deadline) and self.shutdown_deadline >= 0):
             raise ConfigError(f"invalid value for shutdown_deadline: {self.shutdown_deadline}; expected >= 0")
         if not isinstance(self.preload, (list, tuple)) or not all(isinstance(r, str) for r in self.preload):
@@ -267,6 +281,14 @@ def prepare(
         deadline=config.shutdown_deadline,
         capture=capture,
     )
+    if config.monitor_every > 0:
+        if reg is None:
+            raise ConfigError("monitor_every runs `peftkit monitor run` on a registry: give --registry")
+        from .schedule import MonitorSchedule
+
+        app.state.background.append(MonitorSchedule(
+            config.monitor_every, base, registry, config.monitor_rollback, app.state.metrics, config.monitor_nice
+        ))  # fmt: skip
     return Server(app, engine, catalog, config, access, routes)
 
 

@@ -148,6 +148,7 @@ def create_app(
     observer = Observer(capture or CapturePolicy(), catalog.registry, tokenizer, metrics)
     app.router.lifespan_context = _lifespan(engine, deadline, observer)
     app.state.observer = observer
+    app.state.background = []  # started with the app, closed when it stops (schedule.MonitorSchedule)
     _add_openai_api(app, _Api(engine, tokenizer, catalog, limits or Limits(), routes, observer), access)
     install_feedback(app, observer, catalog.registry, access, _authenticator(access))
     install_admin(app, engine, catalog, access, routes)
@@ -155,14 +156,18 @@ def create_app(
 
 
 def _lifespan(engine: Any, deadline: float, observer: Observer):
-    """The app's lifespan: ready while it runs; on shutdown, the engine stops within `deadline`, then
-    the captured samples still queued are stored."""
+    """The app's lifespan: ready while it runs, with its background tasks; on shutdown, those stop, the
+    engine stops within `deadline`, then the captured samples still queued are stored."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = True
+        for task in app.state.background:
+            task.start()
         yield
         app.state.ready = False
+        for task in app.state.background:
+            await run_in_threadpool(task.close)
         await run_in_threadpool(engine.stop, deadline)
         await run_in_threadpool(observer.close)
 

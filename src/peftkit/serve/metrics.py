@@ -56,6 +56,7 @@ _HELP = {
     "captured": "traffic samples stored in the registry (one per choice of a sampled response)",
     "dropped": "traffic samples not stored (the capture queue was full, or the registry failed)",
     "feedback": "feedback given on responses (POST /v1/feedback), by label: up, down, neutral",
+    "runs": "the server's own monitor runs (monitor_every), by result: ok, alert, failed",
 }
 _ERRORS = ((QueueFullError, "queue_full"), (ShuttingDownError, "shutting_down"),
            (AdapterLoadError, "adapter_load_failed"))  # fmt: skip
@@ -118,6 +119,7 @@ class Metrics:
         self.captured = Counter("peftkit_capture_samples", _HELP["captured"], per_adapter, registry=r)
         self.capture_dropped = Counter("peftkit_capture_dropped", _HELP["dropped"], registry=r)
         self.feedback = Counter("peftkit_feedback", _HELP["feedback"], [*per_adapter, "label"], registry=r)
+        self.monitor_runs = Counter("peftkit_monitor_runs", _HELP["runs"], ["result"], registry=r)
         self.engine = engine
         self.views: dict[str, Callable[[], Any]] = {}
         if engine is not None:
