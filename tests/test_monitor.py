@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +77,19 @@ def test_drift_alerts_on_a_shifted_window_and_not_on_an_in_distribution_one(tiny
     assert [r.alert for r in recorded] == [False, True] and recorded[-1].result == json.loads(
         json.dumps(shifted)
     )
+    page = tmp_path / "a.html"
+    cli = [sys.executable, "-m", "peftkit", "monitor", "report", "a", "--html", str(page), "--registry",
+           str(tmp_path / "reg")]  # fmt: skip
+    assert subprocess.run(cli, capture_output=True, timeout=300).returncode == 0
+    text = page.read_text()
+    assert text.count("<svg") == 1 + len(shifted["signals"]) + 1  # the score, each drift signal, feedback
+    assert all(f"drift: {s['signal']}" in text for s in shifted["signals"])
+    assert (
+        text.count('class="alert">ALERT') == len(fired) and "watch" in text
+    )  # the newest check; the audit log
+    assert "<script" not in text and not re.search(r"(src|href)=\"https?:", text)  # nothing is fetched
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists; give --overwrite" in again.stderr and page.read_text() == text
 
 
 def test_drift_against_the_gate_eval_set_and_with_hashes_only(tiny_model_dir, tmp_path) -> None:

@@ -77,10 +77,10 @@ GROUP_MAP: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
     "monitor": (
-        "watch production adapters: drift, re-evaluation, A/B decisions",
+        "watch production adapters: drift, re-evaluation, A/B decisions, reports",
         {
             name: f"peftkit.monitor.commands:monitor_{name}"
-            for name in ("watch", "drift", "reeval", "run", "ab")
+            for name in ("watch", "drift", "reeval", "run", "ab", "report")
         },
     ),
 }

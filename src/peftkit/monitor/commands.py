@@ -287,3 +287,39 @@ def _roll_back(reg: Registry, route: str, result: dict[str, Any], user: str | No
     after = Split(before["stable"])
     reason = f"peftkit monitor ab: {result['reason']}"
     return audit_route(reg, route, Split(**before), after, user or "", reason)
+
+
+def monitor_report(
+    name: str,
+    html: Path | None = None,
+    days: float = 30.0,
+    overwrite: bool = False,
+    registry: str | None = None,
+) -> None:
+    """Write an HTML page of adapter NAME in production: score, drift and feedback over time.
+
+    One self-contained file (plots inline, nothing fetched): the re-evaluated score per version, each
+    drift signal against its threshold, the share of up feedback per day, A/B decisions and the audit log.
+
+    Args:
+        name: the adapter name
+        html: the HTML page to write (OUT.html)
+        days: how far back
+        overwrite: replace an existing OUT.html
+        registry: the registry (default: $PEFTKIT_REGISTRY, else ~/.peftkit/registry)
+    """
+    from ..io import unwritable_reason
+    from .report import write_report
+
+    if html is None:
+        raise RequestError("give the page to write: --html OUT.html")
+    out = Path(html)
+    if out.exists() and not overwrite:
+        raise RequestError(f"{out} exists; give --overwrite to replace it, or another path")
+    why = unwritable_reason(out)
+    if why:
+        raise RequestError(f"cannot write {out}: {why}")
+    if not days > 0:
+        raise RequestError(f"--days must be above 0, not {days}")
+    write_report(Registry.open(registry, create=False), name, out, days)
+    print(printable(f"wrote {out}"))
