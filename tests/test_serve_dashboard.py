@@ -224,6 +224,42 @@ def test_live_rates_and_canary_splits_appear_while_the_server_runs(browser, metr
             metrics.views["splits"] = served
 
 
+def test_monitor_results_and_feedback_appear(browser, metrics_setup, metrics_server, traffic) -> None:
+    """The registry's newest monitor results (alerting first) and the feedback counters, as drawn (the
+    fixture's registry holds a drift, a re-evaluation and an A/B result already; these replace two)."""
+    import urllib.request
+
+    from peftkit.registry import Registry
+    from peftkit.registry.watch import add_result
+
+    url = metrics_server[0]
+    reg = Registry.open(metrics_setup["registry"])
+    signals = [{"signal": "prompt_length", "statistic": 0.9, "threshold": 0.25, "alert": True},
+               {"signal": "representation", "statistic": 0.001, "threshold": 0.02, "alert": False}]  # fmt: skip
+    add_result(reg.db, "reeval", "reg", "1", False, {"metric": "exact_match", "score": 0.875})
+    add_result(reg.db, "drift", "reg", "1", True, {"signals": signals})
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+    ids = [client.completions.create(model="alpha", prompt=[5, 6], max_tokens=2).id for _ in range(3)]
+    for response_id, label in zip(ids, ("up", "up", "down")):
+        body = json.dumps({"id": response_id, "label": label}).encode()
+        req = urllib.request.Request(url + "/v1/feedback", body, {"Content-Type": "application/json"})
+        assert urllib.request.urlopen(req, timeout=30).status == 200
+    browser.goto(url + "/dashboard?every=250")
+    table = """JSON.stringify([...document.querySelectorAll('#ID tbody tr')].map(tr =>
+               Object.fromEntries([...tr.cells].map(td => [td.dataset.k, td.textContent]))))"""
+    monitor = json.loads(browser.wait_for(f"(() => {{ const t = {table.replace('ID', 'monitor')}; "
+                                          "return t.includes('0.875') && t; })()", timeout=60))  # fmt: skip
+    assert [(r["kind"], r["adapter"], r["alert"], r["summary"]) for r in monitor] == [
+        ("drift", "reg", "ALERT", "prompt_length"), ("ab", "support", "ALERT", "rollback"),
+        ("reeval", "reg", "ok", "exact_match 0.875"),
+    ]  # alerting first, newest first; the fixture's older drift and reeval of reg@1 are replaced  # fmt: skip
+    feedback = json.loads(browser.wait_for(table.replace("ID", "feedback")))
+    assert [(r["adapter"], r["up"], r["down"], r["up share"]) for r in feedback] == [
+        ("alpha", "3", "1", "0.75")
+    ]
+    assert browser.problems() == []
+
+
 def _engine_with_bot_7(tmp_path: Path):
     """A real engine on a tiny model with one adapter resident under the key bot@7."""
     import asyncio

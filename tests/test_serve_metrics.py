@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def metrics_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     AdaptedModel.attach(tiny_llama(), LoraConfig(r=2)).save_adapter(root / "alien")
     reg.register("alien", root / "alien", user="t")
     alpha = save_adapter(tiny_model_dir, root / "alpha", 1)
+    from peftkit.registry.watch import add_result  # the monitor's results, as `peftkit monitor` records them
+
+    signal = {"signal": "prompt_length", "statistic": 0.4, "threshold": 0.25, "alert": True}
+    add_result(reg.db, "drift", "reg", "1", True, {"signals": [signal]})
+    add_result(reg.db, "reeval", "reg", "1", False, {"metric": "exact_match", "score": 0.9})
+    add_result(reg.db, "ab", "support", "2", True, {"decision": "rollback", "canary": "reg@2"})
     return {"base": tiny_model_dir, "alpha": alpha, "registry": root / "registry"}
 
 
@@ -55,7 +62,7 @@ def metrics_server(metrics_setup: dict):
         str(metrics_setup["base"]),
         [f"alpha={metrics_setup['alpha']}"],
         str(metrics_setup["registry"]),
-        ServeConfig(max_tokens=40, shutdown_deadline=2),
+        ServeConfig(max_tokens=40, shutdown_deadline=2, capture_adapters={"alpha": 1.0}),
         EngineConfig(max_len=MAX_LEN, max_batch=4, adapter_slots=2),
     )
     metrics = install_metrics(prepared.app, prepared.engine)  # the app's own when create_app installed it
@@ -86,7 +93,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 # The known traffic, sent one request at a time so the cache's behaviour is deterministic.
 N_REG, K_REG = 3, 5  # reg (-> reg@1, loaded on first use): 3 requests of 5 tokens
 N_BASE, K_BASE = 2, 4
-N_ALPHA, K_ALPHA = 2, 3  # alpha (preloaded): one plain, one streamed
+N_ALPHA, K_ALPHA = 3, 3  # alpha (preloaded, captured): one plain, one streamed, one given feedback
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +123,15 @@ def traffic(metrics_server) -> dict:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt=PROMPT, max_tokens=2)
     assert set(finishes) == {"length"}  # every sequence ran to max_tokens, so the counts below are exact
+    answer = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=K_ALPHA, temperature=0)
+    finishes.append(answer.choices[0].finish_reason)
+    body = json.dumps({"id": answer.id, "label": "up"}).encode()
+    request = urllib.request.Request(url + "/v1/feedback", body, {"Content-Type": "application/json"})
+    assert urllib.request.urlopen(request, timeout=30).status == 200
+    for _ in range(200):  # the captured alpha requests reach the registry within a writer interval
+        if value(scrape(url), "peftkit_capture_samples_total", adapter="alpha") == N_ALPHA:
+            break
+        time.sleep(0.05)
     return scrape(url)
 
 
