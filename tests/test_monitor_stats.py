@@ -61,6 +61,8 @@ def test_psi_is_near_zero_for_one_distribution_and_large_for_a_shift() -> None:
     # 9 * (1e-4 - 0.1) * ln(1e-4 / 0.1) + (1 - 0.1) * ln(1 / 0.1)
     hand = 9 * (1e-4 - 0.1) * math.log(1e-4 / 0.1) + 0.9 * math.log(10)
     assert psi(np.arange(100), np.full(50, 99.0)) == pytest.approx(hand)
+    # a constant reference (every dates answer is 8 tokens) still sees longer outputs: their own bin
+    assert psi(np.full(80, 8.0), np.full(40, 16.0)) == pytest.approx((1 - 1e-4) * math.log(1 / 1e-4) * 2)
 
 
 def test_mmd_keeps_its_false_alarm_rate_and_sees_a_shift_in_few_dimensions() -> None:

@@ -24,15 +24,19 @@ _NORMAL = NormalDist()
 
 def psi(reference: Sequence[float], current: Sequence[float], bins: int = 10, floor: float = 1e-4) -> float:
     """Population stability index of `current` against `reference`: sum over bins of
-    (c - r) * ln(c / r), with bins at the reference's quantiles (fewer when values repeat) and each
-    share floored at `floor` so an empty bin is a large term, not an infinite one. Below 0.1 is
+    (c - r) * ln(c / r), with bins at the reference's deciles (fewer when values repeat) and one each
+    below and above its range, every share floored at `floor` so an empty bin is a large term, not an
+    infinite one. Below 0.1 is
     usually read as stable, 0.1-0.25 as a moderate shift, above 0.25 as a significant one."""
     ref, cur = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
     if ref.size == 0 or cur.size == 0:
         raise ValueError("psi needs values on both sides")
-    inner = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
-    r = np.bincount(np.searchsorted(inner, ref, side="right"), minlength=inner.size + 1) / ref.size
-    c = np.bincount(np.searchsorted(inner, cur, side="right"), minlength=inner.size + 1) / cur.size
+    # Edges at the reference's deciles, plus its minimum and just above its maximum: values outside the
+    # reference's range get bins of their own (so a constant reference still sees longer outputs).
+    inner = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1])
+    edges = np.unique(np.concatenate([[ref.min()], inner, [np.nextafter(ref.max(), np.inf)]]))
+    r = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1) / ref.size
+    c = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=edges.size + 1) / cur.size
     r, c = np.maximum(r, floor), np.maximum(c, floor)
     return float(np.sum((c - r) * np.log(c / r)))
 
