@@ -28,9 +28,9 @@ def text_sha256(text: str) -> str:
 
 @dataclass(frozen=True)
 class Sample:
-    """One choice of one captured response. `name`/`version` are the adapter that served it ("" and ""
-    for the base model; version "" for an adapter given by directory), `model` what the request asked
-    for (a route, an alias, a version reference). `prompt`/`output` are None when text capture is off:
+    """One choice of one captured response. `name`/`version` are the adapter that served it (version ""
+    for an adapter given by directory; for the base model, its served name and ""), `model` what the
+    request asked for (a route, an alias, a version reference). `prompt`/`output` are None when text capture is off:
     only their hashes and lengths are kept then."""
 
     response_id: str

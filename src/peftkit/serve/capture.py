@@ -127,7 +127,7 @@ def _list(value: Any, where: str) -> list[Any]:
 class Served:
     """Who asked for a response and what answered it: what feedback on it is filed under."""
 
-    name: str  # the adapter ("" for the base model)
+    name: str  # the adapter (for the base model: its name, as /v1/models lists it)
     version: str  # its registry version ("" when none)
     model: str  # what the request named
     tenant: str
@@ -148,9 +148,15 @@ class Observer:
     """Remembers recent responses for feedback, and samples them for the registry (a writer thread)."""
 
     def __init__(
-        self, policy: CapturePolicy, registry: Any | None, tokenizer: Any, metrics: Any | None
+        self,
+        policy: CapturePolicy,
+        registry: Any | None,
+        tokenizer: Any,
+        metrics: Any | None,
+        base_name: str = "",
     ) -> None:
         self.policy, self.registry, self.tokenizer, self.metrics = policy, registry, tokenizer, metrics
+        self.base_name = base_name  # what the base model's responses are filed under
         self.recent: OrderedDict[str, Served] = OrderedDict()
         self.lock = threading.Lock()
         self.queue: queue.Queue[_Pending | None] = queue.Queue(MAX_QUEUED)
@@ -161,7 +167,7 @@ class Observer:
 
     def done(self, response_id: str, key: str | None, model: str, tenant: str, kind: str, run: Any) -> None:
         """A response ended (`run`: its choices.Fanout): remember it, and queue it if it is sampled."""
-        name, version = split_key(key)
+        name, version = split_key(key) if key is not None else (self.base_name, "")
         served = Served(name, version, model, tenant, time.time())
         with self.lock:
             self.recent[response_id] = served
@@ -182,6 +188,10 @@ class Observer:
             self.queue.put_nowait(pending)
         except queue.Full:
             self._dropped(len(pending.choices), "the capture queue is full")
+
+    def labels(self, name: str, version: str) -> tuple[str, str]:
+        """The metrics' (adapter, version) labels of what served a response: ("", "") for the base model."""
+        return ("", "") if name == self.base_name and not version else (name, version)
 
     def served(self, response_id: str) -> Served | None:
         """What answered a recent response (None when it is not remembered)."""
@@ -223,7 +233,7 @@ class Observer:
             return
         if self.metrics is not None:
             for row in rows:
-                self.metrics.captured.labels(row.name, row.version).inc()
+                self.metrics.captured.labels(*self.labels(row.name, row.version)).inc()
 
     def _samples(self, pending: _Pending) -> list[Sample]:
         s, scrub = pending.served, self.policy.scrub

@@ -68,7 +68,7 @@ def install_feedback(
         if registry is not None:
             replaced = await run_in_threadpool(put_feedback, registry.db, record)
         if observer.metrics is not None:
-            observer.metrics.feedback.labels(served.name, served.version, label).inc()
+            observer.metrics.feedback.labels(*observer.labels(served.name, served.version), label).inc()
         return {
             "object": "feedback",
             "id": req.id,

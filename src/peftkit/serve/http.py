@@ -145,7 +145,9 @@ def create_app(
     install_openapi(app, access)
     _add_probes(app, engine, access)
     metrics = _add_monitoring(app, engine, access, routes, catalog.registry)
-    observer = Observer(capture or CapturePolicy(), catalog.registry, tokenizer, metrics)
+    observer = Observer(
+        capture or CapturePolicy(), catalog.registry, tokenizer, metrics, catalog.base_names[0]
+    )
     app.router.lifespan_context = _lifespan(engine, deadline, observer)
     app.state.observer = observer
     app.state.background = []  # started with the app, closed when it stops (schedule.MonitorSchedule)
