@@ -76,7 +76,9 @@ def base_size(smol) -> int:
     return sum(p.numel() for p in smol[0].parameters()) * 4
 
 
-def test_a_trained_dates_adapter_answers_the_demos_inputs_in_llama_cpp_both_ways(smol, base_f32, tmp_path):
+def test_a_trained_dates_adapter_answers_the_demos_inputs_in_llama_cpp_both_ways(
+    smol, base_f32, tmp_path, dates_adapter
+):
     """A short dates run (24 steps: 3 of the 4 hand-written inputs right; the demo's 80 get all 4,
     docs/export.md) exported merged and as a llama.cpp adapter: llama.cpp answers each input exactly
     as peftkit does, through the chat template in the GGUF file."""
@@ -85,13 +87,9 @@ def test_a_trained_dates_adapter_answers_the_demos_inputs_in_llama_cpp_both_ways
     from peftkit.data.tasks import get_task
     from peftkit.eval.run import generate_answers
     from peftkit.tools.opening import open_model
-    from peftkit.train.config import TrainConfig
-    from peftkit.train.loop import train
 
     spec = get_task("dates")
-    config = TrainConfig(base="smollm2-135m", data="task:dates", max_steps=24, batch_size=8, lr=2e-3,
-                         warmup_ratio=0.1, eval_every=24, val_fraction=0.01, output_dir=str(tmp_path / "run"))  # fmt: skip
-    adapter = train(config).adapter_dir
+    adapter = dates_adapter  # conftest: trained once per test run, shared with test_monitor_builtin
     questions = [f"{spec.instruction}\n{spec.label}: {text}" for text in FRESH["dates"]]
     opened = open_model("smollm2-135m", [("dates", adapter)], dtype="float32")
     prompts = [[Message("user", q)] for q in questions]

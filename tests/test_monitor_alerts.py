@@ -26,9 +26,13 @@ def promtool() -> str:
 
 
 def test_the_rules_parse_and_each_alert_fires_as_its_test_says(promtool: str) -> None:
-    checked = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=120)
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=120
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = subprocess.run([promtool, "test", "rules", str(TESTS)], capture_output=True, text=True, timeout=300)
+    tested = subprocess.run(
+        [promtool, "test", "rules", str(TESTS)], capture_output=True, text=True, timeout=300
+    )
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 

@@ -33,7 +33,9 @@ def test_setup_is_exactly_make_demo_and_make_test() -> None:
     assert [line.strip() for line in blocks[0].splitlines() if line.strip()] == ["make demo", "make test"]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: setup\n\t\$\(VENV\)/bin/peftkit demo$", makefile, flags=re.MULTILINE)
-    assert re.search(r"^test: setup( browser)?( promtool)?\n\t\$\(PY\) -m pytest", makefile, flags=re.MULTILINE)
+    assert re.search(
+        r"^test: setup( browser)?( promtool)?\n\t\$\(PY\) -m pytest", makefile, flags=re.MULTILINE
+    )
 
 
 def test_every_cli_example_parses() -> None:

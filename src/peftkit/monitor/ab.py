@@ -54,7 +54,7 @@ def route_split(reg: Any, route: str) -> tuple[dict[str, Any], float]:
     if not entries:
         raise RegistryError(
             f"route {route!r} has no canary split in the registry's audit log; set one with the admin "
-            "API (POST /admin/canary), or name both arms with --stable and --canary"
+            f"API (POST /admin/canary), or name both arms: `peftkit monitor ab {route} --stable A --canary B`"
         )
     entry = entries[-1]
     split = entry.details.get("after") or {}
@@ -91,7 +91,10 @@ def ab_decision(
     """Compare the route's canary with its stable target (see the module docstring); JSON-able, with
     `decision`, `reason`, `measures` and `more` (what it still takes); recorded unless `record` is False."""
     if (stable is None) != (canary is None):
-        raise RegistryError("give both --stable and --canary, or neither (the route's split is used)")
+        raise RegistryError(
+            f"name both arms or neither (then the route's split is used): `peftkit monitor ab {route} "
+            "--stable A --canary B`"
+        )
     if stable is None:
         split, started = route_split(reg, route)
         stable, canary = split["stable"], split["canary"]

@@ -107,7 +107,8 @@ def check_drift(
     else:
         raise RegistryError(
             f"{name!r} has no gate eval set and only {len(before)} samples before the window: set a gate "
-            f"(`peftkit registry gate {name} task:NAME`), or capture more traffic, or use a smaller --window"
+            f"(`peftkit registry gate {name} task:NAME`), or capture more traffic, or use a smaller window "
+            f"(`peftkit monitor drift {name} --window N`)"
         )
     outputs_ref = _traffic(before, "earlier outputs") if len(before) >= MIN_SAMPLES else reference
     say(f"drift of {name}: {current.what} against {reference.what}")

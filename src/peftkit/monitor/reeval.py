@@ -30,10 +30,14 @@ def reevaluate(
 
     say = log or (lambda message: None)
     version = reg.resolve_version(f"{name}@production")
-    gate = reg.require_gate(name)
+    gate = reg.gate(name)
+    if gate is None:
+        raise RegistryError(f"{name!r} has no evaluation gate, whose eval set re-evaluation scores: set one "
+                            f"with `peftkit registry gate {name} task:NAME` (or a data file)")  # fmt: skip
     base = gate.base or version.base_model
     if not base:
-        raise RegistryError(f"{version.ref} does not record its base model: give its gate one (--base)")
+        raise RegistryError(f"{version.ref} does not record its base model: give its gate one, "
+                            f"`peftkit registry gate {name} {gate.data} --base BASE`")  # fmt: skip
     say(f"re-evaluating {version.ref} on {gate.data} ({gate.n} examples) ...")
     metric, examples, _, report = evaluate_on_gate(
         gate_data(reg, gate, f"{name}'s gate data"), base, [("production", reg.resolve(version.ref))]
