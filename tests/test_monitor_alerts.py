@@ -51,3 +51,24 @@ def test_the_rules_query_only_metrics_the_server_exports() -> None:
     rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     queried = {m for r in rules for m in re.findall(r"\bpeftkit_[a-z_]+", r["expr"])}
     assert queried and queried <= exported, queried - exported
+
+
+def test_every_command_line_of_docs_monitor_parses() -> None:
+    """Each `peftkit ...` line of docs/monitor.md's bash blocks is a valid command line (the steps
+    themselves run in test_monitor_builtin.py and test_monitor.py, through the same functions)."""
+    import shlex
+
+    from peftkit.cli import build_parser
+
+    doc = (ROOT / "docs" / "monitor.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```bash\n(.*?)^```", doc, flags=re.DOTALL | re.MULTILINE)
+    lines = [
+        line.split(" #", 1)[0].split(" | ", 1)[0].strip()
+        for b in blocks
+        for line in b.replace("\\\n", " ").splitlines()
+    ]
+    commands = [shlex.split(line) for line in lines if line.startswith("peftkit ")]
+    assert {c[1] for c in commands} >= {"train", "registry", "monitor", "serve"}
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv[1:])  # exits (fails the test) on an unknown command or option
