@@ -77,6 +77,9 @@ def test_drift_alerts_on_a_shifted_window_and_not_on_an_in_distribution_one(tiny
     assert [r.alert for r in recorded] == [False, True] and recorded[-1].result == json.loads(
         json.dumps(shifted)
     )
+    (entry,) = [e for e in reg.history("a") if e.action == "alert"]  # the alert is in the audit log too
+    assert entry.details["kind"] == "drift" and entry.details["result"] == recorded[-1].id
+    assert entry.details["why"].startswith("drift: ") and reg.check() == []
     page = tmp_path / "a.html"
     cli = [sys.executable, "-m", "peftkit", "monitor", "report", "a", "--html", str(page), "--registry",
            str(tmp_path / "reg")]  # fmt: skip

@@ -410,7 +410,17 @@ class Registry:
         `name` (e.g. the server's canary split: action "route"); the registry's own actions write
         theirs themselves."""
         check_name(name)
-        if action in ("register", "promote", "demote", "rollback", "delete", "import", "gate", "watch"):
+        if action in (
+            "register",
+            "promote",
+            "demote",
+            "rollback",
+            "delete",
+            "import",
+            "gate",
+            "watch",
+            "alert",
+        ):
             raise RequestError(
                 f"the audit action {action!r} is the registry's own; it is written by that change"
             )

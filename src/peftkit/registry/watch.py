@@ -124,7 +124,8 @@ class Result:
 
 
 def add_result(db: Db, kind: str, name: str, version: str, alert: bool, result: dict[str, Any]) -> Result:
-    """Record a monitor result (now)."""
+    """Record a monitor result (now); one that alerts is also an `alert` entry of the audit log, in the
+    same transaction, so the log holds every alert beside the changes made about it."""
     if kind not in KINDS:
         raise RequestError(f"a monitor result is one of {', '.join(KINDS)}, not {kind!r}")
     at = time.time()
@@ -135,7 +136,21 @@ def add_result(db: Db, kind: str, name: str, version: str, alert: bool, result: 
             (kind, name, version, at, int(alert), text),
         )
         (rid,) = tx.one("SELECT MAX(id) FROM monitor_results")
+        if alert:
+            details = {"kind": kind, "result": rid, "version": version, "why": _why(kind, result)}
+            audit.append(
+                tx, now(), default_user(), "alert", name, int(version) if version.isdigit() else None, details
+            )
     return Result(rid, kind, name, version, at, alert, result)
+
+
+def _why(kind: str, result: dict[str, Any]) -> str:
+    """A short reason for an alert's audit entry."""
+    if kind == "drift":
+        return "drift: " + ", ".join(s["signal"] for s in result.get("signals", []) if s.get("alert"))
+    if kind == "reeval":
+        return f"re-evaluated {result.get('metric', 'score')} {result.get('score')}"
+    return f"A/B decision {result.get('decision')}: {result.get('reason', '')}"
 
 
 _RESULT_COLUMNS = "id, kind, name, version, at, alert, result"
