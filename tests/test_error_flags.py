@@ -78,6 +78,7 @@ def test_either_spelling_counts_and_a_missing_option_or_an_abbreviation_does_not
 
 
 def test_the_scan_reads_fstrings_option_calls_and_other_commands_lines() -> None:
+    commands()  # the CLI's command names, which `suggestions` reads (whatever ran before in this worker)
     source = (
         'x = f"pass --a-b {v}; `peftkit eval --json {w}`"\ny = option("check_base", False)\nz = ["--resume"]'
     )
