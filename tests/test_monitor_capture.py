@@ -51,7 +51,7 @@ def post(url: str, body: bytes | dict, key: str | None = None) -> tuple[int, byt
         return e.code, e.read()
 
 
-def wait_for(predicate, timeout: float = 20.0):
+def wait_for(predicate, timeout: float = 120.0):
     """Poll `predicate` until it returns something truthy (the writer stores every FLUSH_SECONDS)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -128,9 +128,9 @@ def traffic(metrics_server) -> dict:
     body = json.dumps({"id": answer.id, "label": "up"}).encode()
     request = urllib.request.Request(url + "/v1/feedback", body, {"Content-Type": "application/json"})
     assert urllib.request.urlopen(request, timeout=30).status == 200
-    for _ in range(200):  # the captured alpha requests reach the registry within a writer interval
-        if value(scrape(url), "peftkit_capture_samples_total", adapter="alpha") == N_ALPHA:
-            break
+    deadline = time.monotonic() + 120  # a guard only: the writer stores them within its next interval
+    while value(scrape(url), "peftkit_capture_samples_total", adapter="alpha") < N_ALPHA:
+        assert time.monotonic() < deadline, "the captured alpha requests never reached the registry"
         time.sleep(0.05)
     return scrape(url)
 
